@@ -1,0 +1,85 @@
+"""End-to-end rate of the file sink: log N scalars, flush, everything on disk.
+
+Side by side in one process: steplog's FileLogger, TensorBoard's SummaryWriter (add_scalar +
+flush), and a hand-written synchronous JSON Lines writer (``json.dumps`` + ``write`` per call,
+the seed's way of doing it without a queue). Reports scalars per second, median of rounds.
+
+    python benchmarks/bench_file_sink.py [--scalars 1000000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+
+def steplog_rate(n: int, out: str) -> float:
+    import steplog
+
+    logger = steplog.FileLogger(out)
+    log = logger.log_scalar
+    start = time.perf_counter()
+    for i in range(n):
+        log("loss", 0.5, i)
+    ok = logger.flush()
+    elapsed = time.perf_counter() - start
+    assert ok, ok
+    logger.close(60)
+    with open(os.path.join(out, "scalars.jsonl"), "rb") as f:
+        lines = sum(1 for _ in f)
+    assert lines == n, (lines, n)
+    return n / elapsed
+
+
+def json_lines_rate(n: int, out: str) -> float:
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    with open(os.path.join(out, "scalars.jsonl"), "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"name": "loss", "value": 0.5, "step": i,
+                                "timestamp": time.time_ns() // 1_000_000}) + "\n")
+        f.flush()
+    return n / (time.perf_counter() - start)
+
+
+def tensorboard_rate(n: int, out: str) -> float:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(out, max_queue=1000)
+    start = time.perf_counter()
+    for i in range(n):
+        writer.add_scalar("loss", 0.5, i)
+    writer.flush()
+    elapsed = time.perf_counter() - start
+    writer.close()
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scalars", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="steplog-bench-")
+    rates: dict[str, list[float]] = {"steplog FileLogger": [], "sync json.dumps lines": [],
+                                     "TensorBoard SummaryWriter": []}
+    for r in range(args.rounds):
+        rates["steplog FileLogger"].append(steplog_rate(args.scalars, f"{tmp}/s{r}"))
+        rates["sync json.dumps lines"].append(json_lines_rate(args.scalars, f"{tmp}/j{r}"))
+        tb_n = max(1, args.scalars // 10)
+        rates["TensorBoard SummaryWriter"].append(tensorboard_rate(tb_n, f"{tmp}/t{r}"))
+    base = statistics.median(rates["steplog FileLogger"])
+    print(f"{'writer':28} {'scalars/s (median)':>20} {'steplog is x faster':>20}")
+    for name, values in rates.items():
+        med = statistics.median(values)
+        print(f"{name:28} {med:20,.0f} {base / med:20.2f}")
+    verdict = "meets" if base >= 1_000_000 else "MISSES"
+    print(f"target: file sink >= 1,000,000 scalars/s end to end -> {base:,.0f}/s ({verdict})")
+
+
+if __name__ == "__main__":
+    main()

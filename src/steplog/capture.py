@@ -1,0 +1,146 @@
+"""Call-time capture: turn what training code passes into values that cannot change later.
+
+Everything here runs on the caller's thread, so it must be cheap and must never force a GPU
+synchronisation. ``torch`` and ``numpy`` are looked up in ``sys.modules`` only: if the caller
+never imported them, no value can be one of their types and steplog never imports them.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import sys
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "PendingValue",
+    "capture_object",
+    "capture_param",
+    "capture_step",
+    "capture_value",
+]
+
+
+class PendingValue:
+    """A scalar still on an accelerator: its copy to host memory was started at the call.
+
+    ``resolve()`` (worker only) waits for that copy, not for the whole device, and returns the
+    float. The caller's thread never waits.
+    """
+
+    __slots__ = ("_event", "_host")
+
+    def __init__(self, tensor: Any) -> None:
+        torch = sys.modules["torch"]
+        src = tensor.detach()
+        if src.device.type == "cuda":
+            # A non-blocking device-to-host copy on the current stream, and an event after it:
+            # the worker waits on the event, so the training thread never synchronises.
+            self._host = src.to("cpu", non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:
+            # Other devices: snapshot on the device (asynchronous there); read on the worker.
+            self._host = src.clone()
+            self._event = None
+
+    def resolve(self) -> float:
+        """The captured value as a float; blocks the calling (worker) thread until it is copied."""
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._host.item())
+
+
+def _real_dtype(kind: str) -> bool:
+    return kind in "biuf"
+
+
+def capture_value(value: object) -> float | PendingValue:
+    """Return ``value`` as a float fixed at this instant, or raise ``TypeError``.
+
+    Accepts Python ints, floats and bools, ``numbers.Real``, NumPy scalars and 0-d/1-element
+    arrays of a real dtype, and 1-element torch tensors of a real dtype. A CPU tensor is read now;
+    a tensor on an accelerator becomes a :class:`PendingValue` (no host synchronisation). NaN and
+    infinities are valid values.
+    """
+    t = type(value)
+    if t is float:
+        return value  # type: ignore[return-value]
+    if t is int or t is bool:
+        return float(value)  # type: ignore[arg-type]
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"a logged tensor must hold exactly one element, got shape "
+                            f"{tuple(value.shape)}")
+        if value.is_complex():
+            raise TypeError("a complex tensor is not a real number")
+        if value.device.type == "cpu":
+            return float(value.item())
+        return PendingValue(value)
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, (np.generic, np.ndarray)):
+        if value.size != 1 or not _real_dtype(value.dtype.kind):
+            raise TypeError(f"expected a real number, got a numpy value of dtype {value.dtype} "
+                            f"and shape {getattr(value, 'shape', ())}")
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"expected a real number (int, float, numpy or torch scalar), got "
+                    f"{t.__name__}: {_short(value)}")
+
+
+def capture_step(step: object) -> int:
+    """Return ``step`` as an int, or raise ``TypeError`` (floats and bools are refused)."""
+    if type(step) is int:
+        return step
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        np = sys.modules.get("numpy")
+        torch = sys.modules.get("torch")
+        if np is not None and isinstance(step, np.integer):
+            return int(step)
+        if (torch is not None and isinstance(step, torch.Tensor) and step.numel() == 1
+                and not step.is_floating_point() and not step.is_complex()):
+            return int(step.item())
+        raise TypeError(f"iteration must be an int or None, got {type(step).__name__}: "
+                        f"{_short(step)}")
+    return int(step)
+
+
+def _param_hook(obj: Any) -> Any:
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    return str(obj)
+
+
+def capture_param(value: object) -> Any:
+    """Return a deep, JSON-compatible snapshot of a parameter value.
+
+    Strings, numbers, bools, None, lists, tuples and dicts are kept (copied); NumPy and torch
+    values become lists or numbers; any other object is recorded as ``str(value)``.
+    """
+    return msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True)
+
+
+def capture_object(obj: object) -> Any:
+    """Return a snapshot of ``obj`` that later mutations of ``obj`` do not reach.
+
+    Modules and containers are deep-copied; tensors on an accelerator are copied there
+    (asynchronously), so the caller does not wait for the device. Serialisation happens later,
+    on the worker.
+    """
+    try:
+        return copy.deepcopy(obj)
+    except Exception as exc:
+        raise TypeError(f"cannot snapshot {type(obj).__name__} for saving: {exc}") from exc
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

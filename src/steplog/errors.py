@@ -1,0 +1,25 @@
+"""Exceptions raised by steplog, and the two a sink raises to steer retries."""
+
+from __future__ import annotations
+
+__all__ = ["LoggerClosedError", "PermanentError", "RetryableError", "SinkError"]
+
+
+class SinkError(Exception):
+    """A sink could not deliver; subclasses say whether trying again can help."""
+
+
+class RetryableError(SinkError):
+    """A transient failure (connection lost, timeout, HTTP 429/5xx): a retry may succeed."""
+
+
+class PermanentError(SinkError):
+    """The backend rejected the request (bad key, changed param): resending it cannot succeed.
+
+    The pipeline then isolates the rejected records by splitting the batch, delivers the rest, and
+    reports each rejected record with this error's message as the reason.
+    """
+
+
+class LoggerClosedError(RuntimeError):
+    """A ``log_*`` call was made on a logger that was already closed."""

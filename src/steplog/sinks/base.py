@@ -1,0 +1,61 @@
+"""The sink contract: the only code that speaks to a backend.
+
+A sink is small: it opens a run, writes a batch of metric records, uploads one artifact, and
+closes the run. It raises :class:`~steplog.errors.RetryableError` or
+:class:`~steplog.errors.PermanentError` (any ``OSError``/``TimeoutError`` counts as retryable,
+anything else as permanent). Batching, retries, order, lanes and counters belong to the pipeline,
+which calls a sink from its own worker threads: ``write`` and ``close`` from the metrics lane,
+``upload`` from the upload lane, never two ``write`` calls at once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+from steplog.errors import PermanentError
+from steplog.records import Artifact, MetricRecord
+
+__all__ = ["RunStatus", "Sink"]
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+"""How the run ended: normally, by an exception, or by a signal."""
+
+
+class Sink(abc.ABC):
+    """One backend: a file tree, an MLflow run, a ClearML task."""
+
+    kind: ClassVar[str] = "sink"
+    """Short backend name used in stats, warnings and ``Logger.create``."""
+
+    max_batch: int = 10_000
+    """Most records the pipeline passes to one :meth:`write`."""
+
+    max_batch_age_s: float = 0.2
+    """Longest a record waits in the pipeline for its batch to fill (seconds)."""
+
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the backend (create the run). Called once, on the worker, before any write."""
+
+    def check_name(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` when the backend can never accept ``name`` as a metric/param key.
+
+        Called on the caller's thread the first time a name is used, so keep it cheap.
+        """
+
+    @abc.abstractmethod
+    def write(self, records: Sequence[MetricRecord]) -> None:
+        """Store every record of the batch, in order, or raise without having stored a partial
+        batch that a retry would duplicate (stores must be idempotent for identical records)."""
+
+    def upload(self, artifact: Artifact) -> None:
+        """Store one artifact with the run."""
+        raise PermanentError(f"the {self.kind} sink does not store artifacts")
+
+    def close(self, status: RunStatus) -> None:  # noqa: B027 - optional hook
+        """End the run with ``status``; called once, after the last write and upload."""
+
+    def describe(self) -> str:
+        """A short human-readable location (a directory, a run URL) for messages."""
+        return self.kind

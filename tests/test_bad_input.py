@@ -1,0 +1,77 @@
+"""Guarantee 6: bad input fails at the call site with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from steplog import FileLogger, Logger
+from steplog.paths import safe_relpath
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "C:\\x", "\\\\host\\x",
+                                  "", "a\x00b", "..", "./.."])
+def test_names_that_would_escape_the_run_directory_raise_value_error(name: str) -> None:
+    with pytest.raises(ValueError):
+        safe_relpath(name)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("a/b.txt", "a/b.txt"), ("a\\b", "a/b"),
+                                                ("./a//b", "a/b"), ("a/./b/", "a/b")])
+def test_relative_names_are_normalised(name: str, expected: str) -> None:
+    assert safe_relpath(name) == expected
+
+
+def test_log_artifact_with_an_escaping_name_raises(tmp_path) -> None:
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    logger = FileLogger(tmp_path / "run")
+    with pytest.raises(ValueError):
+        logger.log_artifact(f, name="../outside.txt")
+    with pytest.raises(ValueError):
+        logger.log_file(f, name="/abs")
+    assert logger.close(10)
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_a_missing_file_raises_file_not_found_at_the_call(tmp_path) -> None:
+    logger = FileLogger(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        logger.log_artifact(tmp_path / "nope.bin")
+    with pytest.raises(FileNotFoundError):
+        logger.log_file(tmp_path / "nope.bin", name="files")
+    logger.close(10)
+
+
+@pytest.mark.parametrize("name", [1, None, b"loss"])
+def test_a_non_string_metric_name_raises_type_error(name: object) -> None:
+    with pytest.raises(TypeError):
+        Logger().log_scalar(name, 1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_metric_name_raises_value_error(name: str) -> None:
+    with pytest.raises(ValueError):
+        Logger().log_scalar(name, 1.0)
+
+
+def test_a_bad_iteration_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        Logger().log_scalar("x", 1.0, "3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Logger().log_metrics({"x": 1.0}, 2.5)  # type: ignore[arg-type]
+
+
+def test_log_metrics_requires_a_mapping() -> None:
+    with pytest.raises(TypeError):
+        Logger().log_metrics([("x", 1.0)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("freq", [0, -1, 1.5])
+def test_logging_freq_must_be_a_positive_int(freq: object) -> None:
+    with pytest.raises(ValueError):
+        Logger(logging_freq=freq)  # type: ignore[arg-type]
+
+
+def test_log_figure_requires_a_figure(tmp_path) -> None:
+    with pytest.raises(TypeError):
+        FileLogger(tmp_path).log_figure(object(), "fig")

@@ -1,0 +1,78 @@
+"""Guarantee 4: every record is delivered, or rejected with a reason the user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from sinks_for_tests import ListSink
+from steplog import Logger, Options, RetryPolicy, SteplogWarning
+
+FAST_RETRY = Options(drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.05,
+                                                               jitter_s=0.01))
+
+
+def test_transient_failures_are_retried_until_the_batch_is_delivered_once() -> None:
+    sink = ListSink(transient_failures=3)
+    logger = Logger(sinks=[sink], options=FAST_RETRY)
+    with pytest.warns(SteplogWarning, match="retrying"):
+        for i in range(100):
+            logger.log_scalar("x", float(i), i)
+        assert logger.flush(10)
+    assert [r.step for r in sink.records] == list(range(100))
+    assert logger.stats().retried == 3
+    assert logger.close(10)
+
+
+def test_one_refused_record_is_isolated_and_the_rest_of_its_batch_is_delivered() -> None:
+    sink = ListSink(refuse=lambda r: "bad value for key 'bad'" if r.name == "bad" else None)
+    logger = Logger(sinks=[sink], options=FAST_RETRY)
+    with pytest.warns(SteplogWarning, match="bad value"):
+        for i in range(50):
+            logger.log_metrics({"good": float(i), "bad": 0.0} if i == 20 else {"good": float(i)}, i)
+        result = logger.close(10)
+    assert [r.step for r in sink.records] == list(range(50))
+    assert result.rejected == 1
+    assert result.rejections[0].record == "scalar 'bad' step 20"
+    assert "bad value" in result.rejections[0].reason
+    assert logger.stats().rejected == 1
+
+
+def test_a_retry_window_that_runs_out_counts_the_batch_as_undelivered() -> None:
+    sink = ListSink(transient_failures=10**6)
+    options = Options(drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.02,
+                                                                jitter_s=0.0, window_s=0.2))
+    logger = Logger(sinks=[sink], options=options)
+    with pytest.warns(SteplogWarning):
+        logger.log_scalar("x", 1.0)
+        result = logger.flush(5)
+    assert result  # acknowledged: given up on, and counted
+    stats = logger.stats()
+    assert stats.failed == 1 and stats.delivered == 0
+    closed = logger.close(5)
+    assert not closed and closed.undelivered == 1
+
+
+def test_a_sink_that_cannot_open_rejects_its_records_with_the_reason() -> None:
+    class NoOpen(ListSink):
+        def open(self) -> None:
+            raise PermissionError("read-only file system (test)")
+
+    logger = Logger(sinks=[NoOpen()], options=Options(
+        drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.02, window_s=0.1)))
+    with pytest.warns(SteplogWarning, match="could not open"):
+        logger.log_scalar("x", 1.0)
+        result = logger.close(5)
+    assert result.rejected == 1
+    assert "read-only" in result.rejections[0].reason
+
+
+def test_one_logger_fans_out_to_several_sinks_through_one_queue() -> None:
+    a, b = ListSink(), ListSink(max_batch=3)
+    logger = Logger(sinks=[a, b], options=FAST_RETRY)
+    for i in range(10):
+        logger.log_scalar("x", float(i))
+    result = logger.close(10)
+    assert result.delivered == 20
+    assert [r.value for r in a.records] == [r.value for r in b.records] == [float(i) for i in
+                                                                           range(10)]
+    assert set(logger.stats().sinks) == {"list", "list#1"}

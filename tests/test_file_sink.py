@@ -1,0 +1,136 @@
+"""The file sink: incremental, pandas-readable, artifacts kept inside the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from steplog import FileLogger, Options
+
+FAST = Options(drain_interval_s=0.005)
+
+
+def test_scalars_are_json_lines_that_pandas_reads(tmp_path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.log_scalar("loss/train", 0.5, 10)
+    logger.log_metrics({"nan": math.nan, "inf": math.inf, "-inf": -math.inf}, 11)
+    assert logger.close(10)
+    df = pd.read_json(tmp_path / "scalars.jsonl", lines=True, precise_float=True)
+    assert list(df.columns) == ["name", "value", "step", "timestamp"]
+    assert df["name"].tolist() == ["loss/train", "nan", "inf", "-inf"]
+    assert df["value"].iloc[0] == 0.5 and math.isnan(df["value"].iloc[1])
+    assert df["value"].iloc[2] == math.inf and df["value"].iloc[3] == -math.inf
+    assert df["step"].tolist() == [10, 11, 11, 11]
+
+
+def test_scalars_are_on_disk_after_flush_without_close(tmp_path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    for i in range(10):
+        logger.log_scalar("x", float(i))
+    assert logger.flush(10)
+    assert len((tmp_path / "scalars.jsonl").read_text().splitlines()) == 10
+    logger.close(10)
+
+
+def test_parameters_merge_into_one_json_file(tmp_path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.log_parameters({"lr": 0.1, "algo": "PPO"})
+    logger.log_parameters({"seed": 3})
+    logger.log_tags({"stage": "dev"})
+    assert logger.close(10)
+    assert json.loads((tmp_path / "parameters.json").read_text()) == {
+        "algo": "PPO", "lr": 0.1, "seed": 3}
+    assert json.loads((tmp_path / "tags.json").read_text()) == {"stage": "dev"}
+
+
+def test_a_second_logger_on_the_same_directory_appends_and_merges(tmp_path) -> None:
+    first = FileLogger(tmp_path, options=FAST)
+    first.log_scalar("x", 1.0)
+    first.log_parameters({"a": 1})
+    first.close(10)
+    second = FileLogger(tmp_path, options=FAST)
+    second.log_scalar("x", 2.0)
+    second.log_parameters({"b": 2})
+    second.close(10)
+    assert pd.read_json(tmp_path / "scalars.jsonl", lines=True)["value"].tolist() == [1.0, 2.0]
+    assert json.loads((tmp_path / "parameters.json").read_text()) == {"a": 1, "b": 2}
+
+
+def test_log_file_copies_into_a_named_folder_and_can_move(tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep.txt").write_text("keep")
+    (src / "move.txt").write_text("move")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_file(src / "keep.txt", name="notes")
+    logger.log_file(src / "move.txt", name="notes", move=True)
+    assert logger.close(10)
+    assert (run / "notes" / "keep.txt").read_text() == "keep"
+    assert (run / "notes" / "move.txt").read_text() == "move"
+    assert (src / "keep.txt").exists() and not (src / "move.txt").exists()
+
+
+def test_log_artifact_stores_the_file_and_a_manifest_entry(tmp_path) -> None:
+    f = tmp_path / "data.csv"
+    f.write_text("a,b\n1,2\n")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_artifact(f, name="tables/data.csv", type="dataset", step=5,
+                        metadata={"rows": 1}, aliases=["latest"])
+    assert logger.close(10)
+    assert (run / "tables" / "data.csv").read_text() == "a,b\n1,2\n"
+    entry = json.loads((run / "artifacts.jsonl").read_text())
+    assert entry["name"] == "tables/data.csv" and entry["kind"] == "dataset"
+    assert entry["step"] == 5 and entry["metadata"] == {"rows": 1}
+    assert entry["aliases"] == ["latest"]
+
+
+def test_log_directory_copies_a_tree(tmp_path) -> None:
+    d = tmp_path / "cfg"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "a.yaml").write_text("a: 1")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_directory(d, path="configs")
+    assert logger.close(10)
+    assert (run / "configs" / "sub" / "a.yaml").read_text() == "a: 1"
+
+
+def test_log_figure_renders_at_the_call_so_the_figure_may_change_after(tmp_path) -> None:
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.log_figure(fig, "curves/loss", iteration=3)
+    plt.close(fig)
+    assert logger.close(10)
+    png = (tmp_path / "curves" / "loss_3.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_save_policy_stores_the_weights_as_they_were_at_the_call(tmp_path) -> None:
+    policy = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        policy.weight.fill_(1.0)
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(policy)
+    with torch.no_grad():
+        policy.weight.fill_(7.0)  # training goes on right after the call
+    logger.save_agent({"type": "ppo"}, name="agent.pth")
+    assert logger.close(10)
+    saved = torch.load(tmp_path / "policy" / "model.pth", weights_only=False)
+    assert torch.equal(saved.weight, torch.ones(2, 3))
+    assert torch.load(tmp_path / "agent.pth", weights_only=False) == {"type": "ppo"}
+
+
+def test_close_writes_the_run_status(tmp_path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.close(10)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "FINISHED"

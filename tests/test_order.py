@@ -1,0 +1,99 @@
+"""Guarantee 2: records of one lane reach each sink in call order; batching keeps that order."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sinks_for_tests import ListSink
+from steplog import FileLogger, Logger, Options
+
+NAMES = st.sampled_from(["loss", "reward/mean", "lr", "a b", "x.y-z"])
+STEPS = st.one_of(st.none(), st.integers(min_value=-5, max_value=10**12))
+VALUES = st.floats(allow_nan=False, allow_infinity=True)
+SCALAR_CALL = st.tuples(st.just("scalar"), NAMES, VALUES, STEPS)
+METRICS_CALL = st.tuples(st.just("metrics"), st.dictionaries(NAMES, VALUES, max_size=4), STEPS)
+CALLS = st.lists(st.one_of(SCALAR_CALL, METRICS_CALL), max_size=60)
+
+FAST = Options(drain_interval_s=0.002)
+
+
+def expected_points(calls: list[tuple]) -> list[tuple[str, float, int]]:
+    """Reference model: automatic step = number of earlier points with that name."""
+    seen: dict[str, int] = {}
+    out = []
+    for call in calls:
+        items = [(call[1], call[2])] if call[0] == "scalar" else list(call[1].items())
+        step = call[-1]
+        for name, value in items:
+            n = seen.get(name, 0)
+            seen[name] = n + 1
+            out.append((name, value, n if step is None else step))
+    return out
+
+
+def replay(logger: Logger, calls: list[tuple]) -> None:
+    for call in calls:
+        if call[0] == "scalar":
+            logger.log_scalar(call[1], call[2], call[3])
+        else:
+            logger.log_metrics(call[1], call[2])
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(calls=CALLS)
+def test_file_sink_stores_points_in_call_order_with_their_steps(tmp_path_factory, calls) -> None:
+    out = tmp_path_factory.mktemp("run")
+    logger = FileLogger(out, options=FAST)
+    replay(logger, calls)
+    assert logger.close(30)
+    rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["value"], r["step"]) for r in rows] == expected_points(calls)
+
+
+@settings(max_examples=40, deadline=None)
+@given(calls=CALLS, max_batch=st.integers(min_value=1, max_value=7))
+def test_batches_respect_max_batch_and_concatenate_to_call_order(calls, max_batch) -> None:
+    sink = ListSink(max_batch=max_batch)
+    logger = Logger(sinks=[sink], options=FAST)
+    replay(logger, calls)
+    assert logger.close(30)
+    assert all(1 <= len(b) <= max_batch for b in sink.batches)
+    flat = [r for b in sink.batches for r in b]
+    assert [(r.name, r.value, r.step) for r in flat] == expected_points(calls)
+
+
+def test_timestamps_never_decrease_in_call_order() -> None:
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=FAST)
+    for i in range(20_000):
+        logger.log_scalar("x", float(i))
+    assert logger.close(30)
+    stamps = [r.timestamp for r in sink.records]
+    assert stamps == sorted(stamps)
+
+
+def test_metrics_are_not_held_back_by_a_slow_upload(tmp_path) -> None:
+    gate = threading.Event()
+    sink = ListSink(upload_release=gate)
+    logger = Logger(sinks=[sink], options=FAST)
+    f = tmp_path / "big.bin"
+    f.write_bytes(b"x" * 1000)
+    logger.log_artifact(f)
+    logger.log_scalar("after", 1.0, 0)
+    delivered_while_stuck = False
+    for _ in range(500):
+        if any(r.name == "after" for r in sink.records):
+            delivered_while_stuck = not sink.uploads
+            break
+        time.sleep(0.01)
+    gate.set()
+    assert delivered_while_stuck, "the scalar waited for the upload logged before it"
+    assert logger.close(30)
+    assert [a.name for a in sink.uploads] == ["big.bin"]

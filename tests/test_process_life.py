@@ -1,0 +1,155 @@
+"""Guarantee 8: exit, SIGTERM, kill -9 and fork leave a consistent run behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from steplog import FileLogger, Options
+
+
+def run_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_scalars(run: Path) -> pd.DataFrame:
+    return pd.read_json(run / "scalars.jsonl", lines=True, precise_float=True)
+
+
+def test_exiting_without_close_delivers_everything_at_exit(tmp_path) -> None:
+    proc = run_child(f"""
+        import steplog
+        lg = steplog.FileLogger({str(tmp_path)!r})
+        lg.log_parameters({{"seed": 1}})
+        for i in range(100_000):
+            lg.log_scalar("x", float(i))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_scalars(tmp_path)) == 100_000
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "FINISHED"
+
+
+def test_an_uncaught_exception_ends_the_run_failed_after_delivering(tmp_path) -> None:
+    proc = run_child(f"""
+        import steplog
+        lg = steplog.FileLogger({str(tmp_path)!r})
+        lg.log_scalar("x", 1.0)
+        raise RuntimeError("boom")
+    """)
+    assert proc.returncode == 1 and "boom" in proc.stderr
+    assert read_scalars(tmp_path)["value"].tolist() == [1.0]
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "FAILED"
+
+
+def test_sigterm_flushes_and_ends_the_run_killed(tmp_path) -> None:
+    ready = tmp_path / "ready"
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time, steplog
+        lg = steplog.FileLogger({str(run)!r})
+        i = 0
+        pathlib.Path({str(ready)!r}).touch()
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            lg.log_scalar("x", float(i), i)
+            i += 1
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    df = read_scalars(run)
+    assert len(df) > 0
+    assert df["step"].tolist() == list(range(len(df)))  # a complete prefix, nothing missing
+    assert json.loads((run / "run.json").read_text())["status"] == "KILLED"
+
+
+def test_kill_9_loses_at_most_the_records_not_yet_written_and_leaves_whole_lines(tmp_path) -> None:
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time, steplog
+        lg = steplog.FileLogger({str(tmp_path)!r})
+        i = 0
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            lg.log_scalar("x", float(i), i)
+            i += 1
+            if i == 50_000:
+                lg.flush()
+                pathlib.Path({str(ready)!r}).touch()
+    """)])
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        child.kill()
+    lines = (tmp_path / "scalars.jsonl").read_bytes().split(b"\n")
+    whole = [json.loads(line) for line in lines[:-1]]
+    assert len(whole) >= 50_000  # everything flushed before the kill survived
+    assert [r["step"] for r in whole] == list(range(len(whole)))
+    assert not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_an_inert_logger_and_sends_no_duplicates(tmp_path) -> None:
+    logger = FileLogger(tmp_path, options=Options(drain_interval_s=0.5))
+    for i in range(1000):
+        logger.log_scalar("parent", float(i), i)
+    pid = os.fork()
+    if pid == 0:  # the child: log, flush and close must neither hang nor write anything
+        code = 0
+        try:
+            logger.log_scalar("child", 1.0, 0)
+            logger.log_metrics({"child": 2.0})
+            if not logger.flush(1) or not logger.close(1):
+                code = 3
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert logger.close(10)
+    df = read_scalars(tmp_path)
+    assert df["name"].tolist() == ["parent"] * 1000
+    assert df["step"].tolist() == list(range(1000))
+
+
+def test_a_forked_child_process_pool_with_a_live_logger_does_not_deadlock(tmp_path) -> None:
+    proc = run_child(f"""
+        import multiprocessing as mp, steplog
+        lg = steplog.FileLogger({str(tmp_path)!r})
+        for i in range(10_000):
+            lg.log_scalar("x", float(i))
+        def work(k):
+            lg.log_scalar("in_child", float(k))
+            return k * 2
+        if __name__ == "__main__":
+            with mp.get_context("fork").Pool(2) as pool:
+                print(sum(pool.map(work, range(20))))
+            print(bool(lg.close(30)))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["380", "True"]
+    assert set(read_scalars(tmp_path)["name"]) == {"x"}

@@ -1,0 +1,75 @@
+"""Guarantee 7: the queue is bounded and the queue-full policy is visible in stats()."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sinks_for_tests import ListSink
+from steplog import Logger, Options
+
+
+def stalled_logger(policy: str, **kw: float) -> tuple[Logger, threading.Event]:
+    gate = threading.Event()
+    sink = ListSink(release=gate, max_batch=1)
+    options = Options(queue_size=5, lane_capacity=1, full_policy=policy,  # type: ignore[arg-type]
+                      drain_interval_s=0.005, **kw)
+    logger = Logger(sinks=[sink], options=options)
+    return logger, gate
+
+
+def fill(logger: Logger, n: int) -> None:
+    for i in range(n):
+        logger.log_scalar("x", float(i), i)
+
+
+def test_drop_policy_drops_and_counts_when_the_queue_is_full() -> None:
+    logger, gate = stalled_logger("drop")
+    fill(logger, 200)
+    stats = logger.stats()
+    assert stats.dropped > 0
+    assert stats.queue_depth <= 5
+    gate.set()
+    result = logger.close(10)
+    assert result.dropped == stats.dropped
+    assert result.delivered + result.dropped == 200
+    assert not result  # dropped records are undelivered, and close says so
+
+
+def test_block_policy_waits_for_room_then_drops_after_its_timeout() -> None:
+    logger, gate = stalled_logger("block", block_timeout_s=0.2)
+    with pytest.warns(Warning, match="queue full"):
+        start = time.monotonic()
+        fill(logger, 30)
+        elapsed = time.monotonic() - start
+    stats = logger.stats()
+    assert stats.dropped >= 1
+    assert elapsed >= 0.2
+    gate.set()
+    logger.close(10)
+
+
+def test_block_policy_loses_nothing_when_the_sink_catches_up() -> None:
+    logger, gate = stalled_logger("block", block_timeout_s=10)
+    threading.Timer(0.3, gate.set).start()
+    start = time.monotonic()
+    fill(logger, 50)
+    assert time.monotonic() - start >= 0.2  # the producer really waited for room
+    result = logger.close(10)
+    assert result and result.delivered == 50 and result.dropped == 0
+
+
+def test_stats_report_depth_and_lag_while_the_sink_is_stalled() -> None:
+    logger, gate = stalled_logger("drop")
+    fill(logger, 3)
+    time.sleep(0.2)
+    stats = logger.stats()
+    assert stats.enqueued == 3
+    assert stats.delivered == 0
+    assert stats.lag_s >= 0.1
+    gate.set()
+    assert logger.close(10)
+    assert logger.stats().delivered == 3
+    assert logger.stats().lag_s == 0.0
