@@ -76,3 +76,21 @@ def test_one_logger_fans_out_to_several_sinks_through_one_queue() -> None:
     assert [r.value for r in a.records] == [r.value for r in b.records] == [float(i) for i in
                                                                            range(10)]
     assert set(logger.stats().sinks) == {"list", "list#1"}
+
+
+def test_a_value_that_cannot_be_read_back_is_rejected_and_the_rest_delivered() -> None:
+    class SumsLikeAFloat:
+        """Passes log_metrics' one-pass sum check but has no float value."""
+
+        def __radd__(self, other: object) -> float:
+            return 0.0
+
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=FAST_RETRY)
+    with pytest.warns(SteplogWarning, match="could not capture"):
+        logger.log_scalar("before", 1.0, 0)
+        logger.log_metrics({"odd": SumsLikeAFloat()}, 0)  # type: ignore[dict-item]
+        logger.log_scalar("after", 2.0, 0)
+        result = logger.close(10)
+    assert [r.name for r in sink.records] == ["before", "after"]
+    assert result.rejected == 1 and "could not capture" in result.rejections[0].reason

@@ -179,6 +179,10 @@ def _describe(record: object) -> str:
         return f"param {record.name!r}"
     if isinstance(record, Tag):
         return f"tag {record.name!r}"
+    if isinstance(record, MetricsItem):
+        return f"metrics {sorted(record.values)!r} step {record.step}"
+    if isinstance(record, tuple) and len(record) == 3:
+        return f"scalar {record[0]!r} step {record[2]}"
     return repr(record)
 
 
@@ -515,7 +519,10 @@ class Pipeline:
                 self._wake.clear()
                 n = len(q)
                 if n:
-                    self._process([pop() for _ in range(n)])
+                    try:
+                        self._process([pop() for _ in range(n)])
+                    except Exception as exc:  # keep draining whatever went wrong
+                        self.runners[0].warn("drain", f"steplog drain thread error: {exc!r}")
                     with self._space:
                         self._space.notify_all()
                 if self._stopping and not q:
@@ -524,6 +531,7 @@ class Pipeline:
             self._finish()
 
     def _process(self, items: list[Any]) -> None:
+        """Turn one drained chunk into records, in order, and hand them to the lanes."""
         ts = now_ms()
         steps = self._steps
         get = steps.get
@@ -531,47 +539,58 @@ class Pipeline:
         add = out.append
         count = 0
         for item in items:
-            if type(item) is tuple:
-                name, value, step = item
-                n = get(name, 0)
-                steps[name] = n + 1
-                if type(value) is not float:
-                    value = _resolve(value)
-                add(Scalar(name, value, n if step is None else step, ts))
-                count += 1
-            elif type(item) is MetricsItem:
-                step = item.step
-                for name, value in item.values.items():
+            try:
+                if type(item) is tuple:
+                    name, value, step = item
                     n = get(name, 0)
                     steps[name] = n + 1
                     if type(value) is not float:
                         value = _resolve(value)
                     add(Scalar(name, value, n if step is None else step, ts))
-                count += len(item.values)
-            elif type(item) is _Barrier:
-                if out:
-                    self._dispatch(out, ts)
-                    out = []
-                    add = out.append
-                item.expect(2 * len(self.runners))
+                    count += 1
+                elif type(item) is MetricsItem:
+                    step = item.step
+                    for name, value in item.values.items():
+                        n = get(name, 0)
+                        steps[name] = n + 1
+                        if type(value) is not float:
+                            value = _resolve(value)
+                        add(Scalar(name, value, n if step is None else step, ts))
+                    count += len(item.values)
+                elif type(item) is _Barrier:
+                    if out:
+                        self._dispatch(out, ts)
+                        out = []
+                        add = out.append
+                    item.expect(2 * len(self.runners))
+                    for r in self.runners:
+                        for lane in r.lanes:
+                            lane.add_barrier(item)
+                elif type(item) is UploadRequest:
+                    count += 1
+                    job = _Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
+                    for r in self.runners:
+                        if not r.uploads.put([job], ts):
+                            r.fail([job], "the close deadline passed before delivery")
+                            job.finished()
+                else:
+                    add(item)
+                    count += 1
+            except Exception as exc:
+                # A value that cannot be read back (a failed device copy, say) is refused, and
+                # only that call's records are lost, with the reason.
+                count += _record_count(item)
                 for r in self.runners:
-                    for lane in r.lanes:
-                        lane.add_barrier(item)
-            elif type(item) is UploadRequest:
-                count += 1
-                job = _Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
-                for r in self.runners:
-                    r.uploads.put([job], ts)
-            else:
-                add(item)
-                count += 1
+                    r.reject([item], f"could not capture the value: {exc!r}")
         if out:
             self._dispatch(out, ts)
         self._drained += count
 
     def _dispatch(self, records: list[MetricRecord], ts: int) -> None:
         for r in self.runners:
-            r.metrics.put(records, ts)
+            taken = r.metrics.put(records, ts)
+            if taken < len(records):
+                r.fail(records[taken:], "the close deadline passed before delivery")
 
     def _finish(self) -> None:
         """Stop the lanes once they are empty (or the deadline passed), then end each run."""

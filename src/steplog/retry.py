@@ -101,9 +101,8 @@ def call_with_retry(
         stop = tenacity.stop_any(stop, tenacity.stop_after_delay(policy.window_s))
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_retryable),
-        wait=tenacity.wait_exponential_jitter(
-            initial=policy.initial_s, max=policy.max_s, jitter=policy.jitter_s
-        ),
+        wait=tenacity.wait_exponential(multiplier=policy.initial_s, max=policy.max_s)
+        + tenacity.wait_random(0, policy.jitter_s),
         stop=stop,
         sleep=sleep,
         before_sleep=lambda state: _report(state, on_retry),

@@ -1,0 +1,85 @@
+"""Retry policy: what is retried, how long, and that a deadline cuts a backoff short."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+from steplog import PermanentError, RetryableError, RetryPolicy
+from steplog.retry import call_with_retry, is_retryable
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RetryableError("x"), ConnectionRefusedError(), ConnectionResetError(), TimeoutError(),
+     OSError("network down"), requests.ConnectionError("reset"), requests.Timeout("slow")],
+)
+def test_transient_errors_are_retryable(exc: BaseException) -> None:
+    assert is_retryable(exc)
+
+
+@pytest.mark.parametrize("exc", [PermanentError("bad key"), ValueError("x"), TypeError("bug"),
+                                 KeyError("k")])
+def test_rejections_and_bugs_are_permanent(exc: BaseException) -> None:
+    assert not is_retryable(exc)
+
+
+def test_a_retryable_failure_is_retried_until_it_succeeds() -> None:
+    attempts = []
+
+    def flaky() -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) < 4:
+            raise RetryableError("503")
+        return "ok"
+
+    seen: list[BaseException] = []
+    policy = RetryPolicy(initial_s=0.01, max_s=0.04, jitter_s=0.0)
+    assert call_with_retry(flaky, policy, lambda: None, seen.append) == "ok"
+    assert len(attempts) == 4 and len(seen) == 3
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[0] >= 0.009 and gaps[-1] >= 0.035  # exponential, capped at max_s
+
+
+def test_a_permanent_failure_is_raised_at_once() -> None:
+    calls = []
+
+    def refuse() -> None:
+        calls.append(1)
+        raise PermanentError("INVALID_PARAMETER_VALUE")
+
+    with pytest.raises(PermanentError):
+        call_with_retry(refuse, RetryPolicy(), lambda: None, lambda e: None)
+    assert calls == [1]
+
+
+def test_the_retry_window_bounds_how_long_one_call_is_retried() -> None:
+    policy = RetryPolicy(initial_s=0.01, max_s=0.02, jitter_s=0.0, window_s=0.2)
+    start = time.monotonic()
+    with pytest.raises(RetryableError):
+        call_with_retry(_always_down, policy, lambda: None, lambda e: None)
+    assert 0.2 <= time.monotonic() - start < 0.5
+
+
+def test_a_deadline_set_during_a_long_backoff_interrupts_it() -> None:
+    deadline: list[float | None] = [None]
+    policy = RetryPolicy(initial_s=30.0, max_s=30.0, jitter_s=0.0)
+    threading.Timer(0.2, lambda: deadline.__setitem__(0, time.monotonic())).start()
+    start = time.monotonic()
+    with pytest.raises(RetryableError):
+        call_with_retry(_always_down, policy, lambda: deadline[0], lambda e: None)
+    assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.parametrize("kwargs", [{"initial_s": 0}, {"initial_s": 2, "max_s": 1},
+                                    {"jitter_s": -1}, {"window_s": -1}])
+def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)
+
+
+def _always_down() -> None:
+    raise RetryableError("connection refused")
