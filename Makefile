@@ -29,6 +29,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_hot_path.py
 	$(BIN)/python benchmarks/bench_file_sink.py
+	$(BIN)/python benchmarks/bench_mlflow.py
 
 demo: install
 	$(BIN)/steplog demo

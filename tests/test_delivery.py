@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sinks_for_tests import ListSink
-from steplog import Logger, Options, RetryPolicy, SteplogWarning
+from steplog import Logger, Options, PermanentError, RetryPolicy, SteplogWarning
 
 FAST_RETRY = Options(drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.05,
                                                                jitter_s=0.01))
@@ -94,3 +94,18 @@ def test_a_value_that_cannot_be_read_back_is_rejected_and_the_rest_delivered() -
         result = logger.close(10)
     assert [r.name for r in sink.records] == ["before", "after"]
     assert result.rejected == 1 and "could not capture" in result.rejections[0].reason
+
+
+def test_a_refusal_of_the_whole_batch_is_not_split_record_by_record() -> None:
+    class Revoked(ListSink):
+        def write(self, records):  # type: ignore[no-untyped-def]
+            self.attempts += 1
+            raise PermanentError("HTTP 403 PERMISSION_DENIED", whole_batch=True)
+
+    sink = Revoked(max_batch=64)
+    logger = Logger(sinks=[sink], options=FAST_RETRY)
+    with pytest.warns(SteplogWarning, match="PERMISSION_DENIED"):
+        logger.log_metrics({f"m{k}": 1.0 for k in range(64)}, 0)
+        result = logger.close(10)
+    assert sink.attempts == 1
+    assert result.rejected == 64

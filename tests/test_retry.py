@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -40,7 +41,7 @@ def test_a_retryable_failure_is_retried_until_it_succeeds() -> None:
     policy = RetryPolicy(initial_s=0.01, max_s=0.04, jitter_s=0.0)
     assert call_with_retry(flaky, policy, lambda: None, seen.append) == "ok"
     assert len(attempts) == 4 and len(seen) == 3
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.009 and gaps[-1] >= 0.035  # exponential, capped at max_s
 
 

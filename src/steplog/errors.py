@@ -17,8 +17,14 @@ class PermanentError(SinkError):
     """The backend rejected the request (bad key, changed param): resending it cannot succeed.
 
     The pipeline then isolates the rejected records by splitting the batch, delivers the rest, and
-    reports each rejected record with this error's message as the reason.
+    reports each rejected record with this error's message as the reason. ``whole_batch=True``
+    says the refusal is not about any one record (no permission, the run is gone): the batch is
+    then rejected at once, without splitting.
     """
+
+    def __init__(self, *args: object, whole_batch: bool = False) -> None:
+        super().__init__(*args)
+        self.whole_batch = whole_batch
 
 
 class LoggerClosedError(RuntimeError):

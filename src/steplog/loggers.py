@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, SupportsFloat, TypeVar
 
 from steplog import lifecycle
 from steplog.capture import capture_object, capture_param, capture_step, capture_value
@@ -23,8 +23,10 @@ from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
 from steplog.sinks.file import FileSink
+from steplog.sinks.mlflow import MLflowSink
+from steplog.system import SystemSampler
 
-__all__ = ["FileLogger", "Logger"]
+__all__ = ["FileLogger", "Logger", "MLFlowLogger"]
 
 L = TypeVar("L", bound="type[Logger]")
 
@@ -87,6 +89,7 @@ class Logger:
         self._q: Any = _INERT
         self._cap = 1
         self._forked = False
+        self._samplers: list[SystemSampler] = []
         if self._sinks:
             self._pipeline = Pipeline(self._sinks, self.options)
             self._q = self._pipeline.queue
@@ -123,7 +126,7 @@ class Logger:
         return False
 
     # -- hot path --------------------------------------------------------------------------
-    def log_scalar(self, name: str, value: float, iteration: int | None = None) -> None:
+    def log_scalar(self, name: str, value: SupportsFloat, iteration: int | None = None) -> None:
         """Queue one point of ``name``. ``iteration=None`` uses the number of earlier calls for
         ``name`` (0, 1, 2, ...). Raises ``TypeError`` for a non-numeric value."""
         if type(value) is not float:
@@ -138,7 +141,9 @@ class Logger:
             return
         q.append((name, value, iteration))
 
-    def log_metrics(self, metrics: Mapping[str, float], iteration: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, SupportsFloat], iteration: int | None = None
+    ) -> None:
         """Queue one point per key, all at ``iteration`` (or each at its own automatic step).
         Raises ``TypeError`` (and queues nothing) if any value is not numeric."""
         try:
@@ -294,6 +299,8 @@ class Logger:
         """Flush, end every run with ``status`` and stop the worker, within ``timeout`` seconds.
         Calling it again returns the same result; logging afterwards raises
         :class:`~steplog.errors.LoggerClosedError`."""
+        for sampler in self._samplers:
+            sampler.stop()
         if self._pipeline is None:
             if not self._forked:
                 self._q = _CLOSED
@@ -357,6 +364,51 @@ class FileLogger(Logger):
         self.output_dir = os.fspath(output_dir)
         os.makedirs(self.output_dir, exist_ok=True)  # fail here, not on the worker
         super().__init__(logging_freq, sinks=[FileSink(self.output_dir)], options=options)
+
+
+@Logger.register("mlflow")
+class MLFlowLogger(Logger):
+    """Logs one MLflow run through :class:`~steplog.sinks.mlflow.MLflowSink`.
+
+    ``tracking_uri=None`` uses ``MLFLOW_TRACKING_URI``, else the embedded default
+    ``sqlite:///mlflow.db``. The run is created on the worker right away (``run_id`` is ``None``
+    until then) and ended at close: ``FINISHED``, or ``FAILED``/``KILLED`` when the process dies
+    of an exception or a signal. ``log_system_metrics=True`` samples CPU, memory and GPU every
+    ``system_metrics_interval_s`` seconds into the same run (needs psutil; GPUs need pynvml).
+    ``tags`` are set on the run when it is created.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str,
+        *,
+        tracking_uri: str | None = None,
+        run_name: str | None = None,
+        log_system_metrics: bool = False,
+        logging_freq: int = 1,
+        options: Options | None = None,
+        system_metrics_interval_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.sink = MLflowSink(experiment_name, tracking_uri=tracking_uri, run_name=run_name,
+                               request_timeout_s=request_timeout_s,
+                               tags=dict(tags) if tags is not None else None)
+        # Check the optional dependency before any thread starts.
+        sampler = None
+        if log_system_metrics:
+            sampler = SystemSampler(self.log_metrics, system_metrics_interval_s)
+        super().__init__(logging_freq, sinks=[self.sink], options=options)
+        if sampler is not None:
+            self._samplers.append(sampler)
+            sampler.start()
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, once the worker created the run."""
+        return self.sink.run_id
 
 
 Logger.register("blank")(Logger)

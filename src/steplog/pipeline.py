@@ -213,6 +213,9 @@ class _Lane:
         self._barriers: collections.deque[tuple[int, _Barrier]] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._ready = name != "metrics"
+        """A metrics lane becomes ready once its sink opened (or failed to): a flush waits for
+        that, so after a flush the run exists even when nothing was logged."""
 
     # -- drain-thread side ---------------------------------------------------------------
     def put(self, items: Sequence[Any], timestamp_ms: int) -> int:
@@ -234,7 +237,7 @@ class _Lane:
 
     def add_barrier(self, barrier: _Barrier) -> None:
         with self.cond:
-            if self.done >= self.submitted:
+            if self._ready and self.done >= self.submitted:
                 barrier.arrive()
                 return
             self._barriers.append((self.submitted, barrier))
@@ -292,14 +295,17 @@ class _Lane:
             self.done += n
             if self.buffer:
                 self.oldest_ms = _timestamp_of(self.buffer[0], self.oldest_ms)
-            while self._barriers and self._barriers[0][0] <= self.done:
+            while self._barriers and self._ready and self._barriers[0][0] <= self.done:
                 self._barriers.popleft()[1].arrive()
             self.cond.notify_all()
 
     def _run(self) -> None:
         pipeline = self.runner.pipeline
-        if self is self.runner.metrics:
+        if not self._ready:
             self.runner.ensure_open()  # open the run early, off the caller's thread
+            with self.cond:
+                self._ready = True
+            self._acknowledge(0)
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -380,7 +386,7 @@ class _SinkRunner:
         except BaseException as exc:
             if is_retryable(exc):
                 self.fail(batch, f"gave up retrying: {exc!r}")
-            elif len(batch) > 1:
+            elif len(batch) > 1 and not getattr(exc, "whole_batch", False):
                 # Isolate what the backend refuses: the rest of the batch still gets delivered.
                 mid = len(batch) // 2
                 self._write(batch[:mid])

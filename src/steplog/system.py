@@ -1,0 +1,109 @@
+"""System metrics: CPU, memory and (with pynvml and an NVIDIA driver) GPU, sampled on a timer
+into the logger's own pipeline, under MLflow's ``system/...`` metric names."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["SystemSampler", "sample_system"]
+
+
+def _load_psutil() -> Any:
+    try:
+        import psutil
+    except ImportError as exc:
+        raise ImportError(
+            "log_system_metrics=True needs psutil: pip install 'steplog[system]' (or psutil)"
+        ) from exc
+    return psutil
+
+
+class _Gpus:
+    """NVML handles, or none when pynvml or the driver is missing (reported once)."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        self.handles: list[Any] = []
+        try:
+            import pynvml
+        except ImportError:
+            return
+        try:
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
+                            for i in range(pynvml.nvmlDeviceGetCount())]
+            self._nvml = pynvml
+        except Exception as exc:  # no driver, no device: CPU metrics only
+            warnings.warn(f"GPU metrics disabled: NVML is not usable ({exc})", stacklevel=3)
+
+    def sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        nvml = self._nvml
+        if nvml is None:
+            return out
+        for i, h in enumerate(self.handles):
+            util = nvml.nvmlDeviceGetUtilizationRates(h)
+            mem = nvml.nvmlDeviceGetMemoryInfo(h)
+            out[f"system/gpu_{i}_utilization_percentage"] = float(util.gpu)
+            out[f"system/gpu_{i}_memory_usage_megabytes"] = mem.used / 1e6
+            out[f"system/gpu_{i}_memory_usage_percentage"] = 100.0 * mem.used / max(1, mem.total)
+        return out
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.nvmlShutdown()
+            self._nvml = None
+
+
+def sample_system(psutil: Any, gpus: _Gpus | None = None) -> dict[str, float]:
+    """One sample of the machine's CPU and memory use (and GPUs when given)."""
+    vm = psutil.virtual_memory()
+    values = {
+        "system/cpu_utilization_percentage": float(psutil.cpu_percent(interval=None)),
+        "system/system_memory_usage_megabytes": (vm.total - vm.available) / 1e6,
+        "system/system_memory_usage_percentage": float(vm.percent),
+    }
+    if gpus is not None:
+        values.update(gpus.sample())
+    return values
+
+
+class SystemSampler:
+    """Calls ``log(metrics)`` with a system sample every ``interval_s`` seconds on a daemon
+    thread, until :meth:`stop`; the first sample is taken one interval after :meth:`start`."""
+
+    def __init__(self, log: Callable[[Mapping[str, float]], None], interval_s: float = 10.0
+                 ) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be > 0")
+        self._psutil = _load_psutil()
+        self._log = log
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steplog-system", daemon=True)
+        self._gpus: _Gpus | None = None
+
+    def start(self) -> None:
+        self._psutil.cpu_percent(interval=None)  # primes the CPU counter
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._gpus = _Gpus()
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self._log(sample_system(self._psutil, self._gpus))
+                except Exception as exc:  # a closed logger or a sensor error ends sampling
+                    warnings.warn(f"system metrics stopped: {exc!r}", stacklevel=2)
+                    return
+        finally:
+            self._gpus.close()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop sampling; returns once the thread ended or ``timeout_s`` passed."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)

@@ -1,0 +1,5 @@
+"""Shared fixtures. The MLflow server fixtures live in mlflow_support.py."""
+
+from __future__ import annotations
+
+pytest_plugins = ["mlflow_support"]
