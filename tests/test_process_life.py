@@ -39,6 +39,21 @@ def test_exiting_without_close_delivers_everything_at_exit(tmp_path) -> None:
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "FINISHED"
 
 
+def test_a_logger_dropped_without_close_is_still_flushed_at_exit(tmp_path) -> None:
+    proc = run_child(f"""
+        import gc, steplog
+        def train():
+            lg = steplog.FileLogger({str(tmp_path)!r})
+            for i in range(50_000):
+                lg.log_scalar("x", float(i), i)
+        train()
+        gc.collect()  # the logger object is gone; its queued records are not
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert read_scalars(tmp_path)["step"].tolist() == list(range(50_000))
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "FINISHED"
+
+
 def test_an_uncaught_exception_ends_the_run_failed_after_delivering(tmp_path) -> None:
     proc = run_child(f"""
         import steplog

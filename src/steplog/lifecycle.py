@@ -1,7 +1,7 @@
 """Process life: close open loggers at exit and on SIGTERM, and make them inert after a fork.
 
 * **atexit**: every logger still open is closed, each within its ``exit_timeout_s``, all of them
-  within the largest of those deadlines. The run ends ``FAILED`` when the interpreter is exiting
+  within the largest of those deadlines; a logger dropped without ``close()`` included. The run ends ``FAILED`` when the interpreter is exiting
   because of an uncaught exception, ``KILLED`` after SIGTERM, else ``FINISHED``.
 * **SIGTERM**: when the process had the default SIGTERM action, the first logger installs a
   handler that raises ``SystemExit(143)`` in the main thread, so ``finally`` blocks run and the
@@ -30,24 +30,29 @@ __all__ = ["register"]
 
 
 class _Closable(Protocol):
-    exit_timeout_s: float
-
     def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> Any: ...
 
+
+class _ForkAware(Protocol):
     def _after_fork_in_child(self) -> None: ...
 
 
-_live: weakref.WeakSet[Any] = weakref.WeakSet()
+# Open pipelines are held strongly until closed: a logger dropped without close() must still
+# be flushed at exit. Loggers are held weakly, only to make them inert in a forked child.
+_open: dict[_Closable, float] = {}
+_loggers: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
 _installed = False
 _exit_status: RunStatus = "FINISHED"
 
 
-def register(logger: _Closable) -> None:
-    """Track ``logger`` for the atexit close and fork handling (hooks installed on first use)."""
+def register(logger: _ForkAware, pipeline: _Closable, exit_timeout_s: float) -> None:
+    """Close ``pipeline`` at exit within ``exit_timeout_s`` unless it is closed before, and make
+    ``logger`` inert in forked children (hooks installed on first use)."""
     global _installed
     with _lock:
-        _live.add(logger)
+        _open[pipeline] = exit_timeout_s
+        _loggers.add(logger)
         if _installed:
             return
         _installed = True
@@ -57,19 +62,21 @@ def register(logger: _Closable) -> None:
     _install_sigterm()
 
 
-def unregister(logger: _Closable) -> None:
-    _live.discard(logger)
+def unregister(pipeline: _Closable) -> None:
+    with _lock:
+        _open.pop(pipeline, None)
 
 
 def _close_all() -> None:
-    loggers = list(_live)
-    if not loggers:
+    with _lock:
+        pending = list(_open.items())
+    if not pending:
         return
-    deadline = time.monotonic() + max(lg.exit_timeout_s for lg in loggers)
-    for lg in loggers:
-        left = max(0.0, min(lg.exit_timeout_s, deadline - time.monotonic()))
+    deadline = time.monotonic() + max(timeout for _, timeout in pending)
+    for pipeline, timeout in pending:
+        left = max(0.0, min(timeout, deadline - time.monotonic()))
         try:
-            lg.close(timeout=left, status=_exit_status)
+            pipeline.close(timeout=left, status=_exit_status)
         except Exception as exc:  # at exit, report and go on to the next logger
             print(f"steplog: closing a logger at exit failed: {exc!r}", file=sys.stderr)
 
@@ -77,9 +84,10 @@ def _close_all() -> None:
 def _after_fork() -> None:
     global _lock
     _lock = threading.Lock()
-    for lg in list(_live):
+    _open.clear()  # the parent delivers what it queued; the child closes nothing
+    for lg in list(_loggers):
         lg._after_fork_in_child()
-    _live.clear()
+    _loggers.clear()
 
 
 def _wrap_excepthook() -> None:

@@ -94,7 +94,7 @@ class Logger:
             self._pipeline = Pipeline(self._sinks, self.options)
             self._q = self._pipeline.queue
             self._cap = self._pipeline.capacity
-            lifecycle.register(self)
+            lifecycle.register(self, self._pipeline, self.exit_timeout_s)
 
     # -- registry --------------------------------------------------------------------------
     @classmethod
@@ -187,27 +187,24 @@ class Logger:
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
         """Queue run parameters; each value is snapshotted now (deep copy, JSON-compatible)."""
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params must be a mapping, got {type(params).__name__}")
-        ts = now_ms()
-        records = []
-        for k, v in params.items():
-            if k not in self._names:
-                self._new_name(k)
-            records.append(Param(k, capture_param(v), ts))
-        for r in records:
-            self._put(r)
+        self._put_settings(params, "params", lambda k, v, ts: Param(k, capture_param(v), ts))
 
     def log_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue run tags (values are stored as strings)."""
-        if not isinstance(tags, Mapping):
-            raise TypeError(f"tags must be a mapping, got {type(tags).__name__}")
+        self._put_settings(tags, "tags", lambda k, v, ts: Tag(k, str(v), ts))
+
+    def _put_settings(
+        self, items: Mapping[str, Any], what: str, build: Callable[[str, Any, int], object]
+    ) -> None:
+        """Validate every key and build every record first, so a bad one queues nothing."""
+        if not isinstance(items, Mapping):
+            raise TypeError(f"{what} must be a mapping, got {type(items).__name__}")
         ts = now_ms()
         records = []
-        for k, v in tags.items():
+        for k, v in items.items():
             if k not in self._names:
                 self._new_name(k)
-            records.append(Tag(k, v if type(v) is str else str(v), ts))
+            records.append(build(k, v, ts))
         for r in records:
             self._put(r)
 
@@ -307,8 +304,9 @@ class Logger:
             return CloseResult(ok=True, delivered=0, undelivered=0, dropped=0, rejected=0,
                                elapsed_s=0.0, timed_out=False)
         self._q = _CLOSED
-        lifecycle.unregister(self)
-        return self._pipeline.close(timeout, status)
+        result = self._pipeline.close(timeout, status)
+        lifecycle.unregister(self._pipeline)
+        return result
 
     def stats(self) -> Stats:
         """Counters of this logger: enqueued, delivered, dropped, rejected, retried, queue depth,
