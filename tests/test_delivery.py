@@ -52,18 +52,32 @@ def test_a_retry_window_that_runs_out_counts_the_batch_as_undelivered() -> None:
     assert not closed and closed.undelivered == 1
 
 
-def test_a_sink_that_cannot_open_rejects_its_records_with_the_reason() -> None:
+def test_a_sink_that_refuses_to_open_rejects_its_records_with_the_reason() -> None:
     class NoOpen(ListSink):
         def open(self) -> None:
-            raise PermissionError("read-only file system (test)")
+            raise PermanentError("HTTP 403: no access to experiment (test)")
 
-    logger = Logger(sinks=[NoOpen()], options=Options(
-        drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.02, window_s=0.1)))
+    logger = Logger(sinks=[NoOpen()], options=FAST_RETRY)
     with pytest.warns(SteplogWarning, match="could not open"):
         logger.log_scalar("x", 1.0)
         result = logger.close(5)
-    assert result.rejected == 1
-    assert "read-only" in result.rejections[0].reason
+    assert result.rejected == 1 and result.undelivered == 0
+    assert "no access" in result.rejections[0].reason
+
+
+@pytest.mark.filterwarnings("ignore::steplog.SteplogWarning")
+def test_a_sink_unreachable_since_the_start_counts_its_records_undelivered_at_close() -> None:
+    class Unreachable(ListSink):
+        def open(self) -> None:
+            raise ConnectionRefusedError("tracking server down (test)")
+
+    logger = Logger(sinks=[Unreachable()], options=FAST_RETRY)
+    for i in range(10):
+        logger.log_scalar("x", float(i))
+    assert not logger.flush(0.3)  # the run does not exist yet: nothing is acknowledged
+    result = logger.close(0.5)
+    assert not result
+    assert result.undelivered == 10 and result.rejected == 0
 
 
 def test_one_logger_fans_out_to_several_sinks_through_one_queue() -> None:

@@ -1,8 +1,9 @@
 """Process life: close open loggers at exit and on SIGTERM, and make them inert after a fork.
 
 * **atexit**: every logger still open is closed, each within its ``exit_timeout_s``, all of them
-  within the largest of those deadlines; a logger dropped without ``close()`` included. The run ends ``FAILED`` when the interpreter is exiting
-  because of an uncaught exception, ``KILLED`` after SIGTERM, else ``FINISHED``.
+  within the largest of those deadlines; a logger dropped without ``close()`` included. The run
+  ends ``FAILED`` when the interpreter is exiting because of an uncaught exception, ``KILLED``
+  after SIGTERM, else ``FINISHED``.
 * **SIGTERM**: when the process had the default SIGTERM action, the first logger installs a
   handler that raises ``SystemExit(143)`` in the main thread, so ``finally`` blocks run and the
   atexit close flushes the loggers. A handler installed by the application is left alone.

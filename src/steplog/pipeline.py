@@ -315,7 +315,10 @@ class _Lane:
                     self.runner.fail(batch, "the close deadline passed before delivery")
                     _release(batch)
                 elif not self.runner.ensure_open():
-                    self.runner.reject(batch, self.runner.broken or "the sink did not open")
+                    if self.runner.broken is not None:
+                        self.runner.reject(batch, self.runner.broken)
+                    else:
+                        self.runner.fail(batch, self.runner.unavailable)
                     _release(batch)
                 else:
                     self._deliver(batch)
@@ -344,6 +347,7 @@ class _SinkRunner:
         self.label = label
         self.stats = SinkStats()
         self.broken: str | None = None
+        self.unavailable = ""
         self._opened = False
         self._open_lock = threading.Lock()
         self._warned: set[str] = set()
@@ -355,7 +359,8 @@ class _SinkRunner:
         self.lanes = (self.metrics, self.uploads)
 
     def ensure_open(self) -> bool:
-        """Open the sink once (retried); False when it cannot be opened."""
+        """Open the sink once (retried); False when it cannot be opened: for good (``broken``
+        is set) or for now (retries ran out; ``unavailable`` says why, a later batch retries)."""
         with self._open_lock:
             if self._opened or self.broken is not None:
                 return self._opened
@@ -363,8 +368,12 @@ class _SinkRunner:
                 self._retry(self.sink.open)
                 self._opened = True
             except BaseException as exc:
-                self.broken = f"could not open {self.sink.describe()}: {exc}"
-                self.warn("open", self.broken)
+                reason = f"could not open {self.sink.describe()}: {exc}"
+                if is_retryable(exc):
+                    self.unavailable = reason
+                else:
+                    self.broken = reason
+                self.warn("open", reason)
             return self._opened
 
     def _retry(self, fn: Callable[[], Any]) -> Any:
@@ -651,7 +660,11 @@ class Pipeline:
             if timed_out and self._deadline is not None:
                 self._deadline = min(self._deadline, time.monotonic())
             s = self.stats()
-            undelivered = s.failed + s.dropped + self._unacknowledged()
+            # Derived from monotone counters, so a lane still finishing a batch cannot make a
+            # record count twice: per sink, what was accepted minus what it settled.
+            undelivered = s.dropped + sum(
+                s.enqueued - sink.delivered - sink.rejected for sink in s.sinks.values()
+            )
             self._closed = CloseResult(
                 ok=undelivered == 0 and not timed_out,
                 delivered=s.delivered,
