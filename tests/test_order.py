@@ -97,3 +97,21 @@ def test_metrics_are_not_held_back_by_a_slow_upload(tmp_path) -> None:
     assert delivered_while_stuck, "the scalar waited for the upload logged before it"
     assert logger.close(30)
     assert [a.name for a in sink.uploads] == ["big.bin"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=80),
+    max_bytes=st.integers(min_value=60, max_value=2000),
+)
+def test_batches_respect_an_estimated_byte_bound_and_keep_order(sizes, max_bytes) -> None:
+    sink = ListSink(max_batch=1000)
+    sink.max_batch_bytes = max_bytes
+    logger = Logger(sinks=[sink], options=FAST)
+    for i, size in enumerate(sizes):
+        logger.log_parameters({f"p{i}": "x" * size})
+    assert logger.close(30)
+    assert [r.name for b in sink.batches for r in b] == [f"p{i}" for i in range(len(sizes))]
+    for b in sink.batches:
+        est = sum(len(r.name) + len(r.value) + 48 for r in b)
+        assert est <= max_bytes or len(b) == 1

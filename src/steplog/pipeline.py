@@ -6,7 +6,8 @@ flush, close or full queue), takes everything queued, stamps the scalars of that
 wall-clock timestamp, assigns automatic steps, and appends the records to each sink's lanes:
 
 * the **metrics lane** (scalars, params, tags) calls ``sink.write(batch)`` in call order, with
-  batches cut by count (``sink.max_batch``) and age (``sink.max_batch_age_s``);
+  batches cut by count (``sink.max_batch``), estimated size (``sink.max_batch_bytes``) and age
+  (``sink.max_batch_age_s``);
 * the **upload lane** (files, figures, checkpoints) calls ``sink.upload(item)``, one at a time,
   on its own thread, so a large upload never delays metrics.
 
@@ -197,8 +198,10 @@ class _Lane:
         max_batch: int,
         max_age_s: float,
         capacity: int,
+        max_bytes: int | None = None,
     ) -> None:
         self.runner = runner
+        self.max_bytes = max_bytes
         self.name = name
         self._deliver = deliver
         self.max_batch = max(1, max_batch)
@@ -287,6 +290,8 @@ class _Lane:
                 else:
                     self.cond.wait()
             take = min(n, self.max_batch)
+            if self.max_bytes is not None:
+                take = _fitting(self.buffer, take, self.max_bytes)
             pop = self.buffer.popleft
             return [pop() for _ in range(take)]
 
@@ -328,6 +333,28 @@ class _Lane:
                 self._acknowledge(len(batch))
 
 
+_RECORD_OVERHEAD_BYTES = 48
+"""Estimated encoding of everything but a record's key and value (step, timestamp, syntax)."""
+
+
+def _approx_size(record: Any) -> int:
+    if type(record) is Scalar:
+        return len(record.name) + _RECORD_OVERHEAD_BYTES
+    if type(record) is Param or type(record) is Tag:
+        return len(record.name) + len(str(record.value)) + _RECORD_OVERHEAD_BYTES
+    return _RECORD_OVERHEAD_BYTES
+
+
+def _fitting(buffer: collections.deque[Any], most: int, max_bytes: int) -> int:
+    """How many of the first ``most`` records fit in ``max_bytes`` (at least one)."""
+    total = 0
+    for k, record in enumerate(itertools.islice(buffer, most)):
+        total += _approx_size(record)
+        if total > max_bytes:
+            return max(1, k)
+    return most
+
+
 def _release(batch: Sequence[Any]) -> None:
     for item in batch:
         if isinstance(item, _Upload):
@@ -353,7 +380,8 @@ class _SinkRunner:
         self._warned: set[str] = set()
         cap = pipeline.options.lane_capacity
         self.metrics = _Lane(
-            self, "metrics", self._write, sink.max_batch, sink.max_batch_age_s, cap
+            self, "metrics", self._write, sink.max_batch, sink.max_batch_age_s, cap,
+            max_bytes=sink.max_batch_bytes,
         )
         self.uploads = _Lane(self, "uploads", self._upload, 1, 0.0, cap)
         self.lanes = (self.metrics, self.uploads)

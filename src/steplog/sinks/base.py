@@ -35,6 +35,12 @@ class Sink(abc.ABC):
     max_batch_age_s: float = 0.2
     """Longest a record waits in the pipeline for its batch to fill (seconds)."""
 
+    max_batch_bytes: int | None = None
+    """Most estimated bytes per :meth:`write` (``None``: no byte bound). The estimate is a
+    record's key and value sizes plus a fixed overhead; a single larger record still goes alone.
+    Leave it ``None`` when the sink splits requests exactly itself (estimating costs ~60 ns per
+    record on the worker)."""
+
     def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the backend (create the run). Called once, on the worker, before any write."""
 
