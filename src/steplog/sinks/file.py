@@ -41,7 +41,8 @@ def _dump_json_atomic(path: Path, data: Any) -> None:
 
 
 class FileSink(Sink):
-    """Writes a run into ``output_dir``; a crash loses at most the batch being written."""
+    """Writes a run into ``output_dir``, a batch at a time; a failed write leaves no partial line
+    (it is truncated away), so a crash loses only records not yet written."""
 
     kind: ClassVar[str] = "file"
     max_batch = 50_000
