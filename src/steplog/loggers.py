@@ -109,7 +109,7 @@ class Logger:
 
     @classmethod
     def create(cls, type_: str, **kwargs: Any) -> Logger:
-        """Build the logger registered under ``type_`` ("file", "mlflow", "clearml", "blank")."""
+        """Build the logger registered under ``type_`` ("file", "mlflow", "blank", or your own)."""
         if type_ not in cls._registry:
             known = ", ".join(sorted(cls._registry))
             raise ValueError(f"unknown logger type {type_!r}; known types: {known}")
