@@ -103,11 +103,12 @@ def test_a_value_that_cannot_be_read_back_is_rejected_and_the_rest_delivered() -
     logger = Logger(sinks=[sink], options=FAST_RETRY)
     with pytest.warns(SteplogWarning, match="could not capture"):
         logger.log_scalar("before", 1.0, 0)
-        logger.log_metrics({"odd": SumsLikeAFloat()}, 0)  # type: ignore[dict-item]
+        logger.log_metrics({"good": 1.0, "odd": SumsLikeAFloat()}, 0)  # type: ignore[dict-item]
         logger.log_scalar("after", 2.0, 0)
         result = logger.close(10)
-    assert [r.name for r in sink.records] == ["before", "after"]
-    assert result.rejected == 1 and "could not capture" in result.rejections[0].reason
+    assert [r.name for r in sink.records] == ["before", "after"]  # nothing of the bad call
+    assert result.rejected == 2 and "could not capture" in result.rejections[0].reason
+    assert result and result.undelivered == 0
 
 
 def test_a_refusal_of_the_whole_batch_is_not_split_record_by_record() -> None:

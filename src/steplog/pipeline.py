@@ -449,14 +449,14 @@ class _SinkRunner:
                 job.finished()
 
     def reject(self, records: Sequence[Any], reason: str) -> None:
-        self.stats.rejected += len(records)
+        self.stats.rejected += sum(map(_record_count, records))
         for r in records:
             self.pipeline.note_rejection(Rejection(self.label, _describe(r), reason))
         self.warn(f"reject:{reason[:40]}", f"{self.label} rejected {_describe(records[0])}"
                   f"{'' if len(records) == 1 else f' and {len(records) - 1} more'}: {reason}")
 
     def fail(self, records: Sequence[Any], reason: str) -> None:
-        self.stats.failed += len(records)
+        self.stats.failed += sum(map(_record_count, records))
         self.warn("fail", f"{self.label}: {len(records)} records not delivered: {reason}")
 
     def warn(self, key: str, message: str) -> None:
@@ -582,6 +582,7 @@ class Pipeline:
         add = out.append
         count = 0
         for item in items:
+            mark = len(out)
             try:
                 if type(item) is tuple:
                     name, value, step = item
@@ -621,7 +622,8 @@ class Pipeline:
                     count += 1
             except Exception as exc:
                 # A value that cannot be read back (a failed device copy, say) is refused, and
-                # only that call's records are lost, with the reason.
+                # only that call's records are lost, with the reason; none of them is sent.
+                del out[mark:]
                 count += _record_count(item)
                 for r in self.runners:
                     r.reject([item], f"could not capture the value: {exc!r}")
