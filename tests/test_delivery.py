@@ -31,9 +31,10 @@ def test_one_refused_record_is_isolated_and_the_rest_of_its_batch_is_delivered()
             logger.log_metrics({"good": float(i), "bad": 0.0} if i == 20 else {"good": float(i)}, i)
         result = logger.close(10)
     assert [r.step for r in sink.records] == list(range(50))
-    assert result.rejected == 1
-    assert result.rejections[0].record == "scalar 'bad' step 20"
-    assert "bad value" in result.rejections[0].reason
+    assert not result and result.rejected == 1 and result.undelivered == 1
+    assert result.losses[0].record == "scalar 'bad' step 20"
+    assert result.losses[0].kind == "rejected"
+    assert "bad value" in result.losses[0].reason
     assert logger.stats().rejected == 1
 
 
@@ -45,7 +46,9 @@ def test_a_retry_window_that_runs_out_counts_the_batch_as_undelivered() -> None:
     with pytest.warns(SteplogWarning):
         logger.log_scalar("x", 1.0)
         result = logger.flush(5)
-    assert result  # acknowledged: given up on, and counted
+    assert not result  # acknowledged, but not stored: the flush says so
+    assert result.pending == 0 and result.failed == 1
+    assert result.losses[0].kind == "failed"
     stats = logger.stats()
     assert stats.failed == 1 and stats.delivered == 0
     closed = logger.close(5)
@@ -61,8 +64,8 @@ def test_a_sink_that_refuses_to_open_rejects_its_records_with_the_reason() -> No
     with pytest.warns(SteplogWarning, match="could not open"):
         logger.log_scalar("x", 1.0)
         result = logger.close(5)
-    assert result.rejected == 1 and result.undelivered == 0
-    assert "no access" in result.rejections[0].reason
+    assert not result and result.rejected == 1 and result.undelivered == 1
+    assert all("no access" in loss.reason for loss in result.losses)
 
 
 @pytest.mark.filterwarnings("ignore::steplog.SteplogWarning")
@@ -86,7 +89,8 @@ def test_one_logger_fans_out_to_several_sinks_through_one_queue() -> None:
     for i in range(10):
         logger.log_scalar("x", float(i))
     result = logger.close(10)
-    assert result.delivered == 20
+    assert result and result.delivered == 10  # records, each counted once
+    assert result.sinks["list"].delivered == result.sinks["list#1"].delivered == 10
     assert [r.value for r in a.records] == [r.value for r in b.records] == [float(i) for i in
                                                                            range(10)]
     assert set(logger.stats().sinks) == {"list", "list#1"}
@@ -107,8 +111,8 @@ def test_a_value_that_cannot_be_read_back_is_rejected_and_the_rest_delivered() -
         logger.log_scalar("after", 2.0, 0)
         result = logger.close(10)
     assert [r.name for r in sink.records] == ["before", "after"]  # nothing of the bad call
-    assert result.rejected == 2 and "could not capture" in result.rejections[0].reason
-    assert result and result.undelivered == 0
+    assert result.rejected == 2 and "could not capture" in result.losses[0].reason
+    assert not result and result.undelivered == 2
 
 
 def test_a_refusal_of_the_whole_batch_is_not_split_record_by_record() -> None:

@@ -50,12 +50,12 @@ def test_parameters_merge_into_one_json_file(tmp_path) -> None:
     assert json.loads((tmp_path / "tags.json").read_text()) == {"stage": "dev"}
 
 
-def test_a_second_logger_on_the_same_directory_appends_and_merges(tmp_path) -> None:
+def test_a_second_logger_with_existing_append_continues_the_run_and_merges(tmp_path) -> None:
     first = FileLogger(tmp_path, options=FAST)
     first.log_scalar("x", 1.0)
     first.log_parameters({"a": 1})
     first.close(10)
-    second = FileLogger(tmp_path, options=FAST)
+    second = FileLogger(tmp_path, options=FAST, existing="append")
     second.log_scalar("x", 2.0)
     second.log_parameters({"b": 2})
     second.close(10)

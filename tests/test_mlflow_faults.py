@@ -268,8 +268,8 @@ def test_logger_rejects_only_a_changed_param_and_a_bad_key_and_delivers_the_rest
         result = logger.close(timeout=60)
     finally:
         logger.close(timeout=10)
-    assert result.rejected == 1 and result.undelivered == 0, result
-    (rejection,) = result.rejections
+    assert not result and result.rejected == 1 and result.undelivered == 1, result
+    (rejection,) = result.losses
     assert "'lr' changed from '0.1' to '0.2'" in rejection.reason
     assert steps_stored(mlflow_server, logger.run_id, "loss") == list(range(200))
     params = {

@@ -4,13 +4,21 @@
 files, MLflow or ClearML. ``flush()`` and ``close()`` report whether everything arrived.
 """
 
-from steplog.errors import LoggerClosedError, PermanentError, RetryableError, SinkError
-from steplog.loggers import FileLogger, Logger
-from steplog.pipeline import Options, SteplogWarning
+from steplog.errors import (
+    LoggerClosedError,
+    PermanentError,
+    RetryableError,
+    SinkError,
+    SteplogWarning,
+)
+from steplog.lifecycle import State
+from steplog.loggers import FileLogger, Logger, MLFlowLogger
+from steplog.pipeline import Options
 from steplog.records import Artifact, Param, Scalar, Tag
-from steplog.results import CloseResult, FlushResult, Rejection, SinkStats, Stats
+from steplog.results import CloseResult, FlushResult, Loss, SinkStats, Stats
 from steplog.retry import RetryPolicy
 from steplog.sinks import FileSink, RunStatus, Sink
+from steplog.sinks.mlflow import MLflowSink
 
 __all__ = [
     "Artifact",
@@ -20,10 +28,12 @@ __all__ = [
     "FlushResult",
     "Logger",
     "LoggerClosedError",
+    "Loss",
+    "MLFlowLogger",
+    "MLflowSink",
     "Options",
     "Param",
     "PermanentError",
-    "Rejection",
     "RetryPolicy",
     "RetryableError",
     "RunStatus",
@@ -31,6 +41,7 @@ __all__ = [
     "Sink",
     "SinkError",
     "SinkStats",
+    "State",
     "Stats",
     "SteplogWarning",
     "Tag",

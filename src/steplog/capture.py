@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "STEP_MAX",
+    "STEP_MIN",
     "PendingValue",
     "capture_object",
     "capture_param",
@@ -69,7 +71,7 @@ def capture_value(value: object) -> float | PendingValue:
     if t is float:
         return value  # type: ignore[return-value]
     if t is int or t is bool:
-        return float(value)  # type: ignore[arg-type]
+        return _int_to_float(value)  # type: ignore[arg-type]
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -86,27 +88,49 @@ def capture_value(value: object) -> float | PendingValue:
             raise TypeError(f"expected a real number, got a numpy value of dtype {value.dtype} "
                             f"and shape {getattr(value, 'shape', ())}")
         return float(value.item())
+    if isinstance(value, numbers.Integral):
+        return _int_to_float(int(value))
     if isinstance(value, numbers.Real):
         return float(value)
     raise TypeError(f"expected a real number (int, float, numpy or torch scalar), got "
                     f"{t.__name__}: {_short(value)}")
 
 
+STEP_MIN = -(2**63)
+STEP_MAX = 2**63 - 1
+"""Steps are signed 64-bit integers, as MLflow and ClearML store them."""
+
+
+def _int_to_float(value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{_short(value)} is too large for a float (at most about 1.8e308)"
+                         ) from None
+
+
 def capture_step(step: object) -> int:
-    """Return ``step`` as an int, or raise ``TypeError`` (floats and bools are refused)."""
+    """Return ``step`` as an int, or raise ``TypeError`` (floats and bools are refused) or
+    ``ValueError`` (outside the signed 64-bit range every backend stores)."""
     if type(step) is int:
-        return step
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        value = step
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
         np = sys.modules.get("numpy")
         torch = sys.modules.get("torch")
         if np is not None and isinstance(step, np.integer):
-            return int(step)
-        if (torch is not None and isinstance(step, torch.Tensor) and step.numel() == 1
+            value = int(step)
+        elif (torch is not None and isinstance(step, torch.Tensor) and step.numel() == 1
                 and not step.is_floating_point() and not step.is_complex()):
-            return int(step.item())
-        raise TypeError(f"iteration must be an int or None, got {type(step).__name__}: "
-                        f"{_short(step)}")
-    return int(step)
+            value = int(step.item())
+        else:
+            raise TypeError(f"iteration must be an int or None, got {type(step).__name__}: "
+                            f"{_short(step)}")
+    else:
+        value = int(step)
+    if not STEP_MIN <= value <= STEP_MAX:
+        raise ValueError(f"iteration {_short(value)} does not fit a signed 64-bit integer "
+                         f"({STEP_MIN} to {STEP_MAX})")
+    return value
 
 
 def _param_hook(obj: Any) -> Any:
@@ -142,5 +166,8 @@ def capture_object(obj: object) -> Any:
 
 
 def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else "?"
     return text if len(text) <= limit else text[: limit - 3] + "..."

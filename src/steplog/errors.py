@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["LoggerClosedError", "PermanentError", "RetryableError", "SinkError"]
+__all__ = [
+    "LoggerClosedError",
+    "PermanentError",
+    "RetryableError",
+    "SinkError",
+    "SteplogWarning",
+]
 
 
 class SinkError(Exception):
@@ -28,4 +34,8 @@ class PermanentError(SinkError):
 
 
 class LoggerClosedError(RuntimeError):
-    """A ``log_*`` call was made on a logger that was already closed."""
+    """A ``log_*`` call was made on a logger that is closing or closed."""
+
+
+class SteplogWarning(UserWarning):
+    """A delivery problem reported by the worker (each kind of problem once per sink)."""

@@ -1,94 +1,329 @@
-"""Process life: close open loggers at exit and on SIGTERM, and make them inert after a fork.
+"""The one owner of a logger's life: its state, its close lock, its deadlines, and the process
+hooks (exit, SIGTERM, fork) that end it.
+
+States (diagram and guarantees in ``docs/lifecycle.md``)::
+
+    OPEN --close()/exit--> CLOSING --delivered, runs ended, or deadline--> CLOSED
+      \\--fork (in the child)--> INERT
+
+* ``OPEN``: ``log_*`` calls are accepted; ``flush`` is a barrier.
+* ``CLOSING``: a ``close`` runs; every ``log_*`` call raises ``LoggerClosedError``; ``flush``
+  waits for the close, within its own deadline.
+* ``CLOSED``: the close result is fixed; ``close`` returns it again; logging raises.
+* ``INERT``: a forked child's copy: calls validate their arguments and record nothing, the
+  parent alone delivers what was queued before the fork.
+
+Process hooks, installed when the first logger with a sink is built:
 
 * **atexit**: every logger still open is closed, each within its ``exit_timeout_s``, all of them
   within the largest of those deadlines; a logger dropped without ``close()`` included. The run
-  ends ``FAILED`` when the interpreter is exiting because of an uncaught exception, ``KILLED``
-  after SIGTERM, else ``FINISHED``.
-* **SIGTERM**: when the process had the default SIGTERM action, the first logger installs a
-  handler that raises ``SystemExit(143)`` in the main thread, so ``finally`` blocks run and the
-  atexit close flushes the loggers. A handler installed by the application is left alone.
-* **fork**: in a forked child (a DataLoader worker, say) every inherited logger becomes inert:
-  its calls still validate their arguments but record nothing, ``flush``/``close`` return at once,
-  and no thread is started. The parent alone delivers what was queued before the fork, so
-  nothing is sent twice. A child that wants to log creates its own logger.
+  ends ``FAILED`` when the interpreter exits because of an uncaught exception, ``KILLED`` after
+  SIGTERM or Ctrl-C, else ``FINISHED``. Records still undelivered are reported in one line on
+  stderr per logger.
+* **SIGTERM**: when the process had the default SIGTERM action, a handler raises
+  ``SystemExit(143)`` in the main thread, so ``finally`` blocks run and the exit close flushes
+  the loggers. While the main thread is closing a logger (the exit close included), a SIGTERM
+  does not interrupt it: the close finishes within its deadline, then the process exits with 143.
+  A handler installed by the application is left alone.
+* **fork**: in a forked child every inherited open logger becomes ``INERT``; no thread starts.
 """
 
 from __future__ import annotations
 
-import atexit
+import enum
 import os
 import signal
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
-from steplog.sinks.base import RunStatus
+from steplog.errors import LoggerClosedError
+from steplog.pipeline import Options, Pipeline
+from steplog.results import CloseResult, FlushResult, Stats
+from steplog.retry import check_seconds
+from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["register"]
+__all__ = ["Lifecycle", "State"]
 
-
-class _Closable(Protocol):
-    def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> Any: ...
-
-
-class _ForkAware(Protocol):
-    def _after_fork_in_child(self) -> None: ...
+_FLUSH_POLL_S = 0.1
 
 
-# Open pipelines are held strongly until closed: a logger dropped without close() must still
-# be flushed at exit. Loggers are held weakly, only to make them inert in a forked child.
-_open: dict[_Closable, float] = {}
-_loggers: weakref.WeakSet[Any] = weakref.WeakSet()
+class State(enum.Enum):
+    """Where a logger is in its life."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    INERT = "inert"
+
+
+class Helper(Protocol):
+    """A thread that feeds the logger (the system-metrics sampler): stopped first at close."""
+
+    def stop(self, timeout_s: float) -> None: ...
+
+
+class Lifecycle:
+    """Owns one logger's state, close lock and deadline, and its pipeline (``None`` without
+    sinks). ``gate`` is called (once) when the logger stops accepting records, so the logger's
+    hot path can send every later call through :meth:`admit`."""
+
+    def __init__(
+        self, sinks: Sequence[Sink], options: Options, gate: Callable[[], None] | None = None
+    ) -> None:
+        self.options = options
+        self.state = State.OPEN
+        self._gate = gate
+        self._deadline: float | None = None
+        self._lock = threading.Lock()
+        """The close lock: one close runs at a time; others wait for it within their deadline."""
+        self._closer: int | None = None
+        self._closed = threading.Event()
+        self._result: CloseResult | None = None
+        self.helpers: list[Helper] = []
+        self.pipeline = Pipeline(sinks, options, self) if sinks else None
+        if self.pipeline is not None:
+            _register(self)
+
+    # -- what the pipeline and the logger ask ----------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        """True while records are accepted (``OPEN``)."""
+        return self.state is State.OPEN
+
+    def deadline(self) -> float | None:
+        """The close deadline (``time.monotonic()``), ``None`` until a close starts."""
+        return self._deadline
+
+    def admit(self) -> Pipeline | None:
+        """The one check of every ``log_*`` path: the pipeline to queue the record on, or
+        ``None`` when it is to be discarded (no sinks, or a forked child's copy); raises
+        :class:`LoggerClosedError` once a close started."""
+        state = self.state
+        if state is State.OPEN:
+            return self.pipeline
+        if state is State.INERT:
+            return None
+        raise LoggerClosedError(
+            f"this logger is {state.value}; records logged now would not be delivered. "
+            "Create a new logger to log more"
+        )
+
+    def seconds(self, timeout: float | None) -> float:
+        """``timeout`` checked (finite, >= 0), or the default ``Options.timeout_s``."""
+        return self.options.timeout_s if timeout is None else check_seconds(timeout, "timeout")
+
+    # -- flush -----------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """See :meth:`steplog.Logger.flush`."""
+        seconds = self.seconds(timeout)
+        start = time.monotonic()
+        end = start + seconds
+        p = self.pipeline
+        if p is None or self.state is State.INERT:
+            return FlushResult(ok=True, pending=0, elapsed_s=0.0)
+        if self.state is State.OPEN:
+            barrier = p.flush_barrier()
+            while not barrier.event.wait(min(_FLUSH_POLL_S, max(0.0, end - time.monotonic()))):
+                if time.monotonic() >= end or self._closed.is_set():
+                    break
+            if barrier.event.is_set():
+                return self._flush_result(start, ok=barrier.lost == 0, pending=0)
+        # A close started: it delivers everything logged before this flush, or says it did not.
+        if self._closed.wait(max(0.0, end - time.monotonic())) and self._result is not None:
+            return self._flush_result(start, ok=self._result.ok, pending=p.unacknowledged())
+        return self._flush_result(start, ok=False, pending=p.unacknowledged())
+
+    def _flush_result(self, start: float, ok: bool, pending: int) -> FlushResult:
+        p = self.pipeline
+        assert p is not None
+        s = p.stats()
+        return FlushResult(ok=ok and pending == 0, pending=pending,
+                           elapsed_s=time.monotonic() - start, rejected=s.rejected,
+                           failed=s.failed, dropped=s.dropped, losses=p.losses())
+
+    # -- close -----------------------------------------------------------------------------
+    def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> CloseResult:
+        """See :meth:`steplog.Logger.close`."""
+        seconds = self.seconds(timeout)
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+        start = time.monotonic()
+        if self.state is State.INERT:
+            return self._close_result(start, timed_out=False)
+        if self._closer == threading.get_ident():
+            # Re-entered on the closing thread (from a signal handler): it cannot wait for itself.
+            return self._close_result(start, timed_out=True)
+        if not self._lock.acquire(timeout=seconds):
+            return self._close_result(start, timed_out=True)  # another close is still running
+        shield = _Shield()
+        try:
+            if self._result is not None:
+                return self._result
+            self._closer = threading.get_ident()
+            self._deadline = start + seconds
+            for helper in self.helpers:
+                helper.stop(max(0.0, self._deadline - time.monotonic()))
+            self._stop_accepting(State.CLOSING)
+            ended = self.pipeline.shut_down(status) if self.pipeline is not None else True
+            self._result = self._close_result(start, timed_out=not ended)
+            self.state = State.CLOSED
+            self._closed.set()
+            _unregister(self)
+            return self._result
+        finally:
+            self._closer = None
+            self._lock.release()
+            shield.release()
+
+    def _stop_accepting(self, state: State) -> None:
+        self.state = state
+        if self._gate is not None:
+            self._gate()
+
+    def _close_result(self, start: float, timed_out: bool) -> CloseResult:
+        p = self.pipeline
+        elapsed = time.monotonic() - start
+        if p is None:
+            return CloseResult(ok=True, delivered=0, undelivered=0, dropped=0, rejected=0,
+                               elapsed_s=elapsed, timed_out=False)
+        s = p.stats()
+        undelivered = s.undelivered
+        return CloseResult(
+            ok=undelivered == 0 and not timed_out and not p.run_errors(),
+            delivered=s.delivered,
+            undelivered=undelivered,
+            dropped=s.dropped,
+            rejected=s.rejected,
+            failed=s.failed,
+            elapsed_s=elapsed,
+            timed_out=timed_out,
+            losses=p.losses(),
+            sinks=s.sinks,
+        )
+
+    def stats(self) -> Stats:
+        """See :meth:`steplog.Logger.stats`."""
+        if self.pipeline is None:
+            return Stats(enqueued=0, delivered=0, dropped=0, rejected=0, failed=0, retried=0,
+                         queue_depth=0, lag_s=0.0, sinks={})
+        return self.pipeline.stats()
+
+    def describe(self) -> str:
+        """Where the records go, for messages."""
+        if self.pipeline is None:
+            return "no sink"
+        return ", ".join(f"{r.label} {r.sink.describe()}" for r in self.pipeline.runners)
+
+    def after_fork_in_child(self) -> None:
+        """The parent's threads do not exist here and its locks may be held: record nothing."""
+        self.pipeline = None
+        self._stop_accepting(State.INERT)
+
+
+# -- process hooks ---------------------------------------------------------------------------
+
+# Open lifecycles are held strongly until closed: a logger dropped without close() must still
+# be flushed at exit.
+_open: dict[Lifecycle, None] = {}
 _lock = threading.Lock()
 _installed = False
 _exit_status: RunStatus = "FINISHED"
+_exiting = False
+_shielded = 0
+_sigterm_pending = False
 
 
-def register(logger: _ForkAware, pipeline: _Closable, exit_timeout_s: float) -> None:
-    """Close ``pipeline`` at exit within ``exit_timeout_s`` unless it is closed before, and make
-    ``logger`` inert in forked children (hooks installed on first use)."""
+class _Shield:
+    """While the main thread closes a logger, SIGTERM is remembered instead of raised; the
+    SystemExit it asks for is raised once the outermost close returns."""
+
+    def __init__(self) -> None:
+        global _shielded
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            _shielded += 1
+
+    def release(self) -> None:
+        global _shielded, _sigterm_pending
+        if not self.active:
+            return
+        _shielded -= 1
+        if _shielded == 0 and _sigterm_pending and not _exiting:
+            _sigterm_pending = False
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+def _register(life: Lifecycle) -> None:
     global _installed
     with _lock:
-        _open[pipeline] = exit_timeout_s
-        _loggers.add(logger)
+        _open[life] = None
         if _installed:
             return
         _installed = True
+    import atexit
+
     atexit.register(_close_all)
     os.register_at_fork(after_in_child=_after_fork)
     _wrap_excepthook()
     _install_sigterm()
 
 
-def unregister(pipeline: _Closable) -> None:
+def _unregister(life: Lifecycle) -> None:
     with _lock:
-        _open.pop(pipeline, None)
+        _open.pop(life, None)
 
 
 def _close_all() -> None:
+    """The exit close: every open logger, within the largest exit deadline."""
+    global _exiting
+    _exiting = True
     with _lock:
-        pending = list(_open.items())
+        pending = list(_open)
     if not pending:
         return
-    deadline = time.monotonic() + max(timeout for _, timeout in pending)
-    for pipeline, timeout in pending:
-        left = max(0.0, min(timeout, deadline - time.monotonic()))
+    deadline = time.monotonic() + max(life.options.exit_timeout_s for life in pending)
+    for life in pending:
+        left = max(0.0, min(life.options.exit_timeout_s, deadline - time.monotonic()))
         try:
-            pipeline.close(timeout=left, status=_exit_status)
+            result = life.close(timeout=left, status=_exit_status)
+        except KeyboardInterrupt:
+            _report_at_exit(life, None, "interrupted")
+            return
         except Exception as exc:  # at exit, report and go on to the next logger
             print(f"steplog: closing a logger at exit failed: {exc!r}", file=sys.stderr)
+            continue
+        if not result:
+            _report_at_exit(life, result, "timed out" if result.timed_out else "")
+
+
+def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> None:
+    """One line on stderr: how many records did not arrive, where they were going, and why."""
+    stats = life.stats()
+    undelivered = result.undelivered if result is not None else stats.undelivered
+    reason = ""
+    losses = result.losses if result is not None else ()
+    if losses:
+        reason = f"; first reason: {losses[0].reason}"
+    how = f" ({how})" if how else ""
+    print(
+        f"steplog: at exit{how}, {undelivered} of {stats.enqueued + stats.dropped} records were "
+        f"not delivered to {life.describe()}{reason}",
+        file=sys.stderr,
+    )
 
 
 def _after_fork() -> None:
     global _lock
     _lock = threading.Lock()
+    inherited = list(_open)
     _open.clear()  # the parent delivers what it queued; the child closes nothing
-    for lg in list(_loggers):
-        lg._after_fork_in_child()
-    _loggers.clear()
+    for life in inherited:
+        life.after_fork_in_child()
 
 
 def _wrap_excepthook() -> None:
@@ -119,6 +354,24 @@ def _install_sigterm() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    global _exit_status
+    global _exit_status, _sigterm_pending
     _exit_status = "KILLED"
+    if _exiting:
+        return  # the exit close is running: let it finish within its deadline
+    if _shielded:
+        _sigterm_pending = True  # raised when the close in progress returns
+        return
     raise SystemExit(128 + signum)
+
+
+def gate_of(obj: Any, method: str) -> Callable[[], None]:
+    """A callback that calls ``obj.<method>()`` while ``obj`` is alive, without keeping it
+    alive (the lifecycle outlives a logger dropped without close)."""
+    ref = weakref.ref(obj)
+
+    def gate() -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)()
+
+    return gate

@@ -7,22 +7,31 @@ when the queue is full). Delivery happens on the logger's worker threads.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
+import pickle
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, SupportsFloat, TypeVar
 
-from steplog import lifecycle
-from steplog.capture import capture_object, capture_param, capture_step, capture_value
-from steplog.errors import LoggerClosedError
+from steplog.capture import (
+    STEP_MAX,
+    STEP_MIN,
+    capture_object,
+    capture_param,
+    capture_step,
+    capture_value,
+)
+from steplog.lifecycle import Lifecycle, State, gate_of
 from steplog.paths import safe_relpath
-from steplog.pipeline import MetricsItem, Options, Pipeline, UploadRequest
+from steplog.pipeline import MetricsItem, Options, UploadRequest
 from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
-from steplog.sinks.file import FileSink
+from steplog.sinks.file import Existing, FileSink
 from steplog.sinks.mlflow import MLflowSink
 from steplog.system import SystemSampler
 
@@ -30,33 +39,8 @@ __all__ = ["FileLogger", "Logger", "MLFlowLogger"]
 
 L = TypeVar("L", bound="type[Logger]")
 
-
-class _InertQueue:
-    """Stands in for the queue of a logger with no sinks, or inherited by a forked child."""
-
-    __slots__ = ()
-
-    def __len__(self) -> int:
-        return 0
-
-    def append(self, item: object) -> None:
-        pass
-
-
-class _ClosedQueue:
-    """Stands in for the queue once the logger is closed: logging raises."""
-
-    __slots__ = ()
-
-    def __len__(self) -> int:
-        return 0
-
-    def append(self, item: object) -> None:
-        raise LoggerClosedError("this logger is closed; create a new one to log more")
-
-
-_INERT = _InertQueue()
-_CLOSED = _ClosedQueue()
+_STEP_MIN = STEP_MIN  # module globals: the hot path reads them without an attribute lookup
+_STEP_MAX = STEP_MAX
 
 
 class Logger:
@@ -65,7 +49,10 @@ class Logger:
     Args:
         logging_freq: the interval :meth:`should_log` uses; the loop decides whether to honour it.
         sinks: where records go; all of them receive every record through one queue.
-        options: queue size, queue-full policy, drain interval, retries, exit deadline.
+        options: queue size, queue-full policy, drain interval, retries, deadlines.
+
+    Raises at construction when a sink's destination can never work (an unwritable directory, a
+    tracking URI MLflow cannot use).
     """
 
     _registry: ClassVar[dict[str, type[Logger]]] = {}
@@ -84,17 +71,19 @@ class Logger:
         self.options = options or Options()
         self.exit_timeout_s = self.options.exit_timeout_s
         self._sinks = tuple(sinks)
+        for sink in self._sinks:
+            sink.prepare()
         self._names: set[str] = set()
-        self._pipeline: Pipeline | None = None
-        self._q: Any = _INERT
-        self._cap = 1
-        self._forked = False
-        self._samplers: list[SystemSampler] = []
-        if self._sinks:
-            self._pipeline = Pipeline(self._sinks, self.options)
-            self._q = self._pipeline.queue
-            self._cap = self._pipeline.capacity
-            lifecycle.register(self, self._pipeline, self.exit_timeout_s)
+        # The hot path appends to the pipeline's queue while it has room; once the logger stops
+        # accepting, its lifecycle sets _cap to 0 so that every call goes through _put, which
+        # asks the lifecycle (the one "accepting" check).
+        self._life = Lifecycle(self._sinks, self.options, gate_of(self, "_close_gate"))
+        pipeline = self._life.pipeline
+        self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
+        self._cap = pipeline.capacity if pipeline else 0
+
+    def _close_gate(self) -> None:
+        self._cap = 0
 
     # -- registry --------------------------------------------------------------------------
     @classmethod
@@ -133,7 +122,9 @@ class Logger:
             value = capture_value(value)  # type: ignore[assignment]
         if name not in self._names:
             self._new_name(name)
-        if iteration is not None and type(iteration) is not int:
+        if iteration is not None and (
+            type(iteration) is not int or iteration > _STEP_MAX or iteration < _STEP_MIN
+        ):
             iteration = capture_step(iteration)
         q = self._q
         if len(q) >= self._cap:
@@ -161,7 +152,9 @@ class Logger:
             for k in values:
                 if k not in self._names:
                     self._new_name(k)
-        if iteration is not None and type(iteration) is not int:
+        if iteration is not None and (
+            type(iteration) is not int or iteration > _STEP_MAX or iteration < _STEP_MIN
+        ):
             iteration = capture_step(iteration)
         q = self._q
         if len(q) >= self._cap:
@@ -179,10 +172,10 @@ class Logger:
         self._names.add(name)
 
     def _put(self, item: object) -> None:
-        if self._pipeline is None or self._pipeline.closed:
-            self._q.append(item)  # inert: nothing; closed: raises
-            return
-        self._pipeline.put(item)
+        """The slow path: a full queue, or a logger that no longer accepts records."""
+        pipeline = self._life.admit()
+        if pipeline is not None:
+            pipeline.put(item)
 
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
@@ -205,8 +198,10 @@ class Logger:
             if k not in self._names:
                 self._new_name(k)
             records.append(build(k, v, ts))
-        for r in records:
-            self._put(r)
+        pipeline = self._life.admit()
+        if pipeline is not None:
+            for r in records:
+                pipeline.put(r)
 
     def log_artifact(
         self,
@@ -270,51 +265,54 @@ class Logger:
 
     def save_policy(self, policy: Any, name: str = "policy") -> None:
         """Snapshot ``policy`` now (deep copy) and queue it as ``<name>/model.pth`` (torch.save,
-        or pickle when torch is not loaded); serialisation happens on the worker."""
+        or pickle when torch is not loaded); serialisation happens on the worker. Raises
+        ``TypeError`` when the object cannot be copied."""
         dest = safe_relpath(f"{name}/model.pth")
         self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy"),
                      snapshot=capture_object(policy))
 
     def save_agent(self, agent: object, name: str = "agent.pth") -> None:
-        """Snapshot ``agent`` now (deep copy) and queue it as ``name``."""
+        """Serialise ``agent`` now (torch.save when torch is loaded, else pickle) and queue the
+        bytes as ``name``. Raises ``TypeError`` at once when it cannot be serialised."""
         dest = safe_relpath(name)
-        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"),
-                     snapshot=capture_object(agent))
+        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent",
+                              data=_serialise(agent)))
 
     def _upload(self, artifact: Artifact, snapshot: Any = None) -> None:
         self._put(UploadRequest(artifact, snapshot))
 
     # -- barriers --------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> FlushResult:
-        """Return once every record logged before this call is acknowledged by every sink
-        (truthy), or after ``timeout`` seconds (falsy, with what is pending)."""
-        if self._pipeline is None:
-            return FlushResult(ok=True, pending=0, elapsed_s=0.0)
-        return self._pipeline.flush(timeout)
+        """Wait until every record logged before this call was stored by every sink (truthy
+        result), or ``timeout`` seconds passed, or a record of the run was refused or could not
+        be delivered (falsy, with what is pending and what was lost, and why).
+
+        ``timeout=None`` means ``Options.timeout_s`` (120 s by default); it must be a finite
+        number of seconds >= 0. During a ``close`` in another thread, waits for that close.
+        """
+        return self._life.flush(timeout)
 
     def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> CloseResult:
-        """Flush, end every run with ``status`` and stop the worker, within ``timeout`` seconds.
-        Calling it again returns the same result; logging afterwards raises
-        :class:`~steplog.errors.LoggerClosedError`."""
-        for sampler in self._samplers:
-            sampler.stop()
-        if self._pipeline is None:
-            if not self._forked:
-                self._q = _CLOSED
-            return CloseResult(ok=True, delivered=0, undelivered=0, dropped=0, rejected=0,
-                               elapsed_s=0.0, timed_out=False)
-        self._q = _CLOSED
-        result = self._pipeline.close(timeout, status)
-        lifecycle.unregister(self._pipeline)
-        return result
+        """Deliver what was logged, end every run with ``status`` and stop the worker, within
+        ``timeout`` seconds (``None``: ``Options.timeout_s``). The result is truthy only when
+        every record was stored by every sink and every run ended.
+
+        From the first call on, logging raises :class:`~steplog.errors.LoggerClosedError`.
+        Calling it again returns the first result; a call while another thread closes waits for
+        that close within its own timeout. A sink never sees its run ended while one of its
+        calls is still running: after a timeout, the run is ended when that call returns.
+        """
+        return self._life.close(timeout, status)
+
+    @property
+    def state(self) -> State:
+        """Where the logger is in its life: ``OPEN``, ``CLOSING``, ``CLOSED`` or ``INERT``."""
+        return self._life.state
 
     def stats(self) -> Stats:
-        """Counters of this logger: enqueued, delivered, dropped, rejected, retried, queue depth,
-        lag of the oldest undelivered record."""
-        if self._pipeline is None:
-            return Stats(enqueued=0, delivered=0, dropped=0, rejected=0, failed=0, retried=0,
-                         queue_depth=0, lag_s=0.0, sinks={})
-        return self._pipeline.stats()
+        """Counters of this logger, in records: enqueued, delivered, dropped, rejected, failed,
+        retried, queue depth, lag of the oldest undelivered record, and the same per sink."""
+        return self._life.stats()
 
     def __enter__(self) -> Logger:
         return self
@@ -330,11 +328,17 @@ class Logger:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         self.close(status=status)
 
-    def _after_fork_in_child(self) -> None:
-        # The parent's threads do not exist here and its locks may be held: drop them all.
-        self._forked = True
-        self._pipeline = None
-        self._q = _INERT
+def _serialise(obj: object) -> bytes:
+    buf = io.BytesIO()
+    try:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.save(obj, buf)
+        else:
+            pickle.dump(obj, buf, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(f"cannot serialise {type(obj).__name__} for saving: {exc}") from exc
+    return buf.getvalue()
 
 
 def _capture_metrics(metrics: object) -> dict[str, Any]:
@@ -353,15 +357,20 @@ def _existing(path: str | os.PathLike[str]) -> Path:
 
 @Logger.register("file")
 class FileLogger(Logger):
-    """Logs into a directory of plain files (see :mod:`steplog.sinks.file` for the layout)."""
+    """Logs into a directory of plain files (see :mod:`steplog.sinks.file` for the layout).
+
+    ``existing`` says what happens when ``output_dir`` already holds a run: ``"aside"``
+    (default) moves that run's files into ``previous/<time>/`` first, ``"append"`` continues
+    it, ``"error"`` raises ``FileExistsError``. An unwritable directory raises at once.
+    """
 
     def __init__(
         self, output_dir: str | os.PathLike[str], logging_freq: int = 1, *,
-        options: Options | None = None,
+        options: Options | None = None, existing: Existing = "aside",
     ) -> None:
         self.output_dir = os.fspath(output_dir)
-        os.makedirs(self.output_dir, exist_ok=True)  # fail here, not on the worker
-        super().__init__(logging_freq, sinks=[FileSink(self.output_dir)], options=options)
+        sink = FileSink(self.output_dir, existing=existing)
+        super().__init__(logging_freq, sinks=[sink], options=options)
 
 
 @Logger.register("mlflow")
@@ -400,7 +409,7 @@ class MLFlowLogger(Logger):
             sampler = SystemSampler(self.log_metrics, system_metrics_interval_s)
         super().__init__(logging_freq, sinks=[self.sink], options=options)
         if sampler is not None:
-            self._samplers.append(sampler)
+            self._life.helpers.append(sampler)
             sampler.start()
 
     @property

@@ -1,13 +1,14 @@
 """The pipeline: one bounded queue, a drain thread, and two delivery lanes per sink.
 
-``log_*`` calls append plain tuples (scalars, metric dicts) or records to :attr:`Pipeline.queue`,
-a ``collections.deque``. The *drain thread* wakes every ``drain_interval_s`` (or at once for a
-flush, close or full queue), takes everything queued, stamps the scalars of that chunk with one
-wall-clock timestamp, assigns automatic steps, and appends the records to each sink's lanes:
+``log_*`` calls append plain tuples (scalars), :class:`MetricsItem` (metric dicts) or records to
+:attr:`Pipeline.queue`, a ``collections.deque``. The *drain thread* wakes every
+``drain_interval_s`` (or at once for a flush, close or full queue), takes everything queued,
+stamps the scalars of that chunk with one wall-clock timestamp, assigns automatic steps, and
+appends the records to each sink's lanes:
 
 * the **metrics lane** (scalars, params, tags) calls ``sink.write(batch)`` in call order, with
-  batches cut by count (``sink.max_batch``), estimated size (``sink.max_batch_bytes``) and age
-  (``sink.max_batch_age_s``);
+  batches cut by count (``sink.max_batch``), estimated size (``sink.max_batch_bytes``), age
+  (``sink.max_batch_age_s``) and flush barriers;
 * the **upload lane** (files, figures, checkpoints) calls ``sink.upload(item)``, one at a time,
   on its own thread, so a large upload never delays metrics.
 
@@ -18,6 +19,12 @@ are full, records wait in the queue and are stamped when the drain thread gets t
 
 Retries (see :mod:`steplog.retry`) happen per batch inside a lane; a permanent rejection of a
 batch is bisected until the refused records are isolated, and the rest is delivered.
+
+The pipeline does not decide when the logger stops: its owner (:class:`steplog.lifecycle.
+Lifecycle`) says whether records are still accepted and what the close deadline is, and calls
+:meth:`Pipeline.shut_down`. Every thread is started at construction (a thread cannot be started
+while the interpreter shuts down), and a sink's ``close`` runs on the last of its two lane
+threads to finish, so it never overlaps one of the sink's own calls.
 """
 
 from __future__ import annotations
@@ -35,32 +42,39 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
 from steplog.capture import PendingValue
+from steplog.errors import LoggerClosedError, SteplogWarning
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
-from steplog.results import CloseResult, FlushResult, Rejection, SinkStats, Stats
-from steplog.retry import RetryPolicy, call_with_retry, is_retryable
+from steplog.results import Loss, LossKind, SinkStats, Stats
+from steplog.retry import RetryPolicy, call_with_retry, check_seconds, is_retryable
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["FullPolicy", "MetricsItem", "Options", "Pipeline", "SteplogWarning", "UploadRequest"]
+__all__ = [
+    "Barrier",
+    "FullPolicy",
+    "MetricsItem",
+    "Options",
+    "Owner",
+    "Pipeline",
+    "SteplogWarning",
+    "UploadRequest",
+]
 
 FullPolicy = Literal["block", "drop"]
 """What a ``log_*`` call does when the queue is full: wait for room (up to ``block_timeout_s``,
-then drop and count), or drop at once and count. Spilling to disk is a planned third policy."""
+then drop and count), or drop at once and count."""
 
-_MAX_REJECTIONS_KEPT = 100
-
-
-class SteplogWarning(UserWarning):
-    """A delivery problem reported by the worker (each kind of problem once per sink)."""
+_MAX_LOSSES_KEPT = 100
 
 
 @dataclass(frozen=True)
 class Options:
-    """Tuning of one logger's pipeline; the defaults suit a training loop."""
+    """Tuning of one logger's pipeline; the defaults suit a training loop. Every duration is
+    a finite number of seconds (``ValueError`` otherwise)."""
 
     queue_size: int = 1_000_000
     """Most items (a scalar, a metric dict, a record) waiting for the drain thread."""
@@ -72,16 +86,35 @@ class Options:
     lane_capacity: int = 1_000_000
     """Most records buffered per sink lane before the drain thread waits (backpressure)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout_s: float = 120.0
+    """Deadline of ``flush()`` and ``close()`` called without a timeout (and of ``with``)."""
     exit_timeout_s: float = 30.0
     """Deadline of the close that runs at interpreter exit when the user did not close."""
 
     def __post_init__(self) -> None:
-        if self.queue_size < 1 or self.lane_capacity < 1:
-            raise ValueError("queue_size and lane_capacity must be >= 1")
+        for name in ("queue_size", "lane_capacity"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.full_policy not in ("block", "drop"):
             raise ValueError(f"full_policy must be 'block' or 'drop', got {self.full_policy!r}")
-        if self.block_timeout_s < 0 or self.drain_interval_s <= 0 or self.exit_timeout_s < 0:
-            raise ValueError("timeouts must be >= 0 and drain_interval_s > 0")
+        check_seconds(self.block_timeout_s, "block_timeout_s")
+        check_seconds(self.drain_interval_s, "drain_interval_s", allow_zero=False)
+        check_seconds(self.timeout_s, "timeout_s")
+        check_seconds(self.exit_timeout_s, "exit_timeout_s")
+        if not isinstance(self.retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {type(self.retry).__name__}")
+
+
+class Owner(Protocol):
+    """What the pipeline asks its owner: whether records are still accepted, and the deadline
+    (a ``time.monotonic()`` instant, ``None`` while the logger is open) after which no delivery
+    attempt starts."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    def deadline(self) -> float | None: ...
 
 
 class MetricsItem(msgspec.Struct, gc=False):
@@ -97,7 +130,7 @@ class MetricsItem(msgspec.Struct, gc=False):
 
 class UploadRequest:
     """Queue item for the upload lanes: an artifact, and an object snapshot to serialise first
-    (``save_policy``/``save_agent``) or ``None``."""
+    (``save_policy``) or ``None``."""
 
     __slots__ = ("artifact", "snapshot")
 
@@ -106,25 +139,30 @@ class UploadRequest:
         self.snapshot = snapshot
 
 
-class _Barrier:
-    """A flush marker: set once every lane acknowledged every record queued before it."""
+class Barrier:
+    """A flush marker: ``event`` is set once every lane acknowledged every record queued
+    before it; ``lost`` then counts the records of the run up to the marker that some sink
+    did not store (rejected, failed, dropped)."""
 
-    __slots__ = ("_left", "_lock", "event")
+    __slots__ = ("_left", "_lock", "event", "lost")
 
-    def __init__(self) -> None:
+    def __init__(self, lost: int) -> None:
         self.event = threading.Event()
         self._lock = threading.Lock()
         self._left = 0
+        self.lost = lost
 
-    def expect(self, lanes: int) -> None:
+    def expect(self, lanes: int, lost: int) -> None:
         with self._lock:
             self._left += lanes
+            self.lost += lost
         if lanes == 0:
             self.arrive(0)
 
-    def arrive(self, n: int = 1) -> None:
+    def arrive(self, lost: int) -> None:
         with self._lock:
-            self._left -= n
+            self._left -= 1
+            self.lost += lost
             if self._left <= 0:
                 self.event.set()
 
@@ -184,17 +222,23 @@ def _describe(record: object) -> str:
         return f"metrics {sorted(record.values)!r} step {record.step}"
     if isinstance(record, tuple) and len(record) == 3:
         return f"scalar {record[0]!r} step {record[2]}"
+    if isinstance(record, UploadRequest):
+        return f"artifact {record.artifact.name!r}"
     return repr(record)
 
 
 class _Lane:
-    """An ordered buffer and the thread that delivers it to one sink."""
+    """An ordered buffer and the thread that delivers it to one sink.
+
+    ``deliver(batch)`` stores a batch and returns how many of its records were not stored
+    (rejected or failed, already counted by the runner).
+    """
 
     def __init__(
         self,
         runner: _SinkRunner,
         name: str,
-        deliver: Callable[[list[Any]], None],
+        deliver: Callable[[list[Any]], int],
         max_batch: int,
         max_age_s: float,
         capacity: int,
@@ -211,67 +255,58 @@ class _Lane:
         self.buffer: collections.deque[Any] = collections.deque()
         self.submitted = 0
         self.done = 0
+        self.lost = 0
         self.oldest_ms = 0
         self._due = 0.0
-        self._barriers: collections.deque[tuple[int, _Barrier]] = collections.deque()
+        self._barriers: collections.deque[tuple[int, Barrier]] = collections.deque()
         self._stopping = False
-        self._thread: threading.Thread | None = None
         self._ready = name != "metrics"
         """A metrics lane becomes ready once its sink opened (or failed to): a flush waits for
         that, so after a flush the run exists even when nothing was logged."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"steplog-{runner.sink.kind}-{name}", daemon=True
+        )
 
     # -- drain-thread side ---------------------------------------------------------------
     def put(self, items: Sequence[Any], timestamp_ms: int) -> int:
-        """Append ``items``; wait while the lane is over capacity. Returns how many were taken
-        (fewer only when the pipeline's close deadline passed while waiting)."""
+        """Append ``items``; wait while the lane is over capacity. Returns how many were taken:
+        none when the close deadline passed while waiting, or the lane was stopped."""
+        deadline_passed = self.runner.pipeline.deadline_passed
         with self.cond:
-            while len(self.buffer) >= self.capacity:
-                if self.runner.pipeline.deadline_passed():
+            while len(self.buffer) >= self.capacity and not self._stopping:
+                if deadline_passed():
                     return 0
                 self.cond.wait(0.05)
+            if self._stopping:
+                return 0
             if not self.buffer:
                 self.oldest_ms = timestamp_ms
                 self._due = time.monotonic() + self.max_age_s
             self.buffer.extend(items)
             self.submitted += len(items)
-            self._start()
             self.cond.notify_all()
         return len(items)
 
-    def add_barrier(self, barrier: _Barrier) -> None:
+    def add_barrier(self, barrier: Barrier) -> None:
         with self.cond:
             if self._ready and self.done >= self.submitted:
-                barrier.arrive()
+                barrier.arrive(self.lost)
                 return
             self._barriers.append((self.submitted, barrier))
             self.cond.notify_all()
 
     def stop(self) -> None:
+        """Deliver what is buffered, then end the lane thread."""
         with self.cond:
             self._stopping = True
             self.cond.notify_all()
-
-    def join(self, timeout: float | None) -> bool:
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-            return not t.is_alive()
-        return True
 
     @property
     def pending(self) -> int:
         return self.submitted - self.done
 
     def start(self) -> None:
-        with self.cond:
-            self._start()
-
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"steplog-{self.runner.sink.kind}-{self.name}", daemon=True
-            )
-            self._thread.start()
+        self._thread.start()
 
     # -- lane thread -----------------------------------------------------------------------
     def _next_batch(self) -> list[Any] | None:
@@ -290,47 +325,55 @@ class _Lane:
                 else:
                     self.cond.wait()
             take = min(n, self.max_batch)
+            if self._barriers:
+                # End the batch at the first barrier, so a flush's outcome counts exactly the
+                # records logged before it.
+                take = min(take, max(1, self._barriers[0][0] - self.done))
             if self.max_bytes is not None:
                 take = _fitting(self.buffer, take, self.max_bytes)
             pop = self.buffer.popleft
             return [pop() for _ in range(take)]
 
-    def _acknowledge(self, n: int) -> None:
+    def _acknowledge(self, n: int, lost: int) -> None:
         with self.cond:
             self.done += n
+            self.lost += lost
             if self.buffer:
                 self.oldest_ms = _timestamp_of(self.buffer[0], self.oldest_ms)
             while self._barriers and self._ready and self._barriers[0][0] <= self.done:
-                self._barriers.popleft()[1].arrive()
+                self._barriers.popleft()[1].arrive(self.lost)
             self.cond.notify_all()
 
     def _run(self) -> None:
-        pipeline = self.runner.pipeline
-        if not self._ready:
-            self.runner.ensure_open()  # open the run early, off the caller's thread
-            with self.cond:
-                self._ready = True
-            self._acknowledge(0)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                if pipeline.deadline_passed():
-                    self.runner.fail(batch, "the close deadline passed before delivery")
-                    _release(batch)
-                elif not self.runner.ensure_open():
-                    if self.runner.broken is not None:
-                        self.runner.reject(batch, self.runner.broken)
+        runner = self.runner
+        try:
+            if not self._ready:
+                runner.ensure_open()  # open the run early, off the caller's thread
+                with self.cond:
+                    self._ready = True
+                self._acknowledge(0, 0)
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                lost = len(batch)
+                try:
+                    if runner.pipeline.deadline_passed():
+                        runner.count_loss("failed", batch, "the close deadline passed first")
+                    elif not runner.ensure_open():
+                        if runner.broken is not None:
+                            runner.count_loss("rejected", batch, runner.broken)
+                        else:
+                            runner.count_loss("failed", batch, runner.unavailable)
                     else:
-                        self.runner.fail(batch, self.runner.unavailable)
+                        lost = self._deliver(batch)
+                except BaseException as exc:  # never let the lane die silently
+                    runner.count_loss("failed", batch, f"internal error: {exc!r}")
+                finally:
                     _release(batch)
-                else:
-                    self._deliver(batch)
-            except BaseException as exc:  # never let the lane die silently
-                self.runner.fail(batch, f"internal error: {exc!r}")
-            finally:
-                self._acknowledge(len(batch))
+                    self._acknowledge(len(batch), lost)
+        finally:
+            runner.lane_finished()
 
 
 _RECORD_OVERHEAD_BYTES = 48
@@ -366,18 +409,28 @@ def _timestamp_of(item: Any, default: int) -> int:
 
 
 class _SinkRunner:
-    """Everything the pipeline does for one sink: open it once, feed both lanes, count."""
+    """Everything the pipeline does for one sink: open it once, feed both lanes, count, and end
+    its run after both lanes finished."""
 
     def __init__(self, pipeline: Pipeline, sink: Sink, label: str) -> None:
         self.pipeline = pipeline
         self.sink = sink
         self.label = label
         self.stats = SinkStats()
+        self._count_lock = threading.Lock()
         self.broken: str | None = None
+        """Why the sink can never open (its records are rejected with this reason)."""
         self.unavailable = ""
+        """Why the last attempt to open failed for now (a later batch tries again)."""
+        self.run_error: str | None = None
+        """Why the run could not be ended, if it could not."""
         self._opened = False
         self._open_lock = threading.Lock()
         self._warned: set[str] = set()
+        self._status: RunStatus = "FINISHED"
+        self._lanes_running = 2
+        self.ended = threading.Event()
+        """Set once both lanes finished and the sink's run was ended (or could not be)."""
         cap = pipeline.options.lane_capacity
         self.metrics = _Lane(
             self, "metrics", self._write, sink.max_batch, sink.max_batch_age_s, cap,
@@ -401,76 +454,98 @@ class _SinkRunner:
                     self.unavailable = reason
                 else:
                     self.broken = reason
+                    self.pipeline.note_loss(Loss(self.label, "run", 0, "opening the run", reason))
                 self.warn("open", reason)
             return self._opened
 
     def _retry(self, fn: Callable[[], Any]) -> Any:
         return call_with_retry(
-            fn, self.pipeline.options.retry, self.pipeline.get_deadline, self._on_retry
+            fn, self.pipeline.options.retry, self.pipeline.deadline, self._on_retry
         )
 
     def _on_retry(self, exc: BaseException) -> None:
-        self.stats.retried += 1
+        with self._count_lock:
+            self.stats.retried += 1
         self.warn(
             "retry",
-            f"{self.label}: delivery failed ({exc!r}); retrying with backoff, nothing is lost "
-            f"while the logger is open",
+            f"{self.label}: delivery failed ({exc!r}); retrying with backoff until it succeeds "
+            f"or the close deadline passes",
         )
 
-    def _write(self, batch: list[MetricRecord]) -> None:
+    def _write(self, batch: list[MetricRecord]) -> int:
         try:
             self._retry(lambda: self.sink.write(batch))
         except BaseException as exc:
             if is_retryable(exc):
-                self.fail(batch, f"gave up retrying: {exc!r}")
-            elif len(batch) > 1 and not getattr(exc, "whole_batch", False):
+                self.count_loss("failed", batch, f"gave up retrying: {exc!r}")
+                return len(batch)
+            if len(batch) > 1 and not getattr(exc, "whole_batch", False):
                 # Isolate what the backend refuses: the rest of the batch still gets delivered.
                 mid = len(batch) // 2
-                self._write(batch[:mid])
-                self._write(batch[mid:])
-            else:
-                self.reject(batch, str(exc) or repr(exc))
-        else:
+                return self._write(batch[:mid]) + self._write(batch[mid:])
+            self.count_loss("rejected", batch, str(exc) or repr(exc))
+            return len(batch)
+        with self._count_lock:
             self.stats.delivered += len(batch)
+        return 0
 
-    def _upload(self, batch: list[_Upload]) -> None:
+    def _upload(self, batch: list[_Upload]) -> int:
+        lost = 0
         for job in batch:
             try:
                 artifact = job.materialize()
                 self._retry(lambda a=artifact: self.sink.upload(a))  # type: ignore[misc]
             except BaseException as exc:
-                if is_retryable(exc):
-                    self.fail([job], f"gave up retrying: {exc!r}")
-                else:
-                    self.reject([job], str(exc) or repr(exc))
+                kind: LossKind = "failed" if is_retryable(exc) else "rejected"
+                self.count_loss(kind, [job], str(exc) or repr(exc))
+                lost += 1
             else:
-                self.stats.delivered += 1
-            finally:
-                job.finished()
+                with self._count_lock:
+                    self.stats.delivered += 1
+        return lost
 
-    def reject(self, records: Sequence[Any], reason: str) -> None:
-        self.stats.rejected += sum(map(_record_count, records))
-        for r in records:
-            self.pipeline.note_rejection(Rejection(self.label, _describe(r), reason))
-        self.warn(f"reject:{reason[:40]}", f"{self.label} rejected {_describe(records[0])}"
-                  f"{'' if len(records) == 1 else f' and {len(records) - 1} more'}: {reason}")
-
-    def fail(self, records: Sequence[Any], reason: str) -> None:
-        self.stats.failed += sum(map(_record_count, records))
-        self.warn("fail", f"{self.label}: {len(records)} records not delivered: {reason}")
+    def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str) -> None:
+        """Count ``records`` as rejected or failed by this sink, note why, warn once."""
+        n = sum(map(_record_count, records))
+        with self._count_lock:
+            if kind == "rejected":
+                self.stats.rejected += n
+            else:
+                self.stats.failed += n
+        first = _describe(records[0])
+        self.pipeline.note_loss(Loss(self.label, kind, n, first, reason))
+        more = "" if len(records) == 1 else f" and {n - 1} more"
+        verb = "rejected" if kind == "rejected" else "could not deliver"
+        self.warn(f"{kind}:{reason[:40]}", f"{self.label} {verb} {first}{more}: {reason}")
 
     def warn(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, SteplogWarning, stacklevel=2)
 
-    def close_sink(self, status: RunStatus) -> None:
-        if not self._opened:
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self, status: RunStatus) -> None:
+        """Stop both lanes after what they hold; the last one to finish ends the run."""
+        self._status = status
+        for lane in self.lanes:
+            lane.stop()
+
+    def lane_finished(self) -> None:
+        with self._count_lock:
+            self._lanes_running -= 1
+            last = self._lanes_running == 0
+        if not last:
             return
         try:
-            self._retry(lambda: self.sink.close(status))
+            if self._opened:
+                self._retry(lambda: self.sink.close(self._status))
         except BaseException as exc:
-            self.warn("close", f"{self.label}: closing the run failed: {exc!r}")
+            self.run_error = f"could not end the run of {self.sink.describe()}: {exc!r}"
+            self.pipeline.note_loss(Loss(self.label, "run", 0, "ending the run", self.run_error))
+            self.warn("close", f"{self.label}: {self.run_error}")
+        finally:
+            self.ended.set()
+            self.pipeline.runner_ended()
 
 
 class Pipeline:
@@ -480,45 +555,41 @@ class Pipeline:
     ``len(queue) < capacity``) and calls :meth:`put` when the queue is full.
     """
 
-    def __init__(self, sinks: Sequence[Sink], options: Options | None = None) -> None:
+    def __init__(self, sinks: Sequence[Sink], options: Options, owner: Owner) -> None:
         if not sinks:
             raise ValueError("a pipeline needs at least one sink")
-        self.options = options or Options()
-        self.capacity = self.options.queue_size
+        self.options = options
+        self.owner = owner
+        self.deadline = owner.deadline
+        self.capacity = options.queue_size
         self.queue: collections.deque[Any] = collections.deque()
         labels = _unique_labels(sinks)
         self.runners = [_SinkRunner(self, s, label) for s, label in zip(sinks, labels, strict=True)]
         self._wake = threading.Event()
         self._space = threading.Condition(threading.Lock())
-        self._deadline: float | None = None
-        self._stopping = False
-        self._status: RunStatus = "FINISHED"
         self._steps: dict[str, int] = {}
         self._drained = 0
         self._dropped = 0
-        self._rejections: collections.deque[Rejection] = collections.deque(
-            maxlen=_MAX_REJECTIONS_KEPT
-        )
-        self._rejected_total = 0
-        self._close_lock = threading.Lock()
-        self._closed: CloseResult | None = None
+        self._refused = 0
+        """Records refused by the drain thread (a value that could not be read back)."""
+        self._losses: collections.deque[Loss] = collections.deque(maxlen=_MAX_LOSSES_KEPT)
+        self._loss_lock = threading.Lock()
+        self._runners_left = len(self.runners)
         self._staging = tempfile.mkdtemp(prefix="steplog-")
         self._drainer = threading.Thread(target=self._drain_loop, name="steplog-drain", daemon=True)
         self._drainer.start()
         for r in self.runners:
-            r.metrics.start()
-
-    # -- deadlines -------------------------------------------------------------------------
-    def get_deadline(self) -> float | None:
-        return self._deadline
+            for lane in r.lanes:
+                lane.start()
 
     def deadline_passed(self) -> bool:
-        d = self._deadline
+        d = self.deadline()
         return d is not None and time.monotonic() >= d
 
     # -- producer side ---------------------------------------------------------------------
     def put(self, item: Any) -> bool:
-        """Enqueue ``item`` under the queue-full policy; False when it was dropped (counted)."""
+        """Enqueue ``item`` under the queue-full policy; False when it was dropped (counted).
+        Raises :class:`LoggerClosedError` when the logger starts closing while it waits."""
         q = self.queue
         if len(q) < self.capacity:
             q.append(item)
@@ -527,16 +598,24 @@ class Pipeline:
             end = time.monotonic() + self.options.block_timeout_s
             with self._space:
                 while len(q) >= self.capacity:
+                    if not self.owner.accepting:
+                        raise LoggerClosedError(
+                            "the logger started closing while this call waited for room in "
+                            "its full queue; the record was not logged"
+                        )
                     self._wake.set()
                     left = end - time.monotonic()
-                    if left <= 0 or self._stopping:
+                    if left <= 0:
                         break
                     self._space.wait(min(left, 0.1))
                 else:
                     q.append(item)
                     return True
+        n = _record_count(item)
         with self._space:
-            self._dropped += _record_count(item)
+            self._dropped += n
+        self.note_loss(Loss("queue", "dropped", n, _describe(item),
+                            f"queue full (policy {self.options.full_policy!r})"))
         self.runners[0].warn(
             "dropped",
             f"steplog queue full ({self.capacity} items, policy {self.options.full_policy!r}): "
@@ -544,10 +623,12 @@ class Pipeline:
         )
         return False
 
-    def put_marker(self, item: Any) -> None:
-        """Enqueue a control item regardless of the bound, and wake the drain thread."""
-        self.queue.append(item)
+    def flush_barrier(self) -> Barrier:
+        """Queue a flush marker behind every record logged so far and wake the drain thread."""
+        barrier = Barrier(lost=self._dropped)
+        self.queue.append(barrier)
         self._wake.set()
+        return barrier
 
     # -- drain thread ----------------------------------------------------------------------
     def _drain_loop(self) -> None:
@@ -555,23 +636,21 @@ class Pipeline:
         pop = q.popleft
         interval = self.options.drain_interval_s
         busy = max(r.metrics.max_batch for r in self.runners)
-        try:
-            while True:
-                if len(q) < busy:
-                    self._wake.wait(interval)
-                self._wake.clear()
-                n = len(q)
-                if n:
-                    try:
-                        self._process([pop() for _ in range(n)])
-                    except Exception as exc:  # keep draining whatever went wrong
-                        self.runners[0].warn("drain", f"steplog drain thread error: {exc!r}")
-                    with self._space:
-                        self._space.notify_all()
-                if self._stopping and not q:
-                    break
-        finally:
-            self._finish()
+        owner = self.owner
+        while True:
+            if len(q) < busy:
+                self._wake.wait(interval)
+            self._wake.clear()
+            n = len(q)
+            if n:
+                try:
+                    self._process([pop() for _ in range(n)])
+                except Exception as exc:  # keep draining whatever went wrong
+                    self.runners[0].warn("drain", f"steplog drain thread error: {exc!r}")
+                with self._space:
+                    self._space.notify_all()
+            elif not owner.accepting:
+                return
 
     def _process(self, items: list[Any]) -> None:
         """Turn one drained chunk into records, in order, and hand them to the lanes."""
@@ -586,27 +665,27 @@ class Pipeline:
             try:
                 if type(item) is tuple:
                     name, value, step = item
-                    n = get(name, 0)
-                    steps[name] = n + 1
                     if type(value) is not float:
                         value = _resolve(value)
+                    n = get(name, 0)
+                    steps[name] = n + 1
                     add(Scalar(name, value, n if step is None else step, ts))
                     count += 1
                 elif type(item) is MetricsItem:
                     step = item.step
                     for name, value in item.values.items():
-                        n = get(name, 0)
-                        steps[name] = n + 1
                         if type(value) is not float:
                             value = _resolve(value)
+                        n = get(name, 0)
+                        steps[name] = n + 1
                         add(Scalar(name, value, n if step is None else step, ts))
                     count += len(item.values)
-                elif type(item) is _Barrier:
+                elif type(item) is Barrier:
                     if out:
                         self._dispatch(out, ts)
                         out = []
                         add = out.append
-                    item.expect(2 * len(self.runners))
+                    item.expect(2 * len(self.runners), self._refused)
                     for r in self.runners:
                         for lane in r.lanes:
                             lane.add_barrier(item)
@@ -615,18 +694,23 @@ class Pipeline:
                     job = _Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
                     for r in self.runners:
                         if not r.uploads.put([job], ts):
-                            r.fail([job], "the close deadline passed before delivery")
+                            r.count_loss("failed", [job], "the logger closed before delivery")
                             job.finished()
                 else:
                     add(item)
                     count += 1
             except Exception as exc:
                 # A value that cannot be read back (a failed device copy, say) is refused, and
-                # only that call's records are lost, with the reason; none of them is sent.
+                # only that call's records are lost, with the reason; none of them is sent and
+                # its automatic steps are not used.
+                for record in out[mark:]:
+                    steps[record.name] -= 1
                 del out[mark:]
-                count += _record_count(item)
+                n = _record_count(item)
+                count += n
+                self._refused += n
                 for r in self.runners:
-                    r.reject([item], f"could not capture the value: {exc!r}")
+                    r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
         if out:
             self._dispatch(out, ts)
         self._drained += count
@@ -635,93 +719,53 @@ class Pipeline:
         for r in self.runners:
             taken = r.metrics.put(records, ts)
             if taken < len(records):
-                r.fail(records[taken:], "the close deadline passed before delivery")
+                r.count_loss("failed", records[taken:], "the logger closed before delivery")
 
-    def _finish(self) -> None:
-        """Stop the lanes once they are empty (or the deadline passed), then end each run."""
+    # -- the end ---------------------------------------------------------------------------
+    def shut_down(self, status: RunStatus) -> bool:
+        """Deliver what was accepted, then end every sink's run with ``status``, within the
+        owner's deadline. True when every run ended in time; otherwise the lanes go on in the
+        background and each sink's run is ended after its last call returns."""
+        self._wake.set()
+        with self._space:
+            self._space.notify_all()
+        self._drainer.join(_remaining(self.deadline()))
         for r in self.runners:
-            for lane in r.lanes:
-                lane.stop()
-        for r in self.runners:
-            for lane in r.lanes:
-                lane.join(_remaining(self._deadline))
-        for r in self.runners:
-            r.close_sink(self._status)
-        shutil.rmtree(self._staging, ignore_errors=True)
+            r.finish(status)
+        return all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)
 
-    # -- public ----------------------------------------------------------------------------
-    def note_rejection(self, rejection: Rejection) -> None:
-        self._rejections.append(rejection)
-        self._rejected_total += 1
+    def runner_ended(self) -> None:
+        with self._loss_lock:
+            self._runners_left -= 1
+            last = self._runners_left == 0
+        if last:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
-    def flush(self, timeout: float | None = None) -> FlushResult:
-        """Return once every record queued before this call is acknowledged by every sink, or
-        ``timeout`` seconds passed; the result is falsy in the latter case."""
-        start = time.monotonic()
-        if self._closed is not None or not self._drainer.is_alive():
-            return FlushResult(ok=self._unacknowledged() == 0, pending=self._unacknowledged(),
-                               elapsed_s=0.0, rejected=self._rejected_total)
-        barrier = _Barrier()
-        self.put_marker(barrier)
-        ok = barrier.event.wait(timeout)
-        return FlushResult(
-            ok=ok,
-            pending=0 if ok else self._unacknowledged(),
-            elapsed_s=time.monotonic() - start,
-            rejected=self._rejected_total,
-        )
+    # -- counters --------------------------------------------------------------------------
+    def note_loss(self, loss: Loss) -> None:
+        with self._loss_lock:
+            self._losses.append(loss)
 
-    def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> CloseResult:
-        """Flush, end every sink's run with ``status`` and stop the threads, within ``timeout``
-        seconds. Idempotent: a second call returns the first call's result."""
-        with self._close_lock:
-            if self._closed is not None:
-                return self._closed
-            start = time.monotonic()
-            self._deadline = None if timeout is None else start + timeout
-            self._status = status
-            self.flush(timeout)
-            self._stopping = True
-            self._wake.set()
-            with self._space:
-                self._space.notify_all()
-            self._drainer.join(_remaining(self._deadline))
-            timed_out = self._drainer.is_alive()
-            if timed_out and self._deadline is not None:
-                self._deadline = min(self._deadline, time.monotonic())
-            s = self.stats()
-            # Derived from monotone counters, so a lane still finishing a batch cannot make a
-            # record count twice: per sink, what was accepted minus what it settled.
-            undelivered = s.dropped + sum(
-                s.enqueued - sink.delivered - sink.rejected for sink in s.sinks.values()
-            )
-            self._closed = CloseResult(
-                ok=undelivered == 0 and not timed_out,
-                delivered=s.delivered,
-                undelivered=undelivered,
-                dropped=s.dropped,
-                rejected=s.rejected,
-                elapsed_s=time.monotonic() - start,
-                timed_out=timed_out,
-                rejections=tuple(self._rejections),
-            )
-            return self._closed
+    def losses(self) -> tuple[Loss, ...]:
+        with self._loss_lock:
+            return tuple(self._losses)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed is not None
+    def run_errors(self) -> list[str]:
+        return [r.run_error or r.broken or "" for r in self.runners if r.run_error or r.broken]
 
-    def _unacknowledged(self) -> int:
-        lanes = sum(lane.pending for r in self.runners for lane in r.lanes)
+    def unacknowledged(self) -> int:
+        """Records accepted and not yet acknowledged by every sink (an upper bound)."""
+        lanes = max(r.metrics.pending + r.uploads.pending for r in self.runners)
         return lanes + sum(_record_count(i) for i in list(self.queue))
 
     def stats(self) -> Stats:
-        """A consistent-enough snapshot of the counters (read without stopping the worker)."""
+        """A snapshot of the counters, in records (read without stopping the worker)."""
         sinks = {}
         oldest: int | None = None
         for r in self.runners:
             pending = r.metrics.pending + r.uploads.pending
-            sinks[r.label] = msgspec.structs.replace(r.stats, pending=pending)
+            with r._count_lock:
+                sinks[r.label] = msgspec.structs.replace(r.stats, pending=pending)
             for lane in r.lanes:
                 if lane.pending and (oldest is None or lane.oldest_ms < oldest):
                     oldest = lane.oldest_ms
@@ -731,13 +775,14 @@ class Pipeline:
             lag = max(0.0, (now_ms() - oldest) / 1000.0)
         elif depth:
             lag = self.options.drain_interval_s
+        per_sink = sinks.values()
         return Stats(
             enqueued=self._drained + sum(_record_count(i) for i in list(self.queue)),
-            delivered=sum(s.delivered for s in sinks.values()),
+            delivered=min(s.delivered for s in per_sink),
             dropped=self._dropped,
-            rejected=sum(s.rejected for s in sinks.values()),
-            failed=sum(s.failed for s in sinks.values()),
-            retried=sum(s.retried for s in sinks.values()),
+            rejected=max(s.rejected for s in per_sink),
+            failed=max(s.failed for s in per_sink),
+            retried=sum(s.retried for s in per_sink),
             queue_depth=depth,
             lag_s=lag,
             sinks=sinks,
@@ -753,7 +798,7 @@ def _resolve(value: Any) -> float:
 def _record_count(item: Any) -> int:
     if type(item) is MetricsItem:
         return len(item.values)
-    if type(item) is _Barrier:
+    if type(item) is Barrier:
         return 0
     return 1
 

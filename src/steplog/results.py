@@ -1,60 +1,37 @@
-"""What the blocking calls return and what ``stats()`` reports."""
+"""What the blocking calls return and what ``stats()`` reports.
+
+Every count is in records: a scalar, one key of a ``log_metrics`` call, a parameter, a tag, an
+artifact. A record logged once counts once however many sinks it goes to; the per-sink detail is
+in ``sinks``.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-__all__ = ["CloseResult", "FlushResult", "Rejection", "SinkStats", "Stats"]
+__all__ = ["CloseResult", "FlushResult", "Loss", "LossKind", "SinkStats", "Stats"]
+
+LossKind = Literal["rejected", "failed", "dropped", "run"]
+"""``rejected``: the backend refused the records for good; ``failed``: not delivered (retries ran
+out, the deadline passed, the destination stayed unreachable); ``dropped``: refused by the
+queue-full policy; ``run``: a sink could not open or end its run (``records`` is 0)."""
 
 
-class Rejection(msgspec.Struct, frozen=True):
-    """One record a sink refused for good, with the backend's reason."""
+class Loss(msgspec.Struct, frozen=True):
+    """Records that were not stored, where, and why (the backend's reason when it gave one)."""
 
     sink: str
+    kind: LossKind
+    records: int
     record: str
+    """The first record concerned, e.g. ``scalar 'loss' step 20``."""
     reason: str
 
 
-class FlushResult(msgspec.Struct, frozen=True):
-    """Truthy when every record logged before the flush was acknowledged by every sink.
-
-    ``pending`` counts records from before the flush that were not acknowledged when it returned
-    (an upper bound while the worker had not yet reached them). Rejected records count as
-    acknowledged: they are reported in ``rejected`` and in :meth:`Logger.stats`.
-    """
-
-    ok: bool
-    pending: int
-    elapsed_s: float
-    rejected: int = 0
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-class CloseResult(msgspec.Struct, frozen=True):
-    """Truthy when the logger closed with nothing left undelivered within its deadline.
-
-    ``undelivered`` counts records that no sink acknowledged (the deadline passed, the retry
-    window ran out, or the queue-full policy dropped them); ``rejected`` lists the records a
-    backend refused, with its reason (the most recent 100).
-    """
-
-    ok: bool
-    delivered: int
-    undelivered: int
-    dropped: int
-    rejected: int
-    elapsed_s: float
-    timed_out: bool
-    rejections: tuple[Rejection, ...] = ()
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
 class SinkStats(msgspec.Struct):
-    """Counters of one sink (records, except ``retried`` which counts attempts)."""
+    """Counters of one sink, in records (``retried`` counts attempts)."""
 
     delivered: int = 0
     rejected: int = 0
@@ -66,10 +43,12 @@ class SinkStats(msgspec.Struct):
 class Stats(msgspec.Struct):
     """A snapshot of a logger's counters.
 
-    ``enqueued``: records accepted by ``log_*`` calls; ``delivered``/``rejected``/``failed``:
-    summed over sinks; ``dropped``: refused by the queue-full policy; ``retried``: delivery
-    attempts repeated; ``queue_depth``: items not yet taken by the worker; ``lag_s``: age of the
-    oldest record not yet acknowledged by every sink (0 when there is none).
+    ``enqueued``: records accepted by ``log_*`` calls. ``delivered``: records stored by every
+    sink (with several sinks, the count of the sink that stored fewest). ``rejected``/``failed``:
+    records some sink refused / could not deliver (the largest per-sink count). ``dropped``:
+    refused by the queue-full policy. ``retried``: delivery attempts repeated. ``queue_depth``:
+    items not yet taken by the worker. ``lag_s``: age of the oldest record not yet acknowledged
+    by every sink (0 when there is none). ``sinks``: the same per sink.
     """
 
     enqueued: int
@@ -81,3 +60,54 @@ class Stats(msgspec.Struct):
     queue_depth: int
     lag_s: float
     sinks: dict[str, SinkStats]
+
+    @property
+    def undelivered(self) -> int:
+        """Records accepted or dropped that some sink has not stored (yet or for good)."""
+        most = max((self.enqueued - s.delivered for s in self.sinks.values()), default=0)
+        return self.dropped + most
+
+
+class FlushResult(msgspec.Struct, frozen=True):
+    """Truthy only when every record logged before the flush was stored by every sink.
+
+    ``pending``: records from before the flush not yet acknowledged when it returned (an upper
+    bound while the worker had not reached them). ``rejected``, ``failed``, ``dropped``: records
+    of the run so far that will not arrive; any of them makes the result falsy, and ``losses``
+    says which and why (the most recent 100 entries).
+    """
+
+    ok: bool
+    pending: int
+    elapsed_s: float
+    rejected: int = 0
+    failed: int = 0
+    dropped: int = 0
+    losses: tuple[Loss, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class CloseResult(msgspec.Struct, frozen=True):
+    """Truthy only when every record of the run was stored by every sink and every run ended.
+
+    ``undelivered``: records some sink did not store, for any reason: ``rejected`` (refused by
+    the backend), ``failed`` (retries or the deadline ran out), ``dropped`` (queue-full policy),
+    or still pending when the deadline passed (``timed_out``). ``losses`` lists them with the
+    backend's reason (the most recent 100 entries). ``sinks``: per-sink counters.
+    """
+
+    ok: bool
+    delivered: int
+    undelivered: int
+    dropped: int
+    rejected: int
+    elapsed_s: float
+    timed_out: bool
+    failed: int = 0
+    losses: tuple[Loss, ...] = ()
+    sinks: dict[str, SinkStats] = msgspec.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok

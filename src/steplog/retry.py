@@ -1,7 +1,19 @@
-"""Error classification and the retry policy the pipeline applies to every sink call."""
+"""Error classification and the retry policy the pipeline applies to every sink call.
+
+What an error means decides whether it is retried (the table is in ``docs/lifecycle.md``):
+
+* **permanent at once**: :class:`~steplog.errors.PermanentError` (HTTP 4xx but 408/429, a bad
+  key, an unknown URI scheme), ``OSError`` whose errno says the destination cannot work as it is
+  (permission denied, read-only file system, no such file, not a directory, name too long...),
+  and any other exception (a bug or a refusal does not heal by waiting);
+* **retryable within the deadline**: :class:`~steplog.errors.RetryableError` (HTTP 408/429/5xx),
+  connection refused/reset/aborted, timeouts, a full disk or quota, an unreachable network, I/O
+  errors, ``OSError`` without an errno, and the connection errors of requests/urllib3.
+"""
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -12,28 +24,44 @@ import tenacity
 
 from steplog.errors import PermanentError, RetryableError
 
-__all__ = ["RetryPolicy", "call_with_retry", "is_retryable"]
+__all__ = ["PERMANENT_ERRNOS", "RetryPolicy", "call_with_retry", "check_seconds", "is_retryable"]
 
 T = TypeVar("T")
 
 _SLEEP_SLICE_S = 0.05
 
+PERMANENT_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+    errno.EEXIST, errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP, errno.EXDEV, errno.EFBIG,
+    errno.EBADF, errno.ENOTEMPTY, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODEV, errno.ENXIO,
+})  # fmt: skip
+"""``OSError`` errnos that mean the destination cannot work as it is: retrying cannot help."""
+
 
 def is_retryable(exc: BaseException) -> bool:
-    """True when trying the same call again may succeed.
-
-    Retryable: :class:`RetryableError`, connection problems and timeouts (``OSError`` including
-    ``ConnectionError``, ``TimeoutError``, ``socket.timeout``). Everything else, including
-    :class:`PermanentError`, is permanent: a bug or a rejection does not heal by waiting.
-    """
+    """True when trying the same call again may succeed (see the module docstring)."""
     if isinstance(exc, PermanentError):
         return False
-    if isinstance(exc, (RetryableError, OSError, TimeoutError, socket.timeout)):
+    if isinstance(exc, (RetryableError, ConnectionError, TimeoutError, socket.timeout)):
         return True
+    if isinstance(exc, OSError):
+        return exc.errno not in PERMANENT_ERRNOS
     # requests/urllib3 wrap socket errors in their own ConnectionError/Timeout classes, which
     # do not all derive from OSError; recognise them by name to avoid importing either.
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"ConnectionError", "Timeout", "ProtocolError", "ChunkedEncodingError"})
+
+
+def check_seconds(value: object, what: str, *, allow_zero: bool = True) -> float:
+    """Return ``value`` as seconds, or raise: ``TypeError`` for a non-number, ``ValueError`` for
+    NaN, an infinity or a negative number (and zero unless ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not (seconds >= 0 if allow_zero else seconds > 0) or seconds == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -51,10 +79,13 @@ class RetryPolicy:
     window_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.initial_s <= 0 or self.max_s < self.initial_s or self.jitter_s < 0:
-            raise ValueError(f"invalid retry policy {self!r}")
-        if self.window_s is not None and self.window_s < 0:
-            raise ValueError("window_s must be >= 0 or None")
+        check_seconds(self.initial_s, "initial_s", allow_zero=False)
+        check_seconds(self.max_s, "max_s", allow_zero=False)
+        check_seconds(self.jitter_s, "jitter_s")
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s must be >= initial_s in {self!r}")
+        if self.window_s is not None:
+            check_seconds(self.window_s, "window_s")
 
 
 class _StopAtDeadline(tenacity.stop.stop_base):
@@ -84,8 +115,21 @@ def call_with_retry(
 
     ``deadline()`` gives a ``time.monotonic()`` instant after which no new attempt starts (or
     ``None``); it is read again during every backoff, so a close that shortens it interrupts a
-    long sleep within 50 ms. The last exception is re-raised when retrying stops.
+    long sleep within 50 ms, and before every attempt but the first. The last exception is
+    re-raised when retrying stops.
     """
+    last: list[BaseException] = []
+
+    def attempt() -> T:
+        if last:
+            d = deadline()
+            if d is not None and time.monotonic() >= d:
+                raise last[-1]  # the backoff ended at the deadline: no attempt starts after it
+        try:
+            return fn()
+        except BaseException as exc:
+            last[:] = [exc]
+            raise
 
     def sleep(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -108,4 +152,4 @@ def call_with_retry(
         before_sleep=lambda state: _report(state, on_retry),
         reraise=True,
     )
-    return retrying(fn)
+    return retrying(attempt)

@@ -8,6 +8,9 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from steplog.errors import LoggerClosedError
+from steplog.retry import check_seconds
+
 __all__ = ["SystemSampler", "sample_system"]
 
 
@@ -77,8 +80,7 @@ class SystemSampler:
 
     def __init__(self, log: Callable[[Mapping[str, float]], None], interval_s: float = 10.0
                  ) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be > 0")
+        check_seconds(interval_s, "system_metrics_interval_s", allow_zero=False)
         self._psutil = _load_psutil()
         self._log = log
         self.interval_s = interval_s
@@ -96,13 +98,15 @@ class SystemSampler:
             while not self._stop.wait(self.interval_s):
                 try:
                     self._log(sample_system(self._psutil, self._gpus))
-                except Exception as exc:  # a closed logger or a sensor error ends sampling
+                except LoggerClosedError:  # the logger is closing: sampling ends with it
+                    return
+                except Exception as exc:  # a sensor error ends sampling
                     warnings.warn(f"system metrics stopped: {exc!r}", stacklevel=2)
                     return
         finally:
             self._gpus.close()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float) -> None:
         """Stop sampling; returns once the thread ended or ``timeout_s`` passed."""
         self._stop.set()
         if self._thread.is_alive():

@@ -2,10 +2,11 @@
 
 A sink is small: it opens a run, writes a batch of metric records, uploads one artifact, and
 closes the run. It raises :class:`~steplog.errors.RetryableError` or
-:class:`~steplog.errors.PermanentError` (any ``OSError``/``TimeoutError`` counts as retryable,
-anything else as permanent). Batching, retries, order, lanes and counters belong to the pipeline,
-which calls a sink from its own worker threads: ``write`` and ``close`` from the metrics lane,
-``upload`` from the upload lane, never two ``write`` calls at once.
+:class:`~steplog.errors.PermanentError`; other exceptions are classified by what they mean
+(:mod:`steplog.retry`: connection errors and timeouts are retried, a permission error is not).
+Batching, retries, order, lanes and counters belong to the pipeline, which calls a sink from its
+own worker threads: ``write`` from the metrics lane, ``upload`` from the upload lane (the two may
+overlap), never two ``write`` calls at once, and ``close`` once, after every other call returned.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class Sink(abc.ABC):
     record's key and value sizes plus a fixed overhead; a single larger record still goes alone.
     Leave it ``None`` when the sink splits requests exactly itself (estimating costs ~60 ns per
     record on the worker)."""
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Fail at once when the destination can never work (an unwritable directory, a URI
+        with an unknown scheme); called once on the caller's thread when the logger is built,
+        so keep it cheap. Raise ``ValueError`` or the ``OSError`` met."""
 
     def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the backend (create the run). Called once, on the worker, before any write."""

@@ -6,8 +6,10 @@ Layout under ``output_dir``::
     parameters.json   every parameter logged so far (rewritten atomically)
     tags.json         every tag logged so far (rewritten atomically)
     artifacts.jsonl   one line per stored artifact: name, kind, step, metadata, aliases, timestamp
+    scalars.json      written at close, the seed FileLogger's format: {name: [[step, value], ...]}
     run.json          written at close: status and end time
     <artifacts>       files under the names they were logged with
+    previous/<time>/  an earlier run's files, moved aside when a new run starts here
 
 ``pandas.read_json(path, lines=True)`` reads ``scalars.jsonl``; NaN and infinities are written
 as the ``NaN``/``Infinity``/``-Infinity`` tokens that pandas and Python's json module accept.
@@ -19,17 +21,31 @@ import json
 import math
 import os
 import shutil
+import tempfile
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from steplog.errors import SteplogWarning
 from steplog.paths import safe_relpath
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["FileSink"]
+__all__ = ["RUN_FILES", "Existing", "FileSink"]
+
+Existing = Literal["aside", "append", "error"]
+"""What a new run does in a directory that holds an earlier one: move the earlier run's files
+into ``previous/<time>/``, continue it, or raise ``FileExistsError``."""
+
+RUN_FILES = (
+    "scalars.jsonl", "scalars.json", "parameters.json", "tags.json", "artifacts.jsonl",
+    "run.json",
+)  # fmt: skip
+"""The files of a run that the sink writes itself (artifacts come on top)."""
 
 _NONFINITE_MARK = b'"value":null'
 
@@ -41,15 +57,20 @@ def _dump_json_atomic(path: Path, data: Any) -> None:
 
 
 class FileSink(Sink):
-    """Writes a run into ``output_dir``, a batch at a time; a failed write leaves no partial line
-    (it is truncated away), so a crash loses only records not yet written."""
+    """Writes a run into ``output_dir``, a batch at a time. A write that fails leaves the files
+    as they were before it (a partial batch is truncated away), so a retried or split batch
+    never duplicates a line, and a crash loses only records not yet written."""
 
     kind: ClassVar[str] = "file"
     max_batch = 50_000
     max_batch_age_s = 0.1
 
-    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, output_dir: str | os.PathLike[str], *, existing: Existing = "aside"
+                 ) -> None:
+        if existing not in ("aside", "append", "error"):
+            raise ValueError(f"existing must be 'aside', 'append' or 'error', got {existing!r}")
         self.output_dir = Path(output_dir).absolute()
+        self.existing = existing
         self._encoder = msgspec.json.Encoder()
         self._scalars: Any = None
         self._params: dict[str, Any] = {}
@@ -58,36 +79,88 @@ class FileSink(Sink):
     def describe(self) -> str:
         return str(self.output_dir)
 
+    def prepare(self) -> None:
+        """The directory exists and is writable, and an earlier run in it is handled as
+        ``existing`` says."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=self.output_dir, prefix=".steplog-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        earlier = [f for f in RUN_FILES if (self.output_dir / f).exists()]
+        if not earlier or self.existing == "append":
+            return
+        if self.existing == "error":
+            raise FileExistsError(
+                f"{self.output_dir} already holds a run ({', '.join(earlier)}); use another "
+                "directory, or existing='aside' to move it aside, or 'append' to continue it"
+            )
+        where = self._move_aside(earlier)
+        warnings.warn(f"{self.output_dir} held an earlier run: moved it to {where}",
+                      SteplogWarning, stacklevel=2)
+
+    def _move_aside(self, run_files: list[str]) -> Path:
+        """Move the earlier run's files and the artifacts it listed into previous/<time>/."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        dest = self.output_dir / "previous" / stamp
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.output_dir / "previous" / f"{stamp}-{n}"
+        dest.mkdir(parents=True)
+        names = list(run_files)
+        manifest = self.output_dir / "artifacts.jsonl"
+        if manifest.exists():
+            for line in manifest.read_bytes().splitlines():
+                try:
+                    names.append(safe_relpath(json.loads(line)["name"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn or foreign line: that file stays where it is
+        for name in dict.fromkeys(names):
+            src = self.output_dir / name
+            if not src.exists() or name.split("/")[0] == "previous":
+                continue
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest / name)
+            parent = src.parent
+            while parent != self.output_dir and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+        return dest
+
     def open(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Resuming into an existing directory appends scalars and merges params and tags.
         for attr, fname in (("_params", "parameters.json"), ("_tags", "tags.json")):
             path = self.output_dir / fname
-            if path.exists():
+            if path.exists():  # appending to an earlier run: merge
                 setattr(self, attr, json.loads(path.read_text(encoding="utf-8")))
         self._scalars = open(self.output_dir / "scalars.jsonl", "ab")  # noqa: SIM115
 
     def write(self, records: Sequence[MetricRecord]) -> None:
-        scalars = [r for r in records if type(r) is Scalar]
-        if scalars:
-            self._append_scalars(scalars)
-        if len(scalars) != len(records):
-            self._store_settings(records)
+        """Append the batch's scalars and store its params and tags, all or nothing."""
+        f = self._scalars
+        start = f.tell()
+        params, tags = self._params, self._tags
+        try:
+            scalars = [r for r in records if type(r) is Scalar]
+            if scalars:
+                self._append_scalars(scalars)
+            if len(scalars) != len(records):
+                self._store_settings(records)
+        except BaseException:
+            # Leave no partial batch behind: the retry (or each half of a split batch) writes
+            # its records again, once.
+            self._params, self._tags = params, tags
+            f.seek(start)
+            f.truncate()
+            raise
 
     def _append_scalars(self, scalars: list[Scalar]) -> None:
         data = self._encoder.encode_lines(scalars)
         if _NONFINITE_MARK in data:
             data = self._encode_with_nonfinite(scalars)
         f = self._scalars
-        start = f.tell()
-        try:
-            f.write(data)
-            f.flush()
-        except BaseException:
-            # Leave no partial batch behind: the retry rewrites it whole, without duplicates.
-            f.seek(start)
-            f.truncate()
-            raise
+        f.write(data)
+        f.flush()
 
     def _encode_with_nonfinite(self, scalars: list[Scalar]) -> bytes:
         lines = []
@@ -101,18 +174,20 @@ class FileSink(Sink):
         return b"\n".join(lines)
 
     def _store_settings(self, records: Sequence[MetricRecord]) -> None:
-        params_changed = tags_changed = False
+        params = tags = None
         for r in records:
             if type(r) is Param:
-                self._params[r.name] = r.value
-                params_changed = True
+                params = params if params is not None else dict(self._params)
+                params[r.name] = r.value
             elif type(r) is Tag:
-                self._tags[r.name] = r.value
-                tags_changed = True
-        if params_changed:
-            _dump_json_atomic(self.output_dir / "parameters.json", self._params)
-        if tags_changed:
-            _dump_json_atomic(self.output_dir / "tags.json", self._tags)
+                tags = tags if tags is not None else dict(self._tags)
+                tags[r.name] = r.value
+        if params is not None:
+            _dump_json_atomic(self.output_dir / "parameters.json", params)
+            self._params = params
+        if tags is not None:
+            _dump_json_atomic(self.output_dir / "tags.json", tags)
+            self._tags = tags
 
     def upload(self, artifact: Artifact) -> None:
         dest = self.output_dir / safe_relpath(artifact.name)
@@ -145,9 +220,31 @@ class FileSink(Sink):
             f.write(self._encoder.encode(entry) + b"\n")
 
     def close(self, status: RunStatus) -> None:
+        """Make ``scalars.jsonl`` durable, write ``scalars.json`` (the seed's format) from it,
+        and record the run's status in ``run.json``."""
         if self._scalars is not None:
             self._scalars.flush()
             os.fsync(self._scalars.fileno())
             self._scalars.close()
             self._scalars = None
+        path = self.output_dir / "scalars.jsonl"
+        if path.exists():
+            _dump_json_atomic(self.output_dir / "scalars.json", read_series(path))
         _dump_json_atomic(self.output_dir / "run.json", {"status": status, "end_time": now_ms()})
+
+
+def read_series(path: Path) -> dict[str, list[list[float]]]:
+    """``{name: [[step, value], ...]}`` from a ``scalars.jsonl``, in file order; a last line cut
+    short by a crash is ignored."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    data = data[:end]
+    rows: list[Any]
+    if b"NaN" in data or b"Infinity" in data:
+        rows = [json.loads(line) for line in data.splitlines() if line]
+    else:
+        rows = msgspec.json.Decoder().decode_lines(data)
+    series: dict[str, list[list[float]]] = {}
+    for row in rows:
+        series.setdefault(row["name"], []).append([row["step"], row["value"]])
+    return series

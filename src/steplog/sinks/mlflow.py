@@ -43,7 +43,7 @@ from steplog.paths import safe_relpath
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["DEFAULT_TRACKING_URI", "MLflowSink", "key_problem"]
+__all__ = ["DEFAULT_TRACKING_URI", "MLflowSink", "key_problem", "tracking_uri_problem"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """Where runs go without ``tracking_uri`` and ``MLFLOW_TRACKING_URI`` (as in MLflow 3.7+)."""
@@ -66,6 +66,53 @@ _NAME = attrgetter("name")
 _VALUE = attrgetter("value")
 _RETRYABLE_STATUS = frozenset({408, 429})
 _INF = math.inf
+
+
+_BUILTIN_SCHEMES = frozenset({
+    "", "file", "http", "https", "databricks", "databricks-uc", "uc",
+    "sqlite", "postgresql", "mysql", "mssql",
+})  # fmt: skip
+"""Tracking URI schemes MLflow itself knows (database schemes may carry a ``+driver``)."""
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow could never use ``uri`` as a tracking URI; ``None`` when it may.
+
+    Refused: an unknown scheme (unless an installed MLflow plugin registers it), an
+    ``http(s)`` URI without a host, and a local file store, which MLflow 3.7+ refuses unless
+    ``MLFLOW_ALLOW_FILE_STORE`` is true. Reaching the server is checked later, with retries.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if len(scheme) == 1:
+        scheme = ""  # a Windows drive letter: a local path
+    base = scheme.split("+", 1)[0]
+    if base in ("http", "https"):
+        return None if parts.hostname else f"tracking URI {_redact(uri)!r} has no host"
+    if base in ("", "file"):
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower()
+        if allowed not in ("true", "1"):
+            return (
+                f"tracking URI {uri!r} is a local file store, which MLflow 3.7+ refuses unless "
+                "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db (the default) or a "
+                "server's http:// URI"
+            )
+        return None
+    if base in _BUILTIN_SCHEMES or scheme in _BUILTIN_SCHEMES or _plugin_scheme(scheme):
+        return None
+    hint = ""
+    if parts.path.isdigit():  # host:port, as in "localhost:5000"
+        hint = f"; did you mean http://{uri}?"
+    return (
+        f"tracking URI {_redact(uri)!r} has a scheme MLflow does not know ({scheme!r}){hint} "
+        "Known: http(s)://host, sqlite:///path, postgresql://, mysql://, mssql://, databricks"
+    )
+
+
+def _plugin_scheme(scheme: str) -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == scheme for ep in entry_points(group="mlflow.tracking_store"))
 
 
 def key_problem(name: str) -> str | None:
@@ -211,6 +258,16 @@ class MLflowSink(Sink):
         return f"mlflow {where} run {self._run.run_id}"
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Refuse a tracking URI MLflow can never use (``ValueError``), before any thread starts."""
+        problem = tracking_uri_problem(self.tracking_uri)
+        if problem is not None:
+            raise ValueError(problem)
+        # mlflow and requests import concurrent.futures.thread, which cannot be imported on a
+        # worker thread once the interpreter started shutting down (a short script that exits
+        # before the run was opened): import it here, on the caller's thread.
+        import concurrent.futures.thread  # noqa: F401
 
     def open(self) -> None:
         """The experiment exists and this sink's run is RUNNING; safe to call again after a
