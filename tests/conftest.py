@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["mlflow_support"]
+pytest_plugins = ["mlflow_support", "fs_faults"]

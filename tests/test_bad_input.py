@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from steplog import FileLogger, Logger
+from steplog import FileLogger, Logger, Options
 from steplog.paths import safe_relpath
 
 
@@ -75,3 +75,61 @@ def test_logging_freq_must_be_a_positive_int(freq: object) -> None:
 def test_log_figure_requires_a_figure(tmp_path) -> None:
     with pytest.raises(TypeError):
         FileLogger(tmp_path).log_figure(object(), "fig")
+
+
+def test_an_int_too_large_for_a_float_raises_value_error_at_the_call() -> None:
+    logger = Logger()
+    with pytest.raises(ValueError, match="too large"):
+        logger.log_metrics({"a": 10**400})
+    with pytest.raises(ValueError, match="too large"):
+        logger.log_scalar("a", 10**400)
+    with pytest.raises(ValueError, match="too large"):
+        logger.log_metrics({"a": 1.5, "b": 10**400})
+
+
+@pytest.mark.parametrize("step", [2**63, -(2**63) - 1, 10**30])
+def test_a_step_outside_signed_64_bit_raises_value_error_at_the_call(step: int, tmp_path) -> None:
+    logger = FileLogger(tmp_path)
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="64-bit"):
+        logger.log_scalar("x", 1.0, step)
+    with pytest.raises(ValueError, match="64-bit"):
+        logger.log_metrics({"x": 1.0}, step)
+    with pytest.raises(ValueError, match="64-bit"):
+        logger.log_artifact(f, step=step)
+    assert logger.close(10)
+    assert logger.stats().enqueued == 0
+
+
+def test_the_largest_signed_64_bit_steps_are_accepted(tmp_path) -> None:
+    logger = FileLogger(tmp_path)
+    logger.log_scalar("x", 1.0, 2**63 - 1)
+    logger.log_scalar("x", 2.0, -(2**63))
+    assert logger.close(10)
+
+
+@pytest.mark.parametrize("field", ["drain_interval_s", "block_timeout_s", "timeout_s",
+                                   "exit_timeout_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_durations_in_options_raise(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        Options(**{field: value})
+
+
+def test_save_agent_with_an_object_that_cannot_be_serialised_raises_at_the_call(tmp_path
+                                                                               ) -> None:
+    logger = FileLogger(tmp_path)
+    with pytest.raises(TypeError, match="cannot serialise"):
+        logger.save_agent({"policy": lambda x: x})
+    assert logger.close(10)
+    assert not (tmp_path / "agent.pth").exists()
+
+
+@pytest.mark.parametrize(("uri", "hint"), [("localhost:5000", "http://localhost:5000"),
+                                           ("ftp://host/x", "ftp"), ("http:///nohost", "no host")])
+def test_a_tracking_uri_mlflow_cannot_use_raises_at_construction(uri: str, hint: str) -> None:
+    from steplog import MLFlowLogger
+
+    with pytest.raises(ValueError, match=hint):
+        MLFlowLogger("exp", tracking_uri=uri)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sinks_for_tests import ListSink
-from steplog import Logger, Options, PermanentError, RetryPolicy, SteplogWarning
+from steplog import Logger, Options, PermanentError, RetryPolicy, RunStatus, SteplogWarning
 
 FAST_RETRY = Options(drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.05,
                                                                jitter_s=0.01))
@@ -97,12 +97,6 @@ def test_one_logger_fans_out_to_several_sinks_through_one_queue() -> None:
 
 
 def test_a_value_that_cannot_be_read_back_is_rejected_and_the_rest_delivered() -> None:
-    class SumsLikeAFloat:
-        """Passes log_metrics' one-pass sum check but has no float value."""
-
-        def __radd__(self, other: object) -> float:
-            return 0.0
-
     sink = ListSink()
     logger = Logger(sinks=[sink], options=FAST_RETRY)
     with pytest.warns(SteplogWarning, match="could not capture"):
@@ -128,3 +122,56 @@ def test_a_refusal_of_the_whole_batch_is_not_split_record_by_record() -> None:
         result = logger.close(10)
     assert sink.attempts == 1
     assert result.rejected == 64
+
+
+class SumsLikeAFloat:
+    """Passes log_metrics' one-pass sum check at the call, but has no float value."""
+
+    def __radd__(self, other: object) -> float:
+        return 0.0
+
+
+def test_a_refused_log_metrics_call_does_not_advance_the_automatic_steps() -> None:
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=FAST_RETRY)
+    with pytest.warns(SteplogWarning, match="could not capture"):
+        logger.log_metrics({"good": 1.0, "odd": SumsLikeAFloat()})  # type: ignore[dict-item]
+        logger.log_metrics({"good": 2.0, "odd": 3.0})
+        logger.close(10)
+    assert [(r.name, r.value, r.step) for r in sink.records] == [("good", 2.0, 0),
+                                                                  ("odd", 3.0, 0)]
+
+
+def test_flush_counts_refused_records_not_calls_and_stays_falsy_afterwards() -> None:
+    sink = ListSink(refuse=lambda r: "refused (test)" if r.name.startswith("bad") else None)
+    logger = Logger(sinks=[sink], options=FAST_RETRY)
+    with pytest.warns(SteplogWarning, match="refused"):
+        logger.log_metrics({"bad1": 1.0, "bad2": 1.0, "bad3": 1.0, "good": 1.0}, 0)
+        first = logger.flush(10)
+    assert not first and first.rejected == 3 == logger.stats().rejected
+    assert {loss.record for loss in first.losses} == {f"scalar 'bad{k}' step 0" for k in (1, 2, 3)}
+    logger.log_scalar("good", 2.0, 1)
+    later = logger.flush(10)
+    assert not later and later.pending == 0  # the run still lacks three records
+    logger.close(10)
+
+
+def test_a_flush_with_everything_stored_is_truthy() -> None:
+    logger = Logger(sinks=[ListSink(), ListSink()], options=FAST_RETRY)
+    logger.log_metrics({"a": 1.0, "b": 2.0}, 0)
+    result = logger.flush(10)
+    assert result and result.pending == result.rejected == result.failed == 0
+    assert logger.close(10)
+
+
+def test_a_run_that_could_not_be_ended_makes_close_falsy() -> None:
+    class NoEnd(ListSink):
+        def close(self, status: RunStatus) -> None:
+            raise PermanentError("HTTP 403: cannot update the run (test)")
+
+    logger = Logger(sinks=[NoEnd()], options=FAST_RETRY)
+    logger.log_scalar("x", 1.0)
+    with pytest.warns(SteplogWarning, match="could not end the run"):
+        result = logger.close(10)
+    assert not result and result.undelivered == 0
+    assert [loss.kind for loss in result.losses] == ["run"]

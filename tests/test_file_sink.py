@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+import pytest
 import torch
 
-from steplog import FileLogger, Options
+from steplog import FileLogger, FileSink, Logger, Options, RetryPolicy, SteplogWarning
 
 FAST = Options(drain_interval_s=0.005)
 
@@ -134,3 +138,103 @@ def test_close_writes_the_run_status(tmp_path) -> None:
     logger = FileLogger(tmp_path, options=FAST)
     logger.close(10)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "FINISHED"
+
+
+def test_a_second_run_in_a_used_directory_moves_the_earlier_run_aside(tmp_path) -> None:
+    first = FileLogger(tmp_path, options=FAST)
+    first.log_scalar("x", 1.0)
+    first.log_parameters({"a": 1})
+    src = tmp_path / "notes.txt"
+    src.write_text("first run's notes")
+    first.log_artifact(src, name="docs/notes.txt")
+    assert first.close(10)
+    with pytest.warns(SteplogWarning, match="moved it to"):
+        second = FileLogger(tmp_path, options=FAST)
+    second.log_scalar("x", 2.0)
+    assert second.close(10)
+    assert pd.read_json(tmp_path / "scalars.jsonl", lines=True)["value"].tolist() == [2.0]
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert pd.read_json(previous / "scalars.jsonl", lines=True)["value"].tolist() == [1.0]
+    assert json.loads((previous / "parameters.json").read_text()) == {"a": 1}
+    assert (previous / "docs" / "notes.txt").read_text() == "first run's notes"
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "parameters.json").exists()
+    assert src.exists()  # not part of the run: left where it was
+
+
+def test_existing_error_refuses_a_used_directory(tmp_path) -> None:
+    first = FileLogger(tmp_path, options=FAST)
+    first.log_scalar("x", 1.0)
+    first.close(10)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        FileLogger(tmp_path, existing="error")
+
+
+def test_close_leaves_the_seed_scalars_json_beside_the_incremental_file(tmp_path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    for i in range(3):
+        logger.log_metrics({"loss": 1.0 / (i + 1), "reward": float(i)}, i * 10)
+    logger.log_scalar("odd", math.nan, 0)
+    assert logger.close(10)
+    series = json.loads((tmp_path / "scalars.json").read_text())
+    assert series["loss"] == [[0, 1.0], [10, 0.5], [20, 1.0 / 3]]
+    assert series["reward"] == [[0, 0.0], [10, 1.0], [20, 2.0]]
+    assert math.isnan(series["odd"][0][1])
+
+
+def test_a_batch_split_after_a_refusal_never_duplicates_a_line(tmp_path) -> None:
+    (tmp_path / "parameters.json.tmp").mkdir()  # parameters.json can never be written here
+    logger = FileLogger(tmp_path, options=Options(drain_interval_s=0.5), existing="append")
+    logger.log_metrics({f"m{k}": float(k) for k in range(10)}, 0)
+    logger.log_parameters({"lr": 0.1})  # the same batch as the metrics
+    with pytest.warns(SteplogWarning, match="rejected param 'lr'"):
+        result = logger.close(10)
+    assert not result and result.rejected == 1 and result.undelivered == 1
+    rows = pd.read_json(tmp_path / "scalars.jsonl", lines=True)
+    assert sorted(rows["name"]) == sorted(f"m{k}" for k in range(10))  # each exactly once
+
+
+def test_a_write_retried_after_a_full_disk_never_duplicates_a_line(small_fs) -> None:
+    run = small_fs / "run"
+    retry = RetryPolicy(initial_s=0.05, max_s=0.1, jitter_s=0.0)
+    logger = FileLogger(run, options=Options(drain_interval_s=0.5, retry=retry))
+    assert logger.flush(10)  # the run's files are open
+    filler = small_fs / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+        for _ in range(64):
+            f.write(b"\0" * 4096)
+    os.truncate(filler, filler.stat().st_size - 4096)  # one page left: the scalars fit
+    logger.log_metrics({f"m{k}": float(k) for k in range(10)}, 0)
+    logger.log_parameters({"lr": 0.1})  # ...the rewritten parameters.json does not
+    with pytest.warns(SteplogWarning, match="No space left"):
+        time.sleep(1.0)  # the batch fails and is retried
+    assert logger.stats().retried >= 1
+    filler.unlink()  # space again
+    assert logger.close(10)
+    rows = pd.read_json(run / "scalars.jsonl", lines=True)
+    assert sorted(rows["name"]) == sorted(f"m{k}" for k in range(10))  # each exactly once
+    assert json.loads((run / "parameters.json").read_text()) == {"lr": 0.1}
+
+
+def test_a_file_removed_before_the_worker_copied_it_is_rejected_at_once(tmp_path) -> None:
+    src = tmp_path / "gone.txt"
+    src.write_text("x")
+    logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=1.0))
+    logger.log_artifact(src)
+    src.unlink()  # before the worker got to it
+    start = time.monotonic()
+    with pytest.warns(SteplogWarning, match="No such file"):
+        result = logger.close()
+    assert time.monotonic() - start < 2.0
+    assert not result and result.rejected == 1
+    assert result.losses[0].record == "artifact 'gone.txt'"
+
+
+def test_moving_a_file_to_several_sinks_copies_it_to_each_then_removes_it(tmp_path) -> None:
+    src = tmp_path / "ckpt.bin"
+    src.write_bytes(b"weights")
+    a, b = tmp_path / "a", tmp_path / "b"
+    logger = Logger(sinks=[FileSink(a), FileSink(b)], options=FAST)
+    logger.log_file(src, name="files", move=True)
+    assert logger.close(10)
+    assert (a / "files" / "ckpt.bin").read_bytes() == (b / "files" / "ckpt.bin").read_bytes()
+    assert not src.exists()

@@ -168,3 +168,133 @@ def test_a_forked_child_process_pool_with_a_live_logger_does_not_deadlock(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["380", "True"]
     assert set(read_scalars(tmp_path)["name"]) == {"x"}
+
+
+SLOW_FILE_SINK = """
+import pathlib, sys, time, steplog
+class SlowFileSink(steplog.FileSink):
+    '''A file sink on a slow disk: every write and the end of the run take a while.'''
+    def write(self, records):
+        time.sleep(0.05)
+        super().write(records)
+    def close(self, status):
+        time.sleep(1.0)
+        super().close(status)
+"""
+
+
+def wait_for(path: Path, timeout_s: float = 30) -> None:
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_a_second_sigterm_during_the_exit_close_does_not_abort_it(tmp_path) -> None:
+    run, ready, exiting = tmp_path / "run", tmp_path / "ready", tmp_path / "exiting"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_FILE_SINK + textwrap.dedent(f"""
+        import atexit
+        lg = steplog.Logger(sinks=[SlowFileSink({str(run)!r})])
+        atexit.register(pathlib.Path({str(exiting)!r}).touch)  # runs just before the exit close
+        for i in range(20_000):
+            lg.log_scalar("x", float(i), i)
+        pathlib.Path({str(ready)!r}).touch()
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready)
+        child.send_signal(signal.SIGTERM)
+        wait_for(exiting)
+        time.sleep(0.2)  # the exit close is now ending the run (1 s)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    assert read_scalars(run)["step"].tolist() == list(range(20_000))
+    assert json.loads((run / "run.json").read_text())["status"] == "KILLED"
+
+
+def test_sigterm_during_a_close_lets_it_finish_then_exits_143(tmp_path) -> None:
+    run, closing = tmp_path / "run", tmp_path / "closing"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_FILE_SINK + textwrap.dedent(f"""
+        lg = steplog.Logger(sinks=[SlowFileSink({str(run)!r})])
+        lg.log_scalar("x", 1.0, 0)
+        pathlib.Path({str(closing)!r}).touch()
+        result = lg.close(30)
+        print("close returned", bool(result))
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(closing)
+        time.sleep(0.3)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    assert "close returned" not in out  # the SIGTERM exit followed the close at once
+    assert json.loads((run / "run.json").read_text())["status"] == "FINISHED"
+
+
+def test_the_exit_close_does_not_wait_forever_for_a_close_stuck_in_another_thread(
+    tmp_path,
+) -> None:
+    start = time.monotonic()
+    proc = run_child(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from sinks_for_tests import ListSink
+        import steplog
+        gate = threading.Event()  # never set: the backend hangs
+        lg = steplog.Logger(sinks=[ListSink(release=gate)],
+                            options=steplog.Options(exit_timeout_s=1.0))
+        lg.log_scalar("x", 1.0)
+        threading.Thread(target=lg.close, args=(60,), daemon=True).start()
+        time.sleep(0.3)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 15
+    assert "steplog: at exit (timed out), 1 of 1 records were not delivered" in proc.stderr
+
+
+def test_exiting_with_undelivered_records_prints_one_line_saying_how_many_and_where(
+    tmp_path,
+) -> None:
+    from mlflow_support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_child(f"""
+        import warnings, steplog
+        warnings.simplefilter("ignore")
+        lg = steplog.MLFlowLogger("exp", tracking_uri={url!r},
+                                  options=steplog.Options(exit_timeout_s=1.0))
+        for i in range(10):
+            lg.log_scalar("loss", float(i), i)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("steplog:")]
+    assert len(lines) == 1, proc.stderr
+    assert "10 of 10 records were not delivered to mlflow" in lines[0]
+    assert url in lines[0] and "Connection refused" in lines[0]
+
+
+def test_a_short_script_that_exits_without_close_delivers_to_mlflow(mlflow_server) -> None:
+    import uuid
+
+    name = f"short-{uuid.uuid4().hex[:8]}"
+    proc = run_child(f"""
+        import steplog
+        lg = steplog.MLFlowLogger({name!r}, tracking_uri={mlflow_server.url!r})
+        for i in range(100):
+            lg.log_scalar("loss", float(i), i)
+        print(lg.run_id)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "steplog:" not in proc.stderr
+    exp = mlflow_server.api("experiments/get-by-name", experiment_name=name)["experiment"]
+    runs = mlflow_server.api("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    (run,) = runs
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "FINISHED"
+    assert [m["step"] for m in mlflow_server.metric_history(run_id, "loss")] == list(range(100))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import threading
 import time
@@ -84,3 +85,42 @@ def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
 
 def _always_down() -> None:
     raise RetryableError("connection refused")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EROFS, "Read-only"),
+     FileNotFoundError(errno.ENOENT, "No such file"), NotADirectoryError(errno.ENOTDIR, "x"),
+     IsADirectoryError(errno.EISDIR, "x"), OSError(errno.ENAMETOOLONG, "x")],
+)
+def test_errors_that_mean_the_destination_cannot_work_are_permanent(exc: OSError) -> None:
+    assert not is_retryable(exc)
+
+
+@pytest.mark.parametrize(
+    "exc", [OSError(errno.ENOSPC, "No space left"), OSError(errno.EDQUOT, "Quota"),
+            OSError(errno.EIO, "I/O error"), OSError(errno.ENETUNREACH, "unreachable")],
+)
+def test_errors_that_may_heal_are_retryable(exc: OSError) -> None:
+    assert is_retryable(exc)
+
+
+def test_no_attempt_starts_after_the_deadline_even_when_the_backoff_ends_at_it() -> None:
+    starts: list[float] = []
+
+    def down() -> None:
+        starts.append(time.monotonic())
+        raise RetryableError("connection refused")
+
+    deadline = time.monotonic() + 0.15
+    policy = RetryPolicy(initial_s=0.1, max_s=0.1, jitter_s=0.0)
+    with pytest.raises(RetryableError):
+        call_with_retry(down, policy, lambda: deadline, lambda e: None)
+    assert starts and all(t < deadline for t in starts)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1])
+@pytest.mark.parametrize("field", ["initial_s", "max_s", "jitter_s", "window_s"])
+def test_non_finite_or_negative_retry_settings_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**{field: value})

@@ -217,7 +217,7 @@ class Lifecycle:
         """Where the records go, for messages."""
         if self.pipeline is None:
             return "no sink"
-        return ", ".join(f"{r.label} {r.sink.describe()}" for r in self.pipeline.runners)
+        return ", ".join(r.sink.describe() for r in self.pipeline.runners)
 
     def after_fork_in_child(self) -> None:
         """The parent's threads do not exist here and its locks may be held: record nothing."""
@@ -305,16 +305,15 @@ def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> No
     """One line on stderr: how many records did not arrive, where they were going, and why."""
     stats = life.stats()
     undelivered = result.undelivered if result is not None else stats.undelivered
-    reason = ""
-    losses = result.losses if result is not None else ()
-    if losses:
-        reason = f"; first reason: {losses[0].reason}"
+    reasons = life.pipeline.reasons() if life.pipeline is not None else []
     how = f" ({how})" if how else ""
-    print(
-        f"steplog: at exit{how}, {undelivered} of {stats.enqueued + stats.dropped} records were "
-        f"not delivered to {life.describe()}{reason}",
-        file=sys.stderr,
-    )
+    reason = f"; reason: {reasons[0]}" if reasons else ""
+    if undelivered:
+        what = (f"{undelivered} of {stats.enqueued + stats.dropped} records were not delivered "
+                f"to {life.describe()}")
+    else:
+        what = f"every record arrived, but a run did not end cleanly ({life.describe()})"
+    print(f"steplog: at exit{how}, {what}{reason}", file=sys.stderr)
 
 
 def _after_fork() -> None:

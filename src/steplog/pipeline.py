@@ -168,14 +168,20 @@ class Barrier:
 
 
 class _Upload:
-    """One artifact travelling to every sink; a snapshot is serialised once, on first need."""
+    """One artifact travelling to every sink; a snapshot is serialised once, on first need.
 
-    __slots__ = ("_artifact", "_lock", "_remaining", "_snapshot", "_staging")
+    With several sinks, ``move`` becomes a copy to each sink, and the source is removed once
+    every sink stored it (a sink that moved it away would leave the others nothing to read).
+    """
+
+    __slots__ = ("_artifact", "_lock", "_remaining", "_sinks", "_snapshot", "_staging", "_stored")
 
     def __init__(self, artifact: Artifact, snapshot: Any, sinks: int, staging: str) -> None:
         self._artifact = artifact
         self._snapshot = snapshot
+        self._sinks = sinks
         self._remaining = sinks
+        self._stored = True
         self._staging = staging
         self._lock = threading.Lock()
 
@@ -197,15 +203,23 @@ class _Upload:
                 self._artifact = msgspec.structs.replace(
                     self._artifact, source=path, cleanup=True
                 )
+            if self._artifact.move and self._sinks > 1:
+                return msgspec.structs.replace(self._artifact, move=False)
             return self._artifact
 
-    def finished(self) -> None:
+    def finished(self, stored: bool) -> None:
         with self._lock:
             self._remaining -= 1
+            self._stored = self._stored and stored
             done = self._remaining == 0
-        if done and self._artifact.cleanup and self._artifact.source:
-            with contextlib.suppress(OSError):
-                os.unlink(self._artifact.source)
+        a = self._artifact
+        shared_move = a.move and self._sinks > 1 and self._stored
+        if done and a.source and (a.cleanup or shared_move):
+            if os.path.isdir(a.source) and not os.path.islink(a.source):
+                shutil.rmtree(a.source, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(a.source)
 
     def __repr__(self) -> str:
         return f"artifact {self._artifact.name!r}"
@@ -370,7 +384,7 @@ class _Lane:
                 except BaseException as exc:  # never let the lane die silently
                     runner.count_loss("failed", batch, f"internal error: {exc!r}")
                 finally:
-                    _release(batch)
+                    _release(batch, stored=lost == 0)
                     self._acknowledge(len(batch), lost)
         finally:
             runner.lane_finished()
@@ -398,10 +412,10 @@ def _fitting(buffer: collections.deque[Any], most: int, max_bytes: int) -> int:
     return most
 
 
-def _release(batch: Sequence[Any]) -> None:
+def _release(batch: Sequence[Any], stored: bool) -> None:
     for item in batch:
         if isinstance(item, _Upload):
-            item.finished()
+            item.finished(stored)
 
 
 def _timestamp_of(item: Any, default: int) -> int:
@@ -424,6 +438,8 @@ class _SinkRunner:
         """Why the last attempt to open failed for now (a later batch tries again)."""
         self.run_error: str | None = None
         """Why the run could not be ended, if it could not."""
+        self.last_error = ""
+        """The latest failed attempt, retried or not (for messages)."""
         self._opened = False
         self._open_lock = threading.Lock()
         self._warned: set[str] = set()
@@ -450,6 +466,7 @@ class _SinkRunner:
                 self._opened = True
             except BaseException as exc:
                 reason = f"could not open {self.sink.describe()}: {exc}"
+                self.last_error = reason
                 if is_retryable(exc):
                     self.unavailable = reason
                 else:
@@ -464,6 +481,7 @@ class _SinkRunner:
         )
 
     def _on_retry(self, exc: BaseException) -> None:
+        self.last_error = str(exc) or repr(exc)
         with self._count_lock:
             self.stats.retried += 1
         self.warn(
@@ -695,7 +713,7 @@ class Pipeline:
                     for r in self.runners:
                         if not r.uploads.put([job], ts):
                             r.count_loss("failed", [job], "the logger closed before delivery")
-                            job.finished()
+                            job.finished(stored=False)
                 else:
                     add(item)
                     count += 1
@@ -749,6 +767,13 @@ class Pipeline:
     def losses(self) -> tuple[Loss, ...]:
         with self._loss_lock:
             return tuple(self._losses)
+
+    def reasons(self) -> list[str]:
+        """Why records are missing: the first loss, else each sink's latest failed attempt."""
+        losses = self.losses()
+        if losses:
+            return [losses[0].reason]
+        return [r.last_error for r in self.runners if r.last_error]
 
     def run_errors(self) -> list[str]:
         return [r.run_error or r.broken or "" for r in self.runners if r.run_error or r.broken]

@@ -1,0 +1,252 @@
+"""The logger's life has one owner: states, the close lock, deadlines, signals and exit."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from mlflow_support import free_port
+from sinks_for_tests import DownSink, ListSink
+from steplog import (
+    FileLogger,
+    Logger,
+    LoggerClosedError,
+    Options,
+    RunStatus,
+    State,
+    SteplogWarning,
+)
+from steplog.records import MetricRecord
+
+FAST = Options(drain_interval_s=0.005)
+
+
+class SlowCloseSink(ListSink):
+    """A backend whose run takes ``close_delay_s`` to end (a slow tracking server)."""
+
+    def __init__(self, close_delay_s: float, **kw: float) -> None:
+        super().__init__(**kw)
+        self.close_delay_s = close_delay_s
+
+    def close(self, status: RunStatus) -> None:
+        time.sleep(self.close_delay_s)
+        super().close(status)
+
+
+class OverlapSink(ListSink):
+    """Records whether ``close`` ever ran while one of its own calls was still running."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.in_call = 0
+        self.overlaps = 0
+        self.closed = threading.Event()
+
+    def write(self, records: Sequence[MetricRecord]) -> None:
+        self.in_call += 1
+        try:
+            super().write(records)
+        finally:
+            self.in_call -= 1
+
+    def close(self, status: RunStatus) -> None:
+        if self.in_call:
+            self.overlaps += 1
+        super().close(status)
+        self.closed.set()
+
+
+def closing_in_background(logger: Logger, timeout: float) -> threading.Thread:
+    t = threading.Thread(target=logger.close, args=(timeout,), daemon=True)
+    t.start()
+    for _ in range(200):
+        if logger.state is not State.OPEN:
+            break
+        time.sleep(0.005)
+    assert logger.state is State.CLOSING
+    return t
+
+
+def test_a_logger_goes_from_open_through_closing_to_closed() -> None:
+    logger = Logger(sinks=[SlowCloseSink(0.3)], options=FAST)
+    assert logger.state is State.OPEN
+    t = closing_in_background(logger, 10)
+    t.join(10)
+    assert logger.state is State.CLOSED
+
+
+def test_flush_during_a_close_in_another_thread_returns_with_the_close_outcome() -> None:
+    logger = Logger(sinks=[SlowCloseSink(0.5)], options=FAST)
+    logger.log_scalar("x", 1.0)
+    t = closing_in_background(logger, 10)
+    start = time.monotonic()
+    result = logger.flush(timeout=5)
+    assert time.monotonic() - start < 2.0
+    assert result and result.pending == 0
+    t.join(10)
+
+
+def test_a_second_close_returns_at_its_own_deadline_while_the_first_still_runs() -> None:
+    gate = threading.Event()
+    logger = Logger(sinks=[ListSink(release=gate)], options=FAST)
+    logger.log_scalar("x", 1.0)
+    t = closing_in_background(logger, 30)
+    start = time.monotonic()
+    second = logger.close(timeout=0.5)
+    elapsed = time.monotonic() - start
+    gate.set()
+    t.join(10)
+    assert 0.4 <= elapsed < 1.0
+    assert not second and second.timed_out
+    assert logger.close(1)  # the first close finished: its result, which is truthy
+
+
+def test_close_from_a_signal_handler_inside_close_on_the_same_thread_does_not_deadlock() -> None:
+    logger = Logger(sinks=[SlowCloseSink(0.6)], options=FAST)
+    logger.log_scalar("x", 1.0)
+    inner: list[object] = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: inner.append(logger.close(timeout=5)))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        start = time.monotonic()
+        outer = logger.close(timeout=10)
+        elapsed = time.monotonic() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(inner) == 1 and not inner[0]  # answered at once: it cannot wait for itself
+    assert outer and elapsed < 3.0
+
+
+def test_close_without_a_timeout_is_bounded_by_the_default_deadline() -> None:
+    logger = Logger(sinks=[DownSink()], options=Options(drain_interval_s=0.005, timeout_s=0.5))
+    logger.log_scalar("x", 1.0)
+    start = time.monotonic()
+    with pytest.warns(SteplogWarning):
+        result = logger.close()
+    assert time.monotonic() - start < 1.5
+    assert not result and result.undelivered == 1
+
+
+def test_flush_without_a_timeout_is_bounded_by_the_default_deadline() -> None:
+    logger = Logger(sinks=[DownSink()], options=Options(drain_interval_s=0.005, timeout_s=0.3))
+    logger.log_scalar("x", 1.0)
+    start = time.monotonic()
+    with pytest.warns(SteplogWarning):
+        assert not logger.flush()
+    assert time.monotonic() - start < 1.0
+    logger.close(0.5)
+
+
+@pytest.mark.parametrize("call", ["log_parameters", "log_tags", "log_artifact", "log_scalar",
+                                  "log_metrics", "save_agent"])
+def test_every_log_call_during_close_raises_instead_of_being_lost(call: str, tmp_path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    gate = threading.Event()
+    logger = Logger(sinks=[ListSink(release=gate)], options=FAST)
+    logger.log_scalar("x", 1.0)
+    t = closing_in_background(logger, 10)
+    args: dict[str, tuple[object, ...]] = {
+        "log_parameters": ({"a": 1},), "log_tags": ({"t": "v"},), "log_artifact": (f,),
+        "log_scalar": ("y", 1.0), "log_metrics": ({"y": 1.0},), "save_agent": ({"k": 1},),
+    }
+    try:
+        with pytest.raises(LoggerClosedError, match="closing"):
+            getattr(logger, call)(*args[call])
+    finally:
+        gate.set()
+        t.join(10)
+    result = logger.close(1)
+    assert result and result.delivered == 1
+
+
+def test_a_timed_out_close_ends_the_run_only_after_the_running_write_returned() -> None:
+    gate = threading.Event()
+    sink = OverlapSink(release=gate)
+    logger = Logger(sinks=[sink], options=FAST)
+    logger.log_scalar("x", 1.0)
+    result = logger.close(timeout=0.3)
+    assert not result and result.timed_out
+    assert sink.closed_with is None  # the write still runs: the run is not ended under it
+    gate.set()
+    assert sink.closed.wait(5)
+    assert sink.overlaps == 0 and sink.closed_with == "FINISHED"
+
+
+@pytest.mark.filterwarnings("ignore::steplog.SteplogWarning")
+def test_close_with_a_running_system_sampler_returns_within_its_timeout() -> None:
+    pytest.importorskip("psutil")
+    from steplog import MLFlowLogger
+
+    logger = MLFlowLogger("sampler", tracking_uri=f"http://127.0.0.1:{free_port()}",  # nobody there
+                          log_system_metrics=True, system_metrics_interval_s=0.05, options=FAST)
+    logger.log_scalar("x", 1.0)
+    time.sleep(0.3)
+    start = time.monotonic()
+    result = logger.close(timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0 and not result and result.undelivered >= 1
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), -1.0])
+def test_a_non_finite_or_negative_timeout_raises_and_leaves_the_logger_open(
+    timeout: float,
+) -> None:
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=FAST)
+    with pytest.raises(ValueError, match="finite"):
+        logger.close(timeout=timeout)
+    with pytest.raises(ValueError, match="finite"):
+        logger.flush(timeout=timeout)
+    assert logger.state is State.OPEN
+    logger.log_scalar("x", 1.0)
+    assert logger.close(10) and len(sink.records) == 1
+
+
+def test_many_threads_closing_at_once_all_get_the_same_result() -> None:
+    logger = Logger(sinks=[SlowCloseSink(0.2)], options=FAST)
+    for i in range(100):
+        logger.log_scalar("x", float(i))
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(logger.close(10)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert len(results) == 6 and all(r == results[0] for r in results)
+    assert results[0]
+
+
+def test_a_producer_blocked_on_a_full_queue_is_released_by_close() -> None:
+    gate = threading.Event()
+    options = Options(queue_size=2, lane_capacity=1, drain_interval_s=0.005, block_timeout_s=30)
+    logger = Logger(sinks=[ListSink(release=gate, max_batch=1)], options=options)
+    outcome: list[str] = []
+
+    def produce() -> None:
+        try:
+            for i in range(100):
+                logger.log_scalar("x", float(i))
+            outcome.append("done")
+        except LoggerClosedError:
+            outcome.append("closed")
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    time.sleep(0.3)  # the producer now waits for room
+    start = time.monotonic()
+    logger.close(timeout=0.5)
+    t.join(5)
+    gate.set()
+    assert outcome == ["closed"] and time.monotonic() - start < 2.0
+
+
+def test_file_logger_on_a_read_only_directory_raises_at_construction(read_only_dir) -> None:
+    with pytest.raises(OSError, match="Read-only"):
+        FileLogger(read_only_dir / "run")
