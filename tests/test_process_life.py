@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from steplog import FileLogger, Options
+from steplog import FileLogger, Options, State
 
 
 def run_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -136,6 +136,8 @@ def test_a_forked_child_gets_an_inert_logger_and_sends_no_duplicates(tmp_path) -
     if pid == 0:  # the child: log, flush and close must neither hang nor write anything
         code = 0
         try:
+            if logger.state is not State.INERT:
+                os._exit(5)
             logger.log_scalar("child", 1.0, 0)
             logger.log_metrics({"child": 2.0})
             if not logger.flush(1) or not logger.close(1):

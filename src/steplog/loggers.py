@@ -18,8 +18,6 @@ from types import TracebackType
 from typing import Any, ClassVar, SupportsFloat, TypeVar
 
 from steplog.capture import (
-    STEP_MAX,
-    STEP_MIN,
     capture_object,
     capture_param,
     capture_step,
@@ -39,8 +37,6 @@ __all__ = ["FileLogger", "Logger", "MLFlowLogger"]
 
 L = TypeVar("L", bound="type[Logger]")
 
-_STEP_MIN = STEP_MIN  # module globals: the hot path reads them without an attribute lookup
-_STEP_MAX = STEP_MAX
 
 
 class Logger:
@@ -122,9 +118,8 @@ class Logger:
             value = capture_value(value)  # type: ignore[assignment]
         if name not in self._names:
             self._new_name(name)
-        if iteration is not None and (
-            type(iteration) is not int or iteration > _STEP_MAX or iteration < _STEP_MIN
-        ):
+        # One shift sends steps outside [0, 2**63) (rare) to the careful check of the range.
+        if iteration is not None and (type(iteration) is not int or iteration >> 63):
             iteration = capture_step(iteration)
         q = self._q
         if len(q) >= self._cap:
@@ -152,9 +147,8 @@ class Logger:
             for k in values:
                 if k not in self._names:
                     self._new_name(k)
-        if iteration is not None and (
-            type(iteration) is not int or iteration > _STEP_MAX or iteration < _STEP_MIN
-        ):
+        # One shift sends steps outside [0, 2**63) (rare) to the careful check of the range.
+        if iteration is not None and (type(iteration) is not int or iteration >> 63):
             iteration = capture_step(iteration)
         q = self._q
         if len(q) >= self._cap:
