@@ -27,8 +27,8 @@ from steplog.sinks.mlflow import (
     MAX_REQUEST_BYTES,
     RUN_TOKEN_TAG,
     MLflowSink,
-    _RestTransport,
 )
+from steplog.sinks.mlflow.rest import RestTransport
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -224,7 +224,7 @@ def test_requests_over_one_megabyte_are_split_and_all_arrive(
     records += [Scalar("m", float(i), i, ts) for i in range(800)]
     (chunk,) = sink._plan(records)
     transport = sink._transport
-    assert isinstance(transport, _RestTransport)
+    assert isinstance(transport, RestTransport)
     bodies = transport.bodies(run_id, chunk)
     assert len(bodies) > 1
     assert all(len(b) <= MAX_REQUEST_BYTES for b in bodies)

@@ -1,0 +1,392 @@
+"""The sink host: a child process that runs Python-heavy backend code off the training GIL.
+
+The worker threads of a logger share the training process's GIL, so a backend client that costs
+milliseconds per batch (MLflow's SQLAlchemy store, a cloud SDK) slows the step loop. A
+:class:`Host` runs such an object in a fresh interpreter instead (``python -m steplog.host``,
+never a fork of the training process: a fork would copy its threads' locks and its CUDA state,
+and ``multiprocessing``'s spawn re-imports the user's ``__main__``). The parent calls its
+methods by name; arguments and results travel as msgpack frames over a Unix socket per
+*channel*, so two lanes (metrics and uploads) never wait for each other.
+
+Guarantees:
+
+* **Start-up is off the caller's thread** and bounded by ``start_timeout_s``: the first
+  :meth:`Host.call` spawns the process (on a lane thread), later calls reuse it.
+* **Errors keep their meaning.** An exception in the host comes back as the same class of
+  error: :class:`~steplog.errors.RetryableError` or :class:`~steplog.errors.PermanentError`
+  (``whole_batch`` kept), classified in the host by :func:`steplog.retry.is_retryable`.
+* **Death is survived.** A host that dies, or does not answer within ``call_timeout_s``, is
+  killed and the call raises ``RetryableError``; the next call starts a new host. Backends
+  hosted this way must be safe to retry (MLflow stores identical metric rows once).
+* **The host exits when the training process dies**: its sockets reach EOF (inherited copies
+  are closed in forked children), and it checks its parent every second as a backstop.
+* **Its own process group**: a Ctrl-C meant for training does not kill it mid-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import typing
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from steplog.errors import PermanentError, RetryableError
+
+__all__ = ["Host", "main"]
+
+_LENGTH = struct.Struct("<Q")
+_OK, _RETRYABLE, _PERMANENT = 0, 1, 2
+_SHUTDOWN = "__shutdown__"
+_PARENT_POLL_S = 1.0
+
+
+class _Config(msgspec.Struct):
+    target: str
+    args: list[Any]
+    channels: list[str]
+    path: list[str]
+    parent: int
+
+
+class _Reply(msgspec.Struct, array_like=True):
+    status: int
+    value: Any = None
+    whole_batch: bool = False
+
+
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_LENGTH.pack(len(payload)))
+    sock.sendall(payload)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("the other side closed the connection")
+        got += k
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    (n,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+    return _recv_exactly(sock, n)
+
+
+# -- parent side --------------------------------------------------------------------------------
+
+_hosts: weakref.WeakSet[Host] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) must not keep the parent's host sockets open: the
+    # host would then never see EOF when the parent dies. It must not stop the host either.
+    for host in list(_hosts):
+        host._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Process:
+    """One running host: the child process and one connected socket per channel."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sockets: dict[str, socket.socket]) -> None:
+        self.proc = proc
+        self.sockets = sockets
+        self.locks = {name: threading.Lock() for name in sockets}
+        self.dead = False
+
+    def kill(self) -> None:
+        self.dead = True
+        for s in self.sockets.values():
+            with contextlib.suppress(OSError):
+                s.close()
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+class Host:
+    """A backend object (``target(*args)``, ``target`` given as ``"module:name"``) living in a
+    child process; :meth:`call` runs one of its methods there.
+
+    ``start_timeout_s`` bounds the start (interpreter, imports, the object's constructor);
+    ``call_timeout_s`` bounds each call. Every failure to start, answer or stay alive raises
+    :class:`RetryableError`, and the next call starts a new process.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        args: Sequence[Any] = (),
+        *,
+        channels: Sequence[str] = ("api", "files"),
+        start_timeout_s: float = 120.0,
+        call_timeout_s: float = 300.0,
+    ) -> None:
+        module, _, name = target.partition(":")
+        if not module or not name or module == "__main__":
+            raise ValueError(f"host target must be 'module:name' of an importable module, "
+                             f"got {target!r}")
+        self.target = target
+        self.args = list(args)
+        self.channels = tuple(channels)
+        self.start_timeout_s = start_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self.starts = 0
+        """How many host processes were started (1 + restarts)."""
+        self._current: _Process | None = None
+        self._spawn_lock = threading.Lock()
+        self._closed = False
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(_Reply)
+        _hosts.add(self)
+
+    @property
+    def pid(self) -> int | None:
+        """The running host's process id, ``None`` when none runs."""
+        current = self._current
+        return None if current is None or current.dead else current.proc.pid
+
+    def call(self, channel: str, method: str, *args: Any, returns: Any = None) -> Any:
+        """``target.method(*args)`` in the host, its result converted to ``returns`` (a type)
+        when given. Raises what the host raised, or ``RetryableError`` when it died."""
+        current = self._running()
+        sock = current.sockets[channel]
+        request = self._encoder.encode([method, list(args)])
+        with current.locks[channel]:
+            try:
+                sock.settimeout(self.call_timeout_s)
+                _send(sock, request)
+                reply = self._decoder.decode(_recv(sock))
+            except (OSError, EOFError) as exc:
+                self._lost(current)
+                raise RetryableError(f"the sink host stopped answering ({exc!r}); a new one "
+                                     "is started for the next attempt") from exc
+        if reply.status == _OK:
+            if returns is None:
+                return reply.value
+            return msgspec.convert(reply.value, returns)
+        if reply.status == _RETRYABLE:
+            raise RetryableError(str(reply.value))
+        raise PermanentError(str(reply.value), whole_batch=reply.whole_batch)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Ask the host to exit after the calls it is running, then wait up to ``timeout_s``
+        (it is killed after that)."""
+        self._closed = True
+        current, self._current = self._current, None
+        if current is None or current.dead:
+            return
+        for name, sock in current.sockets.items():
+            with current.locks[name], contextlib.suppress(OSError):
+                sock.settimeout(1.0)
+                _send(sock, self._encoder.encode([_SHUTDOWN, []]))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            current.proc.wait(timeout_s)
+        current.kill()
+
+    def _lost(self, current: _Process) -> None:
+        with self._spawn_lock:
+            if self._current is current:
+                self._current = None
+        current.kill()
+
+    def _forget(self) -> None:
+        current, self._current = self._current, None
+        self._closed = True
+        if current is not None:
+            current.dead = True
+            for s in current.sockets.values():
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _running(self) -> _Process:
+        with self._spawn_lock:
+            if self._closed:
+                raise PermanentError("the sink host was closed")
+            current = self._current
+            if current is None or current.dead or current.proc.poll() is not None:
+                if current is not None:
+                    current.kill()
+                self._current = current = self._spawn()
+            return current
+
+    def _spawn(self) -> _Process:
+        parents: dict[str, socket.socket] = {}
+        children: list[socket.socket] = []
+        for name in self.channels:
+            mine, theirs = socket.socketpair()
+            parents[name] = mine
+            children.append(theirs)
+        fds = [s.fileno() for s in children]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "steplog.host", *map(str, fds)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: Ctrl-C is for training
+            )
+        except OSError as exc:
+            for s in (*parents.values(), *children):
+                s.close()
+            raise RetryableError(f"could not start the sink host: {exc}") from exc
+        finally:
+            for s in children:
+                s.close()
+        self.starts += 1
+        current = _Process(proc, parents)
+        config = _Config(self.target, self.args, list(self.channels), list(sys.path),
+                         os.getpid())
+        first = parents[self.channels[0]]
+        try:
+            first.settimeout(self.start_timeout_s)
+            _send(first, self._encoder.encode(config))
+            reply = self._decoder.decode(_recv(first))
+        except (OSError, EOFError) as exc:
+            current.kill()
+            raise RetryableError(f"the sink host did not start within "
+                                 f"{self.start_timeout_s:g} s ({exc!r})") from exc
+        if reply.status != _OK:
+            current.kill()
+            if reply.status == _RETRYABLE:
+                raise RetryableError(f"the sink host could not start: {reply.value}")
+            raise PermanentError(f"the sink host could not start: {reply.value}")
+        return current
+
+
+# -- host side ----------------------------------------------------------------------------------
+
+
+def _error_reply(exc: BaseException) -> _Reply:
+    from steplog.retry import is_retryable
+
+    status = _RETRYABLE if is_retryable(exc) else _PERMANENT
+    text = str(exc) or repr(exc)
+    if not isinstance(exc, (PermanentError, RetryableError)):
+        text = f"{type(exc).__name__}: {text}"
+    return _Reply(status, text, bool(getattr(exc, "whole_batch", False)))
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return typing.cast("Callable[..., Any]", obj)
+
+
+def _converter(obj: Any, method: str) -> Callable[[list[Any]], list[Any]]:
+    """Turn msgpack builtins back into the types the method's annotations name."""
+    fn = getattr(obj, method)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    hints.pop("return", None)
+    types = list(hints.values())
+
+    def convert(args: list[Any]) -> list[Any]:
+        return [msgspec.convert(a, types[i], strict=False) if i < len(types) else a
+                for i, a in enumerate(args)]
+
+    return convert
+
+
+def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None]) -> None:
+    """Answer the calls of one channel until shutdown (``done(True)``) or EOF (``done(False)``)."""
+    encoder = msgspec.msgpack.Encoder()
+    converters: dict[str, Callable[[list[Any]], list[Any]]] = {}
+    while True:
+        try:
+            method, args = msgspec.msgpack.decode(_recv(sock))
+        except (OSError, EOFError):
+            done(False)
+            return
+        if method == _SHUTDOWN:
+            done(True)
+            return
+        try:
+            if method.startswith("_"):
+                raise PermanentError(f"{method!r} is not a public method of the host's object")
+            if method not in converters:
+                converters[method] = _converter(obj, method)
+            value = getattr(obj, method)(*converters[method](args))
+            reply = _Reply(_OK, value)
+        except BaseException as exc:
+            reply = _error_reply(exc)
+        try:
+            _send(sock, encoder.encode(reply))
+        except (OSError, TypeError, msgspec.EncodeError) as exc:
+            with contextlib.suppress(OSError):
+                _send(sock, encoder.encode(_error_reply(exc)))
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run a host: build the object the first frame names, then serve every channel."""
+    sockets = [socket.socket(fileno=int(fd)) for fd in argv]
+    first = sockets[0]
+    try:
+        config = msgspec.msgpack.decode(_recv(first), type=_Config)
+    except (OSError, EOFError):
+        return 0
+    sys.path[:0] = [p for p in config.path if p not in sys.path]
+    try:
+        obj = _load(config.target)(*config.args)
+    except BaseException as exc:
+        _send(first, msgspec.msgpack.encode(_error_reply(exc)))
+        return 1
+    _send(first, msgspec.msgpack.encode(_Reply(_OK)))
+
+    ended = threading.Event()
+    lock = threading.Lock()
+    open_channels = [len(sockets)]
+    orderly = [True]
+
+    def done(clean: bool) -> None:
+        with lock:
+            orderly[0] = orderly[0] and clean
+            open_channels[0] -= 1
+            if open_channels[0] == 0:
+                ended.set()
+
+    for sock in sockets:
+        threading.Thread(target=_serve, args=(sock, obj, done), daemon=True).start()
+    while not ended.wait(_PARENT_POLL_S):
+        if os.getppid() != config.parent:  # the parent died and its sockets were inherited
+            orderly[0] = False
+            break
+    if not orderly[0]:
+        on_death = getattr(obj, "on_parent_death", None)
+        if callable(on_death):
+            with contextlib.suppress(BaseException):
+                on_death()
+    closer = getattr(obj, "close", None)
+    if callable(closer):
+        with contextlib.suppress(BaseException):
+            closer()
+    return 0
+
+
+if __name__ == "__main__":
+    # Leave at once, without waiting for daemon threads or running the object's atexit hooks
+    # twice: the work is done or the parent is gone.
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

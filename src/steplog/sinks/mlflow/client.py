@@ -1,0 +1,206 @@
+"""MLflow's own client, for stores and servers the REST transport does not serve.
+
+:class:`ClientTransport` wraps ``MlflowClient`` (SQLAlchemy stores such as the embedded
+``sqlite:///mlflow.db``, databricks, plugin stores, auth plugins, cloud artifact stores) and maps
+MLflow's errors to Retryable/PermanentError. It runs in a sink host process
+(:class:`HostTransport`, :mod:`steplog.host`): MLflow's imports, schema migrations and
+SQLAlchemy work then use another core instead of the training process's GIL. The training
+process never imports ``mlflow`` for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from steplog.errors import PermanentError, RetryableError
+from steplog.host import Host
+from steplog.records import Artifact
+from steplog.sinks.base import RunStatus
+from steplog.sinks.mlflow.common import (
+    RETRYABLE_STATUS,
+    RUN_TOKEN_TAG,
+    Chunk,
+    RunRef,
+    about_the_request,
+)
+
+__all__ = ["ClientTransport", "HostTransport"]
+
+
+class HostTransport:
+    """The transport contract, served by a :class:`ClientTransport` in a sink host process.
+
+    ``ClientTransport`` keeps no state a new host would miss (runs are addressed by id), so a
+    host that died is replaced on the next call; retried calls are safe (MLflow stores identical
+    metric rows once, accepts an unchanged param again, and ``open`` finds a run by its token).
+    """
+
+    def __init__(self, tracking_uri: str, timeout_s: float) -> None:
+        self.tracking_uri = tracking_uri
+        self.host = Host("steplog.sinks.mlflow.client:ClientTransport", [tracking_uri],
+                         call_timeout_s=max(120.0, 4 * timeout_s))
+
+    def run_tags(self, user_tags: dict[str, str]) -> dict[str, str]:
+        tags: dict[str, str] = self.host.call("api", "run_tags", user_tags)
+        return tags
+
+    def experiment_id(self, name: str) -> str:
+        return str(self.host.call("api", "experiment_id", name))
+
+    def create_run(
+        self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
+    ) -> RunRef:
+        ref: RunRef = self.host.call("api", "create_run", experiment_id, run_name, tags,
+                                     start_ms, returns=RunRef)
+        return ref
+
+    def find_run(self, experiment_id: str, token: str) -> RunRef | None:
+        ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
+                                            returns=RunRef | None)
+        return ref
+
+    def log_batch(self, run_id: str, chunk: Chunk) -> None:
+        self.host.call("api", "log_batch", run_id, chunk)
+
+    def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:
+        self.host.call("files", "upload", run, artifact, path)
+
+    def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None:
+        self.host.call("api", "end_run", run_id, status, end_ms)
+
+    def close(self) -> None:
+        self.host.close()
+
+
+# -- in the host ---------------------------------------------------------------------------------
+
+
+class ClientTransport:
+    """``MlflowClient`` for stores without REST (sqlite and other databases) and servers that need
+    MLflow's own auth plugins. MLflow's error codes are mapped to Retryable/PermanentError."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow import MlflowClient
+
+        with _mlflow_errors():  # e.g. a ./mlruns file store MLflow 3.7+ refuses
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._runs: set[str] = set()
+        """Runs this client created or wrote to."""
+
+    def close(self) -> None:
+        """Nothing to release: the client holds no connection of its own."""
+
+    def run_tags(self, user_tags: dict[str, str]) -> dict[str, str]:
+        """MLflow's context tags (user, source, git, and those of context plugins), then
+        ``user_tags``."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {str(k): str(v) for k, v in resolve_tags(user_tags).items()}
+
+    def on_parent_death(self) -> None:
+        """The training process died without ending its runs: end them ``KILLED``."""
+        for run_id in self._runs:
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(run_id, "KILLED")
+
+    def experiment_id(self, name: str) -> str:
+        with _mlflow_errors():
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                try:
+                    return str(self.client.create_experiment(name))
+                except Exception as exc:
+                    if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                exp = self.client.get_experiment_by_name(name)
+            if exp is None or exp.lifecycle_stage == "deleted":
+                raise PermanentError(f"experiment {name!r} is deleted; restore it or use another")
+            return str(exp.experiment_id)
+
+    def create_run(
+        self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
+    ) -> RunRef:
+        with _mlflow_errors():
+            run = self.client.create_run(
+                experiment_id, start_time=start_ms, tags=tags, run_name=run_name
+            )
+        self._runs.add(run.info.run_id)
+        return RunRef(run.info.run_id, experiment_id, run.info.artifact_uri)
+
+    def find_run(self, experiment_id: str, token: str) -> RunRef | None:
+        with _mlflow_errors():
+            runs = self.client.search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_TOKEN_TAG}` = '{token}'", max_results=1
+            )
+        if not runs:
+            return None
+        return RunRef(runs[0].info.run_id, experiment_id, runs[0].info.artifact_uri)
+
+    def log_batch(self, run_id: str, chunk: Chunk) -> None:
+        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Param as MParam
+
+        metrics = [Metric(m.name, m.value, m.timestamp, m.step) for m in chunk.metrics]
+        params = [MParam(k, v) for k, v in chunk.params.items()]
+        tags = [RunTag(k, v) for k, v in chunk.tags.items()]
+        self._runs.add(run_id)
+        with _mlflow_errors():
+            self.client.log_batch(run_id, metrics, params, tags, synchronous=True)
+
+    def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None:
+        with _mlflow_errors():
+            self.client.set_terminated(run_id, status, end_time=end_ms)
+        self._runs.discard(run_id)
+
+    def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:
+        dirname, basename = posixpath.split(path)
+        with _mlflow_errors():
+            if artifact.data is None and os.path.isdir(str(artifact.source)):
+                self.client.log_artifacts(run.run_id, str(artifact.source), path or None)
+                return
+            source = None if artifact.data is not None else str(artifact.source)
+            if source is not None and os.path.basename(source) == basename:
+                self.client.log_artifact(run.run_id, source, dirname or None)
+                return
+            # log_artifact keeps the local file name: stage the payload under the wanted one.
+            with tempfile.TemporaryDirectory(prefix="steplog-mlflow-") as tmp:
+                staged = os.path.join(tmp, basename)
+                if artifact.data is not None:
+                    Path(staged).write_bytes(artifact.data)
+                else:
+                    _link_or_copy(str(source), staged)
+                self.client.log_artifact(run.run_id, staged, dirname or None)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+@contextlib.contextmanager
+def _mlflow_errors() -> Iterator[None]:
+    """MLflow's exceptions become Retryable (HTTP 5xx/429 codes, OS errors) or PermanentError."""
+    try:
+        yield
+    except (PermanentError, RetryableError):
+        raise
+    except OSError as exc:
+        raise RetryableError(str(exc)) from exc
+    except Exception as exc:
+        status = getattr(exc, "get_http_status_code", None)
+        if not callable(status):
+            raise  # not MLflow's: the pipeline classifies it (requests errors are retryable)
+        code = int(status())
+        if code in RETRYABLE_STATUS or code >= 500:
+            raise RetryableError(str(exc)) from exc
+        error_code = str(getattr(exc, "error_code", ""))
+        text = str(exc)
+        raise PermanentError(text, whole_batch=about_the_request(code, error_code, text)) from exc

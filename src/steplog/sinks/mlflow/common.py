@@ -1,0 +1,217 @@
+"""What the MLflow sink's parts share: MLflow's limits and key rules, the request plan (a
+chunk), the run reference, the transport contract, and which refusals are about a whole request."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from steplog.errors import PermanentError
+from steplog.records import Artifact, Scalar
+from steplog.sinks.base import RunStatus
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "MAX_ENTITIES_PER_REQUEST",
+    "MAX_KEY_LENGTH",
+    "MAX_METRICS_PER_REQUEST",
+    "MAX_PARAMS_TAGS_PER_REQUEST",
+    "MAX_PARAM_VALUE_LENGTH",
+    "MAX_REQUEST_BYTES",
+    "MAX_TAG_VALUE_LENGTH",
+    "RETRYABLE_STATUS",
+    "RUN_TOKEN_TAG",
+    "Chunk",
+    "RunRef",
+    "Transport",
+    "about_the_request",
+    "key_problem",
+    "redact",
+    "tracking_uri_problem",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""Where runs go without ``tracking_uri`` and ``MLFLOW_TRACKING_URI`` (as in MLflow 3.7+)."""
+
+MAX_KEY_LENGTH = 250
+MAX_METRICS_PER_REQUEST = 1000
+MAX_PARAMS_TAGS_PER_REQUEST = 100
+MAX_ENTITIES_PER_REQUEST = 1000
+MAX_REQUEST_BYTES = 1_000_000
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+
+RUN_TOKEN_TAG = "steplog.run_token"
+"""Tag set on the run at creation, so a retried ``open`` finds the run a lost answer created."""
+
+# MLflow's rule on POSIX servers (a Windows server also refuses ':'); \w is Unicode-aware, as
+# in MLflow's own check, which runs the same regex on the same str.
+_KEY_CHARS = re.compile(r"[/\w.\- :]*")
+RETRYABLE_STATUS = frozenset({408, 429})
+
+
+_BUILTIN_SCHEMES = frozenset({
+    "", "file", "http", "https", "databricks", "databricks-uc", "uc",
+    "sqlite", "postgresql", "mysql", "mssql",
+})  # fmt: skip
+"""Tracking URI schemes MLflow itself knows (database schemes may carry a ``+driver``)."""
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow could never use ``uri`` as a tracking URI; ``None`` when it may.
+
+    Refused: an unknown scheme (unless an installed MLflow plugin registers it), an
+    ``http(s)`` URI without a host, and a local file store, which MLflow 3.7+ refuses unless
+    ``MLFLOW_ALLOW_FILE_STORE`` is true. Reaching the server is checked later, with retries.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if len(scheme) == 1:
+        scheme = ""  # a Windows drive letter: a local path
+    base = scheme.split("+", 1)[0]
+    if base in ("http", "https"):
+        return None if parts.hostname else f"tracking URI {redact(uri)!r} has no host"
+    if base in ("", "file"):
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower()
+        if allowed not in ("true", "1"):
+            return (
+                f"tracking URI {uri!r} is a local file store, which MLflow 3.7+ refuses unless "
+                "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db (the default) or a "
+                "server's http:// URI"
+            )
+        return None
+    if base in _BUILTIN_SCHEMES or scheme in _BUILTIN_SCHEMES or _plugin_scheme(scheme):
+        return None
+    hint = ""
+    if parts.path.isdigit():  # host:port, as in "localhost:5000"
+        hint = f"; did you mean http://{uri}?"
+    return (
+        f"tracking URI {redact(uri)!r} has a scheme MLflow does not know ({scheme!r}){hint} "
+        "Known: http(s)://host, sqlite:///path, postgresql://, mysql://, mssql://, databricks"
+    )
+
+
+def _plugin_scheme(scheme: str) -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == scheme for ep in entry_points(group="mlflow.tracking_store"))
+
+
+def key_problem(name: str) -> str | None:
+    """Why MLflow would refuse ``name`` as a metric, param or tag key; ``None`` if it is valid."""
+    if not isinstance(name, str):
+        return f"key must be a str, got {type(name).__name__}"
+    if not name:
+        return "key is empty"
+    if len(name) > MAX_KEY_LENGTH:
+        return f"key {name[:40]!r}... has {len(name)} characters; MLflow allows {MAX_KEY_LENGTH}"
+    if _KEY_CHARS.fullmatch(name) is None:
+        return (
+            f"key {name!r} has characters MLflow refuses; allowed: alphanumerics, "
+            "'_', '-', '.', '/', ' ' and ':'"
+        )
+    normal = posixpath.normpath(name)
+    if normal != name or normal.startswith(("/", "..")):
+        return (
+            f"key {name!r} is not a normalised relative path (MLflow would read it as {normal!r})"
+        )
+    return None
+
+@dataclass
+class Chunk:
+    """One ``log-batch`` request: within MLflow's per-request limits (count; bytes are checked
+    by the REST transport, which splits a chunk that encodes to more than 1 MB)."""
+
+    metrics: list[Scalar] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def settings_room(self) -> bool:
+        n = len(self.params) + len(self.tags)
+        return n < MAX_PARAMS_TAGS_PER_REQUEST and n + len(self.metrics) < MAX_ENTITIES_PER_REQUEST
+
+    def metric_room(self) -> int:
+        used = len(self.metrics)
+        return min(
+            MAX_METRICS_PER_REQUEST - used,
+            MAX_ENTITIES_PER_REQUEST - used - len(self.params) - len(self.tags),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.metrics or self.params or self.tags)
+
+    def halves(self) -> tuple[Chunk, Chunk]:
+        """Two smaller chunks that together hold this one (for a request over the byte limit).
+
+        The server applies a request's params, metrics and tags as three sets, so moving
+        entries between requests of one chunk changes nothing but the request count.
+        """
+        settings = [(k, v, True) for k, v in self.params.items()]
+        settings += [(k, v, False) for k, v in self.tags.items()]
+        if self.metrics and settings:
+            return Chunk([], self.params, self.tags), Chunk(self.metrics)
+        if len(self.metrics) > 1:
+            mid = len(self.metrics) // 2
+            return Chunk(self.metrics[:mid]), Chunk(self.metrics[mid:])
+        if len(settings) < 2:
+            raise PermanentError("a single entry exceeds MLflow's 1 MB request limit")
+        first, second = Chunk(), Chunk()
+        for i, (k, v, is_param) in enumerate(settings):
+            target = first if i < len(settings) // 2 else second
+            (target.params if is_param else target.tags)[k] = v
+        return first, second
+
+
+@dataclass(frozen=True)
+class RunRef:
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+
+
+class Transport(Protocol):
+    """What the sink needs from a backend; every method raises Retryable/PermanentError."""
+
+    def run_tags(self, user_tags: dict[str, str]) -> dict[str, str]: ...
+    def experiment_id(self, name: str) -> str: ...
+    def create_run(
+        self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
+    ) -> RunRef: ...
+    def find_run(self, experiment_id: str, token: str) -> RunRef | None: ...
+    def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
+    def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
+    def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password or user in its network location."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+_WHOLE_REQUEST_CODES = frozenset({401, 403, 404, 405})
+_WHOLE_REQUEST_ERRORS = frozenset(
+    {"INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_DOES_NOT_EXIST"}
+)
+
+
+_RUN_NOT_ACTIVE = "must be in the 'active' state"
+"""MLflow 3.17 refuses writes to a deleted run with a 400 INVALID_PARAMETER_VALUE saying this."""
+
+
+def about_the_request(code: int, error_code: str, message: str) -> bool:
+    """True when MLflow refused the request as a whole (auth, a deleted or missing run), so
+    splitting the batch to find a bad entry would only repeat the refusal."""
+    return (
+        code in _WHOLE_REQUEST_CODES
+        or error_code in _WHOLE_REQUEST_ERRORS
+        or _RUN_NOT_ACTIVE in message
+    )
+

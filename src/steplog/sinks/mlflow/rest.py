@@ -1,0 +1,462 @@
+"""MLflow's REST API spoken by the training process itself: msgspec and ``http.client``.
+
+No ``mlflow`` (nor ``requests``) import: the training process pays only for what a request
+costs. Credentials come from MLflow's own environment variables (``MLFLOW_TRACKING_TOKEN``,
+``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``~/.mlflow/credentials``,
+``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``,
+``MLFLOW_TRACKING_CLIENT_CERT_PATH``). What only MLflow's client can do (an auth plugin, AWS
+SigV4, a workspace header, request-header plugins, an HTTP proxy, a non-proxied artifact store
+such as ``s3://``) is left to :class:`steplog.sinks.mlflow.client.HostTransport`:
+:func:`needs_mlflow_client` says when.
+
+Each lane has its own keep-alive connection (``api`` for runs and metrics, ``files`` for
+artifacts), so the lanes never wait for each other. Every failure to connect, send or receive is
+a :class:`RetryableError`; HTTP answers are classified by status and MLflow's error code.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import getpass
+import http.client
+import math
+import mimetypes
+import os
+import ssl
+import sys
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+
+from steplog.errors import PermanentError, RetryableError
+from steplog.records import Artifact, Scalar
+from steplog.sinks.base import RunStatus
+from steplog.sinks.mlflow.common import (
+    MAX_REQUEST_BYTES,
+    RETRYABLE_STATUS,
+    RUN_TOKEN_TAG,
+    Chunk,
+    RunRef,
+    about_the_request,
+    redact,
+)
+
+__all__ = ["RestTransport", "default_run_tags", "needs_mlflow_client"]
+
+_VALUE = attrgetter("value")
+_INF = math.inf
+_UPLOAD_BLOCK = 1 << 20
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+          ConnectionAbortedError)
+"""How a kept-alive connection the server closed while idle fails on its next request."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("true", "1")
+
+
+def needs_mlflow_client(tracking_uri: str) -> str | None:
+    """Why ``tracking_uri`` needs MLflow's own client (run in a sink host), or ``None`` when
+    this module's REST transport serves it."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"the {parts.scheme or 'file'} store is MLflow's own code"
+    if os.environ.get("MLFLOW_TRACKING_AUTH", "").strip():
+        return "an MLflow auth plugin (MLFLOW_TRACKING_AUTH) signs the requests"
+    if _flag("MLFLOW_TRACKING_AWS_SIGV4"):
+        return "requests are signed with AWS SigV4"
+    if os.environ.get("MLFLOW_WORKSPACE", "").strip():
+        return "a workspace header (MLFLOW_WORKSPACE) is needed"
+    from importlib.metadata import entry_points
+
+    if any(True for _ in entry_points(group="mlflow.request_header_provider")):
+        return "a request-header plugin is installed"
+    host = parts.hostname or ""
+    proxies = urllib.request.getproxies()
+    if proxies.get(parts.scheme.lower()) and not urllib.request.proxy_bypass(host):
+        return "requests go through an HTTP proxy"
+    return None
+
+
+def _credentials() -> tuple[str | None, str | None]:
+    """MLflow's username and password: the environment first, then ``~/.mlflow/credentials``."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return user, password
+    path = Path(os.environ.get("MLFLOW_CREDENTIALS_FILE",
+                               Path.home() / ".mlflow" / "credentials"))
+    if path.is_file():
+        config = configparser.ConfigParser()
+        config.read(path)
+        if config.has_section("mlflow"):
+            user = user or config["mlflow"].get("mlflow_tracking_username")
+            password = password or config["mlflow"].get("mlflow_tracking_password")
+    return user, password
+
+
+def default_run_tags(user_tags: dict[str, str]) -> dict[str, str]:
+    """The tags MLflow's default and git context providers set on a new run, then ``user_tags``:
+    user, source name and type, and the git commit, branch and origin of the main script."""
+    user, _ = _credentials()
+    if not user:
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = "unknown"
+    main = sys.argv[0] if sys.argv and sys.argv[0] else None
+    tags = {
+        "mlflow.user": user,
+        "mlflow.source.name": main or "<console>",
+        "mlflow.source.type": "LOCAL",
+    }
+    if main:
+        tags.update(_git_tags(Path(main).absolute().parent))
+    tags.update({str(k): str(v) for k, v in user_tags.items()})
+    return tags
+
+
+def _git_tags(start: Path) -> dict[str, str]:
+    """Commit, branch and origin URL of the git checkout holding ``start`` (plain file reads)."""
+    for folder in (start, *start.parents):
+        git = folder / ".git"
+        if git.is_dir():
+            break
+    else:
+        return {}
+    try:
+        head = (git / "HEAD").read_text().strip()
+        tags: dict[str, str] = {}
+        if head.startswith("ref: "):
+            ref = head[5:]
+            tags["mlflow.source.git.branch"] = ref.rpartition("refs/heads/")[2]
+            ref_file = git / ref
+            if ref_file.is_file():
+                commit = ref_file.read_text().strip()
+            else:
+                packed = (git / "packed-refs").read_text() if (git / "packed-refs").is_file() \
+                    else ""
+                commit = next((line.split()[0] for line in packed.splitlines()
+                               if line.endswith(" " + ref)), "")
+        else:
+            commit = head
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        config = configparser.ConfigParser()
+        config.read(git / "config")
+        url = config.get('remote "origin"', "url", fallback="")
+        if url:
+            tags["mlflow.source.git.repoURL"] = url
+        return tags
+    except (OSError, configparser.Error, ValueError):
+        return {}
+
+
+class _NotFound(PermanentError):
+    """HTTP 404 / RESOURCE_DOES_NOT_EXIST."""
+
+
+class _AlreadyExists(PermanentError):
+    """RESOURCE_ALREADY_EXISTS (e.g. an experiment created meanwhile)."""
+
+
+def http_error(code: int, body: bytes, method: str, path: str) -> Exception:
+    """The Retryable/PermanentError for a non-2xx answer, with MLflow's message when it sent one."""
+    error_code = ""
+    message = ""
+    try:
+        decoded = msgspec.json.decode(body)
+        if isinstance(decoded, dict):
+            error_code = str(decoded.get("error_code", ""))
+            message = str(decoded.get("message", ""))
+    except msgspec.DecodeError:
+        message = body[:500].decode("utf-8", "replace").strip()
+    what = f"{method} {path}: HTTP {code}"
+    if error_code:
+        what += f" {error_code}"
+    text = f"{what}: {message}" if message else what
+    if code in RETRYABLE_STATUS or code >= 500:
+        return RetryableError(text)
+    if error_code == "RESOURCE_ALREADY_EXISTS":
+        return _AlreadyExists(text)
+    if code == 404 or error_code == "RESOURCE_DOES_NOT_EXIST":
+        return _NotFound(text, whole_batch=True)
+    return PermanentError(text, whole_batch=about_the_request(code, error_code, message))
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to the server, used by one lane at a time."""
+
+    def __init__(self, parts: urllib.parse.SplitResult, timeout_s: float,
+                 context: ssl.SSLContext | None) -> None:
+        self._parts = parts
+        self._timeout = timeout_s
+        self._context = context
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        host, port = self._parts.hostname or "", self._parts.port
+        if self._context is not None:
+            return http.client.HTTPSConnection(host, port, timeout=self._timeout,
+                                               context=self._context, blocksize=_UPLOAD_BLOCK)
+        return http.client.HTTPConnection(host, port, timeout=self._timeout,
+                                          blocksize=_UPLOAD_BLOCK)
+
+    def request(self, method: str, target: str, body: bytes | BinaryIO | None,
+                headers: dict[str, str]) -> tuple[int, bytes]:
+        """(status, body) of one request; a connection the server closed while idle is
+        reopened once. Raises :class:`RetryableError` for every transport failure."""
+        with self._lock:
+            for attempt in (0, 1):
+                reused = self._conn is not None
+                conn = self._conn or self._connect()
+                self._conn = conn
+                try:
+                    conn.request(method, target, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                except _STALE as exc:
+                    self.close_connection()
+                    if attempt == 0 and reused and _rewind(body):
+                        continue
+                    raise RetryableError(f"{method} {target}: {exc!r}") from exc
+                except (OSError, http.client.HTTPException) as exc:
+                    self.close_connection()
+                    raise RetryableError(f"{method} {target}: {exc!r}") from exc
+                if resp.will_close:
+                    self.close_connection()
+                return resp.status, data
+        raise AssertionError("unreachable")
+
+    def close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _rewind(body: bytes | BinaryIO | None) -> bool:
+    """Whether ``body`` can be sent again (bytes, or a file seekable back to its start)."""
+    if body is None or isinstance(body, bytes):
+        return True
+    try:
+        body.seek(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class RestTransport:
+    """MLflow's REST API over two keep-alive connections: ``api`` for the metrics lane (open,
+    write, close) and ``files`` for the upload lane."""
+
+    def __init__(self, tracking_uri: str, timeout_s: float) -> None:
+        parts = urllib.parse.urlsplit(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self._base_path = parts.path.rstrip("/")
+        context = None
+        if parts.scheme.lower() == "https":
+            context = ssl.create_default_context(
+                cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+            )
+            if _flag("MLFLOW_TRACKING_INSECURE_TLS"):
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            client_cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
+            if client_cert:
+                context.load_cert_chain(client_cert)
+        headers = {"User-Agent": "steplog", "Content-Type": "application/json"}
+        user, password = _credentials()
+        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+        if user and password:
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {basic}"
+        elif token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._headers = headers
+        self._api = _Connection(parts, timeout_s, context)
+        self._files = _Connection(parts, timeout_s, context)
+        self._encoder = msgspec.json.Encoder()
+        self._fallback: Any = None
+        self._timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._api.close_connection()
+        self._files.close_connection()
+        if self._fallback is not None:
+            self._fallback.close()
+
+    def _send(self, conn: _Connection, method: str, path: str, body: bytes | BinaryIO | None,
+              headers: dict[str, str] | None = None) -> bytes:
+        target = self._base_path + path
+        status, data = conn.request(method, target, body,
+                                    {**self._headers, **headers} if headers else self._headers)
+        if status >= 300:
+            raise http_error(status, data, method, path)
+        return data
+
+    def _call(self, endpoint: str, body: bytes | None = None, **query: Any) -> Any:
+        path = "/api/2.0/mlflow/" + endpoint
+        if body is None:
+            data = self._send(self._api, "GET", f"{path}?{urllib.parse.urlencode(query)}", None)
+        else:
+            data = self._send(self._api, "POST", path, body)
+        try:
+            return msgspec.json.decode(data)
+        except msgspec.DecodeError as exc:
+            raise RetryableError(f"{endpoint}: the server answered with invalid JSON") from exc
+
+    def run_tags(self, user_tags: dict[str, str]) -> dict[str, str]:
+        return default_run_tags(user_tags)
+
+    def experiment_id(self, name: str) -> str:
+        try:
+            exp = self._call("experiments/get-by-name", experiment_name=name)["experiment"]
+        except _NotFound:
+            try:
+                body = self._encoder.encode({"name": name})
+                return str(self._call("experiments/create", body)["experiment_id"])
+            except _AlreadyExists:  # created meanwhile by another process
+                exp = self._call("experiments/get-by-name", experiment_name=name)["experiment"]
+        if exp.get("lifecycle_stage") == "deleted":
+            raise PermanentError(f"experiment {name!r} is deleted; restore it or use another name")
+        return str(exp["experiment_id"])
+
+    def create_run(
+        self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
+    ) -> RunRef:
+        body: dict[str, Any] = {
+            "experiment_id": experiment_id,
+            "start_time": start_ms,
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        if run_name:
+            body["run_name"] = run_name
+        if "mlflow.user" in tags:
+            body["user_id"] = tags["mlflow.user"]  # as MlflowClient.create_run does
+        info = self._call("runs/create", self._encoder.encode(body))["run"]["info"]
+        return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
+
+    def find_run(self, experiment_id: str, token: str) -> RunRef | None:
+        body = self._encoder.encode(
+            {
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.`{RUN_TOKEN_TAG}` = '{token}'",
+                "max_results": 1,
+            }
+        )
+        runs = self._call("runs/search", body).get("runs", [])
+        if not runs:
+            return None
+        info = runs[0]["info"]
+        return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
+
+    def log_batch(self, run_id: str, chunk: Chunk) -> None:
+        for body in self.bodies(run_id, chunk):
+            self._send(self._api, "POST", "/api/2.0/mlflow/runs/log-batch", body)
+
+    def bodies(self, run_id: str, chunk: Chunk) -> list[bytes]:
+        """The ``log-batch`` request bodies for ``chunk``, each at most 1 MB, in order."""
+        body = self._encode(run_id, chunk)
+        if len(body) <= MAX_REQUEST_BYTES:
+            return [body]
+        first, second = chunk.halves()
+        return self.bodies(run_id, first) + self.bodies(run_id, second)
+
+    def _encode(self, run_id: str, chunk: Chunk) -> bytes:
+        """The ``log-batch`` JSON body in one msgspec pass over the Scalar structs.
+
+        Scalars encode as ``{"name":..,"value":..,"step":..,"timestamp":..}``; MLflow wants
+        ``key`` for ``name``. Keys were validated (no '"'), so ``"name":`` occurs only as a field
+        name and one bytes.replace renames every field. msgspec writes NaN/inf as ``null``, which
+        MLflow refuses, so they are sent as the protobuf JSON strings "NaN"/"Infinity".
+        (A bare ``NaN`` token is not JSON and is mis-stored by MLflow 3.17 as a 0.0 point.)
+        """
+        enc = self._encoder.encode
+        try:
+            if _all_finite(chunk.metrics):
+                metrics = enc(chunk.metrics)
+            else:
+                metrics = enc([_finite_or_dict(m) for m in chunk.metrics])
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise PermanentError(f"a metric value cannot be sent to MLflow: {exc}") from exc
+        metrics = metrics.replace(b'"name":', b'"key":')
+        params = enc([{"key": k, "value": v} for k, v in chunk.params.items()])
+        tags = enc([{"key": k, "value": v} for k, v in chunk.tags.items()])
+        return b"".join((
+            b'{"run_id":', enc(run_id), b',"metrics":', metrics,
+            b',"params":', params, b',"tags":', tags, b"}",
+        ))  # fmt: skip
+
+    def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None:
+        body = {"run_id": run_id, "status": status, "end_time": end_ms}
+        self._call("runs/update", self._encoder.encode(body))
+
+    def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:
+        parts = urllib.parse.urlsplit(run.artifact_uri)
+        if parts.scheme != "mlflow-artifacts" or parts.netloc:
+            # Another store (s3://, a shared path...): MLflow's client knows how to reach it.
+            if self._fallback is None:
+                from steplog.sinks.mlflow.client import HostTransport
+
+                self._fallback = HostTransport(self.tracking_uri, self._timeout_s)
+            self._fallback.upload(run, artifact, path)
+            return
+        root = f"/api/2.0/mlflow-artifacts/artifacts/{parts.path.strip('/')}"
+        for rel, data in artifact_files(artifact, path):
+            target = f"{root}/{urllib.parse.quote(rel)}"
+            ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"
+            if isinstance(data, bytes):
+                self._send(self._files, "PUT", target, data, {"Content-Type": ctype})
+            else:
+                size = os.path.getsize(data)
+                with open(data, "rb") as f:
+                    self._send(self._files, "PUT", target, f,
+                               {"Content-Type": ctype, "Content-Length": str(size)})
+
+    def describe(self) -> str:
+        return redact(self.tracking_uri)
+
+
+def _all_finite(metrics: list[Scalar]) -> bool:
+    """True when every value is a finite number (one C-speed sum: NaN/inf propagate into it; a
+    finite overflow only sends the batch down the slower exact path)."""
+    try:
+        total = sum(map(_VALUE, metrics))
+    except TypeError:
+        return False
+    return bool(total - total == 0)
+
+
+def _finite_or_dict(m: Scalar) -> Scalar | dict[str, Any]:
+    v = m.value
+    if v is None or isinstance(v, (str, bytes, bool)):
+        raise PermanentError(f"metric {m.name!r} has a non-numeric value {v!r}")
+    if math.isfinite(v):
+        return m
+    text = "NaN" if v != v else ("Infinity" if v == _INF else "-Infinity")
+    return {"name": m.name, "value": text, "step": m.step, "timestamp": m.timestamp}
+
+
+def artifact_files(artifact: Artifact, path: str) -> Iterator[tuple[str, bytes | str]]:
+    """(artifact path, bytes or local file) for every file the artifact stores, sorted."""
+    if artifact.data is not None:
+        yield path, artifact.data
+        return
+    source = str(artifact.source)
+    if not os.path.isdir(source):
+        yield path, source
+        return
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        rel_root = os.path.relpath(root, source).replace(os.sep, "/")
+        for name in sorted(files):
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            yield (f"{path}/{rel}" if path else rel), os.path.join(root, name)

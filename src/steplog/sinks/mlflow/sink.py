@@ -1,0 +1,268 @@
+"""The MLflow sink: one MLflow run, written with ``log-batch`` requests.
+
+Two transports, chosen in :meth:`MLflowSink.open` from the tracking URI:
+
+* ``http(s)://`` (a tracking server) with plain credentials: the sink speaks MLflow's REST API
+  itself (:mod:`.rest`), in the training process, with msgspec and the standard library's HTTP
+  client: no ``mlflow`` import, one msgspec pass per batch, no retries of its own.
+* anything else (the embedded ``sqlite:///mlflow.db``, other databases, ``databricks``, plugin
+  stores) and servers that need MLflow's own client (an auth plugin, AWS SigV4, a workspace
+  header, request-header plugins, an HTTP proxy): ``MlflowClient`` in a sink host process
+  (:mod:`.client`, :mod:`steplog.host`), so its Python work runs on another core.
+
+Values: parameter values are stored as ``str(value)`` (MLflow's own convention) truncated to
+6000 characters, tag values truncated to 8000, as MLflow would. NaN is stored as NaN; MLflow
+stores +/-infinity as +/-``sys.float_info.max``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any, ClassVar, cast
+
+from steplog.errors import PermanentError, RetryableError
+from steplog.paths import safe_relpath
+from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
+from steplog.sinks.base import RunStatus, Sink
+from steplog.sinks.mlflow.common import (
+    DEFAULT_TRACKING_URI,
+    MAX_METRICS_PER_REQUEST,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    RUN_TOKEN_TAG,
+    Chunk,
+    RunRef,
+    Transport,
+    key_problem,
+    redact,
+    tracking_uri_problem,
+)
+
+__all__ = ["MLflowSink"]
+
+_NAME = attrgetter("name")
+
+
+class MLflowSink(Sink):
+    """Writes one MLflow run: every record of a successful :meth:`write` is stored, in call
+    order, and a failed ``write`` may be retried as a whole without creating duplicates."""
+
+    kind: ClassVar[str] = "mlflow"
+    max_batch = 1000
+
+    def __init__(
+        self,
+        experiment_name: str,
+        *,
+        tracking_uri: str | None = None,
+        run_name: str | None = None,
+        request_timeout_s: float = 30.0,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        if not isinstance(experiment_name, str) or not experiment_name:
+            raise ValueError("experiment_name must be a non-empty str")
+        if request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+        self.experiment_name = experiment_name
+        self.tracking_uri = (
+            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        )
+        self.run_name = run_name
+        self.request_timeout_s = request_timeout_s
+        """Longest wait to connect, or for the server's next bytes, per HTTP request (s)."""
+        self._user_tags = dict(tags or {})
+        self._token = uuid.uuid4().hex
+        self._transport: Transport | None = None
+        self._run: RunRef | None = None
+        self._create_tried = False
+        self._params: dict[str, str] = {}
+        """Params the server acknowledged, as stored: a changed value is refused locally."""
+        self._good_keys: set[str] = set()
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, ``None`` until :meth:`open` succeeded."""
+        return None if self._run is None else self._run.run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The MLflow experiment id, ``None`` until :meth:`open` succeeded."""
+        return None if self._run is None else self._run.experiment_id
+
+    def describe(self) -> str:
+        where = redact(self.tracking_uri)
+        if self._run is None:
+            return f"mlflow {where} experiment {self.experiment_name!r}"
+        if where.startswith(("http://", "https://")):
+            run = self._run
+            return f"{where.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+        return f"mlflow {where} run {self._run.run_id}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Refuse a tracking URI MLflow can never use (``ValueError``), before any thread starts."""
+        problem = tracking_uri_problem(self.tracking_uri)
+        if problem is not None:
+            raise ValueError(problem)
+        # mlflow and requests import concurrent.futures.thread, which cannot be imported on a
+        # worker thread once the interpreter started shutting down (a short script that exits
+        # before the run was opened): import it here, on the caller's thread.
+        import concurrent.futures.thread  # noqa: F401
+
+    def open(self) -> None:
+        """The experiment exists and this sink's run is RUNNING; safe to call again after a
+        failure (a run created by an attempt whose answer was lost is found, not duplicated)."""
+        if self._run is not None:
+            return
+        if self._transport is None:
+            self._transport = make_transport(self.tracking_uri, self.request_timeout_s)
+        transport = self._transport
+        exp_id = transport.experiment_id(self.experiment_name)
+        if self._create_tried:
+            found = transport.find_run(exp_id, self._token)
+            if found is not None:
+                self._run = found
+                return
+        tags = transport.run_tags(self._user_tags)
+        tags[RUN_TOKEN_TAG] = self._token
+        self._create_tried = True
+        self._run = transport.create_run(exp_id, self.run_name, tags, now_ms())
+
+    def close(self, status: RunStatus) -> None:
+        """The run is ended with ``status`` and the connections are closed (no-op if never
+        opened; safe to call again after a failure)."""
+        if self._transport is None:
+            return
+        if self._run is not None:
+            self._transport.end_run(self._run.run_id, status, now_ms())
+        self._transport.close()
+        self._transport = None
+
+    # -- metrics lane ------------------------------------------------------------------------
+
+    def check_name(self, name: str) -> None:
+        """Raise ``ValueError`` if MLflow refuses ``name`` as a key (length, characters, path)."""
+        problem = key_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        self._good_keys.add(name)
+
+    def write(self, records: Sequence[MetricRecord]) -> None:
+        """Store the batch with as few ``log-batch`` requests as MLflow's limits allow.
+
+        The batch is validated before any request is sent: a bad key or a param whose value
+        differs from one logged earlier in this run raises :class:`PermanentError` naming it,
+        and nothing is sent. A failure part way leaves only what a retry of the same batch
+        writes again identically (metric rows are stored once; params with the same value and
+        tags are accepted again).
+        """
+        if self._run is None or self._transport is None:
+            raise RetryableError("the MLflow run is not open yet")
+        if not records:
+            return
+        chunks = self._plan(records if isinstance(records, (list, tuple)) else list(records))
+        run_id = self._run.run_id
+        for chunk in chunks:
+            self._transport.log_batch(run_id, chunk)
+            if chunk.params:
+                self._params.update(chunk.params)
+
+    def _plan(self, records: Sequence[MetricRecord]) -> list[Chunk]:
+        """Validate ``records`` and cut them into requests, keeping call order between requests."""
+        unknown = set(map(_NAME, records)) - self._good_keys
+        for key in unknown:
+            problem = key_problem(key)
+            if problem is not None:
+                raise PermanentError(problem)
+        self._good_keys |= unknown
+
+        kinds = list(map(type, records))
+        n = len(records)
+        if kinds.count(Scalar) == n:  # the common case: no per-record Python work
+            step = MAX_METRICS_PER_REQUEST
+            scalars = cast("Sequence[Scalar]", records)
+            return [Chunk(list(scalars[i : i + step])) for i in range(0, n, step)]
+
+        chunks: list[Chunk] = []
+        cur = Chunk()
+        pending: dict[str, str] = {}
+        start = 0
+        for i in [i for i, k in enumerate(kinds) if k is not Scalar] + [n]:
+            run: Sequence[Any] = records[start:i]
+            while run:
+                room = cur.metric_room()
+                if room <= 0:
+                    chunks.append(cur)
+                    cur = Chunk()
+                    continue
+                cur.metrics.extend(run[:room])
+                run = run[room:]
+            start = i + 1
+            if i == n:
+                break
+            rec = records[i]
+            if kinds[i] is Param:
+                value = _param_str(rec.value)
+                before = self._params.get(rec.name, pending.get(rec.name))
+                if before is not None:
+                    if before != value:
+                        raise PermanentError(
+                            f"param {rec.name!r} changed from {before!r} to {value!r}; "
+                            "MLflow params cannot change within a run"
+                        )
+                    continue  # already stored or already in this batch: nothing to send
+                pending[rec.name] = value
+                if not cur.settings_room():
+                    chunks.append(cur)
+                    cur = Chunk()
+                cur.params[rec.name] = value
+            elif kinds[i] is Tag:
+                value = str(rec.value)[:MAX_TAG_VALUE_LENGTH]
+                if rec.name not in cur.tags and not cur.settings_room():
+                    chunks.append(cur)
+                    cur = Chunk()
+                cur.tags[rec.name] = value  # later value of a tag wins, as on the server
+            else:
+                raise PermanentError(f"the mlflow sink cannot write a {kinds[i].__name__}")
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    # -- upload lane -------------------------------------------------------------------------
+
+    def upload(self, artifact: Artifact) -> None:
+        """The file, directory (its contents, recursively) or bytes are stored with the run
+        under ``artifact.name``; a retry overwrites what a failed attempt stored."""
+        if self._run is None or self._transport is None:
+            raise RetryableError("the MLflow run is not open yet")
+        if artifact.data is None and artifact.source is None:
+            raise PermanentError(f"artifact {artifact.name!r} has neither data nor a source")
+        if artifact.source is not None and not os.path.exists(artifact.source):
+            raise PermanentError(f"artifact source {artifact.source!r} does not exist")
+        is_dir = artifact.data is None and os.path.isdir(str(artifact.source))
+        try:
+            # A directory may go to the run's artifact root; a file or bytes need a name.
+            path = "" if is_dir and artifact.name in ("", ".") else safe_relpath(artifact.name)
+        except (TypeError, ValueError) as exc:
+            raise PermanentError(str(exc)) from exc
+        self._transport.upload(self._run, artifact, path)
+
+
+def _param_str(value: Any) -> str:
+    return str(value)[:MAX_PARAM_VALUE_LENGTH]
+
+
+def make_transport(tracking_uri: str, timeout_s: float) -> Transport:
+    """REST in this process when MLflow's client is not needed, else MlflowClient in a host."""
+    from steplog.sinks.mlflow.rest import RestTransport, needs_mlflow_client
+
+    reason = needs_mlflow_client(tracking_uri)
+    if reason is None:
+        return RestTransport(tracking_uri, timeout_s)
+    from steplog.sinks.mlflow.client import HostTransport
+
+    return HostTransport(tracking_uri, timeout_s)
