@@ -131,3 +131,41 @@ def test_the_run_status_follows_how_the_process_ended(
     assert run["info"]["status"] == status
     assert len(mlflow_server.metric_history(run["info"]["run_id"], "loss")) == 100
 
+
+
+def test_the_http_path_works_when_mlflow_cannot_be_imported(
+    mlflow_server: MlflowServer, tmp_path
+) -> None:
+    name = f"no-mlflow-{uuid.uuid4().hex[:8]}"
+    src = tmp_path / "notes.txt"
+    src.write_text("artifact through the server's proxy")
+    code = textwrap.dedent(f"""
+        import sys
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("mlflow", "requests"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+        sys.meta_path.insert(0, Blocked())
+        import steplog
+        lg = steplog.MLFlowLogger({name!r}, tracking_uri={mlflow_server.url!r},
+                                  tags={{"team": "rl"}})
+        lg.log_parameters({{"lr": 0.01}})
+        lg.log_tags({{"stage": "blocked"}})
+        for i in range(300):
+            lg.log_metrics({{"loss": 1.0 / (i + 1)}}, i)
+        lg.log_artifact({str(src)!r}, name="docs/notes.txt")
+        result = lg.close(60)
+        print(bool(result), lg.run_id)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ok, run_id = proc.stdout.split()
+    assert ok == "True"
+    run = mlflow_server.run(run_id)
+    assert run["info"]["status"] == "FINISHED"
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"lr": "0.01"}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["team"] == "rl" and tags["stage"] == "blocked" and tags["mlflow.user"]
+    assert [m["step"] for m in mlflow_server.metric_history(run_id, "loss")] == list(range(300))
+    assert [a["path"] for a in mlflow_server.artifacts(run_id)] == ["docs/notes.txt"]

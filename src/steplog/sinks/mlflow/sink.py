@@ -92,6 +92,13 @@ class MLflowSink(Sink):
         """The MLflow experiment id, ``None`` until :meth:`open` succeeded."""
         return None if self._run is None else self._run.experiment_id
 
+    @property
+    def host_pid(self) -> int | None:
+        """The process id of the sink host running MLflow's client for this run, ``None`` when
+        the sink speaks REST itself (or no host runs at the moment)."""
+        host = getattr(self._transport, "host", None)
+        return None if host is None else host.pid
+
     def describe(self) -> str:
         where = redact(self.tracking_uri)
         if self._run is None:
@@ -108,10 +115,6 @@ class MLflowSink(Sink):
         problem = tracking_uri_problem(self.tracking_uri)
         if problem is not None:
             raise ValueError(problem)
-        # mlflow and requests import concurrent.futures.thread, which cannot be imported on a
-        # worker thread once the interpreter started shutting down (a short script that exits
-        # before the run was opened): import it here, on the caller's thread.
-        import concurrent.futures.thread  # noqa: F401
 
     def open(self) -> None:
         """The experiment exists and this sink's run is RUNNING; safe to call again after a

@@ -1,0 +1,163 @@
+"""What logging costs a real training step loop, second by second, side by side in one run.
+
+Each contender runs in a fresh Python process (so start-up costs such as imports count, as in
+a real job): a one-thread torch step loop (an MLP forward and backward plus an SGD step, about
+0.5 ms) for ``--seconds`` seconds, logging ``K`` scalars per step, against:
+
+* ``none``: the same loop without logging (the baseline);
+* ``file``: ``FileLogger``;
+* ``mlflow-embedded``: ``MLFlowLogger`` on the embedded default store (``sqlite:///``), which
+  runs MLflow's client in steplog's sink host process;
+* ``mlflow-http``: ``MLFlowLogger`` against an ``mlflow server`` started by this benchmark.
+
+``steplog`` is imported before the loop (as at the top of a training script); the logger is
+created when the loop starts, and closed after it (every record checked delivered). With two or
+more CPUs the server is pinned to CPU 0 (``taskset``); the training process and the sink host
+are left to the scheduler, as in a real job. It prints the mean step time of every second and
+the overhead against ``none``, per second and for the whole run.
+
+    python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+CONTENDERS = ("none", "file", "mlflow-embedded", "mlflow-http")
+
+
+def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -> None:
+    """One contender in this process: print the per-second mean step times (ms) as JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(),
+                                torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                                torch.nn.Linear(256, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 64)
+    names = [f"train/m{k}" for k in range(scalars)]
+    if contender != "none":
+        import steplog
+
+    start = time.perf_counter()
+    logger = None
+    if contender == "file":
+        logger = steplog.FileLogger(os.path.join(workdir, "run"))
+    elif contender == "mlflow-embedded":
+        logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
+    elif contender == "mlflow-http":
+        logger = steplog.MLFlowLogger("bench-step", tracking_uri=url)
+    buckets: list[list[float]] = [[] for _ in range(int(seconds) + 1)]
+    step = 0
+    now = time.perf_counter()
+    while now - start < seconds:
+        t0 = now
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        if logger is not None:
+            value = float(loss.item())
+            for name in names:
+                logger.log_scalar(name, value, step)
+        else:
+            float(loss.item())
+        step += 1
+        now = time.perf_counter()
+        buckets[int(t0 - start)].append(now - t0)
+    ok = True
+    if logger is not None:
+        result = logger.close(300)
+        ok = bool(result) and result.delivered == step * scalars
+    per_second = [1000 * statistics.fmean(b) for b in buckets if b]
+    print(json.dumps({"per_second_ms": per_second, "steps": step, "ok": ok}))
+
+
+def run_contender(contender: str, scalars: int, seconds: float, url: str) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-") as workdir:
+        cmd = [sys.executable, __file__, "--contender", contender, "--scalars", str(scalars),
+               "--seconds", str(seconds), "--url", url, "--workdir", workdir]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600,
+                             check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{contender} failed:\n{out.stderr[-3000:]}")
+        result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--scalars", type=int, nargs="+", default=[2, 10])
+    parser.add_argument("--contender", choices=CONTENDERS)
+    parser.add_argument("--url", default="")
+    parser.add_argument("--workdir", default="")
+    args = parser.parse_args()
+    if args.contender:
+        loop(args.contender, args.scalars[0], args.seconds, args.url, args.workdir)
+        return
+
+    from mlflow_support import MlflowServer
+
+    two_cpus = (os.cpu_count() or 1) >= 2
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-server-") as root:
+        server = MlflowServer(Path(root), cpus={0} if two_cpus else None)
+        server.start()
+        try:
+            for k in args.scalars:
+                results = {c: run_contender(c, k, args.seconds, server.url)
+                           for c in CONTENDERS}
+                report(k, results)
+        finally:
+            server.stop()
+
+
+def report(scalars: int, results: dict[str, dict[str, object]]) -> None:
+    base = results["none"]["per_second_ms"]
+    assert isinstance(base, list)
+    seconds = len(base)
+    print(f"\n{scalars} scalars per step: mean step time (ms) in each second of the run")
+    header = f"{'second':>6}" + "".join(f"{c:>18}" for c in CONTENDERS)
+    print(header)
+    for s in range(seconds):
+        row = f"{s:>6}"
+        for c in CONTENDERS:
+            per = results[c]["per_second_ms"]
+            assert isinstance(per, list)
+            if s < len(per):
+                over = 100 * (per[s] / base[s] - 1)
+                row += f"{per[s]:>10.3f} {over:+6.1f}%" if c != "none" else f"{per[s]:>18.3f}"
+            else:
+                row += f"{'-':>18}"
+        print(row)
+    print(f"{'run':>6}", end="")
+    for c in CONTENDERS:
+        steps = results[c]["steps"]
+        ok = results[c]["ok"]
+        assert isinstance(steps, int)
+        base_steps = results["none"]["steps"]
+        assert isinstance(base_steps, int)
+        over = 100 * (base_steps / steps - 1)
+        cell = f"{steps} steps" if c == "none" else f"{over:+.2f}% {'ok' if ok else 'LOST'}"
+        print(f"{cell:>18}", end="")
+    print()
+    worst = max(100 * (results[c]["per_second_ms"][s] / base[s] - 1)  # type: ignore[index]
+                for c in CONTENDERS[1:] for s in range(min(seconds, len(
+                    results[c]["per_second_ms"]))))  # type: ignore[arg-type]
+    print(f"worst second: {worst:+.1f}% (target <= 3%); run overhead target <= 1%")
+
+
+if __name__ == "__main__":
+    main()

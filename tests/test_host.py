@@ -1,0 +1,183 @@
+"""The sink host: heavy backends run in a child process, and every guarantee holds through it.
+
+The embedded MLflow store (``sqlite:///...``) is served by MlflowClient in a sink host; the
+training process never imports mlflow. Faults are real: the host is killed with SIGKILL or
+frozen with SIGSTOP, the training process is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from steplog import MLFlowLogger, Options, PermanentError, RetryableError, RetryPolicy
+from steplog.host import Host
+
+pytestmark = pytest.mark.timeout(180)
+
+FAST = Options(drain_interval_s=0.01, retry=RetryPolicy(initial_s=0.05, max_s=0.5, jitter_s=0.05))
+
+
+def read_run(db: Path, experiment: str) -> tuple[dict[str, object], list[int]]:
+    """(run info, stored steps of "loss"), read with MLflow's own client in a child process."""
+    code = textwrap.dedent(f"""
+        import json, mlflow
+        c = mlflow.MlflowClient("sqlite:///{db}")
+        e = c.get_experiment_by_name({experiment!r})
+        (r,) = c.search_runs([e.experiment_id])
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "loss")]
+        print(json.dumps([{{"status": r.info.status, "params": r.data.params,
+                            "tags": r.data.tags}}, sorted(steps)]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    info, steps = json.loads(out.strip().splitlines()[-1])
+    return info, steps
+
+
+def wait_for(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_the_embedded_default_runs_mlflow_in_a_host_and_delivers_everything(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys, steplog
+        lg = steplog.MLFlowLogger("embedded")              # sqlite:///mlflow.db, no server
+        lg.log_parameters({"lr": 0.1})
+        for i in range(5000):
+            lg.log_scalar("loss", 1.0 / (i + 1), i)
+        result = lg.close(120)
+        print(bool(result), result.delivered, lg.sink.host_pid is None)
+        print(sorted(m for m in ("mlflow", "sqlalchemy", "requests") if m in sys.modules))
+    """)], cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["True 5001 True", "[]"]  # host gone after close
+    info, steps = read_run(tmp_path / "mlflow.db", "embedded")
+    assert steps == list(range(5000))
+    assert info["status"] == "FINISHED" and info["params"] == {"lr": "0.1"}
+
+
+def test_a_host_killed_mid_run_is_replaced_and_nothing_is_lost_or_duplicated(tmp_path) -> None:
+    logger = MLFlowLogger("killed-host", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          options=FAST)
+    assert logger.flush(120)
+    first = logger.sink.host_pid
+    assert first is not None
+    for i in range(3000):
+        logger.log_scalar("loss", float(i), i)
+        if i == 1500:
+            os.kill(first, signal.SIGKILL)
+        if i % 100 == 0:
+            time.sleep(0.01)  # a training step; batches keep flowing to the host
+    result = logger.close(120)
+    assert result and result.delivered == 3000, result
+    assert logger.sink.host_pid is None
+    _, steps = read_run(tmp_path / "m.db", "killed-host")
+    assert steps == list(range(3000))
+
+
+def test_close_through_a_frozen_host_returns_at_its_deadline(tmp_path) -> None:
+    logger = MLFlowLogger("frozen-host", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          options=FAST)
+    assert logger.flush(120)
+    pid = logger.sink.host_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        logger.log_scalar("loss", 1.0, 0)
+        start = time.monotonic()
+        flushed = logger.flush(0.5)
+        closed = logger.close(1.0)
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert not flushed and not closed and closed.timed_out
+    assert elapsed < 2.5
+
+
+def test_the_host_exits_and_ends_the_run_killed_when_the_training_process_dies(
+    tmp_path,
+) -> None:
+    pid_file = tmp_path / "host.pid"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time, steplog
+        lg = steplog.MLFlowLogger("orphan", tracking_uri="sqlite:///{tmp_path / 'm.db'}")
+        for i in range(100):
+            lg.log_scalar("loss", float(i), i)
+        lg.flush(120)
+        pathlib.Path({str(pid_file)!r}).write_text(str(lg.sink.host_pid))
+        time.sleep(120)
+    """)], cwd=tmp_path)
+    try:
+        wait_for(pid_file.exists, 120)
+        host = int(pid_file.read_text())
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+        wait_for(lambda: not Path(f"/proc/{host}").exists()
+                 or "Z" in Path(f"/proc/{host}/stat").read_text().split()[2], 15)
+    finally:
+        child.kill()
+    info, steps = read_run(tmp_path / "m.db", "orphan")
+    assert steps == list(range(100))
+    assert info["status"] == "KILLED"
+
+
+def test_a_host_keeps_the_meaning_of_errors() -> None:
+    host = Host("collections:Counter")
+    try:
+        host.call("api", "update", {"a": 2})
+        assert host.call("api", "total") == 2
+        with pytest.raises(PermanentError, match="no attribute 'nope'"):
+            host.call("api", "nope")
+        with pytest.raises(PermanentError, match="not a public method"):
+            host.call("api", "_private")
+    finally:
+        host.close()
+
+
+def test_a_host_that_dies_during_a_call_raises_retryable_and_is_replaced() -> None:
+    host = Host("threading:Event")
+    try:
+        assert host.call("api", "is_set") is False
+        pid = host.pid
+        assert pid is not None
+        killer = subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -9 {pid}"])
+        with pytest.raises(RetryableError, match="stopped answering"):
+            host.call("api", "wait", 30)  # blocks in the host until it is killed
+        killer.wait(10)
+        assert host.call("api", "is_set") is False and host.starts == 2
+    finally:
+        host.close()
+
+
+def test_a_host_that_cannot_build_its_object_fails_permanently() -> None:
+    host = Host("steplog.no_such_module:Thing")
+    with pytest.raises(PermanentError, match="could not start"):
+        host.call("api", "anything")
+    host.close()
+
+
+def test_a_short_script_on_the_embedded_default_delivers_at_exit_without_close(
+    tmp_path,
+) -> None:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import steplog
+        lg = steplog.MLFlowLogger("short")
+        for i in range(100):
+            lg.log_scalar("loss", float(i), i)
+    """)], cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    assert "steplog:" not in proc.stderr
+    info, steps = read_run(tmp_path / "mlflow.db", "short")
+    assert steps == list(range(100)) and info["status"] == "FINISHED"
