@@ -345,6 +345,10 @@ class _Lane:
                 take = min(take, max(1, self._barriers[0][0] - self.done))
             if self.max_bytes is not None:
                 take = _fitting(self.buffer, take, self.max_bytes)
+            if take == n:
+                batch = list(self.buffer)
+                self.buffer.clear()
+                return batch
             pop = self.buffer.popleft
             return [pop() for _ in range(take)]
 
@@ -678,8 +682,8 @@ class Pipeline:
         out: list[MetricRecord] = []
         add = out.append
         count = 0
+        mark = 0
         for item in items:
-            mark = len(out)
             try:
                 if type(item) is tuple:
                     name, value, step = item
@@ -690,6 +694,7 @@ class Pipeline:
                     add(Scalar(name, value, n if step is None else step, ts))
                     count += 1
                 elif type(item) is MetricsItem:
+                    mark = len(out)
                     step = item.step
                     for name, value in item.values.items():
                         if type(value) is not float:
@@ -721,9 +726,10 @@ class Pipeline:
                 # A value that cannot be read back (a failed device copy, say) is refused, and
                 # only that call's records are lost, with the reason; none of them is sent and
                 # its automatic steps are not used.
-                for record in out[mark:]:
-                    steps[record.name] -= 1
-                del out[mark:]
+                if type(item) is MetricsItem:
+                    for record in out[mark:]:
+                        steps[record.name] -= 1
+                    del out[mark:]
                 n = _record_count(item)
                 count += n
                 self._refused += n
