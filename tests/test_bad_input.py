@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from steplog import FileLogger, Logger, Options
+from steplog import FileLogger, Logger, Options, SteplogWarning
 from steplog.paths import safe_relpath
 
 
@@ -117,19 +119,40 @@ def test_non_finite_or_negative_durations_in_options_raise(field: str, value: fl
         Options(**{field: value})
 
 
-def test_save_agent_with_an_object_that_cannot_be_serialised_raises_at_the_call(tmp_path
-                                                                               ) -> None:
+def test_save_agent_with_an_object_that_cannot_be_copied_raises_at_the_call(tmp_path) -> None:
     logger = FileLogger(tmp_path)
-    with pytest.raises(TypeError, match="cannot serialise"):
-        logger.save_agent({"policy": lambda x: x})
+    with pytest.raises(TypeError, match="cannot snapshot"):
+        logger.save_agent({"lock": threading.Lock()})
     assert logger.close(10)
     assert not (tmp_path / "agent.pth").exists()
 
 
+def test_save_agent_with_an_object_that_cannot_be_serialised_is_rejected_with_the_reason(
+    tmp_path,
+) -> None:
+    logger = FileLogger(tmp_path)
+    logger.save_agent({"policy": lambda x: x})  # copied at the call, pickled on the worker
+    with pytest.warns(SteplogWarning, match="rejected artifact 'agent.pth'"):
+        result = logger.close(10)
+    assert not result and result.rejected == 1
+    assert "lambda" in result.losses[0].reason
+    assert not (tmp_path / "agent.pth").exists()
+
+
 @pytest.mark.parametrize(("uri", "hint"), [("localhost:5000", "http://localhost:5000"),
-                                           ("ftp://host/x", "ftp"), ("http:///nohost", "no host")])
+                                           ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+                                           ("ftp://host/x", "ftp"), ("http:///nohost", "no host"),
+                                           ("./mlruns", "file store")])
 def test_a_tracking_uri_mlflow_cannot_use_raises_at_construction(uri: str, hint: str) -> None:
     from steplog import MLFlowLogger
 
     with pytest.raises(ValueError, match=hint):
         MLFlowLogger("exp", tracking_uri=uri)
+
+
+@pytest.mark.parametrize("uri", ["databricks", "databricks-uc", "sqlite:///x.db",
+                                 "postgresql+psycopg2://u@h/db", "https://h:5000/prefix"])
+def test_tracking_uris_mlflow_knows_are_accepted(uri: str) -> None:
+    from steplog.sinks.mlflow import tracking_uri_problem
+
+    assert tracking_uri_problem(uri) is None

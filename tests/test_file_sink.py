@@ -215,6 +215,40 @@ def test_a_write_retried_after_a_full_disk_never_duplicates_a_line(small_fs) -> 
     assert json.loads((run / "parameters.json").read_text()) == {"lr": 0.1}
 
 
+def test_scalars_that_do_not_fit_a_full_disk_are_written_once_when_space_returns(
+    small_fs,
+) -> None:
+    run = small_fs / "run"
+    retry = RetryPolicy(initial_s=0.05, max_s=0.1, jitter_s=0.0)
+    logger = FileLogger(run, options=Options(drain_interval_s=0.01, retry=retry))
+    assert logger.flush(10)
+    filler = small_fs / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+        for _ in range(64):
+            f.write(b"\0" * 4096)  # until the file system is full
+    for i in range(50):
+        logger.log_scalar("loss", float(i), i)
+    with pytest.warns(SteplogWarning, match="No space left"):
+        time.sleep(0.6)  # the scalars themselves fail to be written, and are retried
+    filler.unlink()
+    assert logger.close(10)
+    assert pd.read_json(run / "scalars.jsonl", lines=True)["step"].tolist() == list(range(50))
+
+
+@pytest.mark.filterwarnings("ignore::steplog.SteplogWarning")
+def test_a_directory_with_a_dangling_link_is_rejected_at_once(tmp_path) -> None:
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "ok.txt").write_text("x")
+    (src / "dangling").symlink_to(tmp_path / "nowhere")
+    logger = FileLogger(tmp_path / "run", options=FAST)
+    logger.log_directory(src, "tree")
+    start = time.monotonic()
+    result = logger.close(3)
+    assert time.monotonic() - start < 1.5
+    assert not result and result.rejected == 1 and result.losses
+
+
 def test_a_file_removed_before_the_worker_copied_it_is_rejected_at_once(tmp_path) -> None:
     src = tmp_path / "gone.txt"
     src.write_text("x")

@@ -17,6 +17,8 @@ from steplog import (
     Logger,
     LoggerClosedError,
     Options,
+    PermanentError,
+    RetryPolicy,
     RunStatus,
     State,
     SteplogWarning,
@@ -32,8 +34,10 @@ class SlowCloseSink(ListSink):
     def __init__(self, close_delay_s: float, **kw: float) -> None:
         super().__init__(**kw)
         self.close_delay_s = close_delay_s
+        self.ending = threading.Event()
 
     def close(self, status: RunStatus) -> None:
+        self.ending.set()
         time.sleep(self.close_delay_s)
         super().close(status)
 
@@ -81,9 +85,11 @@ def test_a_logger_goes_from_open_through_closing_to_closed() -> None:
 
 
 def test_flush_during_a_close_in_another_thread_returns_with_the_close_outcome() -> None:
-    logger = Logger(sinks=[SlowCloseSink(0.5)], options=FAST)
+    sink = SlowCloseSink(0.5)
+    logger = Logger(sinks=[sink], options=FAST)
     logger.log_scalar("x", 1.0)
     t = closing_in_background(logger, 10)
+    assert sink.ending.wait(5)  # the close is ending the run: the worker drained everything
     start = time.monotonic()
     result = logger.flush(timeout=5)
     assert time.monotonic() - start < 2.0
@@ -182,14 +188,16 @@ def test_a_timed_out_close_ends_the_run_only_after_the_running_write_returned() 
 
 
 @pytest.mark.filterwarnings("ignore::steplog.SteplogWarning")
-def test_close_with_a_running_system_sampler_returns_within_its_timeout() -> None:
+def test_close_with_a_system_sampler_stuck_on_a_full_queue_returns_within_its_timeout() -> None:
     pytest.importorskip("psutil")
     from steplog import MLFlowLogger
 
+    options = Options(drain_interval_s=0.005, queue_size=2, lane_capacity=1, block_timeout_s=30)
     logger = MLFlowLogger("sampler", tracking_uri=f"http://127.0.0.1:{free_port()}",  # nobody there
-                          log_system_metrics=True, system_metrics_interval_s=0.05, options=FAST)
+                          log_system_metrics=True, system_metrics_interval_s=0.02,
+                          options=options)
     logger.log_scalar("x", 1.0)
-    time.sleep(0.3)
+    time.sleep(0.5)  # the queue fills; the sampler now waits for room
     start = time.monotonic()
     result = logger.close(timeout=0.5)
     elapsed = time.monotonic() - start
@@ -252,4 +260,83 @@ def test_a_producer_blocked_on_a_full_queue_is_released_by_close() -> None:
 
 def test_file_logger_on_a_read_only_directory_raises_at_construction(read_only_dir) -> None:
     with pytest.raises(OSError, match="Read-only"):
-        FileLogger(read_only_dir / "run")
+        FileLogger(read_only_dir)
+
+
+def test_flush_from_a_signal_handler_on_the_closing_thread_answers_at_once() -> None:
+    logger = Logger(sinks=[SlowCloseSink(0.6)], options=Options(drain_interval_s=0.005,
+                                                                 timeout_s=5))
+    logger.log_scalar("x", 1.0)
+    inner: list[object] = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: inner.append(logger.flush()))
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        start = time.monotonic()
+        outer = logger.close(timeout=10)
+        elapsed = time.monotonic() - start
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert len(inner) == 1 and not inner[0]
+    assert outer and elapsed < 2.0
+
+
+def test_records_logged_from_other_threads_while_closing_are_delivered_or_refused() -> None:
+    for _ in range(50):
+        sink = ListSink()
+        logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.001))
+        accepted = [0, 0]
+
+        def produce(k: int, logger: Logger = logger, accepted: list[int] = accepted) -> None:
+            while True:
+                try:
+                    logger.log_scalar(f"t{k}", 1.0, accepted[k])
+                except LoggerClosedError:
+                    return
+                accepted[k] += 1
+
+        threads = [threading.Thread(target=produce, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.002)
+        result = logger.close(10)
+        for t in threads:
+            t.join(10)
+        assert result and result.delivered == sum(accepted) == len(sink.records), result
+
+
+@pytest.mark.filterwarnings("ignore::steplog.SteplogWarning")
+def test_splitting_a_refused_batch_starts_no_attempt_after_the_deadline() -> None:
+    starts: list[float] = []
+
+    class SlowRefusing(ListSink):
+        def write(self, records: Sequence[MetricRecord]) -> None:
+            starts.append(time.monotonic())
+            time.sleep(0.1)
+            if any(r.name == "bad" for r in records):
+                raise PermanentError("INVALID_PARAMETER_VALUE: bad (test)")
+            super().write(records)
+
+    logger = Logger(sinks=[SlowRefusing(max_batch=64)], options=Options(drain_interval_s=1.0))
+    logger.log_metrics({**{f"m{k}": 1.0 for k in range(63)}, "bad": 1.0}, 0)
+    start = time.monotonic()
+    result = logger.close(timeout=0.25)
+    deadline = start + 0.25
+    time.sleep(1.0)  # let the lane finish what it started
+    assert not result
+    assert all(t < deadline for t in starts), [round(t - deadline, 3) for t in starts]
+
+
+def test_worker_threads_survive_warnings_turned_into_errors() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sink = ListSink(transient_failures=2)
+        logger = Logger(sinks=[sink], options=Options(
+            drain_interval_s=0.005, retry=RetryPolicy(initial_s=0.01, max_s=0.02, jitter_s=0)))
+        for i in range(10):
+            logger.log_scalar("x", float(i), i)
+        assert logger.flush(10)
+        assert logger.close(10) and len(sink.records) == 10

@@ -22,8 +22,9 @@ Process hooks, installed when the first logger with a sink is built:
   stderr per logger.
 * **SIGTERM**: when the process had the default SIGTERM action, a handler raises
   ``SystemExit(143)`` in the main thread, so ``finally`` blocks run and the exit close flushes
-  the loggers. While the main thread is closing a logger (the exit close included), a SIGTERM
-  does not interrupt it: the close finishes within its deadline, then the process exits with 143.
+  the loggers. While the main thread closes a logger, a SIGTERM does not interrupt it: the
+  close finishes within its deadline, then ``SystemExit(143)`` is raised. During the exit close
+  a SIGTERM is ignored: the process keeps the exit status it was leaving with.
   A handler installed by the application is left alone.
 * **fork**: in a forked child every inherited open logger becomes ``INERT``; no thread starts.
 """
@@ -126,6 +127,9 @@ class Lifecycle:
         p = self.pipeline
         if p is None or self.state is State.INERT:
             return FlushResult(ok=True, pending=0, elapsed_s=0.0)
+        if self._closer == threading.get_ident():
+            # From a signal handler on the thread that is closing: it cannot wait for itself.
+            return self._flush_result(start, ok=False, pending=p.unacknowledged())
         if self.state is State.OPEN:
             barrier = p.flush_barrier()
             while not barrier.event.wait(min(_FLUSH_POLL_S, max(0.0, end - time.monotonic()))):
@@ -158,17 +162,19 @@ class Lifecycle:
         if self._closer == threading.get_ident():
             # Re-entered on the closing thread (from a signal handler): it cannot wait for itself.
             return self._close_result(start, timed_out=True)
-        if not self._lock.acquire(timeout=seconds):
-            return self._close_result(start, timed_out=True)  # another close is still running
-        shield = _Shield()
+        shield = _Shield()  # before the lock: a SIGTERM now cannot leave the lock held
+        locked = False
         try:
+            locked = self._lock.acquire(timeout=seconds)
+            if not locked:
+                return self._close_result(start, timed_out=True)  # another close still runs
             if self._result is not None:
                 return self._result
             self._closer = threading.get_ident()
             self._deadline = start + seconds
+            self._stop_accepting(State.CLOSING)
             for helper in self.helpers:
                 helper.stop(max(0.0, self._deadline - time.monotonic()))
-            self._stop_accepting(State.CLOSING)
             ended = self.pipeline.shut_down(status) if self.pipeline is not None else True
             self._result = self._close_result(start, timed_out=not ended)
             self.state = State.CLOSED
@@ -176,14 +182,17 @@ class Lifecycle:
             _unregister(self)
             return self._result
         finally:
-            self._closer = None
-            self._lock.release()
+            if locked:
+                self._closer = None
+                self._lock.release()
             shield.release()
 
     def _stop_accepting(self, state: State) -> None:
-        self.state = state
+        # The hot path's gate first: a call that finds the queue still open, then the state
+        # changed, takes its record back (Logger._late) or the closer delivers it.
         if self._gate is not None:
             self._gate()
+        self.state = state
 
     def _close_result(self, start: float, timed_out: bool) -> CloseResult:
         p = self.pipeline
@@ -193,8 +202,12 @@ class Lifecycle:
                                elapsed_s=elapsed, timed_out=False)
         s = p.stats()
         undelivered = s.undelivered
+        losses = p.losses()
+        if timed_out:
+            losses = (*losses, *p.pending_losses())
+        nothing_lost = undelivered == s.failed == s.rejected == s.dropped == 0
         return CloseResult(
-            ok=undelivered == 0 and not timed_out and not p.run_errors(),
+            ok=nothing_lost and not timed_out and not p.run_errors(),
             delivered=s.delivered,
             undelivered=undelivered,
             dropped=s.dropped,
@@ -202,7 +215,7 @@ class Lifecycle:
             failed=s.failed,
             elapsed_s=elapsed,
             timed_out=timed_out,
-            losses=p.losses(),
+            losses=losses,
             sinks=s.sinks,
         )
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pickle
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +21,7 @@ from steplog.capture import (
     capture_step,
     capture_value,
 )
+from steplog.errors import LoggerClosedError
 from steplog.lifecycle import Lifecycle, State, gate_of
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
@@ -125,7 +124,10 @@ class Logger:
         if len(q) >= self._cap:
             self._put((name, value, iteration))
             return
-        q.append((name, value, iteration))
+        item = (name, value, iteration)
+        q.append(item)
+        if not self._cap:  # close() started between the check and the append
+            self._late(item)
 
     def log_metrics(
         self, metrics: Mapping[str, SupportsFloat], iteration: int | None = None
@@ -154,7 +156,10 @@ class Logger:
         if len(q) >= self._cap:
             self._put(MetricsItem(values, iteration))
             return
-        q.append(MetricsItem(values, iteration))
+        item = MetricsItem(values, iteration)
+        q.append(item)
+        if not self._cap:  # close() started between the check and the append
+            self._late(item)
 
     def _new_name(self, name: object) -> None:
         if type(name) is not str:
@@ -165,11 +170,18 @@ class Logger:
             sink.check_name(name)
         self._names.add(name)
 
+    def _late(self, item: object) -> None:
+        """A record appended just after the logger stopped accepting: take it back and raise,
+        unless the worker already took it (then it is delivered like any other)."""
+        pipeline = self._life.pipeline
+        if pipeline is not None and pipeline.withdraw(item):
+            raise LoggerClosedError("this logger is closing; the record was not logged")
+
     def _put(self, item: object) -> None:
         """The slow path: a full queue, or a logger that no longer accepts records."""
         pipeline = self._life.admit()
-        if pipeline is not None:
-            pipeline.put(item)
+        if pipeline is not None and pipeline.put(item) and not self._cap:
+            self._late(item)
 
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
@@ -195,7 +207,8 @@ class Logger:
         pipeline = self._life.admit()
         if pipeline is not None:
             for r in records:
-                pipeline.put(r)
+                if pipeline.put(r) and not self._cap:
+                    self._late(r)
 
     def log_artifact(
         self,
@@ -266,11 +279,13 @@ class Logger:
                      snapshot=capture_object(policy))
 
     def save_agent(self, agent: object, name: str = "agent.pth") -> None:
-        """Serialise ``agent`` now (torch.save when torch is loaded, else pickle) and queue the
-        bytes as ``name``. Raises ``TypeError`` at once when it cannot be serialised."""
+        """Snapshot ``agent`` now (deep copy) and queue it as ``name``; the worker serialises it
+        (torch.save when torch is loaded, else pickle). Raises ``TypeError`` when the object
+        cannot be copied; one that cannot be serialised is rejected on the worker, with the
+        reason in the flush and close results."""
         dest = safe_relpath(name)
-        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent",
-                              data=_serialise(agent)))
+        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"),
+                     snapshot=capture_object(agent))
 
     def _upload(self, artifact: Artifact, snapshot: Any = None) -> None:
         self._put(UploadRequest(artifact, snapshot))
@@ -321,19 +336,6 @@ class Logger:
         if exc_type is not None:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         self.close(status=status)
-
-def _serialise(obj: object) -> bytes:
-    buf = io.BytesIO()
-    try:
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            torch.save(obj, buf)
-        else:
-            pickle.dump(obj, buf, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(f"cannot serialise {type(obj).__name__} for saving: {exc}") from exc
-    return buf.getvalue()
-
 
 def _capture_metrics(metrics: object) -> dict[str, Any]:
     if not isinstance(metrics, Mapping):

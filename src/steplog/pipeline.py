@@ -502,6 +502,10 @@ class _SinkRunner:
                 self.count_loss("failed", batch, f"gave up retrying: {exc!r}")
                 return len(batch)
             if len(batch) > 1 and not getattr(exc, "whole_batch", False):
+                if self.pipeline.deadline_passed():
+                    self.count_loss("failed", batch, f"the close deadline passed while "
+                                    f"isolating a refused record ({exc})")
+                    return len(batch)
                 # Isolate what the backend refuses: the rest of the batch still gets delivered.
                 mid = len(batch) // 2
                 return self._write(batch[:mid]) + self._write(batch[mid:])
@@ -543,7 +547,10 @@ class _SinkRunner:
     def warn(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, SteplogWarning, stacklevel=2)
+            # With warnings turned into errors, a warning must not end a worker thread: the
+            # problem is in the results and stats() anyway.
+            with contextlib.suppress(Exception):
+                warnings.warn(message, SteplogWarning, stacklevel=2)
 
     # -- the end ---------------------------------------------------------------------------
     def finish(self, status: RunStatus) -> None:
@@ -592,8 +599,14 @@ class Pipeline:
         self._steps: dict[str, int] = {}
         self._drained = 0
         self._dropped = 0
-        self._refused = 0
-        """Records refused by the drain thread (a value that could not be read back)."""
+        self._lost_early = 0
+        """Records lost before reaching the lanes (a value that could not be read back, a lane
+        closed before they reached it)."""
+        self._holding: list[Any] = []
+        """The chunk the drain thread is turning into records (counted as enqueued)."""
+        self._drain_lock = threading.Lock()
+        self._take_lock = threading.Lock()
+        """Taking queued items and withdrawing a late one never overlap (see withdraw)."""
         self._losses: collections.deque[Loss] = collections.deque(maxlen=_MAX_LOSSES_KEPT)
         self._loss_lock = threading.Lock()
         self._runners_left = len(self.runners)
@@ -645,6 +658,23 @@ class Pipeline:
         )
         return False
 
+    def take_all(self) -> list[Any]:
+        """Every item queued so far, in order, removed from the queue."""
+        q = self.queue
+        pop = q.popleft
+        with self._take_lock:
+            return [pop() for _ in range(len(q))]
+
+    def withdraw(self, item: Any) -> bool:
+        """Remove ``item`` from the queue if the worker has not taken it yet (True), for a call
+        that queued it just after the logger stopped accepting."""
+        with self._take_lock:
+            try:
+                self.queue.remove(item)
+            except ValueError:
+                return False
+            return True
+
     def flush_barrier(self) -> Barrier:
         """Queue a flush marker behind every record logged so far and wake the drain thread."""
         barrier = Barrier(lost=self._dropped)
@@ -655,7 +685,6 @@ class Pipeline:
     # -- drain thread ----------------------------------------------------------------------
     def _drain_loop(self) -> None:
         q = self.queue
-        pop = q.popleft
         interval = self.options.drain_interval_s
         busy = max(r.metrics.max_batch for r in self.runners)
         owner = self.owner
@@ -663,19 +692,31 @@ class Pipeline:
             if len(q) < busy:
                 self._wake.wait(interval)
             self._wake.clear()
-            n = len(q)
-            if n:
+            # Read before the queue: a record queued after the logger stopped accepting is
+            # taken by shut_down() or handed back to its caller (Logger._late).
+            stopping = not owner.accepting
+            if q:
                 try:
-                    self._process([pop() for _ in range(n)])
+                    self._process(self.take_all())
                 except Exception as exc:  # keep draining whatever went wrong
                     self.runners[0].warn("drain", f"steplog drain thread error: {exc!r}")
                 with self._space:
                     self._space.notify_all()
-            elif not owner.accepting:
+            elif stopping:
                 return
 
     def _process(self, items: list[Any]) -> None:
         """Turn one drained chunk into records, in order, and hand them to the lanes."""
+        with self._drain_lock:
+            self._holding = items
+        try:
+            self._drained += self._records(items)
+        finally:
+            with self._drain_lock:
+                self._holding = []
+
+    def _records(self, items: list[Any]) -> int:
+        """Hand the chunk's records to the lanes; how many records it held."""
         ts = now_ms()
         steps = self._steps
         get = steps.get
@@ -708,7 +749,7 @@ class Pipeline:
                         self._dispatch(out, ts)
                         out = []
                         add = out.append
-                    item.expect(2 * len(self.runners), self._refused)
+                    item.expect(2 * len(self.runners), self._lost_early)
                     for r in self.runners:
                         for lane in r.lanes:
                             lane.add_barrier(item)
@@ -717,6 +758,7 @@ class Pipeline:
                     job = _Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
                     for r in self.runners:
                         if not r.uploads.put([job], ts):
+                            self._lost_early += 1
                             r.count_loss("failed", [job], "the logger closed before delivery")
                             job.finished(stored=False)
                 else:
@@ -732,17 +774,18 @@ class Pipeline:
                     del out[mark:]
                 n = _record_count(item)
                 count += n
-                self._refused += n
+                self._lost_early += n
                 for r in self.runners:
                     r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
         if out:
             self._dispatch(out, ts)
-        self._drained += count
+        return count
 
     def _dispatch(self, records: list[MetricRecord], ts: int) -> None:
         for r in self.runners:
             taken = r.metrics.put(records, ts)
             if taken < len(records):
+                self._lost_early += len(records) - taken
                 r.count_loss("failed", records[taken:], "the logger closed before delivery")
 
     # -- the end ---------------------------------------------------------------------------
@@ -754,9 +797,15 @@ class Pipeline:
         with self._space:
             self._space.notify_all()
         self._drainer.join(_remaining(self.deadline()))
+        drained = not self._drainer.is_alive()
+        if drained and self.queue:
+            # Records queued by a call that passed its check just before the logger stopped
+            # accepting: still accepted, so still delivered.
+            self._process(self.take_all())
         for r in self.runners:
             r.finish(status)
-        return all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)
+        ended = all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)
+        return drained and ended
 
     def runner_ended(self) -> None:
         with self._loss_lock:
@@ -774,6 +823,16 @@ class Pipeline:
         with self._loss_lock:
             return tuple(self._losses)
 
+    def pending_losses(self) -> list[Loss]:
+        """One entry per sink that still has records on the way (for a timed-out close)."""
+        out = []
+        for r in self.runners:
+            pending = r.metrics.pending + r.uploads.pending
+            if pending:
+                why = r.last_error or "still being delivered when the close deadline passed"
+                out.append(Loss(r.label, "failed", pending, "records still on the way", why))
+        return out
+
     def reasons(self) -> list[str]:
         """Why records are missing: the first loss, else each sink's latest failed attempt."""
         losses = self.losses()
@@ -783,6 +842,12 @@ class Pipeline:
 
     def run_errors(self) -> list[str]:
         return [r.run_error or r.broken or "" for r in self.runners if r.run_error or r.broken]
+
+    def _enqueued(self) -> int:
+        with self._drain_lock:
+            drained, holding = self._drained, self._holding
+        return drained + sum(map(_record_count, holding)) + sum(map(_record_count,
+                                                                    list(self.queue)))
 
     def unacknowledged(self) -> int:
         """Records accepted and not yet acknowledged by every sink (an upper bound)."""
@@ -808,7 +873,7 @@ class Pipeline:
             lag = self.options.drain_interval_s
         per_sink = sinks.values()
         return Stats(
-            enqueued=self._drained + sum(_record_count(i) for i in list(self.queue)),
+            enqueued=self._enqueued(),
             delivered=min(s.delivered for s in per_sink),
             dropped=self._dropped,
             rejected=max(s.rejected for s in per_sink),

@@ -5,6 +5,7 @@ What an error means decides whether it is retried (the table is in ``docs/lifecy
 * **permanent at once**: :class:`~steplog.errors.PermanentError` (HTTP 4xx but 408/429, a bad
   key, an unknown URI scheme), ``OSError`` whose errno says the destination cannot work as it is
   (permission denied, read-only file system, no such file, not a directory, name too long...),
+  a directory copy that met missing, dangling or unreadable entries (``shutil.Error``),
   and any other exception (a bug or a refusal does not heal by waiting);
 * **retryable within the deadline**: :class:`~steplog.errors.RetryableError` (HTTP 408/429/5xx),
   connection refused/reset/aborted, timeouts, a full disk or quota, an unreachable network, I/O
@@ -14,6 +15,7 @@ What an error means decides whether it is retried (the table is in ``docs/lifecy
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -44,6 +46,8 @@ def is_retryable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (RetryableError, ConnectionError, TimeoutError, socket.timeout)):
         return True
+    if isinstance(exc, shutil.Error):
+        return False  # a tree copy that met missing, dangling or unreadable entries
     if isinstance(exc, OSError):
         return exc.errno not in PERMANENT_ERRNOS
     # requests/urllib3 wrap socket errors in their own ConnectionError/Timeout classes, which

@@ -68,6 +68,11 @@ def tracking_uri_problem(uri: str) -> str | None:
     ``http(s)`` URI without a host, and a local file store, which MLflow 3.7+ refuses unless
     ``MLFLOW_ALLOW_FILE_STORE`` is true. Reaching the server is checked later, with retries.
     """
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return None  # MLflow's bare forms of these stores
+    if re.fullmatch(r"[\w.-]+:\d+", uri):  # host:port, as in "localhost:5000"
+        return (f"tracking URI {uri!r} has no scheme MLflow knows; did you mean "
+                f"http://{uri}?")
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.lower()
     if len(scheme) == 1:
@@ -86,11 +91,8 @@ def tracking_uri_problem(uri: str) -> str | None:
         return None
     if base in _BUILTIN_SCHEMES or scheme in _BUILTIN_SCHEMES or _plugin_scheme(scheme):
         return None
-    hint = ""
-    if parts.path.isdigit():  # host:port, as in "localhost:5000"
-        hint = f"; did you mean http://{uri}?"
     return (
-        f"tracking URI {redact(uri)!r} has a scheme MLflow does not know ({scheme!r}){hint} "
+        f"tracking URI {redact(uri)!r} has a scheme MLflow does not know ({scheme!r}). "
         "Known: http(s)://host, sqlite:///path, postgresql://, mysql://, mssql://, databricks"
     )
 
