@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -112,21 +112,29 @@ def test_a_second_close_returns_at_its_own_deadline_while_the_first_still_runs()
     assert logger.close(1)  # the first close finished: its result, which is truthy
 
 
-def test_close_from_a_signal_handler_inside_close_on_the_same_thread_does_not_deadlock() -> None:
-    logger = Logger(sinks=[SlowCloseSink(0.6)], options=FAST)
-    logger.log_scalar("x", 1.0)
+def close_with_a_signal_during_it(
+    logger: Logger, in_handler: Callable[[], object]
+) -> tuple[list[object], object, float]:
+    """Close ``logger`` on this thread while a SIGUSR1 handler runs ``in_handler`` 0.2 s in:
+    (what the handler got, the close result, how long the close took). SIGUSR1, not SIGALRM:
+    pytest-timeout's alarm must still be able to end a hung test."""
     inner: list[object] = []
-    # SIGUSR1, not SIGALRM: pytest-timeout's alarm must still be able to end a hung test.
-    previous = signal.signal(signal.SIGUSR1, lambda *_: inner.append(logger.close(timeout=5)))
+    previous = signal.signal(signal.SIGUSR1, lambda *_: inner.append(in_handler()))
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
     try:
         timer.start()
         start = time.monotonic()
         outer = logger.close(timeout=10)
-        elapsed = time.monotonic() - start
+        return inner, outer, time.monotonic() - start
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_close_from_a_signal_handler_inside_close_on_the_same_thread_does_not_deadlock() -> None:
+    logger = Logger(sinks=[SlowCloseSink(0.6)], options=FAST)
+    logger.log_scalar("x", 1.0)
+    inner, outer, elapsed = close_with_a_signal_during_it(logger, lambda: logger.close(5))
     assert len(inner) == 1 and not inner[0]  # answered at once: it cannot wait for itself
     assert outer and elapsed < 3.0
 
@@ -267,17 +275,7 @@ def test_flush_from_a_signal_handler_on_the_closing_thread_answers_at_once() -> 
     logger = Logger(sinks=[SlowCloseSink(0.6)], options=Options(drain_interval_s=0.005,
                                                                  timeout_s=5))
     logger.log_scalar("x", 1.0)
-    inner: list[object] = []
-    previous = signal.signal(signal.SIGUSR1, lambda *_: inner.append(logger.flush()))
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
-    try:
-        timer.start()
-        start = time.monotonic()
-        outer = logger.close(timeout=10)
-        elapsed = time.monotonic() - start
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGUSR1, previous)
+    inner, outer, elapsed = close_with_a_signal_during_it(logger, logger.flush)
     assert len(inner) == 1 and not inner[0]
     assert outer and elapsed < 2.0
 
