@@ -272,3 +272,18 @@ def test_moving_a_file_to_several_sinks_copies_it_to_each_then_removes_it(tmp_pa
     assert logger.close(10)
     assert (a / "files" / "ckpt.bin").read_bytes() == (b / "files" / "ckpt.bin").read_bytes()
     assert not src.exists()
+
+
+def test_appending_after_a_crash_drops_the_torn_last_line_first(tmp_path) -> None:
+    first = FileLogger(tmp_path, options=FAST)
+    for i in range(3):
+        first.log_scalar("loss", float(i), i)
+    assert first.close(10)
+    with open(tmp_path / "scalars.jsonl", "ab") as f:
+        f.write(b'{"name":"loss","val')  # what a kill -9 in the middle of a write leaves
+    second = FileLogger(tmp_path, options=FAST, existing="append")
+    second.log_scalar("loss", 3.0, 3)
+    assert second.close(10)
+    assert pd.read_json(tmp_path / "scalars.jsonl", lines=True)["step"].tolist() == [0, 1, 2, 3]
+    assert [s for s, _ in json.loads((tmp_path / "scalars.json").read_text())["loss"]] == [
+        0, 1, 2, 3]

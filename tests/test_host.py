@@ -181,3 +181,24 @@ def test_a_short_script_on_the_embedded_default_delivers_at_exit_without_close(
     assert "steplog:" not in proc.stderr
     info, steps = read_run(tmp_path / "mlflow.db", "short")
     assert steps == list(range(100)) and info["status"] == "FINISHED"
+
+
+def test_a_long_call_is_not_cut_short_while_the_host_says_it_is_alive() -> None:
+    host = Host("threading:Event", call_timeout_s=0.6)  # heartbeats every 0.2 s
+    try:
+        start = time.monotonic()
+        assert host.call("api", "wait", 2.0) is False  # 2 s of work, 0.6 s of allowed silence
+        assert time.monotonic() - start >= 2.0 and host.starts == 1
+    finally:
+        host.close()
+
+
+def test_run_tags_of_any_type_are_stored_as_strings_through_the_host(tmp_path) -> None:
+    logger = MLFlowLogger("tags", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          tags={"seed": 1, "lr": 0.5}, options=FAST)  # type: ignore[dict-item]
+    logger.log_scalar("loss", 1.0, 0)
+    assert logger.close(120)
+    info, steps = read_run(tmp_path / "m.db", "tags")
+    tags = info["tags"]
+    assert isinstance(tags, dict) and tags["seed"] == "1" and tags["lr"] == "0.5"
+    assert steps == [0]

@@ -115,3 +115,22 @@ def test_batches_respect_an_estimated_byte_bound_and_keep_order(sizes, max_bytes
     for b in sink.batches:
         est = sum(len(r.name) + len(r.value) + 48 for r in b)
         assert est <= max_bytes or len(b) == 1
+
+
+def test_withdrawing_a_late_record_removes_that_record_not_an_equal_earlier_one() -> None:
+    from steplog.pipeline import Pipeline
+
+    class Open:
+        accepting = True
+
+        def deadline(self) -> float | None:
+            return None
+
+    pipeline = Pipeline([ListSink()], Options(drain_interval_s=3600), Open())
+    # Built at run time, as log_scalar builds them (equal literals would be one constant).
+    early, other, late = (tuple(["x", v, None]) for v in (1.0, 2.0, 1.0))
+    for item in (early, other, late):
+        pipeline.queue.append(item)
+    assert pipeline.withdraw(late)
+    assert [id(i) for i in pipeline.queue] == [id(early), id(other)]
+    assert not pipeline.withdraw(late)

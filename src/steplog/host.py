@@ -15,8 +15,9 @@ Guarantees:
 * **Errors keep their meaning.** An exception in the host comes back as the same class of
   error: :class:`~steplog.errors.RetryableError` or :class:`~steplog.errors.PermanentError`
   (``whole_batch`` kept), classified in the host by :func:`steplog.retry.is_retryable`.
-* **Death is survived.** A host that dies, or does not answer within ``call_timeout_s``, is
-  killed and the call raises ``RetryableError``; the next call starts a new host. Backends
+* **Death is survived.** A host that dies, or stays silent for ``call_timeout_s`` (a busy host
+  sends a heartbeat every few seconds, so a long upload is not cut short), is killed and the
+  call raises ``RetryableError``; the next call starts a new host. Backends
   hosted this way must be safe to retry (MLflow stores identical metric rows once).
 * **The host exits when the training process dies**: its sockets reach EOF (inherited copies
   are closed in forked children), and it checks its parent every second as a backstop.
@@ -28,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import typing
 import weakref
 from collections.abc import Callable, Sequence
@@ -45,7 +48,11 @@ from steplog.errors import PermanentError, RetryableError
 __all__ = ["Host", "main"]
 
 _LENGTH = struct.Struct("<Q")
-_OK, _RETRYABLE, _PERMANENT = 0, 1, 2
+_OK, _RETRYABLE, _PERMANENT, _HEARTBEAT = 0, 1, 2, 3
+_HEARTBEAT_S = 5.0
+"""How often a busy host says it is alive (less when ``call_timeout_s`` is short)."""
+_EXIT_GRACE_S = 30.0
+"""Longest the host spends ending runs and closing its object before it exits anyway."""
 _SHUTDOWN = "__shutdown__"
 _PARENT_POLL_S = 1.0
 
@@ -56,6 +63,7 @@ class _Config(msgspec.Struct):
     channels: list[str]
     path: list[str]
     parent: int
+    heartbeat_s: float
 
 
 class _Reply(msgspec.Struct, array_like=True):
@@ -115,8 +123,9 @@ class _Process:
         for s in self.sockets.values():
             with contextlib.suppress(OSError):
                 s.close()
-        with contextlib.suppress(OSError):
-            self.proc.kill()
+        if self.proc.poll() is None:  # not reaped yet: the group id is still its own
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its group: what it started too
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
 
@@ -126,8 +135,9 @@ class Host:
     child process; :meth:`call` runs one of its methods there.
 
     ``start_timeout_s`` bounds the start (interpreter, imports, the object's constructor);
-    ``call_timeout_s`` bounds each call. Every failure to start, answer or stay alive raises
-    :class:`RetryableError`, and the next call starts a new process.
+    ``call_timeout_s`` bounds how long a call may go without a sign of life from the host.
+    Every failure to start, answer or stay alive raises :class:`RetryableError`, and the next
+    call starts a new process.
     """
 
     def __init__(
@@ -137,7 +147,7 @@ class Host:
         *,
         channels: Sequence[str] = ("api", "files"),
         start_timeout_s: float = 120.0,
-        call_timeout_s: float = 300.0,
+        call_timeout_s: float = 60.0,
     ) -> None:
         module, _, name = target.partition(":")
         if not module or not name or module == "__main__":
@@ -174,6 +184,8 @@ class Host:
                 sock.settimeout(self.call_timeout_s)
                 _send(sock, request)
                 reply = self._decoder.decode(_recv(sock))
+                while reply.status == _HEARTBEAT:  # still working: wait for the next frame
+                    reply = self._decoder.decode(_recv(sock))
             except (OSError, EOFError) as exc:
                 self._lost(current)
                 raise RetryableError(f"the sink host stopped answering ({exc!r}); a new one "
@@ -189,14 +201,20 @@ class Host:
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask the host to exit after the calls it is running, then wait up to ``timeout_s``
         (it is killed after that)."""
-        self._closed = True
-        current, self._current = self._current, None
+        with self._spawn_lock:
+            self._closed = True
+            current, self._current = self._current, None
         if current is None or current.dead:
             return
         for name, sock in current.sockets.items():
-            with current.locks[name], contextlib.suppress(OSError):
-                sock.settimeout(1.0)
-                _send(sock, self._encoder.encode([_SHUTDOWN, []]))
+            lock = current.locks[name]
+            if lock.acquire(timeout=timeout_s):  # a call still running keeps its channel
+                try:
+                    with contextlib.suppress(OSError):
+                        sock.settimeout(1.0)
+                        _send(sock, self._encoder.encode([_SHUTDOWN, []]))
+                finally:
+                    lock.release()
         with contextlib.suppress(subprocess.TimeoutExpired):
             current.proc.wait(timeout_s)
         current.kill()
@@ -252,7 +270,7 @@ class Host:
         self.starts += 1
         current = _Process(proc, parents)
         config = _Config(self.target, self.args, list(self.channels), list(sys.path),
-                         os.getpid())
+                         os.getpid(), min(_HEARTBEAT_S, self.call_timeout_s / 3))
         first = parents[self.channels[0]]
         try:
             first.settimeout(self.start_timeout_s)
@@ -308,10 +326,30 @@ def _converter(obj: Any, method: str) -> Callable[[list[Any]], list[Any]]:
     return convert
 
 
-def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None]) -> None:
+def _heartbeat(sock: socket.socket, busy: threading.Event, send_lock: threading.Lock,
+               period_s: float) -> None:
+    """While a call runs, tell the parent every ``period_s`` that the host is alive."""
+    frame = msgspec.msgpack.encode(_Reply(_HEARTBEAT))
+    while True:
+        time.sleep(period_s)
+        if busy.is_set():
+            with send_lock:
+                if busy.is_set():
+                    try:
+                        _send(sock, frame)
+                    except OSError:
+                        return
+
+
+def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None], heartbeat_s: float
+           ) -> None:
     """Answer the calls of one channel until shutdown (``done(True)``) or EOF (``done(False)``)."""
     encoder = msgspec.msgpack.Encoder()
     converters: dict[str, Callable[[list[Any]], list[Any]]] = {}
+    busy = threading.Event()
+    send_lock = threading.Lock()
+    threading.Thread(target=_heartbeat, args=(sock, busy, send_lock, heartbeat_s),
+                     daemon=True).start()
     while True:
         try:
             method, args = msgspec.msgpack.decode(_recv(sock))
@@ -321,6 +359,7 @@ def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None]) -> None:
         if method == _SHUTDOWN:
             done(True)
             return
+        busy.set()
         try:
             if method.startswith("_"):
                 raise PermanentError(f"{method!r} is not a public method of the host's object")
@@ -330,16 +369,20 @@ def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None]) -> None:
             reply = _Reply(_OK, value)
         except BaseException as exc:
             reply = _error_reply(exc)
-        try:
-            _send(sock, encoder.encode(reply))
-        except (OSError, TypeError, msgspec.EncodeError) as exc:
-            with contextlib.suppress(OSError):
-                _send(sock, encoder.encode(_error_reply(exc)))
+        with send_lock:
+            busy.clear()
+            try:
+                _send(sock, encoder.encode(reply))
+            except (OSError, TypeError, msgspec.EncodeError) as exc:
+                with contextlib.suppress(OSError):
+                    _send(sock, encoder.encode(_error_reply(exc)))
 
 
 def main(argv: Sequence[str]) -> int:
     """Run a host: build the object the first frame names, then serve every channel."""
     sockets = [socket.socket(fileno=int(fd)) for fd in argv]
+    for sock in sockets:
+        sock.set_inheritable(False)  # nothing the object starts keeps the parent's channels
     first = sockets[0]
     try:
         config = msgspec.msgpack.decode(_recv(first), type=_Config)
@@ -366,11 +409,16 @@ def main(argv: Sequence[str]) -> int:
                 ended.set()
 
     for sock in sockets:
-        threading.Thread(target=_serve, args=(sock, obj, done), daemon=True).start()
+        threading.Thread(target=_serve, args=(sock, obj, done, config.heartbeat_s),
+                         daemon=True).start()
     while not ended.wait(_PARENT_POLL_S):
         if os.getppid() != config.parent:  # the parent died and its sockets were inherited
             orderly[0] = False
             break
+    # Whatever the object does now, the host is gone within the grace period.
+    watchdog = threading.Timer(_EXIT_GRACE_S, os._exit, (0,))
+    watchdog.daemon = True
+    watchdog.start()
     if not orderly[0]:
         on_death = getattr(obj, "on_parent_death", None)
         if callable(on_death):

@@ -205,10 +205,16 @@ class Logger:
                 self._new_name(k)
             records.append(build(k, v, ts))
         pipeline = self._life.admit()
-        if pipeline is not None:
-            for r in records:
-                if pipeline.put(r) and not self._cap:
-                    self._late(r)
+        if pipeline is None:
+            return
+        queued = [r for r in records if pipeline.put(r)]
+        if not self._cap:  # close() started during this call: take back what is still queued
+            back = sum(pipeline.withdraw(r) for r in queued)
+            if back:
+                raise LoggerClosedError(
+                    f"this logger is closing: {back} of the {len(records)} {what} of this call "
+                    "were not logged"
+                )
 
     def log_artifact(
         self,

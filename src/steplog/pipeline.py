@@ -668,12 +668,13 @@ class Pipeline:
     def withdraw(self, item: Any) -> bool:
         """Remove ``item`` from the queue if the worker has not taken it yet (True), for a call
         that queued it just after the logger stopped accepting."""
+        q = self.queue
         with self._take_lock:
-            try:
-                self.queue.remove(item)
-            except ValueError:
-                return False
-            return True
+            for i in range(len(q) - 1, -1, -1):  # it was appended last, or nearly
+                if q[i] is item:
+                    del q[i]
+                    return True
+            return False
 
     def flush_barrier(self) -> Barrier:
         """Queue a flush marker behind every record logged so far and wake the drain thread."""

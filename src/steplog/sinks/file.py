@@ -133,8 +133,10 @@ class FileSink(Sink):
             path = self.output_dir / fname
             if path.exists():  # appending to an earlier run: merge
                 setattr(self, attr, json.loads(path.read_text(encoding="utf-8")))
+        path = self.output_dir / "scalars.jsonl"
+        _drop_torn_tail(path)
         # Unbuffered: a failed write leaves nothing in a buffer that a later write would flush.
-        self._scalars = open(self.output_dir / "scalars.jsonl", "ab", buffering=0)  # noqa: SIM115
+        self._scalars = open(path, "ab", buffering=0)  # noqa: SIM115
 
     def write(self, records: Sequence[MetricRecord]) -> None:
         """Append the batch's scalars and store its params and tags, all or nothing."""
@@ -233,6 +235,24 @@ class FileSink(Sink):
             _write_series(self.output_dir / "scalars.json", read_series(path))
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a crash left without its newline (appending continues a run)."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        block = min(size, 1 << 20)
+        f.seek(size - block)
+        tail = f.read(block)
+        keep = size - block + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        f.truncate(keep)
+
+
 def read_series(path: Path) -> dict[str, list[tuple[int, float]]]:
     """``{name: [(step, value), ...]}`` from a ``scalars.jsonl``, in file order; a last line cut
     short by a crash is ignored."""
@@ -241,16 +261,28 @@ def read_series(path: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     if b"NaN" in data or b"Infinity" in data:
         for line in data.splitlines():
-            if line:
+            try:
                 row = json.loads(line)
                 series.setdefault(row["name"], []).append((row["step"], row["value"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # an empty or damaged line
         return series
-    for r in _LINES.decode_lines(data):
+    try:
+        rows = _LINES.decode_lines(data)
+    except msgspec.DecodeError:  # a damaged line: read the others one by one
+        for line in data.splitlines():
+            try:
+                r = _LINE.decode(line)
+            except msgspec.DecodeError:
+                continue
+            series.setdefault(r.name, []).append((r.step, r.value))
+        return series
+    for r in rows:
         series.setdefault(r.name, []).append((r.step, r.value))
     return series
 
 
-_LINES = msgspec.json.Decoder(Scalar)
+_LINES = _LINE = msgspec.json.Decoder(Scalar)
 
 
 def _write_series(path: Path, series: dict[str, list[tuple[int, float]]]) -> None:

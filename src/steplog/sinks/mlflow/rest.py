@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
@@ -210,10 +210,12 @@ class _Connection:
         return http.client.HTTPConnection(host, port, timeout=self._timeout,
                                           blocksize=_UPLOAD_BLOCK)
 
-    def request(self, method: str, target: str, body: bytes | BinaryIO | None,
-                headers: dict[str, str]) -> tuple[int, bytes]:
+    def request(self, method: str, target: str, body: bytes | _Readable | None,
+                headers: dict[str, str], resend: bool = True) -> tuple[int, bytes]:
         """(status, body) of one request; a connection the server closed while idle is
-        reopened once. Raises :class:`RetryableError` for every transport failure."""
+        reopened once (``resend``: only for requests that are safe to repeat). Raises
+        :class:`RetryableError` for every transport failure, :class:`PermanentError` for a
+        server certificate that fails verification."""
         with self._lock:
             for attempt in (0, 1):
                 reused = self._conn is not None
@@ -223,9 +225,12 @@ class _Connection:
                     conn.request(method, target, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                except ssl.SSLCertVerificationError as exc:
+                    self.close_connection()
+                    raise PermanentError(f"{method} {target}: {exc}") from exc
                 except _STALE as exc:
                     self.close_connection()
-                    if attempt == 0 and reused and _rewind(body):
+                    if resend and attempt == 0 and reused and _rewind(body):
                         continue
                     raise RetryableError(f"{method} {target}: {exc!r}") from exc
                 except (OSError, http.client.HTTPException) as exc:
@@ -242,13 +247,41 @@ class _Connection:
             self._conn = None
 
 
-def _rewind(body: bytes | BinaryIO | None) -> bool:
+class _Readable(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
+
+
+class _Exactly:
+    """The first ``size`` bytes of a file, however it grows meanwhile: the body always matches
+    the Content-Length sent before it."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._size = size
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = self._f.seek(offset, whence)
+        self._left = max(0, self._size - pos)
+        return pos
+
+
+def _rewind(body: bytes | _Readable | None) -> bool:
     """Whether ``body`` can be sent again (bytes, or a file seekable back to its start)."""
     if body is None or isinstance(body, bytes):
         return True
+    seek = getattr(body, "seek", None)
+    if seek is None:
+        return False
     try:
-        body.seek(0)
-    except (OSError, AttributeError):
+        seek(0)
+    except OSError:
         return False
     return True
 
@@ -263,9 +296,13 @@ class RestTransport:
         self._base_path = parts.path.rstrip("/")
         context = None
         if parts.scheme.lower() == "https":
-            context = ssl.create_default_context(
-                cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
-            )
+            # As MLflow's requests session: its own variable, then requests' and curl's.
+            ca = (os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+                  or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"))
+            if ca and os.path.isdir(ca):
+                context = ssl.create_default_context(capath=ca)
+            else:
+                context = ssl.create_default_context(cafile=ca or None)
             if _flag("MLFLOW_TRACKING_INSECURE_TLS"):
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -274,6 +311,9 @@ class RestTransport:
                 context.load_cert_chain(client_cert)
         headers = {"User-Agent": "steplog", "Content-Type": "application/json"}
         user, password = _credentials()
+        if parts.username:  # credentials in the URI itself
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
         token = os.environ.get("MLFLOW_TRACKING_TOKEN")
         if user and password:
             basic = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -293,21 +333,23 @@ class RestTransport:
         if self._fallback is not None:
             self._fallback.close()
 
-    def _send(self, conn: _Connection, method: str, path: str, body: bytes | BinaryIO | None,
-              headers: dict[str, str] | None = None) -> bytes:
+    def _send(self, conn: _Connection, method: str, path: str, body: bytes | _Readable | None,
+              headers: dict[str, str] | None = None, resend: bool = True) -> bytes:
         target = self._base_path + path
         status, data = conn.request(method, target, body,
-                                    {**self._headers, **headers} if headers else self._headers)
+                                    {**self._headers, **headers} if headers else self._headers,
+                                    resend=resend)
         if status >= 300:
             raise http_error(status, data, method, path)
         return data
 
-    def _call(self, endpoint: str, body: bytes | None = None, **query: Any) -> Any:
+    def _call(self, endpoint: str, body: bytes | None = None, resend: bool = True,
+              **query: Any) -> Any:
         path = "/api/2.0/mlflow/" + endpoint
         if body is None:
             data = self._send(self._api, "GET", f"{path}?{urllib.parse.urlencode(query)}", None)
         else:
-            data = self._send(self._api, "POST", path, body)
+            data = self._send(self._api, "POST", path, body, resend=resend)
         try:
             return msgspec.json.decode(data)
         except msgspec.DecodeError as exc:
@@ -341,7 +383,9 @@ class RestTransport:
             body["run_name"] = run_name
         if "mlflow.user" in tags:
             body["user_id"] = tags["mlflow.user"]  # as MlflowClient.create_run does
-        info = self._call("runs/create", self._encoder.encode(body))["run"]["info"]
+        # Not resent here: a run the server created before the connection dropped is found
+        # by the sink's token on the next attempt (MLflowSink.open), not created twice.
+        info = self._call("runs/create", self._encoder.encode(body), resend=False)["run"]["info"]
         return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
 
     def find_run(self, experiment_id: str, token: str) -> RunRef | None:
@@ -416,9 +460,9 @@ class RestTransport:
             if isinstance(data, bytes):
                 self._send(self._files, "PUT", target, data, {"Content-Type": ctype})
             else:
-                size = os.path.getsize(data)
                 with open(data, "rb") as f:
-                    self._send(self._files, "PUT", target, f,
+                    size = os.fstat(f.fileno()).st_size
+                    self._send(self._files, "PUT", target, _Exactly(f, size),
                                {"Content-Type": ctype, "Content-Length": str(size)})
 
     def describe(self) -> str:

@@ -73,7 +73,7 @@ class MLflowSink(Sink):
         self.run_name = run_name
         self.request_timeout_s = request_timeout_s
         """Longest wait to connect, or for the server's next bytes, per HTTP request (s)."""
-        self._user_tags = dict(tags or {})
+        self._user_tags = {str(k): str(v) for k, v in (tags or {}).items()}  # as MLflow
         self._token = uuid.uuid4().hex
         self._transport: Transport | None = None
         self._run: RunRef | None = None
