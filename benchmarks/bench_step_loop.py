@@ -17,7 +17,10 @@ more CPUs the server is pinned to CPU 0 (``taskset``); the training process and 
 are left to the scheduler, as in a real job. It prints the mean step time of every second and
 the overhead against ``none``, per second and for the whole run.
 
-    python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10]
+With ``--repeat R`` every contender runs R times, the order rotating between rounds, and each
+figure is the median over the rounds (per second, and for the whole run).
+
+    python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--scalars", type=int, nargs="+", default=[2, 10])
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--contender", choices=CONTENDERS[:-1])
     parser.add_argument("--url", default="")
     parser.add_argument("--workdir", default="")
@@ -119,11 +123,28 @@ def main() -> None:
         server.start()
         try:
             for k in args.scalars:
-                results = {c: run_contender(c.replace("-again", ""), k, args.seconds, server.url)
-                           for c in CONTENDERS}
+                runs: dict[str, list[dict[str, object]]] = {c: [] for c in CONTENDERS}
+                for r in range(args.repeat):
+                    order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+                    for c in order:
+                        runs[c].append(run_contender(c.replace("-again", ""), k, args.seconds,
+                                                     server.url))
+                results = {c: _median_run(rs) for c, rs in runs.items()}
                 report(k, results)
         finally:
             server.stop()
+
+
+def _median_run(runs: list[dict[str, object]]) -> dict[str, object]:
+    """Per-second and whole-run medians over repeated runs of one contender."""
+    per = [r["per_second_ms"] for r in runs]
+    seconds = min(len(p) for p in per if isinstance(p, list))
+    return {
+        "per_second_ms": [statistics.median(p[s] for p in per if isinstance(p, list))
+                          for s in range(seconds)],
+        "steps": int(statistics.median(int(str(r["steps"])) for r in runs)),
+        "ok": all(bool(r["ok"]) for r in runs),
+    }
 
 
 def report(scalars: int, results: dict[str, dict[str, object]]) -> None:

@@ -163,8 +163,6 @@ class Host:
         self._current: _Process | None = None
         self._spawn_lock = threading.Lock()
         self._closed = False
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(_Reply)
         _hosts.add(self)
 
     @property
@@ -178,14 +176,14 @@ class Host:
         when given. Raises what the host raised, or ``RetryableError`` when it died."""
         current = self._running()
         sock = current.sockets[channel]
-        request = self._encoder.encode([method, list(args)])
+        request = msgspec.msgpack.encode([method, list(args)])  # two lanes may call at once
         with current.locks[channel]:
             try:
                 sock.settimeout(self.call_timeout_s)
                 _send(sock, request)
-                reply = self._decoder.decode(_recv(sock))
+                reply = msgspec.msgpack.decode(_recv(sock), type=_Reply)
                 while reply.status == _HEARTBEAT:  # still working: wait for the next frame
-                    reply = self._decoder.decode(_recv(sock))
+                    reply = msgspec.msgpack.decode(_recv(sock), type=_Reply)
             except (OSError, EOFError) as exc:
                 self._lost(current)
                 raise RetryableError(f"the sink host stopped answering ({exc!r}); a new one "
@@ -212,7 +210,7 @@ class Host:
                 try:
                     with contextlib.suppress(OSError):
                         sock.settimeout(1.0)
-                        _send(sock, self._encoder.encode([_SHUTDOWN, []]))
+                        _send(sock, msgspec.msgpack.encode([_SHUTDOWN, []]))
                 finally:
                     lock.release()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -274,8 +272,8 @@ class Host:
         first = parents[self.channels[0]]
         try:
             first.settimeout(self.start_timeout_s)
-            _send(first, self._encoder.encode(config))
-            reply = self._decoder.decode(_recv(first))
+            _send(first, msgspec.msgpack.encode(config))
+            reply = msgspec.msgpack.decode(_recv(first), type=_Reply)
         except (OSError, EOFError) as exc:
             current.kill()
             raise RetryableError(f"the sink host did not start within "

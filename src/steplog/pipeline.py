@@ -835,11 +835,11 @@ class Pipeline:
         return out
 
     def reasons(self) -> list[str]:
-        """Why records are missing: the first loss, else each sink's latest failed attempt."""
+        """Why records are missing: each sink's latest failed attempt (what the backend said),
+        then the first loss noted (a refusal, or a deadline that passed)."""
         losses = self.losses()
-        if losses:
-            return [losses[0].reason]
-        return [r.last_error for r in self.runners if r.last_error]
+        first = [losses[0].reason] if losses else []
+        return [r.last_error for r in self.runners if r.last_error] + first
 
     def run_errors(self) -> list[str]:
         return [r.run_error or r.broken or "" for r in self.runners if r.run_error or r.broken]
