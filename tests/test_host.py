@@ -68,12 +68,17 @@ def test_the_embedded_default_runs_mlflow_in_a_host_and_delivers_everything(tmp_
     assert info["status"] == "FINISHED" and info["params"] == {"lr": "0.1"}
 
 
-def test_a_host_killed_mid_run_is_replaced_and_nothing_is_lost_or_duplicated(tmp_path) -> None:
-    logger = MLFlowLogger("killed-host", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                          options=FAST)
+def hosted_logger(db: Path, experiment: str) -> tuple[MLFlowLogger, int]:
+    """An MLFlowLogger on a sqlite store whose run is open, and its sink host's pid."""
+    logger = MLFlowLogger(experiment, tracking_uri=f"sqlite:///{db}", options=FAST)
     assert logger.flush(120)
-    first = logger.sink.host_pid
-    assert first is not None
+    pid = logger.sink.host_pid
+    assert pid is not None
+    return logger, pid
+
+
+def test_a_host_killed_mid_run_is_replaced_and_nothing_is_lost_or_duplicated(tmp_path) -> None:
+    logger, first = hosted_logger(tmp_path / "m.db", "killed-host")
     for i in range(3000):
         logger.log_scalar("loss", float(i), i)
         if i == 1500:
@@ -88,11 +93,7 @@ def test_a_host_killed_mid_run_is_replaced_and_nothing_is_lost_or_duplicated(tmp
 
 
 def test_close_through_a_frozen_host_returns_at_its_deadline(tmp_path) -> None:
-    logger = MLFlowLogger("frozen-host", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                          options=FAST)
-    assert logger.flush(120)
-    pid = logger.sink.host_pid
-    assert pid is not None
+    logger, pid = hosted_logger(tmp_path / "m.db", "frozen-host")
     os.kill(pid, signal.SIGSTOP)
     try:
         logger.log_scalar("loss", 1.0, 0)

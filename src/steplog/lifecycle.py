@@ -70,11 +70,14 @@ class Helper(Protocol):
 
 class Lifecycle:
     """Owns one logger's state, close lock and deadline, and its pipeline (``None`` without
-    sinks). ``gate`` is called (once) when the logger stops accepting records, so the logger's
-    hot path can send every later call through :meth:`admit`."""
+    sinks). ``gate`` (a weak method of the logger) is called when the logger stops accepting
+    records, so the logger's hot path can send every later call through :meth:`admit`."""
 
     def __init__(
-        self, sinks: Sequence[Sink], options: Options, gate: Callable[[], None] | None = None
+        self,
+        sinks: Sequence[Sink],
+        options: Options,
+        gate: weakref.WeakMethod[Callable[[], None]] | None = None,
     ) -> None:
         self.options = options
         self.state = State.OPEN
@@ -190,8 +193,9 @@ class Lifecycle:
     def _stop_accepting(self, state: State) -> None:
         # The hot path's gate first: a call that finds the queue still open, then the state
         # changed, takes its record back (Logger._late) or the closer delivers it.
-        if self._gate is not None:
-            self._gate()
+        close_gate = self._gate() if self._gate is not None else None
+        if close_gate is not None:  # held weakly: this lifecycle outlives a dropped logger
+            close_gate()
         self.state = state
 
     def _close_result(self, start: float, timed_out: bool) -> CloseResult:
@@ -374,16 +378,3 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         _sigterm_pending = True  # raised when the close in progress returns
         return
     raise SystemExit(128 + signum)
-
-
-def gate_of(obj: Any, method: str) -> Callable[[], None]:
-    """A callback that calls ``obj.<method>()`` while ``obj`` is alive, without keeping it
-    alive (the lifecycle outlives a logger dropped without close)."""
-    ref = weakref.ref(obj)
-
-    def gate() -> None:
-        target = ref()
-        if target is not None:
-            getattr(target, method)()
-
-    return gate

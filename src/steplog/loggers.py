@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +23,7 @@ from steplog.capture import (
     capture_value,
 )
 from steplog.errors import LoggerClosedError
-from steplog.lifecycle import Lifecycle, State, gate_of
+from steplog.lifecycle import Lifecycle, State
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
 from steplog.records import Artifact, Param, Tag, now_ms
@@ -72,7 +73,7 @@ class Logger:
         # The hot path appends to the pipeline's queue while it has room; once the logger stops
         # accepting, its lifecycle sets _cap to 0 so that every call goes through _put, which
         # asks the lifecycle (the one "accepting" check).
-        self._life = Lifecycle(self._sinks, self.options, gate_of(self, "_close_gate"))
+        self._life = Lifecycle(self._sinks, self.options, weakref.WeakMethod(self._close_gate))
         pipeline = self._life.pipeline
         self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
         self._cap = pipeline.capacity if pipeline else 0

@@ -50,10 +50,16 @@ RUN_FILES = (
 _NONFINITE_MARK = b'"value":null'
 
 
-def _dump_json_atomic(path: Path, data: Any) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` whole, or what it held before: never a partial file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=True), encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _dump_json_atomic(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True)
+    _write_atomic(path, text.encode("utf-8"))
 
 
 class FileSink(Sink):
@@ -196,9 +202,7 @@ class FileSink(Sink):
         dest = self.output_dir / safe_relpath(artifact.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if artifact.data is not None:
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_bytes(artifact.data)
-            os.replace(tmp, dest)
+            _write_atomic(dest, artifact.data)
         elif artifact.source is not None:
             src = Path(artifact.source)
             if src.is_dir():
@@ -268,7 +272,7 @@ def read_series(path: Path) -> dict[str, list[tuple[int, float]]]:
                 continue  # an empty or damaged line
         return series
     try:
-        rows = _LINES.decode_lines(data)
+        rows = _LINE.decode_lines(data)
     except msgspec.DecodeError:  # a damaged line: read the others one by one
         for line in data.splitlines():
             try:
@@ -282,7 +286,7 @@ def read_series(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-_LINES = _LINE = msgspec.json.Decoder(Scalar)
+_LINE = msgspec.json.Decoder(Scalar)
 
 
 def _write_series(path: Path, series: dict[str, list[tuple[int, float]]]) -> None:
@@ -291,6 +295,4 @@ def _write_series(path: Path, series: dict[str, list[tuple[int, float]]]) -> Non
     data = msgspec.json.encode(series)
     if b"null" in data:  # msgspec writes non-finite floats as null
         data = json.dumps(series, allow_nan=True, separators=(",", ":")).encode()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    _write_atomic(path, data)
