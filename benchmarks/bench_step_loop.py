@@ -9,6 +9,9 @@ a real job): a one-thread torch step loop (an MLP forward and backward plus an S
 * ``mlflow-embedded``: ``MLFlowLogger`` on the embedded default store (``sqlite:///``), which
   runs MLflow's client in steplog's sink host process;
 * ``mlflow-http``: ``MLFlowLogger`` against an ``mlflow server`` started by this benchmark;
+* ``clearml``: ``ClearMLLogger`` in ClearML offline mode (no ClearML server can run here);
+* ``clearml-sdk``: what the seed's synchronous ClearMLLogger did: ``Task.init`` with ClearML's
+  defaults and one ``report_scalar`` per scalar, offline;
 * ``none-again``: the baseline once more, last, to show how much the machine itself varies.
 
 ``steplog`` is imported before the loop (as at the top of a training script); the logger is
@@ -20,7 +23,11 @@ the overhead against ``none``, per second and for the whole run.
 With ``--repeat R`` every contender runs R times, the order rotating between rounds, and each
 figure is the median over the rounds (per second, and for the whole run).
 
+``--contenders`` runs a subset (``none`` always runs, as the baseline); the MLflow server is
+started only when an MLflow contender runs.
+
     python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10] [--repeat 1]
+        [--contenders none file mlflow-embedded mlflow-http clearml clearml-sdk none-again]
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-CONTENDERS = ("none", "file", "mlflow-embedded", "mlflow-http", "none-again")
+CONTENDERS = ("none", "file", "mlflow-embedded", "mlflow-http", "clearml", "clearml-sdk",
+              "none-again")
 """``none-again`` repeats the baseline last: its difference from ``none`` is the machine's noise."""
 
 
@@ -64,6 +72,15 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
         logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
     elif contender == "mlflow-http":
         logger = steplog.MLFlowLogger("bench-step", tracking_uri=url)
+    elif contender == "clearml":
+        logger = steplog.ClearMLLogger("bench-step", "steplog")
+    report = None
+    if contender == "clearml-sdk":
+        from clearml import Task
+
+        task = Task.init(project_name="bench-step", task_name="sdk")
+        report = task.get_logger().report_scalar
+        pairs = [tuple(n.split("/", 1)) for n in names]
     buckets: list[list[float]] = [[] for _ in range(int(seconds) + 1)]
     step = 0
     now = time.perf_counter()
@@ -77,6 +94,10 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
             value = float(loss.item())
             for name in names:
                 logger.log_scalar(name, value, step)
+        elif report is not None:
+            value = float(loss.item())
+            for title, series in pairs:
+                report(title, series, value, iteration=step)
         else:
             float(loss.item())
         step += 1
@@ -86,6 +107,8 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
     if logger is not None:
         result = logger.close(300)
         ok = bool(result) and result.delivered == step * scalars
+    if report is not None:
+        task.close()
     per_second = [1000 * statistics.fmean(b) for b in buckets if b]
     print(json.dumps({"per_second_ms": per_second, "steps": step, "ok": ok}))
 
@@ -94,8 +117,11 @@ def run_contender(contender: str, scalars: int, seconds: float, url: str) -> dic
     with tempfile.TemporaryDirectory(prefix="steplog-bench-") as workdir:
         cmd = [sys.executable, __file__, "--contender", contender, "--scalars", str(scalars),
                "--seconds", str(seconds), "--url", url, "--workdir", workdir]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+        env.update(CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=os.path.join(workdir, "clearml"),
+                   HOME=workdir)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600,
-                             check=False)
+                             check=False, env=env, cwd=workdir)
         if out.returncode != 0:
             raise RuntimeError(f"{contender} failed:\n{out.stderr[-3000:]}")
         result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -108,6 +134,7 @@ def main() -> None:
     parser.add_argument("--scalars", type=int, nargs="+", default=[2, 10])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--contender", choices=CONTENDERS[:-1])
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--url", default="")
     parser.add_argument("--workdir", default="")
     args = parser.parse_args()
@@ -117,22 +144,26 @@ def main() -> None:
 
     from mlflow_support import MlflowServer
 
+    chosen = tuple(c for c in CONTENDERS if c in args.contenders or c == "none")
     two_cpus = (os.cpu_count() or 1) >= 2
     with tempfile.TemporaryDirectory(prefix="steplog-bench-server-") as root:
-        server = MlflowServer(Path(root), cpus={0} if two_cpus else None)
-        server.start()
+        server = None
+        if "mlflow-http" in chosen:
+            server = MlflowServer(Path(root), cpus={0} if two_cpus else None)
+            server.start()
         try:
             for k in args.scalars:
-                runs: dict[str, list[dict[str, object]]] = {c: [] for c in CONTENDERS}
+                runs: dict[str, list[dict[str, object]]] = {c: [] for c in chosen}
                 for r in range(args.repeat):
-                    order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+                    order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
                     for c in order:
                         runs[c].append(run_contender(c.replace("-again", ""), k, args.seconds,
-                                                     server.url))
+                                                     server.url if server else ""))
                 results = {c: _median_run(rs) for c, rs in runs.items()}
                 report(k, results)
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
 
 
 def _median_run(runs: list[dict[str, object]]) -> dict[str, object]:
@@ -152,11 +183,11 @@ def report(scalars: int, results: dict[str, dict[str, object]]) -> None:
     assert isinstance(base, list)
     seconds = len(base)
     print(f"\n{scalars} scalars per step: mean step time (ms) in each second of the run")
-    header = f"{'second':>6}" + "".join(f"{c:>18}" for c in CONTENDERS)
+    header = f"{'second':>6}" + "".join(f"{c:>18}" for c in results)
     print(header)
     for s in range(seconds):
         row = f"{s:>6}"
-        for c in CONTENDERS:
+        for c in results:
             per = results[c]["per_second_ms"]
             assert isinstance(per, list)
             if s < len(per):
@@ -166,7 +197,7 @@ def report(scalars: int, results: dict[str, dict[str, object]]) -> None:
                 row += f"{'-':>18}"
         print(row)
     print(f"{'run':>6}", end="")
-    for c in CONTENDERS:
+    for c in results:
         steps = results[c]["steps"]
         ok = results[c]["ok"]
         assert isinstance(steps, int)
@@ -176,7 +207,7 @@ def report(scalars: int, results: dict[str, dict[str, object]]) -> None:
         cell = f"{steps} steps" if c == "none" else f"{over:+.2f}% {'ok' if ok else 'LOST'}"
         print(f"{cell:>18}", end="")
     print()
-    for c in CONTENDERS[1:]:
+    for c in list(results)[1:]:
         per = results[c]["per_second_ms"]
         assert isinstance(per, list)
         worst = max(100 * (per[s] / base[s] - 1) for s in range(min(seconds, len(per))))

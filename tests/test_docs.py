@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 import re
 import subprocess
 import sys
@@ -25,9 +26,12 @@ def python_blocks(path: Path) -> list[str]:
 def test_every_python_block_of_the_docs_runs(doc: Path, tmp_path: Path) -> None:
     # The blocks of one page run in order in one folder: a later block may read what an
     # earlier one wrote, as a reader following the page would.
+    # ClearML keeps its offline sessions under CLEARML_CACHE_DIR: here, not in the real home.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    env["CLEARML_CACHE_DIR"] = str(tmp_path / "clearml-cache")
     for k, code in enumerate(python_blocks(doc)):
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=240)
+                              text=True, timeout=240, env=env)
         assert proc.returncode == 0, f"{doc.name} block {k + 1}:\n{code}\n{proc.stderr[-3000:]}"
         assert "steplog: at exit" not in proc.stderr, proc.stderr
 

@@ -12,16 +12,19 @@ from steplog.errors import (
     SteplogWarning,
 )
 from steplog.lifecycle import State
-from steplog.loggers import FileLogger, Logger, MLFlowLogger
+from steplog.loggers import ClearMLLogger, FileLogger, Logger, MLFlowLogger
 from steplog.pipeline import Options
 from steplog.records import Artifact, Param, Scalar, Tag
 from steplog.results import CloseResult, FlushResult, Loss, SinkStats, Stats
 from steplog.retry import RetryPolicy
 from steplog.sinks import FileSink, RunStatus, Sink
+from steplog.sinks.clearml import ClearMLSink
 from steplog.sinks.mlflow import MLflowSink
 
 __all__ = [
     "Artifact",
+    "ClearMLLogger",
+    "ClearMLSink",
     "CloseResult",
     "FileLogger",
     "FileSink",

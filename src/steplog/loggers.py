@@ -29,11 +29,12 @@ from steplog.pipeline import MetricsItem, Options, UploadRequest
 from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
+from steplog.sinks.clearml import ClearMLSink
 from steplog.sinks.file import Existing, FileSink
 from steplog.sinks.mlflow import MLflowSink
 from steplog.system import SystemSampler
 
-__all__ = ["FileLogger", "Logger", "MLFlowLogger"]
+__all__ = ["ClearMLLogger", "FileLogger", "Logger", "MLFlowLogger"]
 
 L = TypeVar("L", bound="type[Logger]")
 
@@ -419,6 +420,53 @@ class MLFlowLogger(Logger):
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker created the run."""
         return self.sink.run_id
+
+
+@Logger.register("clearml")
+class ClearMLLogger(Logger):
+    """Logs one ClearML Task through :class:`~steplog.sinks.clearml.ClearMLSink`.
+
+    The Task is created under ``project_name`` when the logger is built; :attr:`task` is the
+    real ``clearml.Task`` and ``_logger`` its ``clearml.Logger``, for direct ClearML calls.
+    Scalars named ``"group/metric"`` are stored as title ``group``, series ``metric`` (no slash:
+    title ``"metrics"``); parameters are merged into the Task's hyperparameters (``General``);
+    ``save_agent`` and ``log_artifact`` store Task artifacts; ``save_policy`` registers an
+    ``OutputModel`` with its weights.
+
+    ``offline=True`` (or ``CLEARML_OFFLINE_MODE=1``) records the run locally as a ClearML offline
+    session. Otherwise ClearML's configuration (``clearml-init`` or ``CLEARML_API_*``) is needed:
+    without it, construction raises ``ValueError`` naming the fixes; a server that does not
+    answer within ``connect_timeout_s`` makes the run an offline session, and the close result
+    is falsy with the command that uploads it. ``tags`` are Task tags; ``task_init_kwargs``
+    override steplog's ``Task.init`` arguments (see :mod:`steplog.sinks.clearml`).
+    """
+
+    def __init__(
+        self,
+        project_name: str,
+        task_name: str,
+        logging_freq: int = 1,
+        *,
+        offline: bool | None = None,
+        tags: Sequence[str] | None = None,
+        output_uri: str | None = None,
+        connect_timeout_s: float = 5.0,
+        task_init_kwargs: Mapping[str, Any] | None = None,
+        options: Options | None = None,
+    ) -> None:
+        self.project_name = project_name
+        self.task_name = task_name
+        self.sink = ClearMLSink(project_name, task_name, offline=offline, tags=tags,
+                                output_uri=output_uri, connect_timeout_s=connect_timeout_s,
+                                task_init_kwargs=task_init_kwargs)
+        super().__init__(logging_freq, sinks=[self.sink], options=options)
+        self.task = self.sink.task
+        self._logger = self.task.get_logger()
+
+    @property
+    def offline_session(self) -> str | None:
+        """The folder of the ClearML offline session (``None`` when the run goes to a server)."""
+        return self.sink.session_folder
 
 
 Logger.register("blank")(Logger)
