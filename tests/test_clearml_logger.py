@@ -6,6 +6,7 @@ uploads: ``task.json`` and ``metrics.jsonl``, the artifact files and the model r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -23,7 +24,13 @@ pytest.importorskip("clearml")
 torch = pytest.importorskip("torch")
 
 from clearml_support import OfflineSession  # noqa: E402
-from steplog import ClearMLLogger, Logger, LoggerClosedError, SteplogWarning  # noqa: E402
+from steplog import (  # noqa: E402
+    ClearMLLogger,
+    Logger,
+    LoggerClosedError,
+    SteplogWarning,
+    load_policy,
+)
 from steplog.sinks.clearml import split_name  # noqa: E402
 
 SEED_EXAMPLE = """
@@ -96,11 +103,11 @@ def test_the_seed_example_records_every_scalar_parameter_agent_and_policy(offlin
     assert len(s.scalars) == 2000
     assert s.params == {"algo": "PPO", "seed": "42", "lr": "0.0003"}
     agent = s.artifacts["agent.pth"]
-    assert torch.load(agent["uri"], weights_only=False) == {"type": "ppo", "notes": "demo"}
+    assert torch.load(agent["uri"], weights_only=True) == {"type": "ppo", "notes": "demo"}
     (model,) = s.models
     assert model["init"]["name"] == "policy" and model["init"]["framework"] == "PyTorch"
-    stored = torch.load(model["weights"]["weights_filename"], weights_only=False)
-    assert torch.equal(stored.weight, my_policy.weight)
+    stored = torch.load(model["weights"]["weights_filename"], weights_only=True)
+    assert torch.equal(stored["weight"], my_policy.weight)
     assert Path(f"{lg.offline_session}.zip").is_file()
 
 
@@ -260,10 +267,13 @@ def test_each_saved_policy_is_a_model_with_the_weights_at_the_call(
     assert [m["init"]["name"] for m in models] == ["policy", "policy"]
     files = [m["weights"]["weights_filename"] for m in models]
     # Both in the same millisecond or not, the second does not overwrite the first.
-    assert [Path(f).name for f in files] == ["policy-model-v1.pth", "policy-model-v2.pth"]
-    first, second = (torch.load(f, weights_only=False) for f in files)
-    assert torch.equal(first.weight, before)
-    assert torch.equal(second.weight, before + 1.0)
+    assert [Path(f).name for f in files] == ["policy-step0-v1.pth", "policy-step1-v2.pth"]
+    first, second = (load_policy(f) for f in files)
+    assert torch.equal(first["weight"], before)
+    assert torch.equal(second["weight"], before + 1.0)
+    design = models[1]["init"]["config_dict"]
+    assert design["step"] == 1 and design["class"] == "torch.nn.modules.linear.Linear"
+    assert design["sha256"] == hashlib.sha256(Path(files[1]).read_bytes()).hexdigest()
 
 
 def test_save_agent_stores_a_task_artifact_under_its_name(logger: ClearMLLogger) -> None:
@@ -271,7 +281,7 @@ def test_save_agent_stores_a_task_artifact_under_its_name(logger: ClearMLLogger)
     assert logger.flush(30)
     art = session_of(logger).artifacts["agents/dqn.pt"]
     assert Path(art["uri"]).name == "agents-dqn.pt"
-    assert torch.load(art["uri"], weights_only=False) == {"epsilon": 0.1}
+    assert torch.load(art["uri"], weights_only=True) == {"epsilon": 0.1}
 
 
 # -- life -----------------------------------------------------------------------------------

@@ -129,9 +129,9 @@ def test_save_policy_stores_the_weights_as_they_were_at_the_call(tmp_path) -> No
         policy.weight.fill_(7.0)  # training goes on right after the call
     logger.save_agent({"type": "ppo"}, name="agent.pth")
     assert logger.close(10)
-    saved = torch.load(tmp_path / "policy" / "model.pth", weights_only=False)
-    assert torch.equal(saved.weight, torch.ones(2, 3))
-    assert torch.load(tmp_path / "agent.pth", weights_only=False) == {"type": "ppo"}
+    saved = torch.load(tmp_path / "policy" / "model.pth", weights_only=True)
+    assert torch.equal(saved["weight"], torch.ones(2, 3))
+    assert torch.load(tmp_path / "agent.pth", weights_only=True) == {"type": "ppo"}
 
 
 def test_close_writes_the_run_status(tmp_path) -> None:

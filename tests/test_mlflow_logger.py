@@ -74,7 +74,7 @@ def test_every_kind_of_record_arrives_without_blocking_the_caller(
     assert tags["mlflow.runName"] == "all-kinds"
     paths = {a["path"] for a in mlflow_server.artifacts(run_id)}
     assert paths == {"docs/notes.txt", "files/notes.txt", "config/a.yaml", "curve_7.png",
-                     "policy/model.pth"}
+                     "policy/step_0/model.pth", "policy/step_0/meta.json"}
 
 
 def test_system_metrics_are_sampled_into_the_run(mlflow_server: MlflowServer) -> None:

@@ -4,6 +4,7 @@
 files, MLflow or ClearML. ``flush()`` and ``close()`` report whether everything arrived.
 """
 
+from steplog.checkpoints import load_policy
 from steplog.errors import (
     LoggerClosedError,
     PermanentError,
@@ -48,6 +49,7 @@ __all__ = [
     "Stats",
     "SteplogWarning",
     "Tag",
+    "load_policy",
 ]
 
 __version__ = "0.1.0"

@@ -58,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
                             "entropy": entropy.detach(), "grad_norm": grad_norm,
                             "lr": opt.param_groups[0]["lr"]}, step)
         if (step + 1) % max(1, args.steps // 4) == 0:
-            logger.save_policy(policy, name=f"checkpoints/step_{step + 1}")
+            logger.save_policy(policy, name="checkpoints", step=step + 1)
     train_s = time.perf_counter() - start
 
     flushed = logger.flush(60)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import collections
 import io
 import os
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, SupportsFloat, TypeVar
 
+import msgspec
+
 from steplog.capture import (
-    capture_object,
     capture_param,
     capture_step,
     capture_value,
 )
+from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
 from steplog.errors import LoggerClosedError
 from steplog.lifecycle import Lifecycle, State
 from steplog.paths import safe_relpath
@@ -71,6 +74,9 @@ class Logger:
         for sink in self._sinks:
             sink.prepare()
         self._names: set[str] = set()
+        self._saves: dict[str, int] = {}
+        self._checkpoints = CheckpointMemory(self.options.checkpoint_memory_bytes,
+                                             self.options.checkpoint_policy)
         # The hot path appends to the pipeline's queue while it has room; once the logger stops
         # accepting, its lifecycle sets _cap to 0 so that every call goes through _put, which
         # asks the lifecycle (the one "accepting" check).
@@ -278,25 +284,71 @@ class Logger:
         self._upload(Artifact(name=base + (ext or ".png"), timestamp=now_ms(), data=buf.getvalue(),
                               kind="figure", step=iteration))
 
-    def save_policy(self, policy: Any, name: str = "policy") -> None:
-        """Snapshot ``policy`` now (deep copy) and queue it as ``<name>/model.pth`` (torch.save,
-        or pickle when torch is not loaded); serialisation happens on the worker. Raises
-        ``TypeError`` when the object cannot be copied."""
-        dest = safe_relpath(f"{name}/model.pth")
-        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy"),
-                     snapshot=capture_object(policy))
+    def save_policy(
+        self,
+        policy: Any,
+        name: str = "policy",
+        *,
+        step: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Snapshot ``policy``'s weights now and queue them as the checkpoint ``name`` at
+        ``step`` (``None``: the number of earlier saves of ``name``).
+
+        A ``torch.nn.Module``, an optimizer, or a dict/list of them, of state_dicts, tensors
+        and plain values is captured as its tensors (CPU tensors copied now, CUDA tensors
+        copied without synchronising the training stream) into host buffers reused from the
+        previous save of ``name``; each sink stores ``model.pth`` (``torch.load(path,
+        weights_only=True)`` gives the state_dict back) and ``meta.json`` (class, step,
+        ``save_to_dict()`` when the object has one, ``metadata``, sizes, sha256). Any other
+        object is deep-copied now and pickled by the worker (load it with
+        ``weights_only=False``). Raises ``TypeError`` when the object cannot be copied and
+        ``TimeoutError`` when the checkpoint memory bound (``Options.checkpoint_memory_bytes``)
+        leaves no room within ``Options.block_timeout_s``.
+        """
+        dest = safe_relpath(name)
+        auto = self._saves.get(dest, 0)
+        step = auto if step is None else capture_step(step)
+        if self._life.admit() is None:  # raises once closed; None: nothing is recorded
+            return
+        snapshot = capture_checkpoint(
+            policy, dest, self._checkpoints, step=step, metadata=metadata,
+            deadline=time.monotonic() + self.options.block_timeout_s,
+        )
+        self._saves[dest] = auto + 1
+        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
+                              metadata=capture_param(dict(metadata)) if metadata else None),
+                     snapshot=snapshot)
 
     def save_agent(self, agent: object, name: str = "agent.pth") -> None:
-        """Snapshot ``agent`` now (deep copy) and queue it as ``name``; the worker serialises it
-        (torch.save when torch is loaded, else pickle). Raises ``TypeError`` when the object
-        cannot be copied; one that cannot be serialised is rejected on the worker, with the
-        reason in the flush and close results."""
+        """Snapshot ``agent`` now and queue it as the file ``name``: weights (a module, an
+        optimizer, a dict of them or of plain values) are captured as in :meth:`save_policy`
+        and load with ``weights_only=True``; any other object is deep-copied now (``TypeError``
+        when it cannot be) and pickled by the worker, which rejects one that cannot be
+        serialised, with the reason in the flush and close results."""
         dest = safe_relpath(name)
-        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"),
-                     snapshot=capture_object(agent))
+        if self._life.admit() is None:
+            return
+        snapshot = capture_checkpoint(
+            agent, dest, self._checkpoints, step=None, metadata=None,
+            deadline=time.monotonic() + self.options.block_timeout_s,
+        )
+        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"), snapshot=snapshot)
 
-    def _upload(self, artifact: Artifact, snapshot: Any = None) -> None:
-        self._put(UploadRequest(artifact, snapshot))
+    def _upload(self, artifact: Artifact, snapshot: Snapshot | None = None) -> None:
+        item = UploadRequest(artifact, snapshot)
+        queued = False
+        try:
+            pipeline = self._life.admit()
+            queued = pipeline is not None and pipeline.put(item)
+            if queued and not self._cap:
+                self._late(item)
+        except BaseException:
+            queued = False
+            raise
+        finally:
+            if snapshot is not None and not queued:
+                snapshot.supersede()  # never queued (dropped, taken back): free its memory
 
     # -- barriers --------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> FlushResult:
@@ -329,7 +381,10 @@ class Logger:
     def stats(self) -> Stats:
         """Counters of this logger, in records: enqueued, delivered, dropped, rejected, failed,
         retried, queue depth, lag of the oldest undelivered record, and the same per sink."""
-        return self._life.stats()
+        stats = self._life.stats()
+        if self._checkpoints.superseded:
+            stats = msgspec.structs.replace(stats, superseded=self._checkpoints.superseded)
+        return stats
 
     def __enter__(self) -> Logger:
         return self

@@ -33,20 +33,20 @@ import collections
 import contextlib
 import itertools
 import os
-import pickle
 import shutil
-import sys
 import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
 
 from steplog.capture import PendingValue
+from steplog.checkpoints import CheckpointPolicy, Snapshot, write_policy
 from steplog.errors import LoggerClosedError, SteplogWarning
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
@@ -90,12 +90,23 @@ class Options:
     """Deadline of ``flush()`` and ``close()`` called without a timeout (and of ``with``)."""
     exit_timeout_s: float = 30.0
     """Deadline of the close that runs at interpreter exit when the user did not close."""
+    checkpoint_memory_bytes: int = 4 * 1024**3
+    """Most bytes of checkpoint snapshots held in memory while they wait to be written."""
+    checkpoint_policy: CheckpointPolicy = "wait"
+    """At that bound: ``"wait"`` (up to ``block_timeout_s``, then ``TimeoutError``) or
+    ``"supersede"`` (first drop pending snapshots of the same name no sink started on)."""
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "lane_capacity"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if type(self.checkpoint_memory_bytes) is not int or self.checkpoint_memory_bytes < 1:
+            raise ValueError(f"checkpoint_memory_bytes must be an int >= 1, got "
+                             f"{self.checkpoint_memory_bytes!r}")
+        if self.checkpoint_policy not in ("wait", "supersede"):
+            raise ValueError(f"checkpoint_policy must be 'wait' or 'supersede', got "
+                             f"{self.checkpoint_policy!r}")
         if self.full_policy not in ("block", "drop"):
             raise ValueError(f"full_policy must be 'block' or 'drop', got {self.full_policy!r}")
         check_seconds(self.block_timeout_s, "block_timeout_s")
@@ -134,7 +145,7 @@ class UploadRequest:
 
     __slots__ = ("artifact", "snapshot")
 
-    def __init__(self, artifact: Artifact, snapshot: Any = None) -> None:
+    def __init__(self, artifact: Artifact, snapshot: Snapshot | None = None) -> None:
         self.artifact = artifact
         self.snapshot = snapshot
 
@@ -176,7 +187,8 @@ class _Upload:
 
     __slots__ = ("_artifact", "_lock", "_remaining", "_sinks", "_snapshot", "_staging", "_stored")
 
-    def __init__(self, artifact: Artifact, snapshot: Any, sinks: int, staging: str) -> None:
+    def __init__(self, artifact: Artifact, snapshot: Snapshot | None, sinks: int,
+                 staging: str) -> None:
         self._artifact = artifact
         self._snapshot = snapshot
         self._sinks = sinks
@@ -191,14 +203,16 @@ class _Upload:
 
     def materialize(self) -> Artifact:
         with self._lock:
-            if self._snapshot is not None:
-                fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
-                with os.fdopen(fd, "wb") as f:
-                    torch = sys.modules.get("torch")
-                    if torch is not None:
-                        torch.save(self._snapshot, f)
-                    else:
-                        pickle.dump(self._snapshot, f, protocol=pickle.HIGHEST_PROTOCOL)
+            snapshot = self._snapshot
+            if snapshot is not None:
+                snapshot.start()  # raises SupersededError when a later snapshot replaced it
+                if self._artifact.kind == "policy":
+                    path = tempfile.mkdtemp(dir=self._staging)
+                    write_policy(snapshot, Path(path))
+                else:
+                    fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
+                    os.close(fd)
+                    snapshot.write(Path(path))
                 self._snapshot = None
                 self._artifact = msgspec.structs.replace(
                     self._artifact, source=path, cleanup=True
@@ -212,6 +226,8 @@ class _Upload:
             self._remaining -= 1
             self._stored = self._stored and stored
             done = self._remaining == 0
+        if done and self._snapshot is not None:
+            self._snapshot.supersede()  # no sink ever wrote it: free its memory
         a = self._artifact
         shared_move = a.move and self._sinks > 1 and self._stored
         if done and a.source and (a.cleanup or shared_move):

@@ -60,6 +60,9 @@ class Stats(msgspec.Struct):
     queue_depth: int
     lag_s: float
     sinks: dict[str, SinkStats]
+    superseded: int = 0
+    """Checkpoint snapshots dropped by the ``"supersede"`` checkpoint policy (each also
+    counted as rejected by every sink, with the reason)."""
 
     @property
     def undelivered(self) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import http.client
+import json
 import math
 import os
 import shutil
@@ -372,10 +373,10 @@ class ClearMLSink(Sink):
             name = safe_relpath(artifact.name)
         except (TypeError, ValueError) as exc:
             raise PermanentError(str(exc)) from exc
+        if artifact.kind == "policy" and artifact.source and os.path.isdir(artifact.source):
+            self._register_model(artifact, name, Path(artifact.source))
+            return
         with self._local_copy(artifact, name) as path:
-            if artifact.kind == "policy":
-                self._register_model(artifact, name, path)
-                return
             metadata: dict[str, Any] = dict(artifact.metadata or {})
             metadata.setdefault("kind", artifact.kind)
             if artifact.step is not None:
@@ -386,29 +387,42 @@ class ClearMLSink(Sink):
                                         wait_on_upload=True):
                 raise RetryableError(f"ClearML did not store artifact {name!r}")
 
-    def _register_model(self, artifact: Artifact, name: str, path: Path) -> None:
+    def _register_model(self, artifact: Artifact, name: str, snapshot: Path) -> None:
+        """An ``OutputModel`` named ``name`` whose design is the snapshot's ``meta.json`` and
+        whose weights are its ``model.pth`` (under a name unique to this save)."""
         from clearml import OutputModel
 
-        model_name = name.split("/", 1)[0] if "/" in name else name
-        design: dict[str, Any] = {"steplog_name": name, "timestamp_ms": artifact.timestamp}
-        if artifact.step is not None:
-            design["step"] = artifact.step
-        if artifact.metadata:
-            design.update(artifact.metadata)
-        model = OutputModel(task=self.task, name=model_name, framework="PyTorch",
-                            config_dict=design)
+        meta_file = snapshot / "meta.json"
+        design: dict[str, Any] = {}
+        if meta_file.is_file():
+            design = json.loads(meta_file.read_text())
+        version = self._versions[name] = self._versions.get(name, 0) + 1
+        if self._staging is None:
+            self._staging = tempfile.mkdtemp(prefix="steplog-clearml-")
+        folder = Path(tempfile.mkdtemp(dir=self._staging))
+        weights = folder / f"{name.replace('/', '-')}-step{artifact.step or 0}-v{version}.pth"
         try:
-            model.update_weights(weights_filename=str(path), iteration=artifact.step,
-                                 auto_delete_file=False)
-        except AttributeError:
-            if not self.offline:
-                raise
-            # clearml 2.1.12: update_weights raises offline (its DummyModel has no "locked");
-            # this is the offline recording it would reach.
-            model._update_weights_offline(weights_filename=str(path), iteration=artifact.step)
-            # ClearML writes the model record to task.json only at close; write it now, so
-            # that a flush leaves it on disk.
-            self.task._edit()
+            try:
+                os.link(snapshot / "model.pth", weights)
+            except OSError:
+                shutil.copyfile(snapshot / "model.pth", weights)
+            model = OutputModel(task=self.task, name=name, framework="PyTorch",
+                                config_dict=design)
+            try:
+                model.update_weights(weights_filename=str(weights), iteration=artifact.step,
+                                     auto_delete_file=False)
+            except AttributeError:
+                if not self.offline:
+                    raise
+                # clearml 2.1.12: update_weights raises offline (its DummyModel has no
+                # "locked"); this is the offline recording it would reach.
+                model._update_weights_offline(weights_filename=str(weights),
+                                              iteration=artifact.step)
+                # ClearML writes the model record to task.json only at close; write it now,
+                # so that a flush leaves it on disk.
+                self.task._edit()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @contextlib.contextmanager
     def _local_copy(self, artifact: Artifact, name: str) -> Any:
@@ -424,10 +438,6 @@ class ClearMLSink(Sink):
         if self._staging is None:
             self._staging = tempfile.mkdtemp(prefix="steplog-clearml-")
         base = name.replace("/", "-")
-        if artifact.kind == "policy":
-            stem, ext = os.path.splitext(base)
-            version = self._versions[base] = self._versions.get(base, 0) + 1
-            base = f"{stem}-v{version}{ext}"
         path = Path(tempfile.mkdtemp(dir=self._staging)) / base
         try:
             if artifact.data is not None:

@@ -17,6 +17,7 @@ as the ``NaN``/``Infinity``/``-Infinity`` tokens that pandas and Python's json m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -201,7 +202,9 @@ class FileSink(Sink):
     def upload(self, artifact: Artifact) -> None:
         dest = self.output_dir / safe_relpath(artifact.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if artifact.data is not None:
+        if artifact.kind == "policy" and artifact.source and os.path.isdir(artifact.source):
+            self._store_policy(Path(artifact.source), dest, artifact.step or 0)
+        elif artifact.data is not None:
             _write_atomic(dest, artifact.data)
         elif artifact.source is not None:
             src = Path(artifact.source)
@@ -225,6 +228,24 @@ class FileSink(Sink):
         }
         with open(self.output_dir / "artifacts.jsonl", "ab") as f:
             f.write(self._encoder.encode(entry) + b"\n")
+
+    @staticmethod
+    def _store_policy(src: Path, dest: Path, step: int) -> None:
+        """``<name>/step_<N>/`` holds the snapshot; ``<name>/model.pth``, ``<name>/meta.json``
+        (hard links to it) and ``<name>/latest`` (``step_<N>``) name the newest one. Each is
+        replaced atomically, so a reader sees the previous snapshot or this one."""
+        version = f"step_{step}"
+        shutil.copytree(src, dest / version, dirs_exist_ok=True)
+        for fname in ("model.pth", "meta.json"):
+            tmp = dest / f".{fname}.{os.getpid()}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            try:
+                os.link(dest / version / fname, tmp)
+            except OSError:
+                shutil.copy2(dest / version / fname, tmp)
+            os.replace(tmp, dest / fname)
+        _write_atomic(dest / "latest", f"{version}\n".encode())
 
     def close(self, status: RunStatus) -> None:
         """Make ``scalars.jsonl`` durable, write ``scalars.json`` (the seed's format) from it,

@@ -252,6 +252,8 @@ class MLflowSink(Sink):
             path = "" if is_dir and artifact.name in ("", ".") else safe_relpath(artifact.name)
         except (TypeError, ValueError) as exc:
             raise PermanentError(str(exc)) from exc
+        if artifact.kind == "policy" and is_dir:
+            path = f"{path}/step_{artifact.step or 0}"  # one artifact folder per snapshot
         self._transport.upload(self._run, artifact, path)
 
 

@@ -1,0 +1,398 @@
+"""Checkpoints: weights captured at the call into reusable host buffers, written as safe files.
+
+``save_policy``/``save_agent`` hand their object to :func:`capture_weights` on the caller's
+thread. A ``torch.nn.Module`` (its ``state_dict()``), a ``torch.optim.Optimizer`` (its
+``state_dict()``), or a mapping/list of these, of tensors and of plain values (numbers, strings,
+bools, ``None``, dtypes, devices) becomes a :class:`Snapshot`: the same tree with every tensor
+copied into a host buffer. CPU tensors are copied at the call; CUDA tensors are copied with
+non-blocking copies into pinned host memory followed by an event on the current stream, which
+the worker waits on, so the training stream is never synchronised. Anything else is not
+weights: the caller deep-copies it and the worker pickles it (see ``Logger.save_agent``).
+
+The worker writes a snapshot with ``torch.save`` of plain tensors and containers, so
+``torch.load(path, weights_only=True)`` reads it; a policy also gets a ``meta.json`` (class path,
+``save_to_dict()`` when the object has one, step, user metadata, tensor count, bytes, sha256 of
+the weights file). Once written, its buffers go back to the :class:`CheckpointMemory` pool of
+that name, and the next snapshot of the same shapes reuses them instead of allocating (and
+page-faulting) new memory.
+
+:class:`CheckpointMemory` also bounds the bytes of snapshots waiting to be written: at the
+bound, ``save_policy`` waits for room (``"wait"``) or first supersedes pending snapshots of
+the same name that no sink has started on (``"supersede"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from steplog.capture import capture_object, capture_param
+from steplog.errors import PermanentError
+
+__all__ = [
+    "CheckpointMemory",
+    "CheckpointPolicy",
+    "ObjectSnapshot",
+    "Snapshot",
+    "SupersededError",
+    "capture_checkpoint",
+    "capture_weights",
+    "load_policy",
+]
+
+CheckpointPolicy = Literal["wait", "supersede"]
+_PLAIN = (int, float, bool, str, bytes, type(None))
+FORMAT = "steplog.checkpoint/1"
+
+
+class SupersededError(PermanentError):
+    """A pending snapshot was replaced by a later one of the same name before any sink
+    started on it (the ``"supersede"`` checkpoint policy)."""
+
+
+class _NotWeights(Exception):
+    pass
+
+
+class Snapshot:
+    """A tree of host tensors captured at the call, and what ``meta.json`` says about it.
+
+    States: pending (waiting for the worker), started (being written), written, superseded.
+    """
+
+    def __init__(self, name: str, nbytes: int, meta: dict[str, Any],
+                 memory: CheckpointMemory) -> None:
+        self.name = name
+        self.nbytes = nbytes
+        self.meta = meta
+        self._tree: Any = None
+        self._buffers: list[Any] = []
+        self._event: Any = None
+        self._memory = memory
+        self._lock = threading.Lock()
+        self.state = "pending"
+
+    def start(self) -> None:
+        """Claim the snapshot for writing; raises :class:`SupersededError` if it was replaced."""
+        with self._lock:
+            if self.state == "superseded":
+                raise SupersededError(
+                    f"snapshot {self.name!r} was superseded by a later one of the same name "
+                    "before any sink started on it (checkpoint policy 'supersede')"
+                )
+            if self.state == "written":
+                raise PermanentError(f"writing snapshot {self.name!r} failed before; its "
+                                     "weights are no longer held")
+            self.state = "started"
+
+    def supersede(self) -> bool:
+        """Drop this snapshot if no sink started on it; True when dropped."""
+        with self._lock:
+            if self.state != "pending":
+                return False
+            self.state = "superseded"
+        self._finish()
+        return True
+
+    def write(self, path: Path) -> dict[str, Any]:
+        """Write the weights to ``path`` (``torch.save``, loadable with ``weights_only=True``)
+        and return the metadata with the file's size and sha256. The buffers are returned to
+        the pool afterwards, whatever happens."""
+        torch = sys.modules["torch"]
+        try:
+            if self._event is not None:
+                self._event.synchronize()  # the copies of this snapshot only, not the device
+            with open(path, "wb") as f:
+                torch.save(self._tree, f)
+        finally:
+            with self._lock:
+                self.state = "written"
+            self._finish()
+        return self._described(path)
+
+    def _described(self, path: Path) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        meta = dict(self.meta)
+        meta.update(file=path.name, file_bytes=path.stat().st_size, sha256=digest.hexdigest())
+        return meta
+
+    def _finish(self) -> None:
+        buffers, self._buffers, self._tree = self._buffers, [], None
+        self._memory.release(self, buffers)
+
+
+class ObjectSnapshot(Snapshot):
+    """An object that is not weights: deep-copied at the call and serialised by the worker
+    with ``torch.save`` (``pickle`` when torch was never imported). Loading it needs
+    ``weights_only=False`` and the object's classes. Not counted against the memory bound."""
+
+    def __init__(self, name: str, obj: object, meta: dict[str, Any],
+                 memory: CheckpointMemory) -> None:
+        super().__init__(name, 0, meta, memory)
+        self._tree = obj
+
+    def write(self, path: Path) -> dict[str, Any]:
+        torch = sys.modules.get("torch")
+        try:
+            with open(path, "wb") as f:
+                if torch is not None:
+                    torch.save(self._tree, f)
+                else:
+                    pickle.dump(self._tree, f, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            with self._lock:
+                self.state = "written"
+            self._tree = None
+        return self._described(path)
+
+
+class CheckpointMemory:
+    """Host buffers and the byte bound of one logger's pending snapshots.
+
+    ``allocated_bytes``/``reused_bytes`` count buffer bytes newly allocated / taken from the
+    pool; ``superseded`` counts snapshots dropped by the ``"supersede"`` policy.
+    """
+
+    def __init__(self, bound_bytes: int, policy: CheckpointPolicy) -> None:
+        self.bound_bytes = bound_bytes
+        self.policy = policy
+        self.pending_bytes = 0
+        self.allocated_bytes = 0
+        self.reused_bytes = 0
+        self.superseded = 0
+        self._pending: dict[str, list[Snapshot]] = {}
+        self._free: dict[str, list[Any]] = {}
+        self._room = threading.Condition()
+
+    def admit(self, snapshot: Snapshot, deadline: float) -> bool:
+        """Count ``snapshot`` as pending once there is room (superseding earlier ones of its
+        name under ``"supersede"``); False when ``deadline`` (monotonic) passed first. A
+        snapshot larger than the bound is admitted when nothing else is pending."""
+        if self.policy == "supersede":
+            with self._room:
+                earlier = list(self._pending.get(snapshot.name, ()))
+            for old in earlier:
+                if old.supersede():
+                    with self._room:
+                        self.superseded += 1
+        with self._room:
+            while self.pending_bytes and self.pending_bytes + snapshot.nbytes > self.bound_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._room.wait(left)
+            self.pending_bytes += snapshot.nbytes
+            self._pending.setdefault(snapshot.name, []).append(snapshot)
+            return True
+
+    def take_buffers(self, name: str) -> list[Any]:
+        """The buffers of the last written snapshot of ``name`` (empty if none)."""
+        with self._room:
+            return self._free.pop(name, [])
+
+    def release(self, snapshot: Snapshot, buffers: list[Any]) -> None:
+        with self._room:
+            pending = self._pending.get(snapshot.name, [])
+            if snapshot in pending:
+                pending.remove(snapshot)
+                self.pending_bytes -= snapshot.nbytes
+            if buffers:
+                self._free[snapshot.name] = buffers
+            self._room.notify_all()
+
+
+def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: int | None,
+                    metadata: Mapping[str, Any] | None, deadline: float) -> Snapshot | None:
+    """A :class:`Snapshot` of ``obj``'s weights taken now, or ``None`` when ``obj`` is not
+    weights (see the module docstring) or torch was never imported. Waits for room under the
+    memory bound until ``deadline`` (monotonic), then raises ``TimeoutError``."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        weights = _weights_of(torch, obj)
+        sizes: list[int] = []
+        _map_tree(torch, weights, lambda t: sizes.append(t.numel() * t.element_size()))
+    except _NotWeights:
+        return None
+    cls = type(obj)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name,
+        "step": step,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "tensors": len(sizes),
+        "bytes": sum(sizes),
+        "torch": str(torch.__version__),
+    }
+    save_to_dict = getattr(obj, "save_to_dict", None)
+    if callable(save_to_dict):
+        meta["save_to_dict"] = capture_param(save_to_dict())
+    if metadata is not None:
+        meta["metadata"] = capture_param(dict(metadata))
+    snapshot = Snapshot(name, sum(sizes), meta, memory)
+    if not memory.admit(snapshot, deadline):
+        raise TimeoutError(
+            f"snapshot {name!r} ({sum(sizes):,} bytes) found no room: "
+            f"{memory.pending_bytes:,} bytes of snapshots still wait to be written "
+            f"(Options.checkpoint_memory_bytes = {memory.bound_bytes:,}); it was not saved"
+        )
+    copier = _Copier(torch, memory.take_buffers(name), memory)
+    snapshot._tree = _map_tree(torch, weights, copier.copy)
+    snapshot._buffers = copier.used
+    if copier.cuda:
+        snapshot._event = torch.cuda.Event()
+        snapshot._event.record()
+    return snapshot
+
+
+def capture_checkpoint(obj: object, name: str, memory: CheckpointMemory, *,
+                       step: int | None, metadata: Mapping[str, Any] | None,
+                       deadline: float) -> Snapshot:
+    """:func:`capture_weights` when ``obj`` is weights, else an :class:`ObjectSnapshot` (a
+    deep copy; ``TypeError`` when it cannot be copied)."""
+    snapshot = capture_weights(obj, name, memory, step=step, metadata=metadata,
+                               deadline=deadline)
+    if snapshot is not None:
+        return snapshot
+    cls = type(obj)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name,
+        "step": step,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "pickled": True,
+    }
+    if metadata is not None:
+        meta["metadata"] = capture_param(dict(metadata))
+    return ObjectSnapshot(name, capture_object(obj), meta, memory)
+
+
+def _weights_of(torch: Any, obj: object) -> Any:
+    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer, Mapping, list, tuple)):
+        return obj
+    raise _NotWeights
+
+
+def _map_tree(torch: Any, node: Any, leaf: Any) -> Any:
+    """``node`` rebuilt with ``leaf(tensor)`` for each tensor (modules and optimizers by their
+    state_dict); raises :class:`_NotWeights` for anything ``weights_only`` cannot load."""
+    if isinstance(node, torch.Tensor):
+        return leaf(node)
+    if isinstance(node, (torch.nn.Module, torch.optim.Optimizer)):
+        return _map_tree(torch, node.state_dict(), leaf)
+    if isinstance(node, Mapping):
+        return {k: _map_tree(torch, v, leaf) for k, v in node.items()}
+    if isinstance(node, torch.Size):
+        return node
+    if isinstance(node, (list, tuple)):
+        items = [_map_tree(torch, v, leaf) for v in node]
+        return items if isinstance(node, list) else tuple(items)
+    if isinstance(node, (*_PLAIN, torch.dtype, torch.device)):
+        return node
+    raise _NotWeights
+
+
+class _Copier:
+    """Copies tensors into host buffers, reusing ``free`` ones of the same shape and dtype in
+    traversal order."""
+
+    def __init__(self, torch: Any, free: list[Any], memory: CheckpointMemory) -> None:
+        self.torch = torch
+        self.free = free
+        self.memory = memory
+        self.used: list[Any] = []
+        self.cuda = False
+
+    def copy(self, t: Any) -> Any:
+        src = t.detach()
+        if src.is_sparse or src.is_quantized or src.device.type == "meta":
+            out = src.to("cpu", copy=True)
+        else:
+            k = len(self.used)
+            buf = self.free[k] if k < len(self.free) else None
+            if buf is not None and buf.shape == src.shape and buf.dtype == src.dtype:
+                self.memory.reused_bytes += buf.numel() * buf.element_size()
+            else:
+                pin = src.device.type == "cuda"
+                buf = self.torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+                self.memory.allocated_bytes += buf.numel() * buf.element_size()
+            if src.device.type == "cuda":
+                buf.copy_(src, non_blocking=True)
+                self.cuda = True
+            else:
+                buf.copy_(src)
+            out = buf
+        self.used.append(out)
+        return out
+
+
+def write_policy(snapshot: Snapshot, directory: Path) -> None:
+    """``directory/model.pth`` and ``directory/meta.json`` for one policy snapshot."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = snapshot.write(directory / "model.pth")
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def load_policy(location: str | os.PathLike[str], module: Any = None, *,
+                weights_only: bool = True, tracking_uri: str | None = None) -> Any:
+    """The state_dict saved by ``save_policy`` at ``location``, loaded into ``module`` too when
+    one is given (``module.load_state_dict``). Never unpickles unless ``weights_only=False``.
+
+    ``location`` is one of: a ``model.pth`` file; a snapshot directory (holding
+    ``model.pth``); a policy directory of a file run (its ``latest`` snapshot); an MLflow
+    artifact URI (``runs:/<run id>/policy/step_3``, ``models:/<name>/<version>``,
+    ``mlflow-artifacts:/...``; needs the mlflow package, with ``tracking_uri`` or
+    ``MLFLOW_TRACKING_URI``); or ``clearml://<model id>`` (a ClearML model, via its server).
+    """
+    import torch
+
+    text = os.fspath(location)
+    if text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import tempfile
+
+        from mlflow.artifacts import download_artifacts
+
+        with tempfile.TemporaryDirectory(prefix="steplog-load-") as tmp:
+            local = download_artifacts(artifact_uri=text, dst_path=tmp,
+                                       tracking_uri=tracking_uri)
+            return load_policy(local, module, weights_only=weights_only)
+    if text.startswith("clearml://"):
+        from clearml import InputModel
+
+        local = InputModel(model_id=text[len("clearml://"):]).get_local_copy()
+        return load_policy(local, module, weights_only=weights_only)
+    path = Path(text)
+    path = _model_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if module is not None:
+        module.load_state_dict(state)
+    return state
+
+
+def _model_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if (path / "model.pth").is_file():
+        return path / "model.pth"
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / "model.pth").is_file():
+            return target / "model.pth"
+    found = sorted(p.parent.name for p in path.glob("*/model.pth"))
+    hint = f"; snapshots there: {', '.join(found)}" if found else ""
+    raise FileNotFoundError(f"no model.pth in {path} and no 'latest' snapshot{hint}")

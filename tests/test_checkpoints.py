@@ -1,0 +1,279 @@
+"""Checkpoints: weights captured at the call, safe files, versions, bounded memory, loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mlflow_support import MlflowServer  # noqa: E402
+from steplog import (  # noqa: E402
+    Artifact,
+    FileLogger,
+    FileSink,
+    Logger,
+    MLFlowLogger,
+    Options,
+    load_policy,
+)
+
+FAST = Options(drain_interval_s=0.01)
+
+
+class Policy(torch.nn.Module):
+    """A policy with the prt_rl-style ``save_to_dict`` hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+    def save_to_dict(self) -> dict[str, object]:
+        return {"obs_dim": 4, "act_dim": 2}
+
+
+class Opaque:
+    """Not weights: a plain object with an attribute."""
+
+    def __init__(self) -> None:
+        self.epsilon = 0.1
+
+
+def stepped(policy: torch.nn.Module) -> torch.optim.Optimizer:
+    """An Adam optimizer after one step (so it has state tensors)."""
+    opt = torch.optim.Adam(policy.parameters(), lr=0.1)
+    policy(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    return opt
+
+
+def test_an_optimizer_step_right_after_save_policy_does_not_reach_the_stored_weights(
+    tmp_path: Path,
+) -> None:
+    policy = Policy()
+    opt = stepped(policy)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy({"policy": policy, "optimizer": opt})
+    policy(torch.ones(1, 4)).sum().backward()
+    opt.step()  # the very next update, while the snapshot may not be written yet
+    assert logger.close(30)
+    state = torch.load(tmp_path / "policy" / "model.pth", weights_only=True)
+    for k, v in before.items():
+        assert torch.equal(state["policy"][k], v)
+    assert not torch.equal(state["policy"]["head.weight"], policy.head.weight)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.1
+    assert set(state["optimizer"]["state"]) == {0, 1, 2, 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_policy_is_captured_without_waiting_and_stores_the_pre_step_weights(
+    tmp_path: Path,
+) -> None:
+    policy = Policy().cuda()
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    before = {k: v.cpu() for k, v in policy.state_dict().items()}
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(policy)
+    policy(torch.ones(1, 4, device="cuda")).sum().backward()
+    opt.step()
+    assert logger.close(60)
+    state = load_policy(tmp_path / "policy")
+    for k, v in before.items():
+        assert torch.equal(state[k], v)
+
+
+def test_meta_json_records_class_step_save_to_dict_metadata_sizes_and_sha256(
+    tmp_path: Path,
+) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(Policy(), step=40, metadata={"reward": 9.5})
+    assert logger.close(30)
+    folder = tmp_path / "policy" / "step_40"
+    meta = json.loads((folder / "meta.json").read_text())
+    weights = (folder / "model.pth").read_bytes()
+    assert meta["class"] == f"{Policy.__module__}.Policy"
+    assert meta["step"] == 40 and meta["name"] == "policy"
+    assert meta["save_to_dict"] == {"obs_dim": 4, "act_dim": 2}
+    assert meta["metadata"] == {"reward": 9.5}
+    assert meta["tensors"] == 4 and meta["bytes"] == (4 * 8 + 8 + 8 * 2 + 2) * 4
+    assert meta["file_bytes"] == len(weights)
+    assert meta["sha256"] == hashlib.sha256(weights).hexdigest()
+
+
+def test_every_snapshot_is_kept_and_latest_names_the_newest(tmp_path: Path) -> None:
+    policy = torch.nn.Linear(1, 1)
+    logger = FileLogger(tmp_path, options=FAST)
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            policy.weight.fill_(value)
+        logger.save_policy(policy)  # steps 0, 1, 2: the number of earlier saves
+    assert logger.close(30)
+    root = tmp_path / "policy"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0", "step_1", "step_2"]
+    assert (root / "latest").read_text().strip() == "step_2"
+    assert load_policy(root)["weight"].item() == 3.0
+    assert load_policy(root / "step_0")["weight"].item() == 1.0
+    assert load_policy(root / "step_1" / "model.pth")["weight"].item() == 2.0
+    fresh = torch.nn.Linear(1, 1)
+    load_policy(root, fresh)
+    assert fresh.weight.item() == 3.0
+
+
+def test_repeated_saves_of_the_same_shapes_reuse_their_host_buffers(tmp_path: Path) -> None:
+    policy = Policy()
+    logger = FileLogger(tmp_path, options=FAST)
+    size = sum(v.numel() * v.element_size() for v in policy.state_dict().values())
+    for _ in range(5):
+        logger.save_policy(policy)
+        assert logger.flush(30)  # written, so its buffers are back in the pool
+    memory = logger._checkpoints
+    assert memory.allocated_bytes == size
+    assert memory.reused_bytes == 4 * size
+    assert logger.close(30)
+
+
+def test_a_changed_shape_allocates_only_the_changed_tensor(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy({"a": torch.zeros(100), "b": torch.zeros(10)})
+    assert logger.flush(30)
+    logger.save_policy({"a": torch.zeros(100), "b": torch.zeros(20)})
+    assert logger.close(30)
+    memory = logger._checkpoints
+    assert memory.reused_bytes == 400
+    assert memory.allocated_bytes == 400 + 40 + 80
+
+
+def test_an_object_that_is_not_weights_is_pickled_and_loads_only_unsafely(
+    tmp_path: Path,
+) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(Opaque(), name="explorer")
+    assert logger.close(30)
+    meta = json.loads((tmp_path / "explorer" / "meta.json").read_text())
+    assert meta["pickled"] is True
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_policy(tmp_path / "explorer")
+    assert load_policy(tmp_path / "explorer", weights_only=False).epsilon == 0.1
+
+
+def test_load_policy_names_the_snapshots_when_no_latest_exists(tmp_path: Path) -> None:
+    (tmp_path / "step_3").mkdir()
+    torch.save({"w": torch.ones(1)}, tmp_path / "step_3" / "model.pth")
+    with pytest.raises(FileNotFoundError, match="step_3"):
+        load_policy(tmp_path)
+
+
+class GatedFileSink(FileSink):
+    """A file sink whose uploads wait until the test opens the gate."""
+
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        super().__init__(path)
+        self.gate = gate
+
+    def upload(self, artifact: Artifact) -> None:
+        self.gate.wait(30)
+        super().upload(artifact)
+
+
+def test_at_the_memory_bound_save_policy_waits_then_raises_a_clear_timeout(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
+    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000, block_timeout_s=0.5)
+    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
+    logger.save_policy(weights)  # written, then its upload waits at the gate
+    deadline = time.monotonic() + 10
+    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.save_policy(weights)  # pending behind the first upload: 4,000 bytes held
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="checkpoint_memory_bytes"):
+        logger.save_policy(weights)
+    assert 0.4 < time.monotonic() - start < 2.0
+    gate.set()
+    assert logger.flush(30)
+    logger.save_policy(weights)  # room again; the refused call used no step
+    assert logger.close(30)
+    assert sorted(p.name for p in (tmp_path / "policy").glob("step_*")) == [
+        "step_0", "step_1", "step_2"]
+
+
+def test_the_supersede_policy_replaces_a_pending_snapshot_of_the_same_name(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    weights = torch.nn.Linear(10, 10)
+    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=1, checkpoint_policy="supersede")
+    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
+    logger.save_policy(weights)  # written, its upload held at the gate
+    deadline = time.monotonic() + 10
+    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.save_policy(weights)  # step 1: pending
+    logger.save_policy(weights)  # step 2 supersedes step 1 at once
+    assert logger.stats().superseded == 1
+    gate.set()
+    result = logger.close(30)
+    assert not result and result.rejected == 1
+    assert any("superseded" in loss.reason for loss in result.losses)
+    assert sorted(p.name for p in (tmp_path / "policy").glob("step_*")) == ["step_0", "step_2"]
+
+
+def test_save_policy_on_a_closed_logger_raises_and_holds_no_memory(tmp_path: Path) -> None:
+    from steplog import LoggerClosedError
+
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.close(10)
+    with pytest.raises(LoggerClosedError):
+        logger.save_policy(torch.nn.Linear(2, 2))
+    assert logger._checkpoints.pending_bytes == 0
+
+
+def test_an_mlflow_run_keeps_each_snapshot_and_load_policy_reads_it_back(
+    mlflow_server: MlflowServer,
+) -> None:
+    policy = torch.nn.Linear(3, 1)
+    logger = MLFlowLogger("checkpoints", tracking_uri=mlflow_server.url, options=FAST)
+    logger.save_policy(policy, step=7)
+    assert logger.close(60)
+    run_id = logger.run_id
+    paths = {a["path"] for a in mlflow_server.artifacts(run_id or "", "policy/step_7")}
+    assert paths == {"policy/step_7/model.pth", "policy/step_7/meta.json"}
+    state = load_policy(f"runs:/{run_id}/policy/step_7", tracking_uri=mlflow_server.url)
+    assert torch.equal(state["weight"], policy.weight)
+
+
+def test_scalars_keep_flowing_while_a_200_mb_checkpoint_uploads(
+    mlflow_server: MlflowServer,
+) -> None:
+    big = {"w": torch.randn(50_000_000)}  # 200 MB
+    logger = MLFlowLogger("checkpoints-big", tracking_uri=mlflow_server.url, options=FAST)
+    assert logger.flush(60)
+    run_id = logger.run_id or ""
+    logger.save_policy(big, name="big")
+    lags = []
+    uploading = True
+    k = 0
+    while uploading and k < 100:
+        sent = time.monotonic()
+        logger.log_scalar("tick", float(k), k)
+        while not any(m["step"] == k for m in mlflow_server.metric_history(run_id, "tick")):
+            assert time.monotonic() - sent < 10, "a scalar waited behind the checkpoint"
+            time.sleep(0.02)
+        lags.append(time.monotonic() - sent)
+        uploading = not mlflow_server.artifacts(run_id, "big/step_0")
+        k += 1
+    assert logger.close(300)
+    assert len(lags) >= 2, "the upload finished before a scalar could be timed"
+    assert max(lags) < 1.0, lags
