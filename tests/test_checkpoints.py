@@ -254,6 +254,34 @@ def test_an_mlflow_run_keeps_each_snapshot_and_load_policy_reads_it_back(
     assert torch.equal(state["weight"], policy.weight)
 
 
+@pytest.mark.parametrize("transport", ["http", "embedded"])
+def test_registered_model_name_makes_each_snapshot_a_model_version_with_its_step(
+    mlflow_server: MlflowServer, tmp_path: Path, transport: str
+) -> None:
+    uri = mlflow_server.url if transport == "http" else f"sqlite:///{tmp_path / 'm.db'}"
+    model = f"policy-{transport}-{time.monotonic_ns()}"
+    policy = torch.nn.Linear(2, 1)
+    before = policy.weight.detach().clone()
+    logger = MLFlowLogger("registry", tracking_uri=uri, registered_model_name=model,
+                          options=FAST)
+    logger.save_policy(policy, step=10)
+    with torch.no_grad():
+        policy.weight.add_(1.0)
+    logger.save_policy(policy, step=20)
+    assert logger.close(120)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    versions = sorted(client.search_model_versions(f"name='{model}'"), key=lambda v: v.version)
+    assert [v.tags["step"] for v in versions] == ["10", "20"]
+    assert [v.run_id for v in versions] == [logger.run_id] * 2
+    assert versions[1].source.endswith("/policy/step_20")
+    state = load_policy(f"models:/{model}/2", tracking_uri=uri)
+    assert torch.equal(state["weight"], policy.weight)
+    first = load_policy(f"models:/{model}/1", tracking_uri=uri)
+    assert torch.equal(first["weight"], before)
+
+
 def test_scalars_keep_flowing_while_a_200_mb_checkpoint_uploads(
     mlflow_server: MlflowServer,
 ) -> None:

@@ -364,6 +364,8 @@ def load_policy(location: str | os.PathLike[str], module: Any = None, *,
 
         from mlflow.artifacts import download_artifacts
 
+        if text.startswith("models:/"):
+            text = _model_version_uri(text, tracking_uri)
         with tempfile.TemporaryDirectory(prefix="steplog-load-") as tmp:
             local = download_artifacts(artifact_uri=text, dst_path=tmp,
                                        tracking_uri=tracking_uri)
@@ -379,6 +381,24 @@ def load_policy(location: str | os.PathLike[str], module: Any = None, *,
     if module is not None:
         module.load_state_dict(state)
     return state
+
+
+def _model_version_uri(uri: str, tracking_uri: str | None) -> str:
+    """Where the artifacts of ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` are,
+    asking the registry of ``tracking_uri`` (MLflow's default registry is process-wide)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    spec = uri[len("models:/"):].strip("/")
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+    else:
+        name, _, version = spec.rpartition("/")
+        if not name or not version.isdigit():
+            raise ValueError(f"expected models:/<name>/<version> or models:/<name>@<alias>, "
+                             f"got {uri!r}")
+    return str(client.get_model_version_download_uri(name, version))
 
 
 def _model_file(path: Path) -> Path:

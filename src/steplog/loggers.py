@@ -441,7 +441,9 @@ class MLFlowLogger(Logger):
     until then) and ended at close: ``FINISHED``, or ``FAILED``/``KILLED`` when the process dies
     of an exception or a signal. ``log_system_metrics=True`` samples CPU, memory and GPU every
     ``system_metrics_interval_s`` seconds into the same run (needs psutil; GPUs need pynvml).
-    ``tags`` are set on the run when it is created.
+    ``tags`` are set on the run when it is created. With ``registered_model_name``, every
+    ``save_policy`` also creates a new version of that registered model, whose source is the
+    snapshot's run artifact and whose ``step`` tag is its step.
     """
 
     def __init__(
@@ -456,12 +458,14 @@ class MLFlowLogger(Logger):
         system_metrics_interval_s: float = 10.0,
         request_timeout_s: float = 30.0,
         tags: Mapping[str, str] | None = None,
+        registered_model_name: str | None = None,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.sink = MLflowSink(experiment_name, tracking_uri=tracking_uri, run_name=run_name,
                                request_timeout_s=request_timeout_s,
-                               tags=dict(tags) if tags is not None else None)
+                               tags=dict(tags) if tags is not None else None,
+                               registered_model_name=registered_model_name)
         # Check the optional dependency before any thread starts.
         sampler = None
         if log_system_metrics:

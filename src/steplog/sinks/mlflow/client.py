@@ -25,9 +25,11 @@ from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     RETRYABLE_STATUS,
     RUN_TOKEN_TAG,
+    VERSION_TOKEN_TAG,
     Chunk,
     RunRef,
     about_the_request,
+    filter_quote,
 )
 
 __all__ = ["ClientTransport", "HostTransport"]
@@ -73,6 +75,11 @@ class HostTransport:
 
     def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None:
         self.host.call("api", "end_run", run_id, status, end_ms)
+
+    def register_version(
+        self, model: str, run: RunRef, path: str, tags: dict[str, str]
+    ) -> str:
+        return str(self.host.call("files", "register_version", model, run, path, tags))
 
     def close(self) -> None:
         self.host.close()
@@ -157,6 +164,28 @@ class ClientTransport:
         with _mlflow_errors():
             self.client.set_terminated(run_id, status, end_time=end_ms)
         self._runs.discard(run_id)
+
+    def register_version(
+        self, model: str, run: RunRef, path: str, tags: dict[str, str]
+    ) -> str:
+        """As :meth:`RestTransport.register_version`, through ``MlflowClient``."""
+        token = f"{run.run_id}/{path}"
+        with _mlflow_errors():
+            try:
+                self.client.create_registered_model(model)
+            except Exception as exc:
+                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            for version in self.client.search_model_versions(
+                f"name='{filter_quote(model)}' and run_id='{run.run_id}'"
+            ):
+                if version.tags.get(VERSION_TOKEN_TAG) == token:
+                    return str(version.version)
+            created = self.client.create_model_version(
+                model, f"{run.artifact_uri.rstrip('/')}/{path}", run_id=run.run_id,
+                tags={**tags, VERSION_TOKEN_TAG: token},
+            )
+        return str(created.version)
 
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:
         dirname, basename = posixpath.split(path)

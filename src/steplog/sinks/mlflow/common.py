@@ -25,10 +25,12 @@ __all__ = [
     "MAX_TAG_VALUE_LENGTH",
     "RETRYABLE_STATUS",
     "RUN_TOKEN_TAG",
+    "VERSION_TOKEN_TAG",
     "Chunk",
     "RunRef",
     "Transport",
     "about_the_request",
+    "filter_quote",
     "key_problem",
     "redact",
     "tracking_uri_problem",
@@ -45,6 +47,9 @@ MAX_REQUEST_BYTES = 1_000_000
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 
+VERSION_TOKEN_TAG = "steplog.snapshot"
+"""Model-version tag naming the run artifact a version was made from: a retried registration
+finds the version instead of creating a second one."""
 RUN_TOKEN_TAG = "steplog.run_token"
 """Tag set on the run at creation, so a retried ``open`` finds the run a lost answer created."""
 
@@ -186,8 +191,16 @@ class Transport(Protocol):
     def find_run(self, experiment_id: str, token: str) -> RunRef | None: ...
     def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
+    def register_version(
+        self, model: str, run: RunRef, path: str, tags: dict[str, str]
+    ) -> str: ...
     def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None: ...
     def close(self) -> None: ...
+
+
+def filter_quote(text: str) -> str:
+    """``text`` escaped for a single-quoted value of an MLflow search filter."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def redact(uri: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import contextlib
 import getpass
 import http.client
 import math
@@ -42,9 +43,11 @@ from steplog.sinks.mlflow.common import (
     MAX_REQUEST_BYTES,
     RETRYABLE_STATUS,
     RUN_TOKEN_TAG,
+    VERSION_TOKEN_TAG,
     Chunk,
     RunRef,
     about_the_request,
+    filter_quote,
     redact,
 )
 
@@ -464,6 +467,29 @@ class RestTransport:
                     size = os.fstat(f.fileno()).st_size
                     self._send(self._files, "PUT", target, _Exactly(f, size),
                                {"Content-Type": ctype, "Content-Length": str(size)})
+
+    def register_version(
+        self, model: str, run: RunRef, path: str, tags: dict[str, str]
+    ) -> str:
+        """A version of registered model ``model`` (created if missing) whose source is the
+        run artifact ``path``; an earlier version made from the same artifact is reused."""
+        with contextlib.suppress(_AlreadyExists):  # registered earlier: add a version
+            self._call("registered-models/create", self._encoder.encode({"name": model}))
+        token = f"{run.run_id}/{path}"
+        found = self._call("model-versions/search",
+                           filter=f"name='{filter_quote(model)}' and run_id='{run.run_id}'")
+        for version in found.get("model_versions", []):
+            if any(t.get("key") == VERSION_TOKEN_TAG and t.get("value") == token
+                   for t in version.get("tags", [])):
+                return str(version["version"])
+        body = {
+            "name": model,
+            "source": f"{run.artifact_uri.rstrip('/')}/{path}",
+            "run_id": run.run_id,
+            "tags": [{"key": k, "value": v} for k, v in {**tags, VERSION_TOKEN_TAG: token}.items()],
+        }
+        created = self._call("model-versions/create", self._encoder.encode(body), resend=False)
+        return str(created["model_version"]["version"])
 
     def describe(self) -> str:
         return redact(self.tracking_uri)

@@ -61,6 +61,7 @@ class MLflowSink(Sink):
         run_name: str | None = None,
         request_timeout_s: float = 30.0,
         tags: dict[str, str] | None = None,
+        registered_model_name: str | None = None,
     ) -> None:
         if not isinstance(experiment_name, str) or not experiment_name:
             raise ValueError("experiment_name must be a non-empty str")
@@ -74,6 +75,12 @@ class MLflowSink(Sink):
         self.request_timeout_s = request_timeout_s
         """Longest wait to connect, or for the server's next bytes, per HTTP request (s)."""
         self._user_tags = {str(k): str(v) for k, v in (tags or {}).items()}  # as MLflow
+        if registered_model_name is not None and (
+            not isinstance(registered_model_name, str) or not registered_model_name.strip()
+        ):
+            raise ValueError("registered_model_name must be a non-empty str or None")
+        self.registered_model_name = registered_model_name
+        """Every saved policy becomes a new version of this registered model."""
         self._token = uuid.uuid4().hex
         self._transport: Transport | None = None
         self._run: RunRef | None = None
@@ -252,9 +259,13 @@ class MLflowSink(Sink):
             path = "" if is_dir and artifact.name in ("", ".") else safe_relpath(artifact.name)
         except (TypeError, ValueError) as exc:
             raise PermanentError(str(exc)) from exc
-        if artifact.kind == "policy" and is_dir:
+        policy = artifact.kind == "policy" and is_dir
+        if policy:
             path = f"{path}/step_{artifact.step or 0}"  # one artifact folder per snapshot
         self._transport.upload(self._run, artifact, path)
+        if policy and self.registered_model_name is not None:
+            tags = {"step": str(artifact.step or 0), "steplog.name": artifact.name}
+            self._transport.register_version(self.registered_model_name, self._run, path, tags)
 
 
 def _param_str(value: Any) -> str:
