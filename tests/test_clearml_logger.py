@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,7 +296,12 @@ def test_close_zips_the_session_and_prints_how_to_upload_it(
     result = lg.close(30)
     assert result and result.delivered == 1
     zip_path = f"{lg.offline_session}.zip"
-    assert Path(zip_path).is_file()
+    with zipfile.ZipFile(zip_path) as zf:  # what the printed command uploads
+        events = [e for line in zf.read("metrics.jsonl").decode().splitlines()
+                  for e in json.loads(line)]
+        task = json.loads(zf.read("task.json"))
+    assert [(e["variant"], e["value"]) for e in events] == [("x", 1.0)]
+    assert task["hyperparams"]["properties"]["steplog.status"]["value"] == "FINISHED"
     err = capfd.readouterr().err
     assert f"Task.import_offline_session({zip_path!r})" in err
     with pytest.raises(LoggerClosedError):
@@ -318,6 +325,26 @@ def test_two_open_loggers_with_different_tasks_fail_with_a_clear_error(
 ) -> None:
     with pytest.raises(ValueError, match="one running Task per process"):
         ClearMLLogger("steplog-tests", "another")
+
+
+def test_a_second_logger_with_the_same_names_does_not_share_the_open_task(
+    logger: ClearMLLogger,
+) -> None:
+    with pytest.raises(ValueError, match="one running Task per process"):
+        ClearMLLogger("steplog-tests", "run")
+    logger.log_scalar("x", 1.0, 0)
+    assert logger.flush(30)  # the first logger's Task is untouched
+
+
+def test_a_task_the_user_started_is_never_taken_over(offline: Path) -> None:
+    from clearml import Task
+
+    task = Task.init("steplog-tests", "mine")
+    try:
+        with pytest.raises(ValueError, match="one running Task per process"):
+            ClearMLLogger("steplog-tests", "mine")
+    finally:
+        task.close()
 
 
 def test_forked_workers_of_a_pool_log_nothing_twice_and_do_not_hang(tmp_path: Path) -> None:
@@ -371,12 +398,13 @@ def closed_port() -> int:
 
 UNREACHABLE_RUN = """
     import time, warnings
-    from steplog import ClearMLLogger
+    from steplog import ClearMLLogger, SteplogWarning
     t0 = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lg = ClearMLLogger("p", "t", connect_timeout_s=1.0)
-    print("BUILT", round(time.monotonic() - t0, 2), [str(w.message)[:60] for w in caught])
+    print("BUILT", round(time.monotonic() - t0, 2),
+          [str(w.message)[:100] for w in caught if w.category is SteplogWarning])
     for i in range(100):
         lg.log_scalar("x", float(i), i)
     t0 = time.monotonic()
@@ -441,6 +469,38 @@ def test_a_server_that_accepts_but_never_answers_does_not_hang_construction(
     got = parse_unreachable(proc.stdout)
     assert float(got["BUILT"].split(" ", 1)[0]) < 15, got
     assert got["CLOSED"].split()[1:] == ["False", "100"]
+
+
+def test_a_server_answering_502_records_offline_instead_of_retrying_for_minutes(
+    tmp_path: Path,
+) -> None:
+    import http.server
+
+    class BadGateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(502)
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            self.do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BadGateway)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = child_env(tmp_path, CLEARML_API_HOST=f"http://127.0.0.1:{proxy.server_port}",
+                        CLEARML_API_ACCESS_KEY="k", CLEARML_API_SECRET_KEY="s")
+        proc = run_child(UNREACHABLE_RUN, env)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proc.returncode == 0, proc.stderr
+    got = parse_unreachable(proc.stdout)
+    assert float(got["BUILT"].split(" ", 1)[0]) < 15, got
+    assert "HTTP 502" in got["BUILT"] and got["CLOSED"].split()[1:] == ["False", "100"]
 
 
 def test_sigterm_delivers_every_record_then_closes_the_task(tmp_path: Path) -> None:

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import http.client
 import json
 import math
 import os
 import shutil
-import ssl
 import sys
 import tempfile
 import warnings
@@ -191,6 +189,14 @@ class ClearMLSink(Sink):
                     stacklevel=4,
                 )
                 self.offline = True
+        running: Any = Task.current_task()
+        if running is not None:
+            # Task.init would hand back that Task (same names) or refuse (other names); either
+            # way this logger would end a Task it does not own.
+            raise ValueError(
+                f"ClearML allows one running Task per process and {running.id} "
+                f"({running.name!r}) is running: close it (or its ClearMLLogger) first"
+            )
         if self.offline:
             Task.set_offline(True)
         elif Task.is_offline():  # set by an earlier offline logger of this process
@@ -209,6 +215,8 @@ class ClearMLSink(Sink):
             kwargs["tags"] = self.tags
         if self.output_uri is not None:
             kwargs["output_uri"] = self.output_uri
+        elif not self.offline:
+            kwargs["output_uri"] = True  # models are uploaded (to the files server) by default
         kwargs.update(self.task_init_kwargs)
         try:
             task: Any = Task.init(
@@ -217,11 +225,6 @@ class ClearMLSink(Sink):
         except Exception as exc:
             if type(exc).__name__ == "MissingConfigError":
                 raise ValueError(CONFIG_HELP) from exc
-            if type(exc).__name__ == "UsageError":
-                raise ValueError(
-                    f"ClearML allows one running Task per process: {exc} Close the other "
-                    "ClearMLLogger (or Task) first."
-                ) from exc
             raise
         # steplog ends the Task after its last record: ClearML's own exit hook would close it
         # before the logger's final records, and its signal handler would run that close
@@ -229,6 +232,11 @@ class ClearMLSink(Sink):
         atexit.unregister(task._at_exit)
         Task._remove_signal_hooks()
         Task._remove_exception_hooks()
+        # ClearML's fork hooks would start reporter threads in every forked child (a DataLoader
+        # worker, say) and make its exit wait; a forked child's logger is inert anyway.
+        from clearml.binding.environ_bind import PatchOsFork
+
+        PatchOsFork.patch_fork(None)  # type: ignore[arg-type]
         self.task = task
         if self.offline:
             folder = Path(task.get_offline_mode_folder())
@@ -243,6 +251,7 @@ class ClearMLSink(Sink):
         task = self.task
         if task is None or self._closed:
             return
+        task.set_user_properties(**{"steplog.status": status})
         task.flush(wait_for_uploads=True)
         task.close()
         if not self.offline and status != "FINISHED":
@@ -348,18 +357,28 @@ class ClearMLSink(Sink):
             raise
 
     def _send_events(self, lines: bytes) -> None:
+        from clearml.backend_api.services import events as api_events
+
         session = self.task.session
         responses = session.send_request_batch(
-            service="events", action="add_batch", data=[lines.decode().rstrip("\n")]
+            service="events", action="add_batch", version=api_events.AddBatchRequest._version,
+            data=[lines.decode().rstrip("\n")],
         )
         for res in responses or ():
             code = getattr(res, "status_code", None)
-            if code == 200:
-                continue
-            detail = f"ClearML events.add_batch answered {code}: {_response_text(res)}"
             if code is None or code == 429 or code >= 500:
-                raise RetryableError(detail)
-            raise PermanentError(detail)
+                raise RetryableError(f"ClearML events.add_batch answered {code}: "
+                                     f"{_response_text(res)}")
+            if code != 200:
+                # A refusal of the request itself: authentication, an invalid or locked task.
+                raise PermanentError(f"ClearML events.add_batch answered {code}: "
+                                     f"{_response_text(res)}", whole_batch=True)
+            refused = _refused_events(res)
+            if refused:
+                # Some events were refused inside a 200: resending is safe (ClearML keys a
+                # point by task, title, series and iteration), so the batch is split until the
+                # refused points are isolated.
+                raise PermanentError(f"ClearML refused {refused}")
 
     # -- upload lane ---------------------------------------------------------------------
 
@@ -410,7 +429,7 @@ class ClearMLSink(Sink):
                                 config_dict=design)
             try:
                 model.update_weights(weights_filename=str(weights), iteration=artifact.step,
-                                     auto_delete_file=False)
+                                     auto_delete_file=False, async_enable=False)
             except AttributeError:
                 if not self.offline:
                     raise
@@ -460,6 +479,18 @@ def _flatten(out: dict[str, Any], key: str, value: Any) -> None:
         out[key] = value
 
 
+def _refused_events(res: Any) -> str | None:
+    """What ClearML reports as refused in a 200 answer of events.add_batch, or ``None``."""
+    try:
+        data = res.json().get("data") or {}
+    except Exception:
+        return None
+    errors = data.get("errors") or 0
+    if not errors:
+        return None
+    return f"{errors} of {data.get('added', 0) + errors} events: {data.get('errors_info')}"
+
+
 def _response_text(res: Any) -> str:
     try:
         return str(res.json().get("meta", {}).get("result_msg") or res.text)[:500]
@@ -491,25 +522,26 @@ def _api_host() -> str:
 
 
 def _unreachable(url: str, timeout_s: float) -> str | None:
-    """Why ClearML's API server at ``url`` gave no HTTP answer within ``timeout_s`` (``None``
-    when it answered, whatever the status). Bounds the start: ClearML itself retries a dead or
-    silent host for minutes."""
+    """Why ClearML's API server at ``url`` cannot serve this run (``None`` when it can): no
+    answer to ``debug.ping`` within ``timeout_s``, a 5xx answer, or a certificate that does not
+    verify. ClearML itself retries each of these for minutes (a 503 forever); with ClearML's
+    own proxy and certificate settings, as its session would connect."""
+    import requests
+    from clearml.backend_api.session.defs import ENV_HOST_VERIFY_CERT
+    from clearml.config import config_obj
+
     parts = urlsplit(url)
-    host = parts.hostname
-    if not host or parts.scheme not in ("http", "https"):
+    if not parts.hostname or parts.scheme not in ("http", "https"):
         return f"the ClearML API server {url!r} is not an http(s) URL"
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout_s)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout_s)
+    verify: Any = ENV_HOST_VERIFY_CERT.get(default=config_obj.get("api.verify_certificate", True))
+    if isinstance(verify, str):
+        verify = verify.strip().lower() not in ("0", "false", "no", "off")
     try:
-        conn.request("GET", parts.path.rstrip("/") + "/debug.ping")
-        conn.getresponse().read(1024)
-        return None
-    except ssl.SSLError:
-        return None  # it answered; ClearML's own TLS settings decide
-    except (OSError, http.client.HTTPException) as exc:
+        res = requests.get(url.rstrip("/") + "/debug.ping", timeout=timeout_s, verify=verify)
+    except requests.exceptions.SSLError as exc:
+        return f"the ClearML API server {url}'s certificate did not verify ({exc})"
+    except requests.RequestException as exc:
         return f"the ClearML API server {url} did not answer within {timeout_s:g} s ({exc})"
-    finally:
-        conn.close()
+    if res.status_code >= 500:
+        return f"the ClearML API server {url} answered HTTP {res.status_code}"
+    return None
