@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
 
-WORKER_NS: list[float] = []
-"""Worker CPU per scalar of each steplog round: process CPU minus the main thread's."""
+WORKER_NS: list[tuple[float, float]] = []
+"""Worker CPU per scalar of each steplog round, process CPU minus the main thread's: (user, system).
+User time is Python and msgspec work, under the GIL the training loop needs; system time is the
+kernel's (mostly the ``write`` of the lines), which runs without the GIL."""
 
 
 def steplog_rate(n: int, out: str) -> float:
@@ -25,14 +28,16 @@ def steplog_rate(n: int, out: str) -> float:
 
     logger = steplog.FileLogger(out)
     log = logger.log_scalar
-    cpu, main_cpu = time.process_time(), time.thread_time()
+    cpu, main_cpu = os.times(), resource.getrusage(resource.RUSAGE_THREAD)
     start = time.perf_counter()
     for i in range(n):
         log("loss", 0.5, i)
     ok = logger.flush()
     elapsed = time.perf_counter() - start
-    worker = (time.process_time() - cpu) - (time.thread_time() - main_cpu)
-    WORKER_NS.append(worker * 1e9 / n)
+    cpu_end, main_end = os.times(), resource.getrusage(resource.RUSAGE_THREAD)
+    user = (cpu_end.user - cpu.user) - (main_end.ru_utime - main_cpu.ru_utime)
+    system = (cpu_end.system - cpu.system) - (main_end.ru_stime - main_cpu.ru_stime)
+    WORKER_NS.append((user * 1e9 / n, system * 1e9 / n))
     assert ok, ok
     logger.close(60)
     with open(os.path.join(out, "scalars.jsonl"), "rb") as f:
@@ -83,10 +88,15 @@ def main() -> None:
     for name, values in rates.items():
         med = statistics.median(values)
         print(f"{name:28} {med:20,.0f} {base / med:20.2f}")
-    print(f"steplog worker CPU per scalar (drain, batch, encode, write): "
-          f"{statistics.median(WORKER_NS):.0f} ns (median)")
-    verdict = "meets" if base >= 1_000_000 else "MISSES"
-    print(f"target: file sink >= 1,000,000 scalars/s end to end -> {base:,.0f}/s ({verdict})")
+    worker = statistics.median(u + s for u, s in WORKER_NS)
+    user = statistics.median(u for u, _ in WORKER_NS)
+    system = statistics.median(s for _, s in WORKER_NS)
+    print(f"steplog worker CPU per scalar (drain, batch, encode, write): {worker:.0f} ns "
+          f"(median; user {user:.0f} ns, system {system:.0f} ns)")
+    verdict = "meets" if base >= 3_000_000 else "MISSES"
+    print(f"target: file sink >= 3,000,000 scalars/s end to end -> {base:,.0f}/s ({verdict})")
+    verdict = "meets" if worker <= 150 else "MISSES"
+    print(f"target: worker CPU <= 150 ns per scalar -> {worker:.0f} ns ({verdict})")
 
 
 if __name__ == "__main__":

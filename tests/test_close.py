@@ -88,3 +88,13 @@ def test_close_stops_the_worker_threads() -> None:
     time.sleep(0.05)
     leftover = {t.name for t in threading.enumerate() if t.name.startswith("steplog")} - before
     assert leftover == set()
+
+
+def test_close_does_not_wait_a_drain_interval_for_the_last_records() -> None:
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=3600, timeout_s=30))
+    logger.log_scalar("x", 1.0, 0)
+    start = time.monotonic()
+    result = logger.close()
+    assert result and result.delivered == 1
+    assert time.monotonic() - start < 2.0

@@ -15,8 +15,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from steplog import FileLogger, FileSink, Logger, Options, RetryPolicy, SteplogWarning
+from steplog.records import Batch, Param, Scalar, Scalars
+from steplog.sinks.file import read_series
 
 FAST = Options(drain_interval_s=0.005)
 
@@ -287,3 +291,32 @@ def test_appending_after_a_crash_drops_the_torn_last_line_first(tmp_path) -> Non
     assert pd.read_json(tmp_path / "scalars.jsonl", lines=True)["step"].tolist() == [0, 1, 2, 3]
     assert [s for s, _ in json.loads((tmp_path / "scalars.json").read_text())["loss"]] == [
         0, 1, 2, 3]
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.floats(), min_size=1, max_size=40), auto=st.booleans())
+def test_every_value_round_trips_nan_and_infinities_included(tmp_path_factory, values, auto
+                                                             ) -> None:
+    out = tmp_path_factory.mktemp("run")
+    logger = FileLogger(out, options=FAST)
+    for i, v in enumerate(values):
+        logger.log_scalar("v", v, None if auto else i)
+    assert logger.close(10)
+    got = read_series(out / "scalars.jsonl")["v"]
+    assert [s for s, _ in got] == list(range(len(values)))
+    assert [repr(v) for _, v in got] == [repr(v) for v in values]  # NaN == NaN, -0.0 kept
+
+
+def test_a_batch_of_blocks_records_and_settings_is_written_in_order(tmp_path) -> None:
+    sink = FileSink(tmp_path)
+    sink.open()
+    rows = [("a", 1.0, 0), ("b", math.nan, 1), ("a", math.inf, 2)]
+    sink.write(Batch([Scalars(rows, 5, finite=False), Param("lr", 0.1, 6), Scalar("c", 2.0, 3, 7),
+                      Scalars(rows[:1], 8, finite=True)]))
+    sink.close("FINISHED")
+    lines = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["step"], r["timestamp"]) for r in lines] == [
+        ("a", 0, 5), ("b", 1, 5), ("a", 2, 5), ("c", 3, 7), ("a", 0, 8)]
+    assert math.isnan(lines[1]["value"]) and lines[2]["value"] == math.inf
+    assert json.loads((tmp_path / "parameters.json").read_text()) == {"lr": 0.1}

@@ -7,19 +7,20 @@ the server stored, never what the sink meant to send.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from mlflow_support import MlflowServer
 from steplog.errors import PermanentError
-from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
+from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag, now_ms
 from steplog.sinks.mlflow import (
     MAX_ENTITIES_PER_REQUEST,
     MAX_METRICS_PER_REQUEST,
@@ -28,6 +29,7 @@ from steplog.sinks.mlflow import (
     RUN_TOKEN_TAG,
     MLflowSink,
 )
+from steplog.sinks.mlflow.common import Chunk
 from steplog.sinks.mlflow.rest import RestTransport
 
 pytestmark = pytest.mark.timeout(120)
@@ -352,3 +354,41 @@ def test_writing_to_a_deleted_run_is_refused_for_the_whole_batch(
     with pytest.raises(PermanentError) as refused:
         sink.write([Scalar("a", 1.0, 0, ts), Scalar("b", 2.0, 0, ts)])
     assert refused.value.whole_batch  # no bisecting: no single entry is to blame
+
+
+def test_a_request_body_is_encoded_from_blocks_with_non_finite_values_as_strings() -> None:
+    transport = RestTransport("http://127.0.0.1:9", 5.0)  # never connects: encoding only
+    rows = [("a", 1.5, 0), ("b", math.nan, 1), ("a", -math.inf, 2)]
+    metrics = Batch([Scalars(rows, 5, finite=False), Scalar("c", 2.0, 3, 7)])
+    chunk = Chunk(cast("Sequence[Scalar]", metrics), {"lr": "0.1"}, {"t": "x"})
+    (body,) = transport.bodies("run1", chunk)
+    sent = json.loads(body)
+    assert sent["run_id"] == "run1"
+    assert sent["metrics"] == [
+        {"key": "a", "value": 1.5, "step": 0, "timestamp": 5},
+        {"key": "b", "value": "NaN", "step": 1, "timestamp": 5},
+        {"key": "a", "value": "-Infinity", "step": 2, "timestamp": 5},
+        {"key": "c", "value": 2.0, "step": 3, "timestamp": 7},
+    ]
+    assert sent["params"] == [{"key": "lr", "value": "0.1"}]
+    assert sent["tags"] == [{"key": "t", "value": "x"}]
+
+
+def test_a_batch_of_blocks_is_planned_within_mlflow_limits_in_call_order() -> None:
+    sink = MLflowSink("plan-only", tracking_uri="http://127.0.0.1:9")
+    ts = now_ms()
+    rows = [(f"m{i % 3}", float(i), i) for i in range(2500)]
+    parts: list[Any] = []
+    for k in range(0, 2500, 400):
+        parts.append(Scalars(rows[k : k + 400], ts, finite=True))
+        parts.append(Param(f"p{k}", k, ts))
+        parts.append(Tag("progress", str(k), ts))
+    chunks = sink._plan(Batch(parts))
+    for chunk in chunks:
+        n_settings = len(chunk.params) + len(chunk.tags)
+        assert len(chunk.metrics) <= MAX_METRICS_PER_REQUEST
+        assert len(chunk.metrics) + n_settings <= MAX_ENTITIES_PER_REQUEST
+    assert [(m.name, m.value, m.step, m.timestamp) for c in chunks for m in c.metrics] == [
+        (*row, ts) for row in rows
+    ]
+    assert {k for c in chunks for k in c.params} == {f"p{k}" for k in range(0, 2500, 400)}

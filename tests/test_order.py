@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sinks_for_tests import ListSink
 from steplog import FileLogger, Logger, Options
+from steplog.records import Batch, Param, Scalar, Scalars, Tag
 
 NAMES = st.sampled_from(["loss", "reward/mean", "lr", "a b", "x.y-z"])
 STEPS = st.one_of(st.none(), st.integers(min_value=-5, max_value=10**12))
@@ -134,3 +135,96 @@ def test_withdrawing_a_late_record_removes_that_record_not_an_equal_earlier_one(
     assert pipeline.withdraw(late)
     assert [id(i) for i in pipeline.queue] == [id(early), id(other)]
     assert not pipeline.withdraw(late)
+
+
+ROWS = st.lists(st.tuples(NAMES, VALUES, st.integers(min_value=0, max_value=10**6)),
+                min_size=1, max_size=8)
+PARTS = st.lists(
+    st.one_of(
+        st.builds(lambda rows, ts: Scalars(rows, ts, False), ROWS,
+                  st.integers(min_value=0, max_value=10)),
+        st.builds(lambda name, v: Scalar(name, v, 0, 5), NAMES, VALUES),
+        st.builds(lambda name: Param(name, 1, 7), NAMES),
+        st.builds(lambda name: Tag(name, "t", 9), NAMES),
+    ),
+    max_size=8,
+)
+
+
+def flat(parts: list) -> list:
+    """The records a batch of ``parts`` stands for, built one by one (the reference)."""
+    out: list = []
+    for part in parts:
+        if isinstance(part, Scalars):
+            out += [Scalar(n, v, s, part.timestamp) for n, v, s in part.rows]
+        else:
+            out.append(part)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=PARTS, data=st.data())
+def test_a_batch_reads_slices_and_indexes_as_the_records_it_holds(parts, data) -> None:
+    batch = Batch(parts)
+    records = flat(parts)
+    assert len(batch) == len(records)
+    assert list(batch) == records
+    start = data.draw(st.integers(min_value=-3, max_value=len(records) + 3))
+    stop = data.draw(st.integers(min_value=-3, max_value=len(records) + 3))
+    piece = batch[start:stop]
+    assert isinstance(piece, Batch)
+    assert list(piece) == records[start:stop] and len(piece) == len(records[start:stop])
+    for i in range(-len(records), len(records)):
+        assert batch[i] == records[i]
+    assert batch.names() == {r.name for r in records}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    calls=st.lists(st.one_of(SCALAR_CALL, METRICS_CALL, st.just(("flush",))), max_size=60),
+    max_batch=st.integers(min_value=1, max_value=7),
+)
+def test_a_flush_ends_a_batch_where_it_was_called(calls, max_batch) -> None:
+    sink = ListSink(max_batch=max_batch, max_batch_age_s=30.0)
+    logger = Logger(sinks=[sink], options=FAST)
+    cuts = set()
+    logged = 0
+    for call in calls:
+        if call[0] == "flush":
+            logger.flush(0)  # a barrier queued among the records, not waited for
+            cuts.add(logged)
+        else:
+            replay(logger, [call])
+            logged += 1 if call[0] == "scalar" else len(call[1])
+    assert logger.close(30)
+    ends, n = set(), 0
+    for b in sink.batches:
+        assert 1 <= len(b) <= max_batch
+        assert not any(n < cut < n + len(b) for cut in cuts), "a batch spans a flush"
+        n += len(b)
+        ends.add(n)
+    assert cuts - {0} <= ends | {n}
+    flat_records = [r for b in sink.batches for r in b]
+    points = [c for c in calls if c[0] != "flush"]
+    assert [(r.name, r.value, r.step) for r in flat_records] == expected_points(points)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    names=st.lists(st.text(alphabet="abcdefgh", min_size=1, max_size=120), min_size=1,
+                   max_size=80),
+    max_bytes=st.integers(min_value=60, max_value=2000),
+)
+def test_blocks_of_scalars_are_cut_at_the_estimated_byte_bound(names, max_bytes) -> None:
+    sink = ListSink(max_batch=1000, max_batch_age_s=30.0)
+    sink.max_batch_bytes = max_bytes
+    logger = Logger(sinks=[sink], options=FAST)
+    for i, name in enumerate(names):
+        logger.log_scalar(name, float(i), i)
+    assert logger.close(30)
+    assert [(r.name, r.step) for b in sink.batches for r in b] == [
+        (name, i) for i, name in enumerate(names)
+    ]
+    for b in sink.batches:
+        est = sum(len(r.name) + 48 for r in b)
+        assert est <= max_bytes or len(b) == 1

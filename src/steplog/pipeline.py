@@ -12,6 +12,14 @@ appends the records to each sink's lanes:
 * the **upload lane** (files, figures, checkpoints) calls ``sink.upload(item)``, one at a time,
   on its own thread, so a large upload never delays metrics.
 
+Scalars travel in blocks: the scalars of a chunk stay ``(name, value, step)`` rows in one
+:class:`~steplog.records.Scalars` block with the chunk's timestamp, a lane moves and cuts whole
+blocks, and ``sink.write`` gets a :class:`~steplog.records.Batch` of them (a sequence of records
+for sinks that want records; its parts for sinks that encode blocks whole). When every item of a
+chunk is a ``log_scalar`` tuple with an explicit step and a float value (the common case), the
+drain makes a few C-level passes over the chunk and runs no Python code per scalar; automatic
+steps, values still on a device and ``log_metrics`` dicts cost a little Python per call.
+
 Timestamp bound: a scalar's timestamp is taken when the drain thread takes it from the queue,
 so it is later than the call by at most ``drain_interval_s`` plus the time the previous drain
 took (default 50 ms, about 1 ms per 10,000 records). When the sinks fall behind and the lanes
@@ -29,9 +37,11 @@ threads to finish, so it never overlaps one of the sink's own calls.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import itertools
+import operator
 import os
 import shutil
 import tempfile
@@ -48,7 +58,7 @@ import msgspec
 from steplog.capture import PendingValue
 from steplog.checkpoints import CheckpointPolicy, Snapshot, write_policy
 from steplog.errors import LoggerClosedError, SteplogWarning
-from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
+from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
 from steplog.retry import RetryPolicy, call_with_retry, check_seconds, is_retryable
 from steplog.sinks.base import RunStatus, Sink
@@ -69,6 +79,9 @@ FullPolicy = Literal["block", "drop"]
 then drop and count), or drop at once and count."""
 
 _MAX_LOSSES_KEPT = 100
+_NAME = operator.itemgetter(0)
+_VALUE = operator.itemgetter(1)
+_STEP = operator.itemgetter(2)
 
 
 @dataclass(frozen=True)
@@ -252,6 +265,9 @@ def _describe(record: object) -> str:
         return f"metrics {sorted(record.values)!r} step {record.step}"
     if isinstance(record, tuple) and len(record) == 3:
         return f"scalar {record[0]!r} step {record[2]}"
+    if isinstance(record, Scalars) and record.rows:
+        name, _, step = record.rows[0]
+        return f"scalar {name!r} step {step}"
     if isinstance(record, UploadRequest):
         return f"artifact {record.artifact.name!r}"
     return repr(record)
@@ -260,7 +276,10 @@ def _describe(record: object) -> str:
 class _Lane:
     """An ordered buffer and the thread that delivers it to one sink.
 
-    ``deliver(batch)`` stores a batch and returns how many of its records were not stored
+    The buffer holds parts: :class:`Scalars` blocks and single records on the metrics lane,
+    :class:`_Upload` jobs on the upload lane. Every count (capacity, batch size, barrier
+    positions) is in records; a block is cut where a batch or a barrier ends.
+    ``deliver(parts)`` stores one batch and returns how many of its records were not stored
     (rejected or failed, already counted by the runner).
     """
 
@@ -283,6 +302,11 @@ class _Lane:
         self.capacity = capacity
         self.cond = threading.Condition(threading.Lock())
         self.buffer: collections.deque[Any] = collections.deque()
+        self.buffered = 0
+        """Records in the buffer."""
+        self._offset = 0
+        """Rows of the first buffered block already taken by a batch (a block is cut without
+        copying what is left of it)."""
         self.submitted = 0
         self.done = 0
         self.lost = 0
@@ -298,24 +322,25 @@ class _Lane:
         )
 
     # -- drain-thread side ---------------------------------------------------------------
-    def put(self, items: Sequence[Any], timestamp_ms: int) -> int:
-        """Append ``items``; wait while the lane is over capacity. Returns how many were taken:
-        none when the close deadline passed while waiting, or the lane was stopped."""
+    def put(self, parts: Sequence[Any], count: int, timestamp_ms: int) -> bool:
+        """Append ``parts`` (``count`` records); wait while the lane is over capacity. False
+        (nothing taken) when the close deadline passed while waiting, or the lane was stopped."""
         deadline_passed = self.runner.pipeline.deadline_passed
         with self.cond:
-            while len(self.buffer) >= self.capacity and not self._stopping:
+            while self.buffered >= self.capacity and not self._stopping:
                 if deadline_passed():
-                    return 0
+                    return False
                 self.cond.wait(0.05)
             if self._stopping:
-                return 0
-            if not self.buffer:
+                return False
+            if not self.buffered:
                 self.oldest_ms = timestamp_ms
                 self._due = time.monotonic() + self.max_age_s
-            self.buffer.extend(items)
-            self.submitted += len(items)
+            self.buffer.extend(parts)
+            self.buffered += count
+            self.submitted += count
             self.cond.notify_all()
-        return len(items)
+        return True
 
     def add_barrier(self, barrier: Barrier) -> None:
         with self.cond:
@@ -339,10 +364,11 @@ class _Lane:
         self._thread.start()
 
     # -- lane thread -----------------------------------------------------------------------
-    def _next_batch(self) -> list[Any] | None:
+    def _next_batch(self) -> tuple[list[Any], int] | None:
+        """The parts of the next batch and how many records they hold (None: lane stopped)."""
         with self.cond:
             while True:
-                n = len(self.buffer)
+                n = self.buffered
                 if n:
                     if n >= self.max_batch or self._barriers or self._stopping:
                         break
@@ -360,13 +386,30 @@ class _Lane:
                 # records logged before it.
                 take = min(take, max(1, self._barriers[0][0] - self.done))
             if self.max_bytes is not None:
-                take = _fitting(self.buffer, take, self.max_bytes)
-            if take == n:
-                batch = list(self.buffer)
-                self.buffer.clear()
-                return batch
-            pop = self.buffer.popleft
-            return [pop() for _ in range(take)]
+                take = _fitting(self.buffer, self._offset, take, self.max_bytes)
+            self.buffered -= take
+            buffer = self.buffer
+            offset = self._offset
+            if take == n and not offset:
+                parts = list(buffer)
+                buffer.clear()
+                return parts, take
+            parts = []
+            left = take
+            while left:
+                part = buffer[0]
+                size = _part_size(part) - offset
+                if size <= left:
+                    buffer.popleft()
+                    parts.append(part[offset:] if offset else part)
+                    left -= size
+                    offset = 0
+                else:  # the batch ends inside this block
+                    parts.append(part[offset : offset + left])
+                    offset += left
+                    left = 0
+            self._offset = offset
+            return parts, take
 
     def _acknowledge(self, n: int, lost: int) -> None:
         with self.cond:
@@ -387,25 +430,27 @@ class _Lane:
                     self._ready = True
                 self._acknowledge(0, 0)
             while True:
-                batch = self._next_batch()
-                if batch is None:
+                taken = self._next_batch()
+                if taken is None:
                     return
-                lost = len(batch)
+                parts, count = taken
+                lost = count
                 try:
                     if runner.pipeline.deadline_passed():
-                        runner.count_loss("failed", batch, "the close deadline passed first")
+                        runner.count_loss("failed", parts, "the close deadline passed first")
                     elif not runner.ensure_open():
                         if runner.broken is not None:
-                            runner.count_loss("rejected", batch, runner.broken)
+                            runner.count_loss("rejected", parts, runner.broken)
                         else:
-                            runner.count_loss("failed", batch, runner.unavailable)
+                            runner.count_loss("failed", parts, runner.unavailable)
                     else:
-                        lost = self._deliver(batch)
+                        lost = self._deliver(parts)
                 except BaseException as exc:  # never let the lane die silently
-                    runner.count_loss("failed", batch, f"internal error: {exc!r}")
+                    runner.count_loss("failed", parts, f"internal error: {exc!r}")
                 finally:
-                    _release(batch, stored=lost == 0)
-                    self._acknowledge(len(batch), lost)
+                    if self.name == "uploads":
+                        _release(parts, stored=lost == 0)
+                    self._acknowledge(count, lost)
         finally:
             runner.lane_finished()
 
@@ -414,28 +459,48 @@ _RECORD_OVERHEAD_BYTES = 48
 """Estimated encoding of everything but a record's key and value (step, timestamp, syntax)."""
 
 
+def _part_size(part: Any) -> int:
+    """Records in a lane part: a block's rows, else one."""
+    return len(part.rows) if type(part) is Scalars else 1
+
+
 def _approx_size(record: Any) -> int:
-    if type(record) is Scalar:
-        return len(record.name) + _RECORD_OVERHEAD_BYTES
     if type(record) is Param or type(record) is Tag:
         return len(record.name) + len(str(record.value)) + _RECORD_OVERHEAD_BYTES
+    if type(record) is Scalar:
+        return len(record.name) + _RECORD_OVERHEAD_BYTES
     return _RECORD_OVERHEAD_BYTES
 
 
-def _fitting(buffer: collections.deque[Any], most: int, max_bytes: int) -> int:
-    """How many of the first ``most`` records fit in ``max_bytes`` (at least one)."""
+def _fitting(buffer: collections.deque[Any], offset: int, most: int, max_bytes: int) -> int:
+    """How many of the first ``most`` records fit in ``max_bytes`` (at least one); the first
+    ``offset`` rows of the first block are already taken."""
     total = 0
-    for k, record in enumerate(itertools.islice(buffer, most)):
-        total += _approx_size(record)
-        if total > max_bytes:
-            return max(1, k)
+    k = 0
+    for part in buffer:
+        if k >= most:
+            break
+        if type(part) is Scalars:
+            rows = part.rows[offset : offset + most - k]
+            offset = 0
+            sizes = list(itertools.accumulate(len(row[0]) + _RECORD_OVERHEAD_BYTES
+                                              for row in rows))
+            fit = bisect.bisect_right(sizes, max_bytes - total)
+            if fit < len(rows):
+                return max(1, k + fit)
+            total += sizes[-1]
+            k += len(rows)
+        else:
+            total += _approx_size(part)
+            if total > max_bytes:
+                return max(1, k)
+            k += 1
     return most
 
 
-def _release(batch: Sequence[Any], stored: bool) -> None:
-    for item in batch:
-        if isinstance(item, _Upload):
-            item.finished(stored)
+def _release(jobs: Sequence[Any], stored: bool) -> None:
+    for job in jobs:
+        job.finished(stored)
 
 
 def _timestamp_of(item: Any, default: int) -> int:
@@ -469,8 +534,8 @@ class _SinkRunner:
         """Set once both lanes finished and the sink's run was ended (or could not be)."""
         cap = pipeline.options.lane_capacity
         self.metrics = _Lane(
-            self, "metrics", self._write, sink.max_batch, sink.max_batch_age_s, cap,
-            max_bytes=sink.max_batch_bytes,
+            self, "metrics", lambda parts: self._write(Batch(parts)), sink.max_batch,
+            sink.max_batch_age_s, cap, max_bytes=sink.max_batch_bytes,
         )
         self.uploads = _Lane(self, "uploads", self._upload, 1, 0.0, cap)
         self.lanes = (self.metrics, self.uploads)
@@ -510,7 +575,7 @@ class _SinkRunner:
             f"or the close deadline passes",
         )
 
-    def _write(self, batch: list[MetricRecord]) -> int:
+    def _write(self, batch: Batch) -> int:
         try:
             self._retry(lambda: self.sink.write(batch))
         except BaseException as exc:
@@ -547,8 +612,9 @@ class _SinkRunner:
         return lost
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str) -> None:
-        """Count ``records`` as rejected or failed by this sink, note why, warn once."""
-        n = sum(map(_record_count, records))
+        """Count ``records`` (a batch, lane parts or queue items) as rejected or failed by this
+        sink, note why, warn once."""
+        n = len(records) if type(records) is Batch else sum(map(_record_count, records))
         with self._count_lock:
             if kind == "rejected":
                 self.stats.rejected += n
@@ -612,7 +678,8 @@ class Pipeline:
         self.runners = [_SinkRunner(self, s, label) for s, label in zip(sinks, labels, strict=True)]
         self._wake = threading.Event()
         self._space = threading.Condition(threading.Lock())
-        self._steps: dict[str, int] = {}
+        self._steps: collections.Counter[str] = collections.Counter()
+        """Points per name so far: the next automatic step of each name."""
         self._drained = 0
         self._dropped = 0
         self._lost_early = 0
@@ -677,9 +744,9 @@ class Pipeline:
     def take_all(self) -> list[Any]:
         """Every item queued so far, in order, removed from the queue."""
         q = self.queue
-        pop = q.popleft
         with self._take_lock:
-            return [pop() for _ in range(len(q))]
+            # Pops one at a time (items appended meanwhile stay queued), in one C-level loop.
+            return list(itertools.starmap(q.popleft, itertools.repeat((), len(q))))
 
     def withdraw(self, item: Any) -> bool:
         """Remove ``item`` from the queue if the worker has not taken it yet (True), for a call
@@ -706,7 +773,7 @@ class Pipeline:
         busy = max(r.metrics.max_batch for r in self.runners)
         owner = self.owner
         while True:
-            if len(q) < busy:
+            if len(q) < busy and owner.accepting:  # closing: drain what is left at once
                 self._wake.wait(interval)
             self._wake.clear()
             # Read before the queue: a record queued after the logger stopped accepting is
@@ -733,77 +800,147 @@ class Pipeline:
                 self._holding = []
 
     def _records(self, items: list[Any]) -> int:
-        """Hand the chunk's records to the lanes; how many records it held."""
+        """Hand the chunk's records to the lanes, in call order; how many records it held."""
         ts = now_ms()
-        steps = self._steps
-        get = steps.get
-        out: list[MetricRecord] = []
-        add = out.append
+        finite = self._plain(items)
+        if finite is not None:  # the common case: one block, no Python work per scalar
+            self._dispatch([Scalars(items, ts, finite)], len(items), ts)
+            return len(items)
+        parts: list[Any] = []
+        """Blocks and records not yet handed to the lanes, in call order."""
+        raw: list[tuple[str, float, int | None]] = []
+        """Scalars since the last part, values read back, automatic steps not yet assigned."""
+        auto = False
+        """Whether ``raw`` may have a missing step."""
         count = 0
-        mark = 0
-        for item in items:
-            try:
-                if type(item) is tuple:
-                    name, value, step = item
-                    if type(value) is not float:
-                        value = _resolve(value)
-                    n = get(name, 0)
-                    steps[name] = n + 1
-                    add(Scalar(name, value, n if step is None else step, ts))
-                    count += 1
-                elif type(item) is MetricsItem:
-                    mark = len(out)
-                    step = item.step
-                    for name, value in item.values.items():
-                        if type(value) is not float:
-                            value = _resolve(value)
-                        n = get(name, 0)
-                        steps[name] = n + 1
-                        add(Scalar(name, value, n if step is None else step, ts))
-                    count += len(item.values)
-                elif type(item) is Barrier:
-                    if out:
-                        self._dispatch(out, ts)
-                        out = []
-                        add = out.append
-                    item.expect(2 * len(self.runners), self._lost_early)
-                    for r in self.runners:
-                        for lane in r.lanes:
-                            lane.add_barrier(item)
-                elif type(item) is UploadRequest:
-                    count += 1
-                    job = _Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
-                    for r in self.runners:
-                        if not r.uploads.put([job], ts):
-                            self._lost_early += 1
-                            r.count_loss("failed", [job], "the logger closed before delivery")
-                            job.finished(stored=False)
+        kinds = list(map(type, items))
+        others = itertools.compress(range(len(items)), map(operator.is_not, kinds,
+                                                           itertools.repeat(tuple)))
+        start = 0
+        for i in itertools.chain(others, (len(items),)):
+            if i > start:  # a run of log_scalar tuples
+                run = items[start:i]
+                count += i - start
+                if raw:  # numbered first: their names count before the run's
+                    parts.append(self._block(raw, auto, ts))
+                    raw, auto = [], False
+                plain = self._plain(run)
+                if plain is not None:
+                    parts.append(Scalars(run, ts, plain))
                 else:
-                    add(item)
-                    count += 1
-            except Exception as exc:
-                # A value that cannot be read back (a failed device copy, say) is refused, and
-                # only that call's records are lost, with the reason; none of them is sent and
-                # its automatic steps are not used.
-                if type(item) is MetricsItem:
-                    for record in out[mark:]:
-                        steps[record.name] -= 1
-                    del out[mark:]
-                n = _record_count(item)
-                count += n
-                self._lost_early += n
+                    self._read_values(run, raw)
+                    auto = True
+            if i == len(items):
+                break
+            start = i + 1
+            item = items[i]
+            kind = kinds[i]
+            if kind is MetricsItem:
+                count += len(item.values)
+                try:
+                    raw += _metrics_rows(item)
+                except Exception as exc:
+                    self._refuse(item, exc)
+                auto = auto or item.step is None
+                continue
+            if kind is UploadRequest:
+                count += 1
+                job = _Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
                 for r in self.runners:
-                    r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
-        if out:
-            self._dispatch(out, ts)
+                    if not r.uploads.put([job], 1, ts):
+                        self._lost_early += 1
+                        r.count_loss("failed", [job], "the logger closed before delivery")
+                        job.finished(stored=False)
+                continue
+            if raw:
+                parts.append(self._block(raw, auto, ts))
+                raw, auto = [], False
+            if kind is Barrier:
+                if parts:
+                    self._dispatch(parts, sum(map(_record_count, parts)), ts)
+                    parts = []
+                item.expect(2 * len(self.runners), self._lost_early)
+                for r in self.runners:
+                    for lane in r.lanes:
+                        lane.add_barrier(item)
+            else:  # a param or a tag
+                parts.append(item)
+                count += 1
+        if raw:
+            parts.append(self._block(raw, auto, ts))
+        if parts:
+            self._dispatch(parts, sum(map(_record_count, parts)), ts)
         return count
 
-    def _dispatch(self, records: list[MetricRecord], ts: int) -> None:
+    def _plain(self, run: list[Any]) -> bool | None:
+        """For a run of ``log_scalar`` tuples that all have an explicit step and a float value:
+        count their names for the automatic steps and return whether every value is finite.
+        ``None`` (nothing counted) for any other run. C-level passes only: the sum of the steps
+        fails on a missing step or an item that is not such a tuple, the sum of the values on a
+        value still on a device; a NaN or an infinity makes the sum non-finite."""
+        try:
+            sum(map(_STEP, run))
+            total = sum(map(_VALUE, run))
+        except TypeError:
+            return None
+        self._steps.update(map(_NAME, run))
+        return bool(total - total == 0)
+
+    def _read_values(self, run: list[Any], raw: list[tuple[str, float, int | None]]) -> None:
+        """Append the run's ``log_scalar`` tuples to ``raw`` with their values read back; a
+        value that cannot be read back is refused (and uses no automatic step)."""
+        try:
+            sum(map(_VALUE, run))
+        except TypeError:  # a value still on a device
+            for item in run:
+                try:
+                    raw.append((item[0], _resolve(item[1]), item[2]))
+                except Exception as exc:
+                    self._refuse(item, exc)
+        else:
+            raw += run
+
+    def _block(self, raw: list[tuple[str, float, int | None]], auto: bool, ts: int) -> Scalars:
+        """A block of ``raw``, numbered (see :meth:`_numbered`); ``auto``: a step may be missing."""
+        if auto:
+            rows = self._numbered(raw)
+        else:
+            self._steps.update(map(_NAME, raw))
+            rows = raw  # type: ignore[assignment]
+        total = sum(map(_VALUE, rows))
+        return Scalars(rows, ts, bool(total - total == 0))
+
+    def _numbered(self, raw: list[tuple[str, float, int | None]]) -> list[Row]:
+        """``raw`` with every missing step replaced by the name's automatic step (its number of
+        earlier points), counting every point; C-level passes, Python per distinct name."""
+        names = list(map(_NAME, raw))
+        steps = list(map(_STEP, raw))
+        counts = self._steps
+        missing = steps.count(None)
+        if not missing:
+            counts.update(names)
+            return raw  # type: ignore[return-value]
+        counters = {name: itertools.count(counts[name]) for name in set(names)}
+        autos = list(map(next, map(counters.__getitem__, names)))
+        for name, counter in counters.items():
+            counts[name] = next(counter)
+        if missing < len(steps):
+            autos = [a if s is None else s for s, a in zip(steps, autos, strict=True)]
+        return list(zip(names, map(_VALUE, raw), autos, strict=True))
+
+    def _refuse(self, item: Any, exc: Exception) -> None:
+        """A value that cannot be read back (a failed device copy, say): only that call's
+        records are lost, with the reason; none of them is sent."""
+        n = _record_count(item)
+        self._lost_early += n
         for r in self.runners:
-            taken = r.metrics.put(records, ts)
-            if taken < len(records):
-                self._lost_early += len(records) - taken
-                r.count_loss("failed", records[taken:], "the logger closed before delivery")
+            r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
+
+    def _dispatch(self, parts: list[Any], count: int, ts: int) -> None:
+        for r in self.runners:
+            if not r.metrics.put(parts, count, ts):
+                self._lost_early += count
+                r.count_loss("failed", parts, "the logger closed before delivery")
 
     # -- the end ---------------------------------------------------------------------------
     def shut_down(self, status: RunStatus) -> bool:
@@ -902,6 +1039,16 @@ class Pipeline:
         )
 
 
+def _metrics_rows(item: MetricsItem) -> list[tuple[str, float, int | None]]:
+    """The rows of one ``log_metrics`` call, values read back (raises if one cannot be)."""
+    values = item.values
+    try:
+        floats = list(map(float, values.values()))
+    except TypeError:  # a value still on a device
+        floats = list(map(_resolve, values.values()))
+    return list(zip(values, floats, itertools.repeat(item.step)))
+
+
 def _resolve(value: Any) -> float:
     if isinstance(value, PendingValue):
         return value.resolve()
@@ -909,8 +1056,11 @@ def _resolve(value: Any) -> float:
 
 
 def _record_count(item: Any) -> int:
+    """Records in a queue item or a lane part."""
     if type(item) is MetricsItem:
         return len(item.values)
+    if type(item) is Scalars:
+        return len(item.rows)
     if type(item) is Barrier:
         return 0
     return 1

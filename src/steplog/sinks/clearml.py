@@ -44,7 +44,7 @@ import msgspec
 
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.paths import safe_relpath
-from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag
+from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag
 from steplog.sinks.base import RunStatus, Sink
 
 __all__ = ["ClearMLSink", "split_name"]
@@ -286,33 +286,39 @@ class ClearMLSink(Sink):
         task = self.task
         if task is None or self._closed:
             raise PermanentError("the ClearML task is closed", whole_batch=True)
-        scalars = [r for r in records if type(r) is Scalar]
-        if scalars:
-            self._write_scalars(scalars)
-        if len(scalars) != len(records):
-            params: dict[str, Any] = {}
-            props: dict[str, str] = {}
-            for r in records:
-                if type(r) is Param:
-                    _flatten(params, f"General/{r.name}", r.value)
-                elif type(r) is Tag:
-                    props[r.name] = r.value
-            if params:
-                task.update_parameters(params)
-            if props:
-                task.set_user_properties(**props)
-
-    def _write_scalars(self, scalars: list[Scalar]) -> None:
         names = self._names
-        task_id = self.task.id
+        task_id = task.id
         events: list[_ScalarEvent] = []
         add = events.append
-        for r in scalars:
-            pair = names.get(r.name)
-            if pair is None:
-                pair = names[r.name] = split_name(r.name)
-            add(_ScalarEvent(r.timestamp, "training_stats_scalar", task_id, r.step, pair[0],
-                             pair[1], r.value))
+        params: dict[str, Any] = {}
+        props: dict[str, str] = {}
+        for part in Batch.of(records).parts:
+            if type(part) is Scalars:
+                ts = part.timestamp
+                for name, value, step in part.rows:
+                    pair = names.get(name)
+                    if pair is None:
+                        pair = names[name] = split_name(name)
+                    add(_ScalarEvent(ts, "training_stats_scalar", task_id, step, pair[0],
+                                     pair[1], value))
+            elif type(part) is Scalar:
+                pair = names.get(part.name)
+                if pair is None:
+                    pair = names[part.name] = split_name(part.name)
+                add(_ScalarEvent(part.timestamp, "training_stats_scalar", task_id, part.step,
+                                 pair[0], pair[1], part.value))
+            elif type(part) is Param:
+                _flatten(params, f"General/{part.name}", part.value)
+            elif type(part) is Tag:
+                props[part.name] = part.value
+        if events:
+            self._write_events(events)
+        if params:
+            task.update_parameters(params)
+        if props:
+            task.set_user_properties(**props)
+
+    def _write_events(self, events: list[_ScalarEvent]) -> None:
         if self._metrics_file is not None:
             data = self._encoder.encode(events)
             if _NONFINITE_MARK in data:

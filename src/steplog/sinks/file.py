@@ -33,7 +33,16 @@ import msgspec
 
 from steplog.errors import SteplogWarning
 from steplog.paths import safe_relpath
-from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
+from steplog.records import (
+    Artifact,
+    Batch,
+    MetricRecord,
+    Param,
+    Scalar,
+    Tag,
+    now_ms,
+    scalar_objects,
+)
 from steplog.sinks.base import RunStatus, Sink
 
 __all__ = ["RUN_FILES", "Existing", "FileSink"]
@@ -146,16 +155,20 @@ class FileSink(Sink):
         self._scalars = open(path, "ab", buffering=0)  # noqa: SIM115
 
     def write(self, records: Sequence[MetricRecord]) -> None:
-        """Append the batch's scalars and store its params and tags, all or nothing."""
+        """Append the batch's scalars and store its params and tags, all or nothing.
+
+        The scalars are encoded with one msgspec call for the batch, from the rows of its
+        blocks (see :func:`~steplog.records.scalar_objects`)."""
         fd = self._scalars.fileno()
         start = os.fstat(fd).st_size
         params, tags = self._params, self._tags
+        parts = Batch.of(records).parts
         try:
-            scalars = [r for r in records if type(r) is Scalar]
-            if scalars:
-                self._append_scalars(scalars)
-            if len(scalars) != len(records):
-                self._store_settings(records)
+            lines, finite, settings = scalar_objects(parts)
+            if lines:
+                self._append_scalars(lines, finite)
+            if settings:
+                self._store_settings(parts)
         except BaseException:
             # Leave no partial batch behind: the retry (or each half of a split batch) writes
             # its records again, once.
@@ -163,16 +176,16 @@ class FileSink(Sink):
             os.ftruncate(fd, start)
             raise
 
-    def _append_scalars(self, scalars: list[Scalar]) -> None:
+    def _append_scalars(self, scalars: list[Any], finite: bool) -> None:
         data = self._encoder.encode_lines(scalars)
-        if _NONFINITE_MARK in data:
+        if not finite and _NONFINITE_MARK in data:
             data = self._encode_with_nonfinite(scalars)
         view = memoryview(data)
         write = self._scalars.write
         while view:
             view = view[write(view):]
 
-    def _encode_with_nonfinite(self, scalars: list[Scalar]) -> bytes:
+    def _encode_with_nonfinite(self, scalars: list[Any]) -> bytes:
         lines = []
         for r in scalars:
             if math.isfinite(r.value):
@@ -183,7 +196,7 @@ class FileSink(Sink):
         lines.append(b"")
         return b"\n".join(lines)
 
-    def _store_settings(self, records: Sequence[MetricRecord]) -> None:
+    def _store_settings(self, records: Sequence[Any]) -> None:
         params = tags = None
         for r in records:
             if type(r) is Param:

@@ -68,7 +68,9 @@ class HostTransport:
         return ref
 
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
-        self.host.call("api", "log_batch", run_id, chunk)
+        # The host receives records: a list of Scalar structs, built here once per request.
+        sent = Chunk(list(chunk.metrics), chunk.params, chunk.tags)
+        self.host.call("api", "log_batch", run_id, sent)
 
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:
         self.host.call("files", "upload", run, artifact, path)

@@ -7,6 +7,7 @@ import os
 import posixpath
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -133,7 +134,9 @@ class Chunk:
     """One ``log-batch`` request: within MLflow's per-request limits (count; bytes are checked
     by the REST transport, which splits a chunk that encodes to more than 1 MB)."""
 
-    metrics: list[Scalar] = field(default_factory=list)
+    metrics: Sequence[Scalar] = field(default_factory=list)
+    """A :class:`~steplog.records.Batch` slice when planned from a pipeline batch (encoded
+    from its blocks), a list of records in the sink host."""
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import msgspec
 
 from steplog.errors import PermanentError, RetryableError
-from steplog.records import Artifact, Scalar
+from steplog.records import Artifact, Batch, scalar_objects
 from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     MAX_REQUEST_BYTES,
@@ -418,23 +418,22 @@ class RestTransport:
         return self.bodies(run_id, first) + self.bodies(run_id, second)
 
     def _encode(self, run_id: str, chunk: Chunk) -> bytes:
-        """The ``log-batch`` JSON body in one msgspec pass over the Scalar structs.
+        """The ``log-batch`` JSON body, its metrics encoded by one msgspec call from the rows of
+        the chunk's blocks, as ``{"key":..,"value":..,"step":..,"timestamp":..}`` objects.
 
-        Scalars encode as ``{"name":..,"value":..,"step":..,"timestamp":..}``; MLflow wants
-        ``key`` for ``name``. Keys were validated (no '"'), so ``"name":`` occurs only as a field
-        name and one bytes.replace renames every field. msgspec writes NaN/inf as ``null``, which
-        MLflow refuses, so they are sent as the protobuf JSON strings "NaN"/"Infinity".
-        (A bare ``NaN`` token is not JSON and is mis-stored by MLflow 3.17 as a 0.0 point.)
+        msgspec writes NaN/inf as ``null``, which MLflow refuses, so they are sent as the
+        protobuf JSON strings "NaN"/"Infinity". (A bare ``NaN`` token is not JSON and is
+        mis-stored by MLflow 3.17 as a 0.0 point.)
         """
         enc = self._encoder.encode
+        lines, finite, _ = scalar_objects(Batch.of(chunk.metrics).parts, key="key")
         try:
-            if _all_finite(chunk.metrics):
-                metrics = enc(chunk.metrics)
+            if finite or _all_finite(lines):
+                metrics = enc(lines)
             else:
-                metrics = enc([_finite_or_dict(m) for m in chunk.metrics])
+                metrics = enc([_finite_or_dict(m) for m in lines])
         except (TypeError, msgspec.EncodeError) as exc:
             raise PermanentError(f"a metric value cannot be sent to MLflow: {exc}") from exc
-        metrics = metrics.replace(b'"name":', b'"key":')
         params = enc([{"key": k, "value": v} for k, v in chunk.params.items()])
         tags = enc([{"key": k, "value": v} for k, v in chunk.tags.items()])
         return b"".join((
@@ -495,7 +494,7 @@ class RestTransport:
         return redact(self.tracking_uri)
 
 
-def _all_finite(metrics: list[Scalar]) -> bool:
+def _all_finite(metrics: list[Any]) -> bool:
     """True when every value is a finite number (one C-speed sum: NaN/inf propagate into it; a
     finite overflow only sends the batch down the slower exact path)."""
     try:
@@ -505,14 +504,15 @@ def _all_finite(metrics: list[Scalar]) -> bool:
     return bool(total - total == 0)
 
 
-def _finite_or_dict(m: Scalar) -> Scalar | dict[str, Any]:
+def _finite_or_dict(m: Any) -> Any:
+    """``m`` (a stamped scalar), or a dict with a non-finite value as MLflow's JSON string."""
     v = m.value
     if v is None or isinstance(v, (str, bytes, bool)):
         raise PermanentError(f"metric {m.name!r} has a non-numeric value {v!r}")
     if math.isfinite(v):
         return m
     text = "NaN" if v != v else ("Infinity" if v == _INF else "-Infinity")
-    return {"name": m.name, "value": text, "step": m.step, "timestamp": m.timestamp}
+    return {"key": m.name, "value": text, "step": m.step, "timestamp": m.timestamp}
 
 
 def artifact_files(artifact: Artifact, path: str) -> Iterator[tuple[str, bytes | str]]:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, cast
 
 from steplog.errors import PermanentError, RetryableError
 from steplog.paths import safe_relpath
-from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
+from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag, now_ms
 from steplog.sinks.base import RunStatus, Sink
 from steplog.sinks.mlflow.common import (
     DEFAULT_TRACKING_URI,
@@ -174,7 +174,7 @@ class MLflowSink(Sink):
             raise RetryableError("the MLflow run is not open yet")
         if not records:
             return
-        chunks = self._plan(records if isinstance(records, (list, tuple)) else list(records))
+        chunks = self._plan(records)
         run_id = self._run.run_id
         for chunk in chunks:
             self._transport.log_batch(run_id, chunk)
@@ -182,40 +182,39 @@ class MLflowSink(Sink):
                 self._params.update(chunk.params)
 
     def _plan(self, records: Sequence[MetricRecord]) -> list[Chunk]:
-        """Validate ``records`` and cut them into requests, keeping call order between requests."""
-        unknown = set(map(_NAME, records)) - self._good_keys
+        """Validate ``records`` and cut them into requests, keeping call order between requests.
+
+        Metrics stay slices of the batch's blocks (no object per scalar): the transport encodes
+        each request's metrics from them in one pass."""
+        batch = Batch.of(records)
+        unknown = batch.names() - self._good_keys
         for key in unknown:
             problem = key_problem(key)
             if problem is not None:
                 raise PermanentError(problem)
         self._good_keys |= unknown
 
-        kinds = list(map(type, records))
-        n = len(records)
-        if kinds.count(Scalar) == n:  # the common case: no per-record Python work
+        n = len(batch)
+        if all(type(p) is Scalars or type(p) is Scalar for p in batch.parts):  # the common case
             step = MAX_METRICS_PER_REQUEST
-            scalars = cast("Sequence[Scalar]", records)
-            return [Chunk(list(scalars[i : i + step])) for i in range(0, n, step)]
+            return [Chunk(_scalars(batch[i : i + step])) for i in range(0, n, step)]
 
         chunks: list[Chunk] = []
-        cur = Chunk()
+        cur = Chunk(_scalars(Batch()))
         pending: dict[str, str] = {}
-        start = 0
-        for i in [i for i, k in enumerate(kinds) if k is not Scalar] + [n]:
-            run: Sequence[Any] = records[start:i]
-            while run:
-                room = cur.metric_room()
-                if room <= 0:
-                    chunks.append(cur)
-                    cur = Chunk()
-                    continue
-                cur.metrics.extend(run[:room])
-                run = run[room:]
-            start = i + 1
-            if i == n:
-                break
-            rec = records[i]
-            if kinds[i] is Param:
+        for rec in batch.parts:
+            if isinstance(rec, (Scalars, Scalar)):
+                run = Batch([rec])
+                while run:
+                    room = cur.metric_room()
+                    if room <= 0:
+                        chunks.append(cur)
+                        cur = Chunk(_scalars(Batch()))
+                        continue
+                    cast(Batch, cur.metrics).extend(run[:room])
+                    run = run[room:]
+                continue
+            if type(rec) is Param:
                 value = _param_str(rec.value)
                 before = self._params.get(rec.name, pending.get(rec.name))
                 if before is not None:
@@ -228,16 +227,16 @@ class MLflowSink(Sink):
                 pending[rec.name] = value
                 if not cur.settings_room():
                     chunks.append(cur)
-                    cur = Chunk()
+                    cur = Chunk(_scalars(Batch()))
                 cur.params[rec.name] = value
-            elif kinds[i] is Tag:
+            elif type(rec) is Tag:
                 value = str(rec.value)[:MAX_TAG_VALUE_LENGTH]
                 if rec.name not in cur.tags and not cur.settings_room():
                     chunks.append(cur)
-                    cur = Chunk()
+                    cur = Chunk(_scalars(Batch()))
                 cur.tags[rec.name] = value  # later value of a tag wins, as on the server
             else:
-                raise PermanentError(f"the mlflow sink cannot write a {kinds[i].__name__}")
+                raise PermanentError(f"the mlflow sink cannot write a {type(rec).__name__}")
         if cur:
             chunks.append(cur)
         return chunks
@@ -266,6 +265,11 @@ class MLflowSink(Sink):
         if policy and self.registered_model_name is not None:
             tags = {"step": str(artifact.step or 0), "steplog.name": artifact.name}
             self._transport.register_version(self.registered_model_name, self._run, path, tags)
+
+
+def _scalars(batch: Batch) -> Sequence[Scalar]:
+    """A batch known to hold scalars only."""
+    return cast("Sequence[Scalar]", batch)
 
 
 def _param_str(value: Any) -> str:
