@@ -1,4 +1,5 @@
-"""The ``steplog`` command: ``demo`` runs a small training job, ``show`` summarises a run."""
+"""The ``steplog`` command: ``demo`` runs a small training job, ``show`` summarises a run,
+``sync`` uploads what a logger kept after its retries ran out."""
 
 from __future__ import annotations
 
@@ -101,6 +102,28 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    """Upload the files and checkpoints a logger kept after its retries failed (under PATH:
+    one kept upload, a run, or the whole runs directory) to where they were going."""
+    from steplog.kept import KeptUpload, sync_kept
+
+    path = Path(args.path)
+    if not path.exists():
+        print(f"steplog sync: {path} does not exist", file=sys.stderr)
+        return 2
+
+    def report(kept: KeptUpload, error: str | None) -> None:
+        what = f"{kept.artifact.kind} {kept.artifact.name!r} -> {kept.sink}"
+        if error is None:
+            print(f"stored   {what}")
+        else:
+            print(f"kept     {what}: {error} ({kept.folder})")
+
+    stored, failed = sync_kept(path, report)
+    print(f"{stored} stored, {failed} still kept")
+    return 0 if failed == 0 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="steplog", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     show = sub.add_parser("show", help=_show.__doc__)
     show.add_argument("dir")
     show.set_defaults(func=_show)
+    sync = sub.add_parser("sync", help=_sync.__doc__)
+    sync.add_argument("path", nargs="?", default="steplog-runs")
+    sync.set_defaults(func=_sync)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -58,6 +58,7 @@ import msgspec
 from steplog.capture import PendingValue
 from steplog.checkpoints import CheckpointPolicy, Snapshot, write_policy
 from steplog.errors import LoggerClosedError, SteplogWarning
+from steplog.kept import Keeper
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
 from steplog.retry import RetryPolicy, call_with_retry, check_seconds, is_retryable
@@ -103,6 +104,9 @@ class Options:
     """Deadline of ``flush()`` and ``close()`` called without a timeout (and of ``with``)."""
     exit_timeout_s: float = 30.0
     """Deadline of the close that runs at interpreter exit when the user did not close."""
+    runs_dir: str = "steplog-runs"
+    """Where uploads that failed after their retries are kept for ``steplog sync`` (relative
+    to the working directory at construction); nothing is written there otherwise."""
     checkpoint_memory_bytes: int = 4 * 1024**3
     """Most bytes of checkpoint snapshots held in memory while they wait to be written."""
     checkpoint_policy: CheckpointPolicy = "wait"
@@ -599,17 +603,30 @@ class _SinkRunner:
     def _upload(self, batch: list[_Upload]) -> int:
         lost = 0
         for job in batch:
+            artifact = None
             try:
                 artifact = job.materialize()
                 self._retry(lambda a=artifact: self.sink.upload(a))  # type: ignore[misc]
             except BaseException as exc:
                 kind: LossKind = "failed" if is_retryable(exc) else "rejected"
-                self.count_loss(kind, [job], str(exc) or repr(exc))
+                reason = str(exc) or repr(exc)
+                if kind == "failed" and artifact is not None:
+                    reason = self._keep(artifact, reason)
+                self.count_loss(kind, [job], reason)
                 lost += 1
             else:
                 with self._count_lock:
                     self.stats.delivered += 1
         return lost
+
+    def _keep(self, artifact: Artifact, reason: str) -> str:
+        """Keep a payload this sink could not store (see :mod:`steplog.kept`); the reason with
+        where it is and the command that uploads it."""
+        try:
+            folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
+        except Exception as exc:
+            return f"{reason} (it could not be kept for a later upload: {exc!r})"
+        return f"{reason}; kept in {folder}, upload it later with: steplog sync {folder}"
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str) -> None:
         """Count ``records`` (a batch, lane parts or queue items) as rejected or failed by this
@@ -694,6 +711,7 @@ class Pipeline:
         self._loss_lock = threading.Lock()
         self._runners_left = len(self.runners)
         self._staging = tempfile.mkdtemp(prefix="steplog-")
+        self.keeper = Keeper(options.runs_dir)
         self._drainer = threading.Thread(target=self._drain_loop, name="steplog-drain", daemon=True)
         self._drainer.start()
         for r in self.runners:

@@ -1,6 +1,19 @@
 """Backends. Each sink module imports its backend lazily, so importing steplog stays light."""
 
+from typing import Any
+
 from steplog.sinks.base import RunStatus, Sink
 from steplog.sinks.file import FileSink
 
-__all__ = ["FileSink", "RunStatus", "Sink"]
+__all__ = ["FileSink", "RunStatus", "Sink", "reattach"]
+
+
+def reattach(kind: str, target: dict[str, Any]) -> Sink:
+    """The sink of kind ``kind`` for the run ``target`` describes (see :meth:`Sink.target`)."""
+    if kind == "file":
+        return FileSink.reattach(target)
+    if kind == "mlflow":
+        from steplog.sinks.mlflow import MLflowSink
+
+        return MLflowSink.reattach(target)
+    raise ValueError(f"no {kind!r} sink can upload into an earlier run")

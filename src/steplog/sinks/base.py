@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from steplog.errors import PermanentError
 from steplog.records import Artifact, MetricRecord
@@ -71,3 +71,16 @@ class Sink(abc.ABC):
     def describe(self) -> str:
         """A short human-readable location (a directory, a run URL) for messages."""
         return self.kind
+
+    def target(self) -> dict[str, Any] | None:
+        """JSON data from which :meth:`reattach` rebuilds a sink writing to the same run (no
+        credentials), or ``None`` when that is not possible. Used to keep failed uploads."""
+        return None
+
+    @classmethod
+    def reattach(cls, target: dict[str, Any]) -> Sink:
+        """A sink that uploads into the run :meth:`target` described (no new run)."""
+        raise ValueError(f"the {cls.kind} sink cannot upload into an earlier run")
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Close connections of a reattached sink, leaving its run as it is."""

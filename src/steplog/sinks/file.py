@@ -95,6 +95,16 @@ class FileSink(Sink):
     def describe(self) -> str:
         return str(self.output_dir)
 
+    def target(self) -> dict[str, Any] | None:
+        return {"output_dir": str(self.output_dir)}
+
+    @classmethod
+    def reattach(cls, target: dict[str, Any]) -> FileSink:
+        sink = cls(target["output_dir"], existing="append")
+        if not sink.output_dir.is_dir():
+            raise FileNotFoundError(f"the run directory {sink.output_dir} is gone")
+        return sink
+
     def prepare(self) -> None:
         """The directory exists and is writable, and an earlier run in it is handled as
         ``existing`` says."""
@@ -248,7 +258,9 @@ class FileSink(Sink):
         (hard links to it) and ``<name>/latest`` (``step_<N>``) name the newest one. Each is
         replaced atomically, so a reader sees the previous snapshot or this one."""
         version = f"step_{step}"
-        shutil.copytree(src, dest / version, dirs_exist_ok=True)
+        (dest / version).mkdir(parents=True, exist_ok=True)
+        for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError met
+            shutil.copy2(item, dest / version / item.name)
         for fname in ("model.pth", "meta.json"):
             tmp = dest / f".{fname}.{os.getpid()}.tmp"
             with contextlib.suppress(FileNotFoundError):

@@ -115,6 +115,36 @@ class MLflowSink(Sink):
             return f"{where.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
         return f"mlflow {where} run {self._run.run_id}"
 
+    def target(self) -> dict[str, Any] | None:
+        if self._run is None:
+            return None
+        return {
+            "tracking_uri": redact(self.tracking_uri),
+            "experiment_name": self.experiment_name,
+            "run_id": self._run.run_id,
+            "experiment_id": self._run.experiment_id,
+            "artifact_uri": self._run.artifact_uri,
+            "registered_model_name": self.registered_model_name,
+            "request_timeout_s": self.request_timeout_s,
+        }
+
+    @classmethod
+    def reattach(cls, target: dict[str, Any]) -> MLflowSink:
+        """Uploads into the existing run; credentials come from the environment, as for any
+        MLflow client (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``...)."""
+        sink = cls(target["experiment_name"], tracking_uri=target["tracking_uri"],
+                   request_timeout_s=float(target.get("request_timeout_s", 30.0)),
+                   registered_model_name=target.get("registered_model_name"))
+        sink.prepare()
+        sink._run = RunRef(target["run_id"], target["experiment_id"], target["artifact_uri"])
+        sink._transport = make_transport(sink.tracking_uri, sink.request_timeout_s)
+        return sink
+
+    def release(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def prepare(self) -> None:

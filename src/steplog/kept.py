@@ -1,0 +1,138 @@
+"""Uploads that failed after their retries, kept on disk until ``steplog sync`` delivers them.
+
+When a sink could not store a file, figure or checkpoint before its retries ran out (a server
+down, a full disk), the payload is kept under ``<runs_dir>/<run>/uploads/<n>-<sink>/``:
+``payload/<name>`` (a hard link to the staged file or directory when the file system allows,
+else a copy) and ``upload.json``: which sink and destination (from :meth:`Sink.target`, never
+with credentials), the artifact's name, kind, step, metadata and aliases, and why it failed.
+:func:`sync` rebuilds that sink for the same destination (:meth:`Sink.reattach`), stores the
+payload, and removes the kept folder once it is stored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from steplog.records import Artifact
+from steplog.sinks.base import Sink
+
+__all__ = ["Keeper", "KeptUpload", "find_kept", "sync_kept"]
+
+FORMAT = "steplog.upload/1"
+
+
+class Keeper:
+    """Keeps one logger's failed uploads under ``<runs_dir>/<run>/uploads/`` (created on the
+    first failure only, owner-only)."""
+
+    def __init__(self, runs_dir: str | os.PathLike[str]) -> None:
+        self.runs_dir = Path(runs_dir).absolute()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.run = f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._count = itertools.count(1)
+
+    def keep(self, sink: Sink, artifact: Artifact, reason: str) -> Path:
+        """Keep ``artifact``'s payload and what it takes to upload it again; the kept folder."""
+        folder = self.runs_dir / self.run / "uploads" / f"{next(self._count)}-{sink.kind}"
+        folder.mkdir(parents=True, mode=0o700)
+        for parent in (self.runs_dir, self.runs_dir / self.run, folder.parent):
+            os.chmod(parent, 0o700)
+        payload = folder / "payload" / Path(artifact.name).name
+        payload.parent.mkdir(mode=0o700)
+        if artifact.data is not None:
+            payload.write_bytes(artifact.data)
+        elif artifact.source is not None:
+            src = Path(artifact.source)
+            if src.is_dir():
+                shutil.copytree(src, payload, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(src), str(payload))
+        manifest = {
+            "format": FORMAT,
+            "sink": sink.kind,
+            "target": sink.target(),
+            "artifact": msgspec.to_builtins(
+                msgspec.structs.replace(artifact, source=None, data=None, cleanup=False,
+                                        move=False)),
+            "payload": str(payload.relative_to(folder)),
+            "reason": reason,
+            "kept_at_ms": time.time_ns() // 1_000_000,
+        }
+        tmp = folder / "upload.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, folder / "upload.json")
+        return folder
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+class KeptUpload(msgspec.Struct):
+    """One kept upload, read back from its ``upload.json``."""
+
+    folder: Path
+    sink: str
+    target: dict[str, Any] | None
+    artifact: Artifact
+    reason: str
+
+    @property
+    def payload(self) -> Path:
+        return self.folder / "payload" / Path(self.artifact.name).name
+
+
+def find_kept(path: str | os.PathLike[str]) -> Iterator[KeptUpload]:
+    """Every kept upload at or under ``path``, oldest run first."""
+    root = Path(path)
+    manifests = [root / "upload.json"] if (root / "upload.json").is_file() else sorted(
+        root.rglob("upload.json"))
+    for manifest in manifests:
+        data = json.loads(manifest.read_text())
+        if data.get("format") != FORMAT:
+            continue
+        artifact = msgspec.convert(data["artifact"], Artifact)
+        yield KeptUpload(manifest.parent, data["sink"], data.get("target"), artifact,
+                         data.get("reason", ""))
+
+
+def sync_kept(path: str | os.PathLike[str],
+              report: Callable[[KeptUpload, str | None], None]) -> tuple[int, int]:
+    """Upload every kept upload under ``path`` again, to the same destination; remove each one
+    stored. ``report(kept, error)`` is called for each (``error`` is ``None`` on success).
+    Returns (stored, still kept)."""
+    from steplog.sinks import reattach
+
+    stored = failed = 0
+    for kept in find_kept(path):
+        try:
+            if kept.target is None:
+                raise ValueError(f"the {kept.sink} sink cannot be reached again from here")
+            sink = reattach(kept.sink, kept.target)
+            try:
+                artifact = msgspec.structs.replace(kept.artifact, source=str(kept.payload))
+                sink.upload(artifact)
+            finally:
+                sink.release()
+        except Exception as exc:
+            failed += 1
+            report(kept, str(exc) or repr(exc))
+        else:
+            stored += 1
+            shutil.rmtree(kept.folder, ignore_errors=True)
+            report(kept, None)
+    return stored, failed

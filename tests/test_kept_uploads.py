@@ -1,0 +1,104 @@
+"""An upload that fails after its retries stays on disk, is named in the result, and
+``steplog sync`` stores it later where it was going."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mlflow_support import MlflowServer  # noqa: E402
+from steplog import FileLogger, MLFlowLogger, Options, RetryPolicy, load_policy  # noqa: E402
+from steplog.cli import main  # noqa: E402
+from steplog.kept import find_kept  # noqa: E402
+
+
+def quick(runs_dir: Path) -> Options:
+    """Retries give up after about a second; kept uploads go to ``runs_dir``."""
+    return Options(drain_interval_s=0.01, runs_dir=str(runs_dir),
+                   retry=RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0))
+
+
+def test_a_checkpoint_that_does_not_fit_is_kept_and_synced_once_there_is_room(
+    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    logger = FileLogger(small_fs, options=quick(runs))
+    policy = torch.nn.Linear(100, 200)  # ~80 KB of weights: more than the 64 KiB file system
+    logger.save_policy(policy, step=5)
+    result = logger.flush(30)
+    assert not result and result.failed == 1
+    (loss,) = [loss for loss in result.losses if loss.kind == "failed"]
+    assert "steplog sync" in loss.reason
+    (kept,) = find_kept(runs)
+    assert kept.sink == "file" and kept.artifact.kind == "policy" and kept.artifact.step == 5
+    assert stat.S_IMODE(os.stat(kept.folder).st_mode) == 0o700
+    assert "No space left" in kept.reason
+    logger.close(10)
+
+    proc = subprocess.run(["mount", "-o", "remount,size=4m", str(small_fs)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert main(["sync", str(runs)]) == 0
+    assert "1 stored, 0 still kept" in capsys.readouterr().out
+    state = load_policy(small_fs / "policy")
+    assert torch.equal(state["weight"], policy.weight)
+    assert json.loads((small_fs / "policy" / "step_5" / "meta.json").read_text())["step"] == 5
+    assert list(find_kept(runs)) == []
+    assert main(["sync", str(runs)]) == 0  # nothing left: a second sync stores nothing twice
+    assert "0 stored, 0 still kept" in capsys.readouterr().out
+
+
+def test_an_artifact_for_a_stopped_mlflow_server_is_kept_and_synced_after_it_returns(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = restartable_mlflow_server
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("kept-uploads", tracking_uri=server.url, options=quick(runs))
+    assert logger.flush(60)  # the run exists
+    run_id = logger.run_id or ""
+    server.stop()
+    policy = torch.nn.Linear(3, 1)
+    logger.save_policy(policy)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("kept too")
+    logger.log_artifact(notes)
+    result = logger.flush(30)
+    assert not result and result.failed == 2
+    assert len(list(find_kept(runs))) == 2
+    logger.close(3)
+
+    assert main(["sync", str(runs)]) == 1  # still down: both stay kept
+    assert "0 stored, 2 still kept" in capsys.readouterr().out
+    server.start()
+    assert main(["sync", str(runs)]) == 0
+    assert "2 stored, 0 still kept" in capsys.readouterr().out
+    paths = {a["path"] for a in server.artifacts(run_id, "policy/step_0")}
+    assert paths == {"policy/step_0/model.pth", "policy/step_0/meta.json"}
+    assert "notes.txt" in {a["path"] for a in server.artifacts(run_id)}
+    state = load_policy(f"runs:/{run_id}/policy/step_0", tracking_uri=server.url)
+    assert torch.equal(state["weight"], policy.weight)
+
+
+def test_sync_of_a_path_that_does_not_exist_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sync", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_nothing_is_written_to_the_runs_directory_when_every_upload_succeeds(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    logger = FileLogger(tmp_path / "run", options=quick(runs))
+    logger.save_policy(torch.nn.Linear(2, 2))
+    assert logger.close(30)
+    assert not runs.exists()
