@@ -1,0 +1,63 @@
+"""Journal frames: a batch encoded to bytes decodes to an equal batch."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from steplog.frames import decode_batch, encode_batch
+from steplog.records import Batch, Param, Scalar, Scalars, Tag
+
+names = st.text(min_size=1, max_size=20)
+values = st.floats(allow_nan=True, allow_infinity=True)
+steps = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+stamps = st.integers(min_value=0, max_value=2**53)
+rows = st.lists(st.tuples(names, values, steps), max_size=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+parts = st.one_of(
+    st.builds(Scalars, rows, stamps, st.booleans()),
+    st.builds(Param, names, json_values, stamps),
+    st.builds(Tag, names, st.text(max_size=10), stamps),
+    st.builds(Scalar, names, values, steps, stamps),
+)
+
+
+def same_value(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@given(st.lists(parts, max_size=10))
+def test_every_batch_round_trips_in_order(batch_parts: list[object]) -> None:
+    batch = Batch(batch_parts)  # type: ignore[arg-type]
+    back = decode_batch(encode_batch(batch))
+    assert len(back) == len(batch)
+    assert [type(p) for p in back.parts] == [type(p) for p in batch.parts]
+    for got, want in zip(back, batch, strict=True):
+        assert type(got) is type(want)
+        assert got.name == want.name and got.timestamp == want.timestamp
+        assert same_value(got.value, want.value)
+        if isinstance(want, Scalar):
+            assert got.step == want.step  # type: ignore[union-attr]
+
+
+def test_a_block_decodes_as_one_block_with_its_shared_timestamp() -> None:
+    block = Scalars([("loss", 0.5, 1), ("loss", float("inf"), 2)], 1234, False)
+    (part,) = decode_batch(encode_batch(Batch([block]))).parts
+    assert isinstance(part, Scalars)
+    assert part.rows == block.rows and part.timestamp == 1234
+
+
+def test_bytes_that_are_not_a_frame_raise_a_decode_error() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_batch(b"\x93\x01\x02")
