@@ -305,3 +305,85 @@ def test_scalars_keep_flowing_while_a_200_mb_checkpoint_uploads(
     assert logger.close(300)
     assert len(lags) >= 2, "the upload finished before a scalar could be timed"
     assert max(lags) < 1.0, lags
+
+
+def test_a_reused_buffer_holds_the_new_weights_not_the_previous_ones(tmp_path: Path) -> None:
+    policy = torch.nn.Linear(1, 1)
+    logger = FileLogger(tmp_path, options=FAST)
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            policy.weight.fill_(value)
+        logger.save_policy(policy)
+        assert logger.flush(30)  # written: the next save reuses its buffers
+    assert logger._checkpoints.reused_bytes > 0
+    assert logger.close(30)
+    assert load_policy(tmp_path / "policy" / "step_0")["weight"].item() == 1.0
+    assert load_policy(tmp_path / "policy" / "step_1")["weight"].item() == 2.0
+
+
+def test_supersede_drops_nothing_while_there_is_room(tmp_path: Path) -> None:
+    gate = threading.Event()
+    opts = Options(drain_interval_s=0.01, checkpoint_policy="supersede")  # 4 GiB bound
+    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
+    for _ in range(3):
+        logger.save_policy(torch.nn.Linear(2, 2))
+    gate.set()
+    assert logger.close(30)
+    assert logger.stats().superseded == 0
+    assert sorted(p.name for p in (tmp_path / "policy").glob("step_*")) == [
+        "step_0", "step_1", "step_2"]
+
+
+def test_a_capture_that_fails_holds_no_memory(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    with pytest.raises(NotImplementedError):
+        logger.save_policy({"w": torch.ones(10), "m": torch.empty(10, device="meta")})
+    assert logger._checkpoints.pending_bytes == 0
+    assert logger.close(30)
+
+
+def test_a_snapshot_that_cannot_be_written_holds_no_memory(tmp_path: Path) -> None:
+    import shutil
+
+    logger = FileLogger(tmp_path, options=FAST)
+    pipeline = logger._life.pipeline
+    assert pipeline is not None
+    shutil.rmtree(pipeline._staging)  # a tmp cleaner removed the staging directory
+    logger.save_policy(torch.nn.Linear(2, 2))
+    result = logger.flush(30)
+    assert not result and result.rejected == 1
+    assert logger._checkpoints.pending_bytes == 0
+    logger.close(10)
+
+
+def test_values_weights_only_cannot_load_make_the_snapshot_a_pickled_one(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy({"w": torch.ones(2), "best": np.float64(1.5)}, name="np")
+    logger.save_policy({1.5: torch.ones(2)}, name="float-key")
+    assert logger.close(30)
+    for name in ("np", "float-key"):
+        assert json.loads((tmp_path / name / "meta.json").read_text())["pickled"] is True
+        load_policy(tmp_path / name, weights_only=False)
+
+
+def test_a_snapshot_stored_late_does_not_move_latest_backwards(tmp_path: Path) -> None:
+    policy = torch.nn.Linear(1, 1)
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(policy, step=5)
+    logger.save_policy(policy, step=3)  # an older step arriving last (as steplog sync does)
+    assert logger.close(30)
+    assert (tmp_path / "policy" / "latest").read_text().strip() == "step_5"
+
+
+def test_the_same_step_saved_twice_keeps_the_second_snapshot_whole(tmp_path: Path) -> None:
+    policy = torch.nn.Linear(1, 1)
+    logger = FileLogger(tmp_path, options=FAST)
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            policy.weight.fill_(value)
+        logger.save_policy(policy, step=7)
+    assert logger.close(30)
+    assert load_policy(tmp_path / "policy")["weight"].item() == 2.0
+    assert load_policy(tmp_path / "policy" / "step_7")["weight"].item() == 2.0
+    assert not list((tmp_path / "policy").glob(".*"))  # no temporary left behind

@@ -102,3 +102,26 @@ def test_nothing_is_written_to_the_runs_directory_when_every_upload_succeeds(
     logger.save_policy(torch.nn.Linear(2, 2))
     assert logger.close(30)
     assert not runs.exists()
+
+
+def test_sync_skips_payloads_named_like_a_manifest_and_reports_broken_manifests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    (runs / "r1" / "uploads" / "1-file" / "payload").mkdir(parents=True)
+    (runs / "r1" / "uploads" / "1-file" / "payload" / "upload.json").write_text("{}")
+    (runs / "r1" / "uploads" / "1-file" / "upload.json").write_text("not json")
+    assert main(["sync", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert "skipped" in out and "0 stored, 1 still kept" in out
+
+
+def test_a_relative_sqlite_destination_is_kept_as_an_absolute_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steplog.sinks.mlflow.sink import portable_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert portable_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert portable_uri("https://u:p@host:5000/x?token=s") == "https://host:5000/x"

@@ -49,7 +49,8 @@ __all__ = [
 ]
 
 CheckpointPolicy = Literal["wait", "supersede"]
-_PLAIN = (int, float, bool, str, bytes, type(None))
+_PLAIN = frozenset({int, float, bool, str, bytes, type(None)})
+_KEYS = frozenset({str, int})
 FORMAT = "steplog.checkpoint/1"
 
 
@@ -65,7 +66,9 @@ class _NotWeights(Exception):
 class Snapshot:
     """A tree of host tensors captured at the call, and what ``meta.json`` says about it.
 
-    States: pending (waiting for the worker), started (being written), written, superseded.
+    States: pending (waiting for the worker), started (being written), written (or failed
+    while written), superseded, dropped (never written). Its bytes count against the memory
+    bound until it leaves pending/started, whichever way.
     """
 
     def __init__(self, name: str, nbytes: int, meta: dict[str, Any],
@@ -75,7 +78,7 @@ class Snapshot:
         self.meta = meta
         self._tree: Any = None
         self._buffers: list[Any] = []
-        self._event: Any = None
+        self._events: list[Any] = []
         self._memory = memory
         self._lock = threading.Lock()
         self.state = "pending"
@@ -88,9 +91,9 @@ class Snapshot:
                     f"snapshot {self.name!r} was superseded by a later one of the same name "
                     "before any sink started on it (checkpoint policy 'supersede')"
                 )
-            if self.state == "written":
-                raise PermanentError(f"writing snapshot {self.name!r} failed before; its "
-                                     "weights are no longer held")
+            if self.state != "pending":
+                raise PermanentError(f"snapshot {self.name!r} is no longer held (an earlier "
+                                     "attempt to write it failed)")
             self.state = "started"
 
     def supersede(self) -> bool:
@@ -102,19 +105,29 @@ class Snapshot:
         self._finish()
         return True
 
+    def drop(self) -> None:
+        """Free this snapshot unless it was written (a capture, a queueing or a write that
+        never happened); safe to call in any state."""
+        with self._lock:
+            if self.state in ("written", "superseded", "dropped"):
+                return
+            self.state = "dropped"
+        self._finish()
+
     def write(self, path: Path) -> dict[str, Any]:
         """Write the weights to ``path`` (``torch.save``, loadable with ``weights_only=True``)
         and return the metadata with the file's size and sha256. The buffers are returned to
         the pool afterwards, whatever happens."""
         torch = sys.modules["torch"]
         try:
-            if self._event is not None:
-                self._event.synchronize()  # the copies of this snapshot only, not the device
+            for event in self._events:
+                event.synchronize()  # the copies of this snapshot only, not the device
             with open(path, "wb") as f:
                 torch.save(self._tree, f)
         finally:
             with self._lock:
                 self.state = "written"
+            self._events = []  # every copy completed: the buffers may be reused
             self._finish()
         return self._described(path)
 
@@ -129,6 +142,9 @@ class Snapshot:
 
     def _finish(self) -> None:
         buffers, self._buffers, self._tree = self._buffers, [], None
+        if self._events:
+            # Device copies into these buffers may still be in flight: never reuse them.
+            buffers = []
         self._memory.release(self, buffers)
 
 
@@ -181,7 +197,8 @@ class CheckpointMemory:
         snapshot larger than the bound is admitted when nothing else is pending."""
         if self.policy == "supersede":
             with self._room:
-                earlier = list(self._pending.get(snapshot.name, ()))
+                full = self.pending_bytes + snapshot.nbytes > self.bound_bytes
+                earlier = list(self._pending.get(snapshot.name, ())) if full else []
             for old in earlier:
                 if old.supersede():
                     with self._room:
@@ -195,6 +212,11 @@ class CheckpointMemory:
             self.pending_bytes += snapshot.nbytes
             self._pending.setdefault(snapshot.name, []).append(snapshot)
             return True
+
+    def count(self, *, allocated: int = 0, reused: int = 0) -> None:
+        with self._room:
+            self.allocated_bytes += allocated
+            self.reused_bytes += reused
 
     def take_buffers(self, name: str) -> list[Any]:
         """The buffers of the last written snapshot of ``name`` (empty if none)."""
@@ -249,11 +271,19 @@ def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: i
             f"(Options.checkpoint_memory_bytes = {memory.bound_bytes:,}); it was not saved"
         )
     copier = _Copier(torch, memory.take_buffers(name), memory)
-    snapshot._tree = _map_tree(torch, weights, copier.copy)
-    snapshot._buffers = copier.used
-    if copier.cuda:
-        snapshot._event = torch.cuda.Event()
-        snapshot._event.record()
+    try:
+        snapshot._tree = _map_tree(torch, weights, copier.copy)
+        snapshot._buffers = copier.used
+        for device in copier.devices:
+            # After this device's copies, on the stream they were issued on.
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            snapshot._events.append(event)
+    except BaseException:
+        snapshot._buffers = copier.used
+        snapshot._events = [None] if copier.devices else []  # never reuse these buffers
+        snapshot.drop()
+        raise
     return snapshot
 
 
@@ -280,7 +310,9 @@ def capture_checkpoint(obj: object, name: str, memory: CheckpointMemory, *,
 
 
 def _weights_of(torch: Any, obj: object) -> Any:
-    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer, Mapping, list, tuple)):
+    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer, Mapping)) or type(obj) in (
+        list, tuple
+    ):
         return obj
     raise _NotWeights
 
@@ -292,45 +324,50 @@ def _map_tree(torch: Any, node: Any, leaf: Any) -> Any:
         return leaf(node)
     if isinstance(node, (torch.nn.Module, torch.optim.Optimizer)):
         return _map_tree(torch, node.state_dict(), leaf)
+    t = type(node)
     if isinstance(node, Mapping):
+        if not all(type(k) in _KEYS for k in node):
+            raise _NotWeights
         return {k: _map_tree(torch, v, leaf) for k, v in node.items()}
-    if isinstance(node, torch.Size):
+    if t is torch.Size:
         return node
-    if isinstance(node, (list, tuple)):
+    if t is list or t is tuple:
         items = [_map_tree(torch, v, leaf) for v in node]
-        return items if isinstance(node, list) else tuple(items)
-    if isinstance(node, (*_PLAIN, torch.dtype, torch.device)):
+        return items if t is list else tuple(items)
+    if t in _PLAIN or t is torch.dtype or t is torch.device:
         return node
-    raise _NotWeights
+    raise _NotWeights  # subclasses of plain types (numpy scalars, enums) need unpickling
 
 
 class _Copier:
-    """Copies tensors into host buffers, reusing ``free`` ones of the same shape and dtype in
-    traversal order."""
+    """Copies tensors into host buffers, reusing ``free`` ones of the same shape, dtype and
+    pinning in traversal order; ``devices`` are the CUDA devices copied from."""
 
     def __init__(self, torch: Any, free: list[Any], memory: CheckpointMemory) -> None:
         self.torch = torch
         self.free = free
         self.memory = memory
         self.used: list[Any] = []
-        self.cuda = False
+        self.devices: list[Any] = []
 
     def copy(self, t: Any) -> Any:
         src = t.detach()
         if src.is_sparse or src.is_quantized or src.device.type == "meta":
             out = src.to("cpu", copy=True)
         else:
+            cuda = src.device.type == "cuda"
             k = len(self.used)
             buf = self.free[k] if k < len(self.free) else None
-            if buf is not None and buf.shape == src.shape and buf.dtype == src.dtype:
-                self.memory.reused_bytes += buf.numel() * buf.element_size()
+            if (buf is not None and buf.shape == src.shape and buf.dtype == src.dtype
+                    and buf.is_pinned() == cuda):
+                self.memory.count(reused=buf.numel() * buf.element_size())
             else:
-                pin = src.device.type == "cuda"
-                buf = self.torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                self.memory.allocated_bytes += buf.numel() * buf.element_size()
-            if src.device.type == "cuda":
+                buf = self.torch.empty(src.shape, dtype=src.dtype, pin_memory=cuda)
+                self.memory.count(allocated=buf.numel() * buf.element_size())
+            if cuda:
                 buf.copy_(src, non_blocking=True)
-                self.cuda = True
+                if src.device not in self.devices:
+                    self.devices.append(src.device)
             else:
                 buf.copy_(src)
             out = buf
@@ -373,7 +410,11 @@ def load_policy(location: str | os.PathLike[str], module: Any = None, *,
     if text.startswith("clearml://"):
         from clearml import InputModel
 
-        local = InputModel(model_id=text[len("clearml://"):]).get_local_copy()
+        model_id = text[len("clearml://"):]
+        local = InputModel(model_id=model_id).get_local_copy()
+        if not local:
+            raise FileNotFoundError(f"ClearML could not download the weights of model "
+                                    f"{model_id}")
         return load_policy(local, module, weights_only=weights_only)
     path = Path(text)
     path = _model_file(path)
@@ -385,10 +426,11 @@ def load_policy(location: str | os.PathLike[str], module: Any = None, *,
 
 def _model_version_uri(uri: str, tracking_uri: str | None) -> str:
     """Where the artifacts of ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` are,
-    asking the registry of ``tracking_uri`` (MLflow's default registry is process-wide)."""
+    asking ``MLFLOW_REGISTRY_URI``'s registry, else ``tracking_uri``'s."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
     spec = uri[len("models:/"):].strip("/")
     if "@" in spec:
         name, alias = spec.split("@", 1)
@@ -413,6 +455,7 @@ def _model_file(path: Path) -> Path:
         target = path / latest.read_text().strip()
         if (target / "model.pth").is_file():
             return target / "model.pth"
-    found = sorted(p.parent.name for p in path.glob("*/model.pth"))
+    found = sorted((p.parent.name for p in path.glob("*/model.pth")),
+                   key=lambda n: (len(n), n))
     hint = f"; snapshots there: {', '.join(found)}" if found else ""
     raise FileNotFoundError(f"no model.pth in {path} and no 'latest' snapshot{hint}")

@@ -119,7 +119,10 @@ def _sync(args: argparse.Namespace) -> int:
         else:
             print(f"kept     {what}: {error} ({kept.folder})")
 
-    stored, failed = sync_kept(path, report)
+    def unreadable(manifest: Path, why: str) -> None:
+        print(f"skipped  {manifest}: {why}")
+
+    stored, failed = sync_kept(path, report, unreadable)
     print(f"{stored} stored, {failed} still kept")
     return 0 if failed == 0 else 1
 

@@ -96,29 +96,49 @@ class KeptUpload(msgspec.Struct):
         return self.folder / "payload" / Path(self.artifact.name).name
 
 
-def find_kept(path: str | os.PathLike[str]) -> Iterator[KeptUpload]:
-    """Every kept upload at or under ``path``, oldest run first."""
+def find_kept(path: str | os.PathLike[str],
+              on_error: Callable[[Path, str], None] | None = None) -> Iterator[KeptUpload]:
+    """Every kept upload at or under ``path`` (``<run>/uploads/<n>-<sink>/upload.json``), run by
+    run in the order they were kept. A manifest that cannot be read is passed to ``on_error``
+    and skipped."""
     root = Path(path)
-    manifests = [root / "upload.json"] if (root / "upload.json").is_file() else sorted(
-        root.rglob("upload.json"))
+    if (root / "upload.json").is_file():
+        manifests = [root / "upload.json"]
+    else:
+        manifests = [m for m in root.rglob("upload.json") if m.parent.parent.name == "uploads"]
+        manifests.sort(key=_kept_order)
     for manifest in manifests:
-        data = json.loads(manifest.read_text())
-        if data.get("format") != FORMAT:
+        try:
+            data = json.loads(manifest.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"not a kept upload (format {data.get('format')!r})")
+            artifact = msgspec.convert(data["artifact"], Artifact)
+            kept = KeptUpload(manifest.parent, data["sink"], data.get("target"), artifact,
+                              data.get("reason", ""))
+        except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:
+            if on_error is not None:
+                on_error(manifest, str(exc))
             continue
-        artifact = msgspec.convert(data["artifact"], Artifact)
-        yield KeptUpload(manifest.parent, data["sink"], data.get("target"), artifact,
-                         data.get("reason", ""))
+        yield kept
+
+
+def _kept_order(manifest: Path) -> tuple[str, int]:
+    number = manifest.parent.name.partition("-")[0]
+    return str(manifest.parent.parent.parent), int(number) if number.isdigit() else 0
 
 
 def sync_kept(path: str | os.PathLike[str],
-              report: Callable[[KeptUpload, str | None], None]) -> tuple[int, int]:
+              report: Callable[[KeptUpload, str | None], None],
+              report_unreadable: Callable[[Path, str], None]) -> tuple[int, int]:
     """Upload every kept upload under ``path`` again, to the same destination; remove each one
-    stored. ``report(kept, error)`` is called for each (``error`` is ``None`` on success).
+    stored. ``report(kept, error)`` is called for each (``error`` is ``None`` on success), and
+    ``report_unreadable`` for a manifest that cannot be read (it counts as still kept).
     Returns (stored, still kept)."""
     from steplog.sinks import reattach
 
     stored = failed = 0
-    for kept in find_kept(path):
+    unreadable: list[tuple[Path, str]] = []
+    for kept in find_kept(path, lambda m, why: unreadable.append((m, why))):
         try:
             if kept.target is None:
                 raise ValueError(f"the {kept.sink} sink cannot be reached again from here")
@@ -135,4 +155,7 @@ def sync_kept(path: str | os.PathLike[str],
             stored += 1
             shutil.rmtree(kept.folder, ignore_errors=True)
             report(kept, None)
+    for manifest, why in unreadable:
+        failed += 1
+        report_unreadable(manifest, why)
     return stored, failed

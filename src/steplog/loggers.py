@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -75,6 +76,7 @@ class Logger:
             sink.prepare()
         self._names: set[str] = set()
         self._saves: dict[str, int] = {}
+        self._saves_lock = threading.Lock()
         self._checkpoints = CheckpointMemory(self.options.checkpoint_memory_bytes,
                                              self.options.checkpoint_policy)
         # The hot path appends to the pipeline's queue while it has room; once the logger stops
@@ -307,18 +309,22 @@ class Logger:
         leaves no room within ``Options.block_timeout_s``.
         """
         dest = safe_relpath(name)
-        auto = self._saves.get(dest, 0)
-        step = auto if step is None else capture_step(step)
-        if self._life.admit() is None:  # raises once closed; None: nothing is recorded
-            return
-        snapshot = capture_checkpoint(
-            policy, dest, self._checkpoints, step=step, metadata=metadata,
-            deadline=time.monotonic() + self.options.block_timeout_s,
-        )
-        self._saves[dest] = auto + 1
-        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
-                              metadata=capture_param(dict(metadata)) if metadata else None),
-                     snapshot=snapshot)
+        if step is not None:
+            step = capture_step(step)
+        with self._saves_lock:  # one automatic step per save, in call order
+            auto = self._saves.get(dest, 0)
+            if step is None:
+                step = auto
+            if self._life.admit() is None:  # raises once closed; None: nothing is recorded
+                return
+            snapshot = capture_checkpoint(
+                policy, dest, self._checkpoints, step=step, metadata=metadata,
+                deadline=time.monotonic() + self.options.block_timeout_s,
+            )
+            self._saves[dest] = auto + 1
+            self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
+                                  metadata=capture_param(dict(metadata)) if metadata else None),
+                         snapshot=snapshot)
 
     def save_agent(self, agent: object, name: str = "agent.pth") -> None:
         """Snapshot ``agent`` now and queue it as the file ``name``: weights (a module, an
@@ -348,7 +354,7 @@ class Logger:
             raise
         finally:
             if snapshot is not None and not queued:
-                snapshot.supersede()  # never queued (dropped, taken back): free its memory
+                snapshot.drop()  # never queued (dropped, taken back): free its memory
 
     # -- barriers --------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> FlushResult:

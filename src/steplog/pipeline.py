@@ -223,13 +223,17 @@ class _Upload:
             snapshot = self._snapshot
             if snapshot is not None:
                 snapshot.start()  # raises SupersededError when a later snapshot replaced it
-                if self._artifact.kind == "policy":
-                    path = tempfile.mkdtemp(dir=self._staging)
-                    write_policy(snapshot, Path(path))
-                else:
-                    fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
-                    os.close(fd)
-                    snapshot.write(Path(path))
+                try:
+                    if self._artifact.kind == "policy":
+                        path = tempfile.mkdtemp(dir=self._staging)
+                        write_policy(snapshot, Path(path))
+                    else:
+                        fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
+                        os.close(fd)
+                        snapshot.write(Path(path))
+                except BaseException:
+                    snapshot.drop()  # its memory is freed; every sink reports the failure
+                    raise
                 self._snapshot = None
                 self._artifact = msgspec.structs.replace(
                     self._artifact, source=path, cleanup=True
@@ -244,7 +248,7 @@ class _Upload:
             self._stored = self._stored and stored
             done = self._remaining == 0
         if done and self._snapshot is not None:
-            self._snapshot.supersede()  # no sink ever wrote it: free its memory
+            self._snapshot.drop()  # no sink ever wrote it: free its memory
         a = self._artifact
         shared_move = a.move and self._sinks > 1 and self._stored
         if done and a.source and (a.cleanup or shared_move):

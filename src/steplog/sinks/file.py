@@ -254,23 +254,41 @@ class FileSink(Sink):
 
     @staticmethod
     def _store_policy(src: Path, dest: Path, step: int) -> None:
-        """``<name>/step_<N>/`` holds the snapshot; ``<name>/model.pth``, ``<name>/meta.json``
-        (hard links to it) and ``<name>/latest`` (``step_<N>``) name the newest one. Each is
-        replaced atomically, so a reader sees the previous snapshot or this one."""
+        """``<name>/step_<N>/`` holds the snapshot (written aside, then renamed into place, so
+        a reader sees a whole snapshot or none); ``<name>/latest`` (``step_<N>``) and the hard
+        links ``<name>/model.pth``, ``<name>/meta.json`` name the snapshot of the highest step,
+        each replaced atomically."""
         version = f"step_{step}"
-        (dest / version).mkdir(parents=True, exist_ok=True)
-        for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError met
-            shutil.copy2(item, dest / version / item.name)
+        final = dest / version
+        tmp = dest / f".{version}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError
+                shutil.copy2(item, tmp / item.name)
+            if final.exists():  # the same step saved again: the new one replaces it
+                old = dest / f".{version}.{os.getpid()}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        latest = dest / "latest"
+        current = _step_of(latest.read_text().strip()) if latest.is_file() else None
+        if current is not None and current > step:
+            return  # an older snapshot stored late (by steplog sync): latest stays newer
         for fname in ("model.pth", "meta.json"):
-            tmp = dest / f".{fname}.{os.getpid()}.tmp"
+            link = dest / f".{fname}.{os.getpid()}.tmp"
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                link.unlink()
             try:
-                os.link(dest / version / fname, tmp)
+                os.link(final / fname, link)
             except OSError:
-                shutil.copy2(dest / version / fname, tmp)
-            os.replace(tmp, dest / fname)
-        _write_atomic(dest / "latest", f"{version}\n".encode())
+                shutil.copy2(final / fname, link)
+            os.replace(link, dest / fname)
+        _write_atomic(latest, f"{version}\n".encode())
 
     def close(self, status: RunStatus) -> None:
         """Make ``scalars.jsonl`` durable, write ``scalars.json`` (the seed's format) from it,
@@ -283,6 +301,15 @@ class FileSink(Sink):
         path = self.output_dir / "scalars.jsonl"
         if path.exists():
             _write_series(self.output_dir / "scalars.json", read_series(path))
+
+
+def _step_of(version: str) -> int | None:
+    """``N`` of a ``step_<N>`` folder name (``None`` for anything else)."""
+    text = version.removeprefix("step_")
+    try:
+        return int(text) if version.startswith("step_") else None
+    except ValueError:
+        return None
 
 
 def _drop_torn_tail(path: Path) -> None:

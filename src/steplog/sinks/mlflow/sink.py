@@ -18,6 +18,7 @@ stores +/-infinity as +/-``sys.float_info.max``.
 from __future__ import annotations
 
 import os
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from operator import attrgetter
@@ -88,6 +89,8 @@ class MLflowSink(Sink):
         self._params: dict[str, str] = {}
         """Params the server acknowledged, as stored: a changed value is refused locally."""
         self._good_keys: set[str] = set()
+        self._uploaded: set[tuple[str, int]] = set()
+        """Artifacts stored whose model version is not registered yet (a retry skips them)."""
 
     @property
     def run_id(self) -> str | None:
@@ -119,7 +122,7 @@ class MLflowSink(Sink):
         if self._run is None:
             return None
         return {
-            "tracking_uri": redact(self.tracking_uri),
+            "tracking_uri": portable_uri(self.tracking_uri),
             "experiment_name": self.experiment_name,
             "run_id": self._run.run_id,
             "experiment_id": self._run.experiment_id,
@@ -291,15 +294,37 @@ class MLflowSink(Sink):
         policy = artifact.kind == "policy" and is_dir
         if policy:
             path = f"{path}/step_{artifact.step or 0}"  # one artifact folder per snapshot
-        self._transport.upload(self._run, artifact, path)
+        key = (path, artifact.timestamp)
+        if key not in self._uploaded:  # a retry after a failed registration: stored already
+            self._transport.upload(self._run, artifact, path)
+            self._uploaded.add(key)
         if policy and self.registered_model_name is not None:
             tags = {"step": str(artifact.step or 0), "steplog.name": artifact.name}
-            self._transport.register_version(self.registered_model_name, self._run, path, tags)
+            try:
+                self._transport.register_version(self.registered_model_name, self._run, path,
+                                                 tags)
+            except PermanentError as exc:
+                raise PermanentError(
+                    f"stored as run artifact {path!r}, but registering it as a version of "
+                    f"model {self.registered_model_name!r} failed: {exc}"
+                ) from exc
+        self._uploaded.discard(key)
 
 
 def _scalars(batch: Batch) -> Sequence[Scalar]:
     """A batch known to hold scalars only."""
     return cast("Sequence[Scalar]", batch)
+
+
+def portable_uri(uri: str) -> str:
+    """``uri`` usable from another working directory and without secrets: a relative sqlite
+    path made absolute, user, password and query string removed from a server's URL."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    parts = urllib.parse.urlsplit(redact(uri))
+    if parts.scheme in ("http", "https"):
+        return parts._replace(query="", fragment="").geturl()
+    return redact(uri)
 
 
 def _param_str(value: Any) -> str:
