@@ -1,0 +1,705 @@
+"""A durable, append-only journal of encoded batches: checksummed frames in segment files,
+per-consumer cursors, and a replay that skips damage instead of failing on it.
+
+On disk (format version 1, every integer little-endian; see ``docs/journal.md``)::
+
+    <directory>/                      mode 0700
+      lock                            empty; the open Journal holds flock(LOCK_EX) on it
+      00000000000000000001.seg        a segment, named by the sequence number of its first frame
+      cursor.<consumer>               what <consumer> acknowledged: ASCII decimal seq + "\\n"
+
+    segment  = header (16 bytes) + frames
+      header = b"STEPLOGJ" | u32 version (1) | u32 reserved (0)
+    frame    = header (24 bytes) + payload
+      header = b"SLFR" | u32 payload length | u64 seq | u32 crc32(payload)
+               | u32 crc32(the 20 header bytes before it)
+
+Checksums are ``zlib.crc32`` (CRC-32/ISO-HDLC, as in zip and PNG). The journal writes nothing
+but these frames (the caller's payload bytes, unchanged), cursors and the empty lock file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import itertools
+import os
+import re
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Literal
+
+import msgspec
+
+from steplog.errors import SteplogWarning
+
+__all__ = [
+    "ConsumerSummary",
+    "Durability",
+    "Journal",
+    "JournalError",
+    "JournalFullError",
+    "JournalLockedError",
+    "JournalSummary",
+]
+
+Durability = Literal["none", "flush", "always"]
+"""How far an appended frame gets before the call returns.
+
+``"none"``: the OS (the page cache): a crash or ``kill -9`` of the process loses nothing, a power
+loss or kernel crash may lose what the OS had not written back. ``"flush"`` (the default): as
+``"none"``, and ``sync()`` and ``close()`` fsync, so everything appended before them is on disk.
+``"always"``: every ``append`` fdatasyncs before it returns."""
+
+SEGMENT_MAGIC = b"STEPLOGJ"
+FRAME_MAGIC = b"SLFR"
+VERSION = 1
+SEGMENT_HEADER_BYTES = 16
+FRAME_HEADER_BYTES = 24
+MAX_PAYLOAD_BYTES = 2**32 - 1
+DEFAULT_SEGMENT_BYTES = 64 * 2**20
+
+_SEGMENT_HEADER = struct.Struct("<8sII")
+_FRAME_HEAD = struct.Struct("<4sIQI")  # the 20 bytes that the header checksum covers
+_U32 = struct.Struct("<I")
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+_CONSUMER = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+_CURSOR_PREFIX = "cursor."
+_CURSOR_TMP = re.compile(r"^\.cursor\..*\.tmp$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_BUFFER = 1 << 20
+_SCAN_CHUNK = 1 << 20
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+_Report = Callable[[Path, int, str], None]
+
+
+class JournalError(Exception):
+    """The journal could not do what was asked; the files are as they were before the call."""
+
+
+class JournalFullError(JournalError):
+    """An append did not fit (the ``max_bytes`` budget, or the file system is full).
+
+    No byte of the frame stays on disk. Appends succeed again once ``compact()`` (after
+    acknowledgements) or the file system frees room."""
+
+
+class JournalLockedError(JournalError):
+    """Another open journal, in this process or another one, holds the directory."""
+
+
+class ConsumerSummary(msgspec.Struct, frozen=True):
+    """What one consumer acknowledged (``cursor``, a seq) and how many readable frames follow."""
+
+    cursor: int
+    pending: int
+
+
+class JournalSummary(msgspec.Struct, frozen=True):
+    """A journal at a glance: readable frames, their seq range, bytes on disk, consumers.
+
+    ``bytes`` counts the segment files (cursors and the lock file are a few bytes more);
+    ``first_seq`` and ``last_seq`` are 0 when no frame is readable."""
+
+    directory: str
+    durability: str
+    segments: int
+    bytes: int
+    frames: int
+    first_seq: int
+    last_seq: int
+    consumers: dict[str, ConsumerSummary]
+
+
+def _segment_path(directory: Path, first_seq: int) -> Path:
+    return directory / f"{first_seq:020d}.seg"
+
+
+def _header_ok(buf: bytes, at: int) -> bool:
+    """``buf[at:at + 24]`` is a frame header: the magic, and its own checksum matches."""
+    return (len(buf) >= at + FRAME_HEADER_BYTES and buf[at:at + 4] == FRAME_MAGIC
+            and zlib.crc32(buf[at:at + 20]) == _U32.unpack_from(buf, at + 20)[0])
+
+
+def _find_frame(f: BinaryIO, start: int, end: int) -> int | None:
+    """The offset of the first valid frame header in ``[start, end)``, or None."""
+    pos = start
+    while end - pos >= FRAME_HEADER_BYTES:
+        f.seek(pos)
+        chunk = f.read(min(_SCAN_CHUNK, end - pos))
+        last = len(chunk) - FRAME_HEADER_BYTES  # headers starting later need the next chunk
+        if last < 0:
+            return None
+        i = chunk.find(FRAME_MAGIC, 0, last + 4)
+        while i >= 0:
+            if _header_ok(chunk, i):
+                return pos + i
+            i = chunk.find(FRAME_MAGIC, i + 1, last + 4)
+        pos += last + 1
+    return None
+
+
+def _segment_frames(path: Path, *, limit: int | None, after: int, report: _Report
+                    ) -> Iterator[tuple[int, int, bytes]]:
+    """(seq, end offset, payload) of every valid frame of one segment with seq > ``after``.
+
+    Reads at most ``limit`` bytes (what the writer has completed). Damage is passed to
+    ``report`` and skipped: a bad segment header (frames are still looked for), a frame header
+    that fails its checksum (reading resumes at the next valid frame header), a payload that
+    fails its checksum (skipped by its length, which the header checksum vouches for), a
+    frame cut short by the end of the file, a seq not above the one before it. Never raises
+    for damage; a segment removed meanwhile (compacted) yields nothing."""
+    try:
+        f = open(path, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError:
+        return
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        end = size if limit is None else min(size, limit)
+        if limit is not None and size < limit:
+            report(path, size, f"the segment ends at byte {size} but {limit} bytes were "
+                               "written to it: it was truncated")
+        if end == 0:
+            return
+        head = f.read(SEGMENT_HEADER_BYTES)
+        pos = SEGMENT_HEADER_BYTES
+        if len(head) < SEGMENT_HEADER_BYTES or not head.startswith(SEGMENT_MAGIC):
+            report(path, 0, "no valid segment header (looking for frames in it anyway)")
+            pos = 0
+            found = _find_frame(f, 0, end)
+            if found is None:
+                return
+            pos = found
+            f.seek(pos)
+        else:
+            version = _SEGMENT_HEADER.unpack(head)[1]
+            if version != VERSION:
+                report(path, 0, f"format version {version}, which this steplog cannot read: "
+                                "segment skipped")
+                return
+        prev = 0
+        while pos < end:
+            if end - pos < FRAME_HEADER_BYTES:
+                report(path, pos, f"{end - pos} bytes after the last whole frame are not a "
+                                  "frame (a write cut short): skipped")
+                return
+            header = f.read(FRAME_HEADER_BYTES)
+            if not _header_ok(header, 0):
+                found = _find_frame(f, pos + 1, end)
+                if found is None:
+                    report(path, pos, f"{end - pos} bytes hold no valid frame (a write cut "
+                                      "short, or corruption): skipped")
+                    return
+                report(path, pos, f"{found - pos} corrupt bytes before the next valid frame: "
+                                  "skipped")
+                pos = found
+                f.seek(pos)
+                continue
+            _, n, seq, crc = _FRAME_HEAD.unpack_from(header)
+            frame_end = pos + FRAME_HEADER_BYTES + n
+            if frame_end > end:
+                report(path, pos, f"frame {seq} is cut short ({end - pos - FRAME_HEADER_BYTES} "
+                                  f"of its {n} payload bytes; a torn write or a truncated "
+                                  "segment): skipped")
+                return
+            if seq <= prev:
+                report(path, pos, f"frame {seq} follows frame {prev}: out of order, skipped")
+                f.seek(n, os.SEEK_CUR)
+                pos = frame_end
+                continue
+            prev = seq
+            if seq <= after:
+                f.seek(n, os.SEEK_CUR)
+                pos = frame_end
+                continue
+            payload = f.read(n)
+            pos = frame_end
+            if len(payload) < n:  # the file shrank while we read it
+                report(path, pos, f"frame {seq} is cut short: skipped")
+                return
+            if zlib.crc32(payload) != crc:
+                report(path, pos - n - FRAME_HEADER_BYTES,
+                       f"frame {seq} fails its checksum (crc32 of {n} payload bytes): skipped")
+                continue
+            yield seq, frame_end, payload
+
+
+class Journal:
+    """An append-only journal of encoded batches in one directory, owned by one open instance.
+
+    Thread-safe: ``append``, ``ack``, ``compact`` and ``read`` may be called from different
+    threads. Create one with :meth:`open`."""
+
+    def __init__(self, directory: str | os.PathLike[str], *,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_bytes: int | None = None,
+                 durability: Durability = "flush") -> None:
+        if durability not in ("none", "flush", "always"):
+            raise ValueError(f"durability must be 'none', 'flush' or 'always', "
+                             f"got {durability!r}")
+        if segment_bytes < SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES + 1:
+            raise ValueError(f"segment_bytes must be at least "
+                             f"{SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES + 1}, "
+                             f"got {segment_bytes}")
+        if max_bytes is not None and max_bytes < SEGMENT_HEADER_BYTES:
+            raise ValueError(f"max_bytes must be None or at least {SEGMENT_HEADER_BYTES}, "
+                             f"got {max_bytes}")
+        self.directory = Path(directory).absolute()
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self.durability: Durability = durability
+        self._lock = threading.Lock()
+        self._reported: set[tuple[str, int]] = set()
+        self._pid = os.getpid()
+        self._segments: list[int] = []  # first seq of each segment, ascending; the last is active
+        self._cursors: dict[str, int] = {}
+        self._fd = -1  # the active segment, O_APPEND; -1 once closed
+        self._active_size = 0
+        self._bytes = 0
+        self._next_seq = 1
+        self._lock_fd = self._take_directory()
+        try:
+            self._load()
+        except BaseException:
+            os.close(self._lock_fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+            raise
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], *,
+             segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_bytes: int | None = None,
+             durability: Durability = "flush") -> Journal:
+        """An open journal in ``directory`` (created 0700 if missing), ready to append.
+
+        An existing journal continues after its last valid frame: a torn frame at the end of its
+        last segment (the writer was killed mid-append) is cut off, with a warning. Raises
+        :class:`JournalLockedError` if another open journal holds the directory."""
+        return cls(directory, segment_bytes=segment_bytes, max_bytes=max_bytes,
+                   durability=durability)
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def _take_directory(self) -> int:
+        if not self.directory.is_dir():
+            self.directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(self.directory, _DIR_MODE)  # mkdir's mode is masked by the umask
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalLockedError(f"the journal {self.directory} is open elsewhere "
+                                     "(another process, or another Journal here)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _load(self) -> None:
+        for entry in os.scandir(self.directory):
+            if _CURSOR_TMP.match(entry.name):  # an ack interrupted before its rename
+                os.unlink(entry.path)
+            elif entry.name.startswith(_CURSOR_PREFIX):
+                consumer = entry.name[len(_CURSOR_PREFIX):]
+                if _CONSUMER.match(consumer):
+                    self._cursors[consumer] = self._read_cursor(Path(entry.path))
+            else:
+                m = _SEGMENT_NAME.match(entry.name)
+                if m:
+                    self._segments.append(int(m.group(1)))
+        self._segments.sort()
+        next_seq = max([1, *(c + 1 for c in self._cursors.values())])
+        if self._segments:
+            next_seq = max(next_seq, self._open_last_segment())
+            self._bytes = sum(self._path(s).stat().st_size for s in self._segments)
+        self._next_seq = next_seq
+        if self._fd < 0:
+            self._new_segment(next_seq)
+
+    def _read_cursor(self, path: Path) -> int:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+        if text.isdigit():
+            return int(text)
+        self._report(path, 0, f"cursor {text[:40]!r} is not a sequence number: read as 0 "
+                              "(its consumer gets every frame again)")
+        return 0
+
+    def _open_last_segment(self) -> int:
+        """Open the last segment for appending, cutting off a torn tail; returns the next seq."""
+        first = self._segments[-1]
+        path = self._path(first)
+        problems: list[tuple[Path, int, str]] = []
+
+        def note(where: Path, offset: int, what: str) -> None:
+            problems.append((where, offset, what))
+
+        last_seq, good_end = 0, SEGMENT_HEADER_BYTES
+        for seq, end, _ in _segment_frames(path, limit=None, after=0, report=note):
+            last_seq, good_end = seq, end
+        with open(path, "rb") as f:
+            head = f.read(SEGMENT_HEADER_BYTES)
+        size = path.stat().st_size
+        fresh = len(head) < SEGMENT_HEADER_BYTES and SEGMENT_MAGIC.startswith(head[:8])
+        ours = head == _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0)
+        if not ours and not fresh:
+            # Not a segment we may append to: report its damage, leave it, start a new one.
+            for p in problems:
+                self._report(*p)
+            return max(first + 1, last_seq + 1)
+        for p in problems:
+            if p[1] < good_end and not fresh:
+                self._report(*p)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            if fresh:  # the writer died while creating it: it holds no frame
+                os.ftruncate(fd, 0)
+                self._write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
+            elif size > good_end:
+                os.ftruncate(fd, good_end)
+                self._report(path, good_end, f"{size - good_end} bytes after the last whole "
+                                             "frame (a write cut short) were removed")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._active_size = os.fstat(fd).st_size
+        return max(first, last_seq + 1)
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def append(self, payload: bytes) -> int:
+        """Append ``payload`` as one frame and return its sequence number.
+
+        When this returns the frame is whole in the OS (and on disk with ``"always"``); when it
+        raises, no byte of it is on disk. Raises :class:`JournalFullError` when the frame
+        exceeds ``max_bytes`` or the file system is full, and the OSError of any other failed
+        write."""
+        n = len(payload)
+        frame_bytes = FRAME_HEADER_BYTES + n
+        with self._lock:
+            self._check_writable()
+            if n > MAX_PAYLOAD_BYTES:
+                raise ValueError(f"a frame holds at most {MAX_PAYLOAD_BYTES} bytes, got {n}")
+            roll = (self._active_size + frame_bytes > self.segment_bytes
+                    and self._active_size > SEGMENT_HEADER_BYTES)
+            needed = frame_bytes + (SEGMENT_HEADER_BYTES if roll else 0)
+            if self.max_bytes is not None and self._bytes + needed > self.max_bytes:
+                raise JournalFullError(
+                    f"journal {self.directory}: a frame of {frame_bytes} bytes does not fit the "
+                    f"disk budget max_bytes={self.max_bytes} ({self._bytes} bytes in use); "
+                    "acknowledge and compact() to free room")
+            seq = self._next_seq
+            if roll:
+                self._new_segment(seq)
+            head = _FRAME_HEAD.pack(FRAME_MAGIC, n, seq, zlib.crc32(payload))
+            header = head + _U32.pack(zlib.crc32(head))
+            before = self._active_size
+            try:
+                written = os.writev(self._fd, (header, payload))
+                if written < frame_bytes:  # a short write: the disk is filling up
+                    self._write_all(self._fd, memoryview(header + bytes(payload))[written:])
+                if self.durability == "always":
+                    os.fdatasync(self._fd)
+            except BaseException as exc:
+                self._truncate_to(before)
+                if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                    raise JournalFullError(f"journal {self.directory}: the file system is full "
+                                           f"({os.strerror(exc.errno)}); the frame of "
+                                           f"{frame_bytes} bytes was not written") from exc
+                raise
+            self._next_seq = seq + 1
+            self._active_size = before + frame_bytes
+            self._bytes += frame_bytes
+            return seq
+
+    def _new_segment(self, first_seq: int) -> None:
+        """Start the segment whose first frame will be ``first_seq`` and make it the active one."""
+        path = self._path(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                     _FILE_MODE)
+        try:
+            self._write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
+        except BaseException as exc:
+            os.close(fd)
+            os.unlink(path)
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                raise JournalFullError(f"journal {self.directory}: the file system is full "
+                                       f"({os.strerror(exc.errno)}); no new segment") from exc
+            raise
+        if self._fd >= 0:
+            if self.durability != "none":
+                os.fsync(self._fd)  # the finished segment is whole on disk before we leave it
+            os.close(self._fd)
+        if self.durability != "none":
+            self._sync_directory()
+        self._fd = fd
+        self._segments.append(first_seq)
+        self._active_size = SEGMENT_HEADER_BYTES
+        self._bytes += SEGMENT_HEADER_BYTES
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            k = os.write(fd, view)
+            if k <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[k:]
+
+    def _truncate_to(self, size: int) -> None:
+        """Cut a failed append off the active segment (best effort: the error raised is the
+        append's; a later read skips whatever a failed truncate left, with a warning)."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            self._bytes += os.fstat(self._fd).st_size - size
+            self._active_size = os.fstat(self._fd).st_size
+
+    def sync(self) -> int:
+        """Make every frame appended before the call durable; return the last appended seq.
+
+        Durable means on disk for ``"flush"`` and ``"always"``, in the OS for ``"none"``
+        (which never fsyncs). Returns 0 when the journal holds no frame."""
+        with self._lock:
+            self._check_writable()
+            if self.durability != "none":
+                os.fdatasync(self._fd)
+            return self._next_seq - 1
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Every valid frame appended before this call with seq > ``after``: (seq, payload).
+
+        In seq order, across segments. Damage (a torn or truncated frame, a failed checksum, a
+        truncated segment) is skipped with one :class:`~steplog.errors.SteplogWarning` per
+        problem and reading goes on with the next valid frame; it never raises for damage."""
+        with self._lock:
+            self._check_open()
+            segments = list(self._segments)
+            active_end = self._active_size
+        start = 0
+        for i in range(len(segments) - 1):
+            if segments[i + 1] - 1 <= after:  # every seq this segment may hold is <= after
+                start = i + 1
+        return self._frames(segments[start:], active_end, after)
+
+    def _frames(self, segments: list[int], active_end: int, after: int
+                ) -> Iterator[tuple[int, bytes]]:
+        last = len(segments) - 1
+        previous = 0  # the last seq yielded
+        damaged = False  # a problem was reported since then
+
+        def report(path: Path, offset: int, what: str) -> None:
+            nonlocal damaged
+            damaged = True
+            self._report(path, offset, what)
+
+        for i, first in enumerate(segments):
+            path = self._path(first)
+            limit = active_end if i == last else None
+            for seq, end, payload in _segment_frames(path, limit=limit, after=after,
+                                                     report=report):
+                if (previous and seq > previous + 1 and not damaged
+                        and previous + 1 >= self._segments[0]):
+                    # Frames went missing without a trace, and not by a compact() that ran
+                    # since this read began: a segment was emptied or removed.
+                    self._report(path, end - len(payload) - FRAME_HEADER_BYTES,
+                                 f"frames {previous + 1}-{seq - 1} are missing (a segment was "
+                                 "truncated or removed)")
+                after = previous = seq
+                damaged = False
+                yield seq, payload
+
+    def _report(self, path: Path, offset: int, what: str) -> None:
+        """Warn about one problem at one place, once in this journal's life."""
+        key = (path.name, offset)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        warnings.warn(f"steplog journal {path}, byte {offset}: {what}", SteplogWarning,
+                      stacklevel=3)
+
+    # -- consumers ----------------------------------------------------------------------------
+
+    def register(self, consumer: str) -> int:
+        """``consumer`` counts for ``compact()`` from now on; returns its cursor (0 if new).
+
+        A consumer is also registered by its first ``ack``; registrations survive reopening."""
+        with self._lock:
+            self._check_writable()
+            _check_consumer(consumer)
+            if consumer not in self._cursors:
+                self._write_cursor(consumer, 0)
+            return self._cursors[consumer]
+
+    def ack(self, consumer: str, seq: int) -> int:
+        """Durably record that ``consumer`` holds every frame up to ``seq``; return its cursor.
+
+        The cursor file is replaced atomically (temp file, fsync, rename, directory fsync;
+        the fsyncs are skipped with durability ``"none"``): a crash leaves the old cursor or the
+        new one. A cursor never moves back: acknowledging less than it holds changes nothing."""
+        with self._lock:
+            self._check_writable()
+            _check_consumer(consumer)
+            if not 0 <= seq < self._next_seq:
+                raise ValueError(f"seq must be between 0 and the last appended seq "
+                                 f"{self._next_seq - 1}, got {seq}")
+            current = self._cursors.get(consumer)
+            if current is None or seq > current:
+                self._write_cursor(consumer, seq)
+            return self._cursors[consumer]
+
+    def _write_cursor(self, consumer: str, seq: int) -> None:
+        final = self.directory / f"{_CURSOR_PREFIX}{consumer}"
+        tmp = self.directory / f".{_CURSOR_PREFIX}{consumer}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            try:
+                self._write_all(fd, f"{seq}\n".encode("ascii"))
+                if self.durability != "none":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.durability != "none":
+            self._sync_directory()
+        self._cursors[consumer] = seq
+
+    def cursor(self, consumer: str) -> int:
+        """The last seq ``consumer`` acknowledged (0: none yet); KeyError if never registered."""
+        with self._lock:
+            if consumer not in self._cursors:
+                raise KeyError(f"no consumer {consumer!r} in journal {self.directory} "
+                               f"(registered: {sorted(self._cursors)})")
+            return self._cursors[consumer]
+
+    @property
+    def consumers(self) -> list[str]:
+        """The registered consumers, sorted."""
+        with self._lock:
+            return sorted(self._cursors)
+
+    def pending(self, consumer: str) -> Iterator[tuple[int, bytes]]:
+        """Every valid frame ``consumer`` has not acknowledged, as :meth:`read` gives them."""
+        return self.read(after=self.cursor(consumer))
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def compact(self) -> int:
+        """Remove the segments every registered consumer acknowledged whole; return bytes freed.
+
+        A segment goes only when every seq it can hold (from its first seq to the next
+        segment's first seq - 1) is at or below every consumer's cursor. The active (last)
+        segment always stays, so sequence numbers continue; with no consumer nothing goes."""
+        with self._lock:
+            self._check_writable()
+            if not self._cursors:
+                return 0
+            floor = min(self._cursors.values())
+            freed = removed = 0
+            for first, following in itertools.pairwise(self._segments):
+                if following - 1 > floor:
+                    break
+                path = self._path(first)
+                freed += path.stat().st_size
+                path.unlink()
+                removed += 1
+            if removed:
+                del self._segments[:removed]
+                self._bytes -= freed
+                if self.durability != "none":
+                    self._sync_directory()
+            return freed
+
+    def describe(self) -> JournalSummary:
+        """Readable frames, bytes and per-consumer pending frames, read from the files now."""
+        seqs = [seq for seq, _ in self.read()]
+        with self._lock:
+            cursors = dict(self._cursors)
+            segments, size = len(self._segments), self._bytes
+        consumers = {c: ConsumerSummary(cursor=v, pending=len(seqs) - bisect.bisect_right(seqs, v))
+                     for c, v in sorted(cursors.items())}
+        return JournalSummary(directory=str(self.directory), durability=self.durability,
+                              segments=segments, bytes=size, frames=len(seqs),
+                              first_seq=seqs[0] if seqs else 0, last_seq=seqs[-1] if seqs else 0,
+                              consumers=consumers)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last frame appended (0 before the first one)."""
+        return self._next_seq - 1
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of segment files on disk, the figure ``max_bytes`` bounds."""
+        return self._bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Sync (unless durability is ``"none"``), close the files and release the directory.
+
+        Closing twice is fine; every other call on a closed journal raises JournalError."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                if self.durability != "none" and self._pid == os.getpid():
+                    os.fdatasync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+                os.close(self._lock_fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"last_seq={self.last_seq}"
+        return f"<Journal {self.directory} {state}>"
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _path(self, first_seq: int) -> Path:
+        return _segment_path(self.directory, first_seq)
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise JournalError(f"the journal {self.directory} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if os.getpid() != self._pid:
+            raise JournalError(f"the journal {self.directory} was opened by process "
+                               f"{self._pid}; a forked child cannot write to it")
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _check_consumer(consumer: str) -> None:
+    if not isinstance(consumer, str) or not _CONSUMER.match(consumer):
+        raise ValueError(f"a consumer name is 1-64 characters of letters, digits, '_', '-', "
+                         f"'.', not starting with '.', got {consumer!r}")
