@@ -103,14 +103,42 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    """Upload the files and checkpoints a logger kept after its retries failed (under PATH:
-    one kept upload, a run, or the whole runs directory) to where they were going."""
+    """Deliver what loggers kept on disk under PATH (one run directory, or all of them): the
+    journaled records a sink did not store, and the uploads that failed after their retries.
+    Running it again stores nothing twice."""
     from steplog.kept import KeptUpload, sync_kept
+    from steplog.replay import SinkReplay, find_runs, replay_run
 
     path = Path(args.path)
     if not path.exists():
         print(f"steplog sync: {path} does not exist", file=sys.stderr)
         return 2
+    failed = 0
+    tty = sys.stderr.isatty()
+
+    def progress(r: SinkReplay, total: int) -> None:
+        if tty:
+            print(f"\r{r.run.name} -> {r.consumer}: {r.frames}/{total} frames", end="",
+                  file=sys.stderr, flush=True)
+
+    for run in find_runs(path):
+        try:
+            results = replay_run(run, timeout_s=args.timeout, progress=progress)
+        except Exception as exc:
+            failed += 1
+            print(f"run      {run}: {exc}")
+            continue
+        if tty:
+            print(file=sys.stderr)
+        for r in results:
+            what = (f"run      {run.name} -> {r.consumer}: {r.records} records in {r.frames} "
+                    f"frames sent")
+            if r.rejected:
+                what += f", {r.rejected} refused by the backend"
+            if r.error is not None or r.pending:
+                failed += 1
+                what += f"; {r.pending} frames still kept: {r.error}"
+            print(what)
 
     def report(kept: KeptUpload, error: str | None) -> None:
         what = f"{kept.artifact.kind} {kept.artifact.name!r} -> {kept.sink}"
@@ -122,9 +150,9 @@ def _sync(args: argparse.Namespace) -> int:
     def unreadable(manifest: Path, why: str) -> None:
         print(f"skipped  {manifest}: {why}")
 
-    stored, failed = sync_kept(path, report, unreadable)
-    print(f"{stored} stored, {failed} still kept")
-    return 0 if failed == 0 else 1
+    stored, kept = sync_kept(path, report, unreadable)
+    print(f"{stored} stored, {kept} still kept")
+    return 0 if failed == 0 and kept == 0 else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,7 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("dir")
     show.set_defaults(func=_show)
     sync = sub.add_parser("sync", help=_sync.__doc__)
-    sync.add_argument("path", nargs="?", default="steplog-runs")
+    sync.add_argument("path", nargs="?",
+                      default=os.environ.get("STEPLOG_RUNS_DIR", "steplog-runs"))
+    sync.add_argument("--timeout", type=float, default=60.0,
+                      help="longest a sink is retried before its frames stay kept (s)")
     sync.set_defaults(func=_sync)
     args = parser.parse_args(argv)
     code: int = args.func(args)

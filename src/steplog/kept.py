@@ -41,6 +41,11 @@ class Keeper:
         self.run = f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
         self._count = itertools.count(1)
 
+    @property
+    def run_dir(self) -> Path:
+        """This logger's run directory (created when something is first kept or journaled)."""
+        return self.runs_dir / self.run
+
     def keep(self, sink: Sink, artifact: Artifact, reason: str) -> Path:
         """Keep ``artifact``'s payload and what it takes to upload it again; the kept folder."""
         folder = self.runs_dir / self.run / "uploads" / f"{next(self._count)}-{sink.kind}"
@@ -144,6 +149,7 @@ def sync_kept(path: str | os.PathLike[str],
                 raise ValueError(f"the {kept.sink} sink cannot be reached again from here")
             sink = reattach(kept.sink, kept.target)
             try:
+                sink.open()
                 artifact = msgspec.structs.replace(kept.artifact, source=str(kept.payload))
                 sink.upload(artifact)
             finally:

@@ -139,6 +139,7 @@ class Lifecycle:
                 if time.monotonic() >= end or self._closed.is_set():
                     break
             if barrier.event.is_set():
+                p.journal_checkpoint()
                 return self._flush_result(start, ok=barrier.lost == 0, pending=0)
         # A close started: it delivers everything logged before this flush, or says it did not.
         if self._closed.wait(max(0.0, end - time.monotonic())) and self._result is not None:
@@ -212,6 +213,7 @@ class Lifecycle:
         nothing_lost = undelivered == s.failed == s.rejected == s.dropped == 0
         return CloseResult(
             ok=nothing_lost and not timed_out and not p.run_errors(),
+            sync=p.sync_command() if not nothing_lost or timed_out else None,
             delivered=s.delivered,
             undelivered=undelivered,
             dropped=s.dropped,
@@ -325,6 +327,11 @@ def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> No
     reasons = life.pipeline.reasons() if life.pipeline is not None else []
     how = f" ({how})" if how else ""
     reason = f"; reason: {reasons[0]}" if reasons else ""
+    sync = result.sync if result is not None else None
+    if sync is None and life.pipeline is not None:
+        sync = life.pipeline.sync_command()
+    if sync is not None and undelivered:
+        reason += f"; the journal keeps them: deliver them later with: {sync}"
     if undelivered:
         what = (f"{undelivered} of {stats.enqueued + stats.dropped} records were not delivered "
                 f"to {life.describe()}")

@@ -380,6 +380,14 @@ class Logger:
         return self._life.close(timeout, status)
 
     @property
+    def run_dir(self) -> str | None:
+        """The directory of this logger's journal (loggers with a remote sink), where
+        ``steplog sync`` finds what a sink did not store; ``None`` without a journal."""
+        pipeline = self._life.pipeline
+        journal = pipeline.run_journal if pipeline is not None else None
+        return str(journal.run_dir) if journal is not None else None
+
+    @property
     def state(self) -> State:
         """Where the logger is in its life: ``OPEN``, ``CLOSING``, ``CLOSED`` or ``INERT``."""
         return self._life.state

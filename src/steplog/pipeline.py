@@ -62,6 +62,7 @@ from steplog.kept import Keeper
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
 from steplog.retry import RetryPolicy, call_with_retry, check_seconds, is_retryable
+from steplog.runlog import RunJournal
 from steplog.sinks.base import RunStatus, Sink
 
 __all__ = [
@@ -104,9 +105,14 @@ class Options:
     """Deadline of ``flush()`` and ``close()`` called without a timeout (and of ``with``)."""
     exit_timeout_s: float = 30.0
     """Deadline of the close that runs at interpreter exit when the user did not close."""
-    runs_dir: str = "steplog-runs"
-    """Where uploads that failed after their retries are kept for ``steplog sync`` (relative
-    to the working directory at construction); nothing is written there otherwise."""
+    journal: bool | None = None
+    """Journal metric records in the run directory for ``steplog sync`` (``None``: when a
+    sink is remote, i.e. MLflow)."""
+    runs_dir: str = field(
+        default_factory=lambda: os.environ.get("STEPLOG_RUNS_DIR", "steplog-runs"))
+    """The run directories: journals of loggers with a remote sink, and uploads that failed
+    after their retries, for ``steplog sync`` (relative to the working directory at
+    construction; default ``$STEPLOG_RUNS_DIR``, else ``steplog-runs``)."""
     checkpoint_memory_bytes: int = 4 * 1024**3
     """Most bytes of checkpoint snapshots held in memory while they wait to be written."""
     checkpoint_policy: CheckpointPolicy = "wait"
@@ -542,9 +548,11 @@ class _SinkRunner:
         """Set once both lanes finished and the sink's run was ended (or could not be)."""
         cap = pipeline.options.lane_capacity
         self.metrics = _Lane(
-            self, "metrics", lambda parts: self._write(Batch(parts)), sink.max_batch,
+            self, "metrics", self._deliver_metrics, sink.max_batch,
             sink.max_batch_age_s, cap, max_bytes=sink.max_batch_bytes,
         )
+        self._metrics_failed = 0
+        """Metric records this sink gave up on after their retries (journal cursors)."""
         self.uploads = _Lane(self, "uploads", self._upload, 1, 0.0, cap)
         self.lanes = (self.metrics, self.uploads)
 
@@ -557,6 +565,9 @@ class _SinkRunner:
             try:
                 self._retry(self.sink.open)
                 self._opened = True
+                if self.pipeline.run_journal is not None:  # run.json gets the run's id
+                    with contextlib.suppress(Exception):
+                        self.pipeline.run_journal.write_manifest()
             except BaseException as exc:
                 reason = f"could not open {self.sink.describe()}: {exc}"
                 self.last_error = reason
@@ -583,15 +594,26 @@ class _SinkRunner:
             f"or the close deadline passes",
         )
 
+    def _deliver_metrics(self, parts: list[Any]) -> int:
+        batch = Batch(parts)
+        failed = self._metrics_failed
+        lost = self._write(batch)
+        journal = self.pipeline.run_journal
+        if journal is not None:
+            journal.progress(self.label, len(batch), self._metrics_failed > failed)
+        return lost
+
     def _write(self, batch: Batch) -> int:
         try:
             self._retry(lambda: self.sink.write(batch))
         except BaseException as exc:
             if is_retryable(exc):
+                self._metrics_failed += len(batch)
                 self.count_loss("failed", batch, f"gave up retrying: {exc!r}")
                 return len(batch)
             if len(batch) > 1 and not getattr(exc, "whole_batch", False):
                 if self.pipeline.deadline_passed():
+                    self._metrics_failed += len(batch)
                     self.count_loss("failed", batch, f"the close deadline passed while "
                                     f"isolating a refused record ({exc})")
                     return len(batch)
@@ -676,8 +698,10 @@ class _SinkRunner:
             self.pipeline.note_loss(Loss(self.label, "run", 0, "ending the run", self.run_error))
             self.warn("close", f"{self.label}: {self.run_error}")
         finally:
-            self.ended.set()
-            self.pipeline.runner_ended()
+            try:
+                self.pipeline.runner_ended()  # the journal is closed before close() returns
+            finally:
+                self.ended.set()
 
 
 class Pipeline:
@@ -716,6 +740,15 @@ class Pipeline:
         self._runners_left = len(self.runners)
         self._staging = tempfile.mkdtemp(prefix="steplog-")
         self.keeper = Keeper(options.runs_dir)
+        self.journal_kept = False
+        self.journal_error: str | None = None
+        self.run_journal: RunJournal | None = None
+        wanted = options.journal
+        if wanted is None:
+            wanted = any(s.remote for s in sinks)
+        if wanted:
+            self.run_journal = RunJournal(
+                self.keeper.run_dir, [(r.label, r.sink) for r in self.runners])
         self._drainer = threading.Thread(target=self._drain_loop, name="steplog-drain", daemon=True)
         self._drainer.start()
         for r in self.runners:
@@ -881,6 +914,7 @@ class Pipeline:
                 if parts:
                     self._dispatch(parts, sum(map(_record_count, parts)), ts)
                     parts = []
+                self._journal_sync()  # flush(): everything before it is on disk
                 item.expect(2 * len(self.runners), self._lost_early)
                 for r in self.runners:
                     for lane in r.lanes:
@@ -959,10 +993,49 @@ class Pipeline:
             r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
 
     def _dispatch(self, parts: list[Any], count: int, ts: int) -> None:
+        journal = self.run_journal
+        if journal is not None:
+            try:
+                journal.append(parts, count)
+            except Exception as exc:  # a full disk: delivery goes on without the journal
+                self._journal_failed(exc)
         for r in self.runners:
             if not r.metrics.put(parts, count, ts):
                 self._lost_early += count
                 r.count_loss("failed", parts, "the logger closed before delivery")
+
+    # -- the journal -----------------------------------------------------------------------
+    def _journal_sync(self) -> None:
+        if self.run_journal is not None:
+            try:
+                self.run_journal.sync()
+            except Exception as exc:
+                self._journal_failed(exc)
+
+    def _journal_failed(self, exc: Exception) -> None:
+        journal, self.run_journal = self.run_journal, None
+        if journal is None:
+            return
+        self.journal_error = f"the journal in {journal.run_dir} stopped: {exc!r}"
+        self.runners[0].warn("journal", f"steplog: {self.journal_error}; records are still "
+                             "delivered, but no longer kept on disk for steplog sync")
+        with contextlib.suppress(Exception):
+            journal.journal.close()
+
+    def journal_checkpoint(self) -> None:
+        """Write each sink's journal cursor now (after a flush)."""
+        if self.run_journal is not None:
+            self.run_journal.checkpoint()
+
+    def sync_command(self) -> str | None:
+        """``steplog sync <run dir>`` when this logger's journal keeps records some sink has
+        not acknowledged (or may not have: its lanes are still running)."""
+        journal = self.run_journal
+        if journal is None:
+            return None
+        if self._runners_left == 0 and not self.journal_kept:
+            return None
+        return f"steplog sync {journal.run_dir}"
 
     # -- the end ---------------------------------------------------------------------------
     def shut_down(self, status: RunStatus) -> bool:
@@ -989,6 +1062,12 @@ class Pipeline:
             last = self._runners_left == 0
         if last:
             shutil.rmtree(self._staging, ignore_errors=True)
+            if self.run_journal is not None:
+                try:
+                    self.journal_kept = self.run_journal.finish()
+                except Exception as exc:
+                    self.journal_kept = True
+                    self.journal_error = f"closing the journal failed: {exc!r}"
 
     # -- counters --------------------------------------------------------------------------
     def note_loss(self, loss: Loss) -> None:

@@ -98,7 +98,9 @@ class CloseResult(msgspec.Struct, frozen=True):
     ``undelivered``: records some sink did not store, for any reason: ``rejected`` (refused by
     the backend), ``failed`` (retries or the deadline ran out), ``dropped`` (queue-full policy),
     or still pending when the deadline passed (``timed_out``). ``losses`` lists them with the
-    backend's reason (the most recent 100 entries). ``sinks``: per-sink counters.
+    backend's reason (the most recent 100 entries). ``sinks``: per-sink counters. ``sync``: the
+    command that delivers the records the run's journal keeps for a sink that has not stored
+    them (``None`` when nothing is kept).
     """
 
     ok: bool
@@ -111,6 +113,7 @@ class CloseResult(msgspec.Struct, frozen=True):
     failed: int = 0
     losses: tuple[Loss, ...] = ()
     sinks: dict[str, SinkStats] = msgspec.field(default_factory=dict)
+    sync: str | None = None
 
     def __bool__(self) -> bool:
         return self.ok

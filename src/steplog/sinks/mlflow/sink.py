@@ -52,6 +52,7 @@ class MLflowSink(Sink):
     order, and a failed ``write`` may be retried as a whole without creating duplicates."""
 
     kind: ClassVar[str] = "mlflow"
+    remote: ClassVar[bool] = True
     max_batch = 1000
 
     def __init__(
@@ -119,27 +120,35 @@ class MLflowSink(Sink):
         return f"mlflow {where} run {self._run.run_id}"
 
     def target(self) -> dict[str, Any] | None:
-        if self._run is None:
-            return None
+        run = self._run
         return {
             "tracking_uri": portable_uri(self.tracking_uri),
             "experiment_name": self.experiment_name,
-            "run_id": self._run.run_id,
-            "experiment_id": self._run.experiment_id,
-            "artifact_uri": self._run.artifact_uri,
+            "run_name": self.run_name,
+            "run_token": self._token,
+            "run_id": run.run_id if run else None,
+            "experiment_id": run.experiment_id if run else None,
+            "artifact_uri": run.artifact_uri if run else None,
             "registered_model_name": self.registered_model_name,
             "request_timeout_s": self.request_timeout_s,
         }
 
     @classmethod
     def reattach(cls, target: dict[str, Any]) -> MLflowSink:
-        """Uploads into the existing run; credentials come from the environment, as for any
-        MLflow client (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``...)."""
+        """Writes into the run ``target`` names; one whose creation never succeeded is found by
+        its token or created by :meth:`open`. Credentials come from the environment, as for
+        any MLflow client (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``...)."""
         sink = cls(target["experiment_name"], tracking_uri=target["tracking_uri"],
+                   run_name=target.get("run_name"),
                    request_timeout_s=float(target.get("request_timeout_s", 30.0)),
                    registered_model_name=target.get("registered_model_name"))
         sink.prepare()
-        sink._run = RunRef(target["run_id"], target["experiment_id"], target["artifact_uri"])
+        if target.get("run_token"):
+            sink._token = target["run_token"]
+            sink._create_tried = True  # look for the run before creating one
+        if target.get("run_id"):
+            sink._run = RunRef(target["run_id"], target["experiment_id"],
+                               target["artifact_uri"])
         sink._transport = make_transport(sink.tracking_uri, sink.request_timeout_s)
         return sink
 

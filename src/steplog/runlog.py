@@ -1,0 +1,157 @@
+"""The journal of one logger's metric records, and how far each sink got through it.
+
+A logger with a remote sink (MLflow) writes every drained chunk of metric records (scalars,
+params, tags) to a :class:`~steplog.journal.Journal` in its run directory,
+``<runs_dir>/<run>/journal/``, before the chunk reaches the sinks' lanes: one frame per chunk,
+encoded once (:mod:`steplog.frames`). ``<runs_dir>/<run>/run.json`` names each sink and its
+destination (:meth:`Sink.target`, without credentials). Each sink's cursor advances over the
+frames whose records that sink stored or refused for good; a record that failed after its
+retries stops that sink's cursor before its frame, so ``steplog sync`` sends it again (stores
+are idempotent: MLflow keeps identical rows once). Cursors are written at most once a second,
+at every flush and at close.
+
+When every sink acknowledged every frame at close, the journal and ``run.json`` are removed
+(and the run directory, when nothing else is kept there); otherwise they stay for
+``steplog sync`` (:mod:`steplog.replay`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from steplog.frames import encode_batch
+from steplog.journal import Journal
+from steplog.records import Batch, Part
+from steplog.sinks.base import Sink
+
+__all__ = ["RunJournal", "consumer_name"]
+
+_ACK_INTERVAL_S = 1.0
+
+
+def consumer_name(label: str) -> str:
+    """The journal consumer of a sink label (``mlflow#1`` -> ``mlflow-1``)."""
+    return label.replace("#", "-")
+
+
+class _Progress:
+    __slots__ = ("acked_at", "processed", "seq", "stuck")
+
+    def __init__(self) -> None:
+        self.processed = 0
+        self.seq = 0
+        self.stuck = False
+        self.acked_at = 0.0
+
+
+class RunJournal:
+    """Journal frames for one pipeline and the cursors of its sinks (thread-safe)."""
+
+    def __init__(self, run_dir: Path, sinks: Sequence[tuple[str, Sink]]) -> None:
+        self.run_dir = run_dir
+        self.journal = Journal.open(run_dir / "journal", durability="flush")
+        self._sinks = dict(sinks)
+        self._progress = {label: _Progress() for label in self._sinks}
+        for label in self._sinks:
+            self.journal.register(consumer_name(label))
+        self._seqs: list[int] = []
+        self._ends: list[int] = []
+        self._appended = 0
+        self._lock = threading.Lock()
+        self.error: str | None = None
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """``run.json``: each sink's kind and destination (atomically replaced)."""
+        data = {
+            "format": "steplog.run/1",
+            "sinks": {
+                consumer_name(label): {"label": label, "kind": sink.kind,
+                                       "target": sink.target()}
+                for label, sink in self._sinks.items()
+            },
+        }
+        tmp = self.run_dir / ".run.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, self.run_dir / "run.json")
+
+    # -- the drain thread --------------------------------------------------------------------
+
+    def append(self, parts: list[Part], count: int) -> None:
+        """Journal one chunk of ``count`` metric records (before the lanes get it)."""
+        seq = self.journal.append(encode_batch(Batch(parts)))
+        with self._lock:
+            self._appended += count
+            self._seqs.append(seq)
+            self._ends.append(self._appended)
+
+    def sync(self) -> None:
+        """Everything journaled so far is on disk (a flush barrier passed the drain thread)."""
+        self.journal.sync()
+
+    # -- the lanes ---------------------------------------------------------------------------
+
+    def progress(self, label: str, records: int, failed: bool) -> None:
+        """``label``'s metrics lane finished ``records`` more records in order; ``failed``: some
+        of them failed after their retries (that sink's cursor stops before them)."""
+        ack = False
+        with self._lock:
+            p = self._progress[label]
+            if p.stuck:
+                return
+            if failed:
+                p.stuck = True
+                return
+            p.processed += records
+            i = bisect.bisect_right(self._ends, p.processed)
+            if i:
+                p.seq = self._seqs[i - 1]
+            now = time.monotonic()
+            if p.seq and now - p.acked_at >= _ACK_INTERVAL_S:
+                p.acked_at = now
+                ack = True
+        if ack:
+            self._ack(label)
+
+    def _ack(self, label: str) -> None:
+        seq = self._progress[label].seq
+        try:
+            self.journal.ack(consumer_name(label), seq)
+        except Exception as exc:  # a full disk, say: the records still reach the sink
+            self.error = self.error or f"could not record {label}'s progress: {exc!r}"
+
+    def checkpoint(self) -> None:
+        """Write every sink's cursor now (after a flush)."""
+        for label in self._sinks:
+            self._ack(label)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """True when some sink has not acknowledged every journaled frame."""
+        last = self.journal.last_seq
+        return any(p.seq < last for p in self._progress.values())
+
+    def finish(self) -> bool:
+        """Write the cursors and close; remove everything when every frame was acknowledged by
+        every sink. True when the journal is kept (something is left for ``steplog sync``)."""
+        self.checkpoint()
+        kept = self.pending()
+        self.journal.close()
+        if not kept:
+            shutil.rmtree(self.run_dir / "journal", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.run_dir / "run.json").unlink()
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only when nothing else (kept uploads) is there
+        return kept

@@ -1,0 +1,177 @@
+"""The journal of a logger with a remote sink, and ``steplog sync``: nothing is lost to a kill -9
+or to a server that is down, and a sync run twice stores nothing twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mlflow_support import MlflowServer
+from steplog import MLFlowLogger, Options, RetryPolicy
+from steplog.cli import main
+from steplog.frames import decode_batch
+from steplog.journal import Journal
+from steplog.records import Scalar
+
+QUICK = RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0)
+
+
+def journaled(runs: Path) -> list[Scalar]:
+    """Every scalar the journals under ``runs`` hold."""
+    out: list[Scalar] = []
+    for journal_dir in runs.rglob("journal"):
+        with Journal.open(journal_dir) as journal:
+            for _, payload in journal.read():
+                out.extend(r for r in decode_batch(payload) if isinstance(r, Scalar))
+    return out
+
+
+def run_ids(runs: Path) -> set[str]:
+    ids = set()
+    for manifest in runs.rglob("run.json"):
+        for info in json.loads(manifest.read_text())["sinks"].values():
+            if info["target"].get("run_id"):
+                ids.add(info["target"]["run_id"])
+    return ids
+
+
+def history(server: MlflowServer, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    return [(m["step"], m["value"], m["timestamp"])
+            for m in server.metric_history(run_id, key)]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_records_of_a_process_killed_with_kill_9_are_delivered_once_by_sync(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    flushed = tmp_path / "flushed"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time
+        from steplog import MLFlowLogger, Options
+        lg = MLFlowLogger("sync-kill9", tracking_uri={mlflow_server.url!r},
+                          options=Options(drain_interval_s=0.01))
+        for i in range(20_000):
+            lg.log_scalar("x", float(i), i)
+        assert lg.flush(60)
+        for i in range(20_000, 40_000):  # at full speed: more than the server takes in 0.3 s
+            lg.log_scalar("x", float(i), i)
+        pathlib.Path({str(flushed)!r}).write_text(str(i))
+        time.sleep(60)
+    """)], env={**os.environ, "STEPLOG_RUNS_DIR": str(runs)}, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not flushed.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert flushed.exists(), child.communicate(timeout=10)[1][-3000:]
+        time.sleep(0.3)  # part of the second half journaled, not yet stored
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    kept = journaled(runs)
+    steps = [r.step for r in kept]
+    assert steps == list(range(len(steps)))  # the journal holds a gap-free prefix, in order
+    assert len(steps) >= 20_000  # everything before the flush, at least
+    (run_id,) = run_ids(runs)
+    assert len(history(mlflow_server, run_id, "x")) < len(steps)  # the kill cut delivery short
+
+    assert main(["sync", str(runs)]) == 0
+    assert main(["sync", str(runs)]) == 0  # a second sync finds nothing left to send
+    out = capsys.readouterr().out
+    stored = history(mlflow_server, run_id, "x")
+    assert sorted(s for s, _, _ in stored) == steps  # each journaled point exactly once
+    assert {(r.step, r.value, r.timestamp) for r in kept} == set(stored)
+    assert "0 stored, 0 still kept" in out
+    assert not any(runs.rglob("journal"))  # delivered whole: the journal is gone
+
+
+def test_a_run_logged_while_the_server_was_down_is_created_and_filled_by_sync(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = restartable_mlflow_server
+    runs = tmp_path / "runs"
+    server.stop()
+    experiment = f"sync-down-{time.monotonic_ns()}"
+    logger = MLFlowLogger(experiment, tracking_uri=server.url,
+                          options=Options(drain_interval_s=0.01, retry=QUICK,
+                                          runs_dir=str(runs)))
+    logger.log_parameters({"lr": 0.1})
+    for i in range(500):
+        logger.log_scalar("loss", 1.0 / (i + 1), i)
+    result = logger.close(3)
+    assert not result and result.undelivered >= 500
+    assert result.sync is not None and result.sync.startswith("steplog sync ")
+    assert main(["sync", str(runs)]) == 1  # still down: everything stays kept
+    capsys.readouterr()
+
+    server.start()
+    assert main(["sync", result.sync.split(" ", 2)[2]]) == 0
+    assert "501 records" in capsys.readouterr().out
+    exp_id = server.api("experiments/get-by-name", experiment_name=experiment)[
+        "experiment"]["experiment_id"]
+    found = server.api("runs/search", {"experiment_ids": [exp_id]})["runs"]
+    assert len(found) == 1  # created once, by the sync
+    run_id = found[0]["info"]["run_id"]
+    assert [s for s, _, _ in history(server, run_id, "loss")] == list(range(500))
+    assert {p["key"]: p["value"] for p in found[0]["data"]["params"]} == {"lr": "0.1"}
+    assert main(["sync", str(runs)]) == 0
+    assert len(history(server, run_id, "loss")) == 500
+
+
+def test_a_journal_every_sink_acknowledged_is_removed_at_close(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-clean", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          options=Options(drain_interval_s=0.01, runs_dir=str(runs)))
+    for i in range(1000):
+        logger.log_scalar("x", float(i), i)
+    assert logger.flush(120)
+    assert list(runs.rglob("journal"))  # kept while the logger is open
+    result = logger.close(120)
+    assert result and result.sync is None
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_journaling_can_be_turned_off(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-off", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          options=Options(journal=False, runs_dir=str(runs)))
+    logger.log_scalar("x", 1.0, 0)
+    assert logger.close(120)
+    assert not runs.exists()
+
+
+def test_the_exit_line_names_the_sync_command_for_records_the_server_never_got(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from steplog import MLFlowLogger, Options
+        lg = MLFlowLogger("sync-exit", tracking_uri="http://127.0.0.1:{closed_port()}",
+                          options=Options(exit_timeout_s=2))
+        for i in range(100):
+            lg.log_scalar("x", float(i), i)
+    """)], env={**os.environ, "STEPLOG_RUNS_DIR": str(runs)}, capture_output=True, text=True,
+        timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = [p.parent for p in runs.rglob("run.json")]
+    assert f"steplog sync {run}" in proc.stderr
+    assert len(journaled(runs)) == 100
