@@ -38,6 +38,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="steplog-bench-")
     idle = steplog.FileLogger(f"{tmp}/idle", options=steplog.Options(drain_interval_s=3600))
     live = steplog.FileLogger(f"{tmp}/live")
+    # The same, journaling every drained chunk first (as an MLflow logger does by default).
+    journaled = steplog.FileLogger(f"{tmp}/journaled", options=steplog.Options(
+        journal=True, runs_dir=f"{tmp}/runs"))
     dq: collections.deque[tuple[str, float, int]] = collections.deque()
     metrics10 = {f"m{k}": 0.5 for k in range(10)}
 
@@ -78,6 +81,7 @@ def main() -> None:
         "log_metrics(10 keys, i)": metrics(idle),
         "  live: log_scalar(n, v, i)": scalar(live),
         "  live: log_metrics(10, i)": metrics(live),
+        "  live+journal: log_scalar": scalar(journaled),
     }
     writer = None
     try:
@@ -101,9 +105,10 @@ def main() -> None:
             results[name].append(per_call_ns(loop, calls))
             idle.flush()  # start every round with empty queues
             live.flush()
+            journaled.flush()
     if writer is not None:
         writer.close()
-    closed = [idle.close(60), live.close(60)]
+    closed = [idle.close(60), live.close(60), journaled.close(60)]
 
     floor_ns = statistics.median(results["deque.append floor"])
     print(f"{'contender':28} {'median ns/call':>15} {'(mean)':>10} {'x floor':>9}")
