@@ -111,7 +111,7 @@ def test_a_run_logged_while_the_server_was_down_is_created_and_filled_by_sync(
     runs = tmp_path / "runs"
     server.stop()
     experiment = f"sync-down-{time.monotonic_ns()}"
-    logger = MLFlowLogger(experiment, tracking_uri=server.url,
+    logger = MLFlowLogger(experiment, tracking_uri=server.url, tags={"team": "rl"},
                           options=Options(drain_interval_s=0.01, retry=QUICK,
                                           runs_dir=str(runs)))
     logger.log_parameters({"lr": 0.1})
@@ -133,6 +133,8 @@ def test_a_run_logged_while_the_server_was_down_is_created_and_filled_by_sync(
     run_id = found[0]["info"]["run_id"]
     assert [s for s, _, _ in history(server, run_id, "loss")] == list(range(500))
     assert {p["key"]: p["value"] for p in found[0]["data"]["params"]} == {"lr": "0.1"}
+    assert {t["key"]: t["value"] for t in found[0]["data"]["tags"]}["team"] == "rl"
+    assert server.run(run_id)["info"]["status"] == "FINISHED"  # as the logger closed
     assert main(["sync", str(runs)]) == 0
     assert len(history(server, run_id, "loss")) == 500
 
@@ -175,3 +177,69 @@ def test_the_exit_line_names_the_sync_command_for_records_the_server_never_got(
     (run,) = [p.parent for p in runs.rglob("run.json")]
     assert f"steplog sync {run}" in proc.stderr
     assert len(journaled(runs)) == 100
+
+
+def test_records_that_failed_mid_run_stay_journaled_and_sync_delivers_them_once(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fault_proxy import FaultProxy
+
+    runs = tmp_path / "runs"
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        logger = MLFlowLogger("sync-midrun", tracking_uri=proxy.url,
+                              options=Options(drain_interval_s=0.01, retry=QUICK,
+                                              runs_dir=str(runs)))
+        for i in range(100):
+            logger.log_scalar("x", float(i), i)
+        assert logger.flush(30)
+        proxy.set("reset", only=b"/runs/log-batch")
+        for i in range(100, 200):
+            logger.log_scalar("x", float(i), i)
+        assert not logger.flush(30)  # retries ran out: failed
+        proxy.set("pass")
+        for i in range(200, 300):
+            logger.log_scalar("x", float(i), i)
+        result = logger.close(30)
+        run_id = logger.run_id or ""
+        assert not result and result.failed == 100 and result.sync is not None
+        assert len(history(mlflow_server, run_id, "x")) == 200  # 100-199 missing
+        assert main(["sync", str(runs)]) == 0
+    steps = sorted(s for s, _, _ in history(mlflow_server, run_id, "x"))
+    assert steps == list(range(300))  # the gap filled, nothing twice
+    assert "0 stored, 0 still kept" in capsys.readouterr().out
+
+
+def test_a_refusal_of_the_whole_request_keeps_the_journal_for_a_later_sync(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-deleted", tracking_uri=mlflow_server.url,
+                          options=Options(drain_interval_s=0.01, retry=QUICK,
+                                          runs_dir=str(runs)))
+    logger.log_scalar("x", 0.0, 0)
+    assert logger.flush(30)
+    run_id = logger.run_id or ""
+    mlflow_server.api("runs/delete", {"run_id": run_id})  # the run is gone, for now
+    for i in range(1, 50):
+        logger.log_scalar("x", float(i), i)
+    result = logger.close(10)
+    assert not result and result.sync is not None  # refused, but kept: a sync can fix it
+    assert main(["sync", str(runs)]) == 1  # still deleted: kept again
+    capsys.readouterr()
+    mlflow_server.api("runs/restore", {"run_id": run_id})
+    assert main(["sync", str(runs)]) == 0
+    assert sorted(s for s, _, _ in history(mlflow_server, run_id, "x")) == list(range(50))
+    assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_an_unwritable_runs_directory_warns_and_the_logger_still_delivers(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from steplog import SteplogWarning
+
+    with pytest.warns(SteplogWarning, match="cannot journal"):
+        logger = MLFlowLogger("sync-nodir", tracking_uri=mlflow_server.url,
+                              options=Options(runs_dir="/dev/null/runs"))
+    logger.log_scalar("x", 1.0, 0)
+    result = logger.close(30)
+    assert result and logger.run_dir is None

@@ -58,6 +58,7 @@ import msgspec
 from steplog.capture import PendingValue
 from steplog.checkpoints import CheckpointPolicy, Snapshot, write_policy
 from steplog.errors import LoggerClosedError, SteplogWarning
+from steplog.journal import JournalError
 from steplog.kept import Keeper
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
@@ -449,6 +450,7 @@ class _Lane:
                     return
                 parts, count = taken
                 lost = count
+                delivered = False
                 try:
                     if runner.pipeline.deadline_passed():
                         runner.count_loss("failed", parts, "the close deadline passed first")
@@ -458,10 +460,13 @@ class _Lane:
                         else:
                             runner.count_loss("failed", parts, runner.unavailable)
                     else:
+                        delivered = True
                         lost = self._deliver(parts)
                 except BaseException as exc:  # never let the lane die silently
                     runner.count_loss("failed", parts, f"internal error: {exc!r}")
                 finally:
+                    if self.name == "metrics" and not delivered:
+                        runner.journal_progress(count, failed=True)
                     if self.name == "uploads":
                         _release(parts, stored=lost == 0)
                     self._acknowledge(count, lost)
@@ -597,11 +602,21 @@ class _SinkRunner:
     def _deliver_metrics(self, parts: list[Any]) -> int:
         batch = Batch(parts)
         failed = self._metrics_failed
-        lost = self._write(batch)
+        try:
+            lost = self._write(batch)
+        except BaseException:
+            self._metrics_failed += len(batch)
+            raise
+        finally:
+            self.journal_progress(len(batch), self._metrics_failed > failed)
+        return lost
+
+    def journal_progress(self, records: int, failed: bool) -> None:
+        """Tell the journal this sink is done with ``records`` more metric records; ``failed``:
+        not all of them were stored or refused for good (its cursor stops before them)."""
         journal = self.pipeline.run_journal
         if journal is not None:
-            journal.progress(self.label, len(batch), self._metrics_failed > failed)
-        return lost
+            journal.progress(self.label, records, failed)
 
     def _write(self, batch: Batch) -> int:
         try:
@@ -620,6 +635,10 @@ class _SinkRunner:
                 # Isolate what the backend refuses: the rest of the batch still gets delivered.
                 mid = len(batch) // 2
                 return self._write(batch[:mid]) + self._write(batch[mid:])
+            if getattr(exc, "whole_batch", False):
+                # Not about these records (no permission, the run is gone): a sync after the
+                # cause is fixed can still store them, so the journal keeps them.
+                self._metrics_failed += len(batch)
             self.count_loss("rejected", batch, str(exc) or repr(exc))
             return len(batch)
         with self._count_lock:
@@ -747,8 +766,15 @@ class Pipeline:
         if wanted is None:
             wanted = any(s.remote for s in sinks)
         if wanted:
-            self.run_journal = RunJournal(
-                self.keeper.run_dir, [(r.label, r.sink) for r in self.runners])
+            try:
+                self.run_journal = RunJournal(
+                    self.keeper.run_dir,
+                    [(r.label, r.sink) for r in self.runners if r.sink.replayable()])
+            except OSError as exc:
+                with contextlib.suppress(Exception):
+                    warnings.warn(f"steplog: cannot journal in {self.keeper.run_dir} ({exc}); "
+                                  "records are delivered, but not kept on disk for steplog "
+                                  "sync", SteplogWarning, stacklevel=4)
         self._drainer = threading.Thread(target=self._drain_loop, name="steplog-drain", daemon=True)
         self._drainer.start()
         for r in self.runners:
@@ -997,7 +1023,7 @@ class Pipeline:
         if journal is not None:
             try:
                 journal.append(parts, count)
-            except Exception as exc:  # a full disk: delivery goes on without the journal
+            except (OSError, JournalError) as exc:  # a full disk: delivery goes on without it
                 self._journal_failed(exc)
         for r in self.runners:
             if not r.metrics.put(parts, count, ts):
@@ -1009,7 +1035,7 @@ class Pipeline:
         if self.run_journal is not None:
             try:
                 self.run_journal.sync()
-            except Exception as exc:
+            except (OSError, JournalError) as exc:
                 self._journal_failed(exc)
 
     def _journal_failed(self, exc: Exception) -> None:
@@ -1051,6 +1077,9 @@ class Pipeline:
             # Records queued by a call that passed its check just before the logger stopped
             # accepting: still accepted, so still delivered.
             self._process(self.take_all())
+        if self.run_journal is not None:  # a sync of what is left ends the runs so
+            with contextlib.suppress(Exception):
+                self.run_journal.write_manifest(status)
         for r in self.runners:
             r.finish(status)
         ended = all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)

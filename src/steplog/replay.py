@@ -4,9 +4,12 @@ For each sink named in ``<run>/run.json``, the sink is rebuilt for the same run
 (:meth:`Sink.reattach`; a run whose creation never succeeded is found by its token or created),
 and every frame after that sink's cursor is decoded and written, in order, the cursor advancing
 frame by frame. A refused record is isolated by splitting the frame (the rest is stored); a
-failure that retrying does not cure within ``timeout_s`` stops that sink, keeping its cursor, so
-a later sync continues there. Writing a frame twice stores nothing twice (MLflow keeps identical
-rows once). A journal every sink acknowledged whole is removed, with ``run.json``.
+failure that retrying does not cure within ``timeout_s``, or a refusal of the request as a whole
+(no permission, a deleted run), stops that sink with its cursor kept, so a later sync continues
+there. Once a sink has every frame, its run is ended with the status the logger closed with
+(``run.json``), when it closed. Writing a frame twice stores nothing twice (only sinks that keep
+identical rows once are journaled). A journal every sink acknowledged whole is removed, with
+``run.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 
 import msgspec
 
-from steplog.errors import PermanentError
 from steplog.frames import decode_batch
 from steplog.journal import Journal
 from steplog.records import Batch
@@ -96,6 +98,12 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
                     out.pending -= 1
                     if progress is not None:
                         progress(out, len(frames))
+                status = manifest.get("status")
+                if status in ("FINISHED", "FAILED", "KILLED"):
+                    # The logger closed with this status; its run (or one this sync created)
+                    # is ended so.
+                    call_with_retry(functools.partial(sink.close, status), policy,
+                                    functools.partial(_at, deadline), _quiet)
             except Exception as exc:
                 out.error = str(exc) or repr(exc)
             finally:
@@ -128,9 +136,9 @@ def _write(sink: Sink, batch: Batch, policy: RetryPolicy, deadline: float) -> in
         call_with_retry(lambda: sink.write(batch), policy, functools.partial(_at, deadline),
                         _quiet)
     except Exception as exc:
-        if is_retryable(exc):
-            raise
-        if len(batch) > 1 and not (isinstance(exc, PermanentError) and exc.whole_batch):
+        if is_retryable(exc) or getattr(exc, "whole_batch", False):
+            raise  # not about these records (down, no permission, no run): keep them
+        if len(batch) > 1:
             mid = len(batch) // 2
             return (_write(sink, batch[:mid], policy, deadline)
                     + _write(sink, batch[mid:], policy, deadline))

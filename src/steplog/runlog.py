@@ -8,7 +8,8 @@ destination (:meth:`Sink.target`, without credentials). Each sink's cursor advan
 frames whose records that sink stored or refused for good; a record that failed after its
 retries stops that sink's cursor before its frame, so ``steplog sync`` sends it again (stores
 are idempotent: MLflow keeps identical rows once). Cursors are written at most once a second,
-at every flush and at close.
+at every flush and at close; segments (64 MiB) every sink acknowledged whole are then removed,
+so a long run's journal stays about one segment when its sinks keep up.
 
 When every sink acknowledged every frame at close, the journal and ``run.json`` are removed
 (and the run directory, when nothing else is kept there); otherwise they stay for
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from steplog.frames import encode_batch
 from steplog.journal import Journal
-from steplog.records import Batch, Part
+from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
 __all__ = ["RunJournal", "consumer_name"]
@@ -57,6 +58,10 @@ class RunJournal:
 
     def __init__(self, run_dir: Path, sinks: Sequence[tuple[str, Sink]]) -> None:
         self.run_dir = run_dir
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(run_dir, 0o700)
+        self._manifest_lock = threading.Lock()
+        self._status: str | None = None
         self.journal = Journal.open(run_dir / "journal", durability="flush")
         self._sinks = dict(sinks)
         self._progress = {label: _Progress() for label in self._sinks}
@@ -69,27 +74,41 @@ class RunJournal:
         self.error: str | None = None
         self.write_manifest()
 
-    def write_manifest(self) -> None:
-        """``run.json``: each sink's kind and destination (atomically replaced)."""
-        data = {
-            "format": "steplog.run/1",
-            "sinks": {
-                consumer_name(label): {"label": label, "kind": sink.kind,
-                                       "target": sink.target()}
-                for label, sink in self._sinks.items()
-            },
-        }
-        tmp = self.run_dir / ".run.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, self.run_dir / "run.json")
+    def write_manifest(self, status: str | None = None) -> None:
+        """``run.json``: each sink's kind and destination, and the status the logger closed
+        with once it closes (written atomically)."""
+        with self._manifest_lock:
+            if status is not None:
+                self._status = status
+            data = {
+                "format": "steplog.run/1",
+                "status": self._status,
+                "sinks": {
+                    consumer_name(label): {"label": label, "kind": sink.kind,
+                                           "target": sink.target()}
+                    for label, sink in self._sinks.items()
+                },
+            }
+            tmp = self.run_dir / f".run.json.{threading.get_ident()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.run_dir / "run.json")
 
     # -- the drain thread --------------------------------------------------------------------
 
     def append(self, parts: list[Part], count: int) -> None:
         """Journal one chunk of ``count`` metric records (before the lanes get it)."""
-        seq = self.journal.append(encode_batch(Batch(parts)))
+        try:
+            payload = encode_batch(Batch(parts))
+        except (OverflowError, TypeError, ValueError):
+            # A param value msgpack cannot hold (an int beyond 64 bits): MLflow stores str().
+            payload = encode_batch(Batch(
+                [Param(p.name, str(p.value), p.timestamp) if type(p) is Param else p
+                 for p in parts]))
+        seq = self.journal.append(payload)
         with self._lock:
             self._appended += count
             self._seqs.append(seq)
@@ -106,8 +125,8 @@ class RunJournal:
         of them failed after their retries (that sink's cursor stops before them)."""
         ack = False
         with self._lock:
-            p = self._progress[label]
-            if p.stuck:
+            p = self._progress.get(label)
+            if p is None or p.stuck:  # a sink that is not replayed, or stopped
                 return
             if failed:
                 p.stuck = True
@@ -127,6 +146,7 @@ class RunJournal:
         seq = self._progress[label].seq
         try:
             self.journal.ack(consumer_name(label), seq)
+            self.journal.compact()  # segments every sink acknowledged whole go (64 MiB each)
         except Exception as exc:  # a full disk, say: the records still reach the sink
             self.error = self.error or f"could not record {label}'s progress: {exc!r}"
 
@@ -149,7 +169,9 @@ class RunJournal:
         kept = self.pending()
         self.journal.close()
         if not kept:
-            shutil.rmtree(self.run_dir / "journal", ignore_errors=True)
+            doomed = self.run_dir / ".journal.delivered"
+            os.replace(self.run_dir / "journal", doomed)  # never a half-deleted journal
+            shutil.rmtree(doomed, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (self.run_dir / "run.json").unlink()
             with contextlib.suppress(OSError):

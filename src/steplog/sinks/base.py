@@ -33,6 +33,7 @@ class Sink(abc.ABC):
     remote: ClassVar[bool] = False
     """True for a backend reached over a network (its logger journals records by default)."""
 
+
     max_batch: int = 10_000
     """Most records the pipeline passes to one :meth:`write`."""
 
@@ -74,6 +75,11 @@ class Sink(abc.ABC):
     def describe(self) -> str:
         """A short human-readable location (a directory, a run URL) for messages."""
         return self.kind
+
+    def replayable(self) -> bool:
+        """True when writing a batch again stores nothing twice and :meth:`reattach` works, so
+        that ``steplog sync`` may replay the journal into this sink."""
+        return False
 
     def target(self) -> dict[str, Any] | None:
         """JSON data from which :meth:`reattach` rebuilds a sink writing to the same run (no

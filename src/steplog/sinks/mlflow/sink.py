@@ -119,6 +119,12 @@ class MLflowSink(Sink):
             return f"{where.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
         return f"mlflow {where} run {self._run.run_id}"
 
+    def replayable(self) -> bool:
+        """MLflow stores identical metric rows once and accepts an unchanged param again,
+        except in a local file store (``file:``/``./mlruns``), which keeps every row."""
+        scheme = urllib.parse.urlsplit(self.tracking_uri).scheme
+        return scheme not in ("", "file")
+
     def target(self) -> dict[str, Any] | None:
         run = self._run
         return {
@@ -131,6 +137,7 @@ class MLflowSink(Sink):
             "artifact_uri": run.artifact_uri if run else None,
             "registered_model_name": self.registered_model_name,
             "request_timeout_s": self.request_timeout_s,
+            "tags": self._user_tags,
         }
 
     @classmethod
@@ -141,7 +148,8 @@ class MLflowSink(Sink):
         sink = cls(target["experiment_name"], tracking_uri=target["tracking_uri"],
                    run_name=target.get("run_name"),
                    request_timeout_s=float(target.get("request_timeout_s", 30.0)),
-                   registered_model_name=target.get("registered_model_name"))
+                   registered_model_name=target.get("registered_model_name"),
+                   tags=target.get("tags"))
         sink.prepare()
         if target.get("run_token"):
             sink._token = target["run_token"]
