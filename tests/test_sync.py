@@ -243,3 +243,23 @@ def test_an_unwritable_runs_directory_warns_and_the_logger_still_delivers(
     logger.log_scalar("x", 1.0, 0)
     result = logger.close(30)
     assert result and logger.run_dir is None
+
+
+def test_show_says_what_each_sink_still_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-show", tracking_uri=f"http://127.0.0.1:{closed_port()}",
+                          options=Options(drain_interval_s=0.01, retry=QUICK,
+                                          runs_dir=str(runs)))
+    logger.log_parameters({"seed": 1})
+    for i in range(10):
+        logger.log_scalar("x", float(i), i)
+    result = logger.close(3)
+    assert not result and result.sync is not None
+    run_dir = result.sync.split(" ", 2)[2]
+    assert main(["show", run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "closed with FINISHED" in out
+    assert "run not created yet" in out and "lacks 11 records" in out
+    assert f"steplog sync {run_dir}" in out

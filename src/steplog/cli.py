@@ -73,8 +73,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    """Print a file run's status, parameters, and count / last value of every scalar."""
+    """Print a file run's status, parameters, and count / last value of every scalar; or, for a
+    run directory of a journaling logger, what its journal holds and what each sink lacks."""
     run = Path(args.dir)
+    if (run / "journal").is_dir():
+        return _show_journal(run)
     scalars = run / "scalars.jsonl"
     if not scalars.exists():
         print(f"{run} is not a steplog file run (no scalars.jsonl)", file=sys.stderr)
@@ -99,6 +102,38 @@ def _show(args: argparse.Namespace) -> int:
     print(f"{'name':{width}}  {'points':>8}  {'last step':>10}  last value")
     for name, (count, step, value) in sorted(series.items()):
         print(f"{name:{width}}  {count:8d}  {step:10d}  {value:.6g}")
+    return 0
+
+
+def _show_journal(run: Path) -> int:
+    from steplog.frames import decode_batch
+    from steplog.journal import Journal, JournalLockedError
+    from steplog.kept import find_kept
+
+    manifest = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    try:
+        journal = Journal.open(run / "journal")
+    except JournalLockedError:
+        print(f"run {run}: its logger is still running (the journal is in use)")
+        return 0
+    with journal:
+        summary = journal.describe()
+        print(f"run {run}: closed with {manifest.get('status') or 'no close (killed?)'}; "
+              f"journal: {summary.frames} frames, {summary.bytes:,} bytes")
+        for consumer, info in manifest.get("sinks", {}).items():
+            target = info.get("target") or {}
+            where = target.get("tracking_uri") or target.get("output_dir") or "?"
+            run_id = target.get("run_id") or "not created yet"
+            lacking = sum(len(decode_batch(payload)) for _, payload in journal.pending(consumer))
+            cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
+            print(f"  {consumer}: {where} run {run_id}: stored up to frame {cursor}; "
+                  f"lacks {lacking} records")
+    kept = list(find_kept(run))
+    if kept:
+        print(f"  {len(kept)} uploads kept: "
+              + ", ".join(f"{k.artifact.name} -> {k.sink}" for k in kept))
+    if kept or any(c.pending for c in summary.consumers.values()):
+        print(f"deliver what is missing with: steplog sync {run}")
     return 0
 
 
