@@ -263,3 +263,28 @@ def test_show_says_what_each_sink_still_lacks(
     assert "closed with FINISHED" in out
     assert "run not created yet" in out and "lacks 11 records" in out
     assert f"steplog sync {run_dir}" in out
+
+
+def test_past_its_disk_budget_the_journal_stops_with_a_warning_and_delivery_goes_on(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from steplog import SteplogWarning
+
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-budget", tracking_uri=mlflow_server.url,
+                          options=Options(drain_interval_s=0.01, runs_dir=str(runs),
+                                          journal_max_bytes=4096))
+    with pytest.warns(SteplogWarning, match="journal .* stopped"):
+        for i in range(5000):
+            logger.log_scalar("x", float(i), i)
+        assert logger.flush(60)
+    assert logger.close(60)
+    assert len(history(mlflow_server, logger.run_id or "", "x")) == 5000
+    assert not any(runs.rglob("journal"))  # everything arrived: nothing left behind
+
+
+def test_journal_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="journal_durability"):
+        Options(journal_durability="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="journal_max_bytes"):
+        Options(journal_max_bytes=0)

@@ -58,7 +58,7 @@ import msgspec
 from steplog.capture import PendingValue
 from steplog.checkpoints import CheckpointPolicy, Snapshot, write_policy
 from steplog.errors import LoggerClosedError, SteplogWarning
-from steplog.journal import JournalError
+from steplog.journal import Durability, JournalError
 from steplog.kept import Keeper
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
@@ -109,6 +109,13 @@ class Options:
     journal: bool | None = None
     """Journal metric records in the run directory for ``steplog sync`` (``None``: when a
     sink is remote, i.e. MLflow)."""
+    journal_durability: Durability = "flush"
+    """When journal frames reach the disk: ``"none"`` (the OS writes them back: a killed
+    process loses nothing, a power cut may), ``"flush"`` (also at every ``flush()`` and at
+    close) or ``"always"`` (an fsync per drained chunk)."""
+    journal_max_bytes: int | None = None
+    """Most bytes of journal on disk (``None``: no bound); past it the logger warns and goes
+    on without the journal."""
     runs_dir: str = field(
         default_factory=lambda: os.environ.get("STEPLOG_RUNS_DIR", "steplog-runs"))
     """The run directories: journals of loggers with a remote sink, and uploads that failed
@@ -128,6 +135,14 @@ class Options:
         if type(self.checkpoint_memory_bytes) is not int or self.checkpoint_memory_bytes < 1:
             raise ValueError(f"checkpoint_memory_bytes must be an int >= 1, got "
                              f"{self.checkpoint_memory_bytes!r}")
+        if self.journal_durability not in ("none", "flush", "always"):
+            raise ValueError(f"journal_durability must be 'none', 'flush' or 'always', got "
+                             f"{self.journal_durability!r}")
+        if self.journal_max_bytes is not None and (
+            type(self.journal_max_bytes) is not int or self.journal_max_bytes < 1
+        ):
+            raise ValueError(f"journal_max_bytes must be None or an int >= 1, got "
+                             f"{self.journal_max_bytes!r}")
         if self.checkpoint_policy not in ("wait", "supersede"):
             raise ValueError(f"checkpoint_policy must be 'wait' or 'supersede', got "
                              f"{self.checkpoint_policy!r}")
@@ -762,6 +777,7 @@ class Pipeline:
         self.journal_kept = False
         self.journal_error: str | None = None
         self.run_journal: RunJournal | None = None
+        self._stopped_journal: RunJournal | None = None
         wanted = options.journal
         if wanted is None:
             wanted = any(s.remote for s in sinks)
@@ -769,7 +785,8 @@ class Pipeline:
             try:
                 self.run_journal = RunJournal(
                     self.keeper.run_dir,
-                    [(r.label, r.sink) for r in self.runners if r.sink.replayable()])
+                    [(r.label, r.sink) for r in self.runners if r.sink.replayable()],
+                    durability=options.journal_durability, max_bytes=options.journal_max_bytes)
             except OSError as exc:
                 with contextlib.suppress(Exception):
                     warnings.warn(f"steplog: cannot journal in {self.keeper.run_dir} ({exc}); "
@@ -1042,6 +1059,7 @@ class Pipeline:
         journal, self.run_journal = self.run_journal, None
         if journal is None:
             return
+        self._stopped_journal = journal
         self.journal_error = f"the journal in {journal.run_dir} stopped: {exc!r}"
         self.runners[0].warn("journal", f"steplog: {self.journal_error}; records are still "
                              "delivered, but no longer kept on disk for steplog sync")
@@ -1097,6 +1115,9 @@ class Pipeline:
                 except Exception as exc:
                     self.journal_kept = True
                     self.journal_error = f"closing the journal failed: {exc!r}"
+            elif self._stopped_journal is not None and self.stats().undelivered == 0:
+                # Everything arrived: what the stopped journal holds is not needed.
+                self._stopped_journal.discard()
 
     # -- counters --------------------------------------------------------------------------
     def note_loss(self, loss: Loss) -> None:

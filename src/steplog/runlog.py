@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from steplog.frames import encode_batch
-from steplog.journal import Journal
+from steplog.journal import Durability, Journal
 from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
@@ -56,13 +56,15 @@ class _Progress:
 class RunJournal:
     """Journal frames for one pipeline and the cursors of its sinks (thread-safe)."""
 
-    def __init__(self, run_dir: Path, sinks: Sequence[tuple[str, Sink]]) -> None:
+    def __init__(self, run_dir: Path, sinks: Sequence[tuple[str, Sink]], *,
+                 durability: Durability = "flush", max_bytes: int | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(run_dir, 0o700)
         self._manifest_lock = threading.Lock()
         self._status: str | None = None
-        self.journal = Journal.open(run_dir / "journal", durability="flush")
+        self.journal = Journal.open(run_dir / "journal", durability=durability,
+                                    max_bytes=max_bytes)
         self._sinks = dict(sinks)
         self._progress = {label: _Progress() for label in self._sinks}
         for label in self._sinks:
@@ -162,6 +164,12 @@ class RunJournal:
         last = self.journal.last_seq
         return any(p.seq < last for p in self._progress.values())
 
+    def discard(self) -> None:
+        """Remove the journal and ``run.json`` (the run directory too when it is empty)."""
+        with contextlib.suppress(Exception):
+            self.journal.close()
+        self._remove()
+
     def finish(self) -> bool:
         """Write the cursors and close; remove everything when every frame was acknowledged by
         every sink. True when the journal is kept (something is left for ``steplog sync``)."""
@@ -169,11 +177,15 @@ class RunJournal:
         kept = self.pending()
         self.journal.close()
         if not kept:
-            doomed = self.run_dir / ".journal.delivered"
-            os.replace(self.run_dir / "journal", doomed)  # never a half-deleted journal
-            shutil.rmtree(doomed, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (self.run_dir / "run.json").unlink()
-            with contextlib.suppress(OSError):
-                self.run_dir.rmdir()  # only when nothing else (kept uploads) is there
+            self._remove()
         return kept
+
+    def _remove(self) -> None:
+        doomed = self.run_dir / ".journal.delivered"
+        with contextlib.suppress(OSError):
+            os.replace(self.run_dir / "journal", doomed)  # never a half-deleted journal
+        shutil.rmtree(doomed, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.run_dir / "run.json").unlink()
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()  # only when nothing else (kept uploads) is there
