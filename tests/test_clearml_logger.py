@@ -26,6 +26,7 @@ pytest.importorskip("clearml")
 torch = pytest.importorskip("torch")
 
 from clearml_support import OfflineSession  # noqa: E402
+from mlflow_support import free_port  # noqa: E402
 from steplog import (  # noqa: E402
     ClearMLLogger,
     Logger,
@@ -390,11 +391,6 @@ def test_missing_configuration_fails_at_once_naming_the_three_fixes(tmp_path: Pa
         assert fix in out
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 UNREACHABLE_RUN = """
     import time, warnings
@@ -423,7 +419,7 @@ def parse_unreachable(out: str) -> dict[str, str]:
 def test_a_closed_server_port_records_offline_and_the_result_says_how_to_upload(
     tmp_path: Path,
 ) -> None:
-    env = child_env(tmp_path, CLEARML_API_HOST=f"http://127.0.0.1:{closed_port()}",
+    env = child_env(tmp_path, CLEARML_API_HOST=f"http://127.0.0.1:{free_port()}",
                     CLEARML_API_ACCESS_KEY="k", CLEARML_API_SECRET_KEY="s")
     proc = run_child(UNREACHABLE_RUN, env)
     assert proc.returncode == 0, proc.stderr
@@ -445,7 +441,7 @@ def test_credentials_from_clearml_conf_are_used_when_no_variables_are_set(
     home.mkdir()
     (home / "clearml.conf").write_text(textwrap.dedent(f"""
         api {{
-            api_server: http://127.0.0.1:{closed_port()}
+            api_server: http://127.0.0.1:{free_port()}
             credentials {{ access_key: "k", secret_key: "s" }}
         }}
     """))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, free_port
 from steplog import MLFlowLogger, Options, RetryPolicy
 from steplog.cli import main
 from steplog.frames import decode_batch
@@ -48,11 +47,6 @@ def history(server: MlflowServer, run_id: str, key: str) -> list[tuple[int, floa
     return [(m["step"], m["value"], m["timestamp"])
             for m in server.metric_history(run_id, key)]
 
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_records_of_a_process_killed_with_kill_9_are_delivered_once_by_sync(
@@ -167,7 +161,7 @@ def test_the_exit_line_names_the_sync_command_for_records_the_server_never_got(
     runs = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         from steplog import MLFlowLogger, Options
-        lg = MLFlowLogger("sync-exit", tracking_uri="http://127.0.0.1:{closed_port()}",
+        lg = MLFlowLogger("sync-exit", tracking_uri="http://127.0.0.1:{free_port()}",
                           options=Options(exit_timeout_s=2))
         for i in range(100):
             lg.log_scalar("x", float(i), i)
@@ -249,7 +243,7 @@ def test_show_says_what_each_sink_still_lacks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     runs = tmp_path / "runs"
-    logger = MLFlowLogger("sync-show", tracking_uri=f"http://127.0.0.1:{closed_port()}",
+    logger = MLFlowLogger("sync-show", tracking_uri=f"http://127.0.0.1:{free_port()}",
                           options=Options(drain_interval_s=0.01, retry=QUICK,
                                           runs_dir=str(runs)))
     logger.log_parameters({"seed": 1})

@@ -248,21 +248,11 @@ def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: i
         _map_tree(torch, weights, lambda t: sizes.append(t.numel() * t.element_size()))
     except _NotWeights:
         return None
-    cls = type(obj)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "name": name,
-        "step": step,
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "tensors": len(sizes),
-        "bytes": sum(sizes),
-        "torch": str(torch.__version__),
-    }
+    meta = _meta(obj, name, step, metadata, tensors=len(sizes), bytes=sum(sizes),
+                 torch=str(torch.__version__))
     save_to_dict = getattr(obj, "save_to_dict", None)
     if callable(save_to_dict):
         meta["save_to_dict"] = capture_param(save_to_dict())
-    if metadata is not None:
-        meta["metadata"] = capture_param(dict(metadata))
     snapshot = Snapshot(name, sum(sizes), meta, memory)
     if not memory.admit(snapshot, deadline):
         raise TimeoutError(
@@ -296,17 +286,20 @@ def capture_checkpoint(obj: object, name: str, memory: CheckpointMemory, *,
                                deadline=deadline)
     if snapshot is not None:
         return snapshot
+    meta = _meta(obj, name, step, metadata, pickled=True)
+    return ObjectSnapshot(name, capture_object(obj), meta, memory)
+
+
+def _meta(obj: object, name: str, step: int | None, metadata: Mapping[str, Any] | None,
+          **fields: Any) -> dict[str, Any]:
+    """What every ``meta.json`` says: format, name, step, the object's class, ``fields``, and
+    the user's metadata."""
     cls = type(obj)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "name": name,
-        "step": step,
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "pickled": True,
-    }
+    meta: dict[str, Any] = {"format": FORMAT, "name": name, "step": step,
+                            "class": f"{cls.__module__}.{cls.__qualname__}", **fields}
     if metadata is not None:
         meta["metadata"] = capture_param(dict(metadata))
-    return ObjectSnapshot(name, capture_object(obj), meta, memory)
+    return meta
 
 
 def _weights_of(torch: Any, obj: object) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from steplog.paths import link_or_copy
 from steplog.records import Artifact
 from steplog.sinks.base import Sink
 
@@ -59,9 +60,9 @@ class Keeper:
         elif artifact.source is not None:
             src = Path(artifact.source)
             if src.is_dir():
-                shutil.copytree(src, payload, copy_function=_link_or_copy)
+                shutil.copytree(src, payload, copy_function=link_or_copy)
             else:
-                _link_or_copy(str(src), str(payload))
+                link_or_copy(src, payload)
         manifest = {
             "format": FORMAT,
             "sink": sink.kind,
@@ -77,14 +78,6 @@ class Keeper:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, folder / "upload.json")
         return folder
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
 
 
 class KeptUpload(msgspec.Struct):

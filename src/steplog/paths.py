@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
+import shutil
 
-__all__ = ["safe_relpath"]
+__all__ = ["link_or_copy", "safe_relpath"]
+
+
+def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
+    """``dst`` as a hard link to ``src`` (no bytes copied), or a copy (``shutil.copy2``) where
+    the file system cannot link them; returns ``dst`` (usable as ``copytree``'s copy function)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return os.fspath(dst)
 
 
 def safe_relpath(name: str) -> str:

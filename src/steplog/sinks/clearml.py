@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
-from steplog.paths import safe_relpath
+from steplog.paths import link_or_copy, safe_relpath
 from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag
 from steplog.sinks.base import RunStatus, Sink
 
@@ -422,15 +422,10 @@ class ClearMLSink(Sink):
         if meta_file.is_file():
             design = json.loads(meta_file.read_text())
         version = self._versions[name] = self._versions.get(name, 0) + 1
-        if self._staging is None:
-            self._staging = tempfile.mkdtemp(prefix="steplog-clearml-")
-        folder = Path(tempfile.mkdtemp(dir=self._staging))
+        folder = self._scratch()
         weights = folder / f"{name.replace('/', '-')}-step{artifact.step or 0}-v{version}.pth"
         try:
-            try:
-                os.link(snapshot / "model.pth", weights)
-            except OSError:
-                shutil.copyfile(snapshot / "model.pth", weights)
+            link_or_copy(snapshot / "model.pth", weights)
             model = OutputModel(task=self.task, name=name, framework="PyTorch",
                                 config_dict=design)
             try:
@@ -449,6 +444,12 @@ class ClearMLSink(Sink):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def _scratch(self) -> Path:
+        """A new empty folder in this sink's staging directory (removed at close)."""
+        if self._staging is None:
+            self._staging = tempfile.mkdtemp(prefix="steplog-clearml-")
+        return Path(tempfile.mkdtemp(dir=self._staging))
+
     @contextlib.contextmanager
     def _local_copy(self, artifact: Artifact, name: str) -> Any:
         """A path ClearML may read under a meaningful, unique base name (ClearML names
@@ -460,18 +461,12 @@ class ClearMLSink(Sink):
         if artifact.data is None and not artifact.cleanup:
             yield Path(str(artifact.source))
             return
-        if self._staging is None:
-            self._staging = tempfile.mkdtemp(prefix="steplog-clearml-")
-        base = name.replace("/", "-")
-        path = Path(tempfile.mkdtemp(dir=self._staging)) / base
+        path = self._scratch() / name.replace("/", "-")
         try:
             if artifact.data is not None:
                 path.write_bytes(artifact.data)
             else:
-                try:
-                    os.link(str(artifact.source), path)
-                except OSError:
-                    shutil.copyfile(str(artifact.source), path)
+                link_or_copy(str(artifact.source), path)
             yield path
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from steplog.errors import SteplogWarning
-from steplog.paths import safe_relpath
+from steplog.paths import link_or_copy, safe_relpath
 from steplog.records import (
     Artifact,
     Batch,
@@ -283,10 +283,7 @@ class FileSink(Sink):
             link = dest / f".{fname}.{os.getpid()}.tmp"
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
-            try:
-                os.link(final / fname, link)
-            except OSError:
-                shutil.copy2(final / fname, link)
+            link_or_copy(final / fname, link)
             os.replace(link, dest / fname)
         _write_atomic(latest, f"{version}\n".encode())
 

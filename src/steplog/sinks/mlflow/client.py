@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from steplog.errors import PermanentError, RetryableError
 from steplog.host import Host
+from steplog.paths import link_or_copy
 from steplog.records import Artifact
 from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
@@ -205,15 +205,8 @@ class ClientTransport:
                 if artifact.data is not None:
                     Path(staged).write_bytes(artifact.data)
                 else:
-                    _link_or_copy(str(source), staged)
+                    link_or_copy(str(source), staged)
                 self.client.log_artifact(run.run_id, staged, dirname or None)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 @contextlib.contextmanager
