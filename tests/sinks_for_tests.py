@@ -95,3 +95,15 @@ class DownSink(ListSink):
 
     def upload(self, artifact: Artifact) -> None:
         raise ConnectionRefusedError("backend unreachable (test)")
+
+
+class JournaledListSink(ListSink):
+    """A :class:`ListSink` that the pipeline journals, as it journals a remote backend: writing
+    a batch again is harmless for what the tests check, so the journal keeps its frames and
+    its lane may spill."""
+
+    kind = "journaled"
+    remote = True
+
+    def replayable(self) -> bool:
+        return True

@@ -259,19 +259,28 @@ def test_show_says_what_each_sink_still_lacks(
     assert f"steplog sync {run_dir}" in out
 
 
-def test_past_its_disk_budget_the_journal_stops_with_a_warning_and_delivery_goes_on(
+def test_past_its_disk_budget_the_journal_stops_with_one_error_and_delivery_goes_on(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    from steplog import SteplogWarning
+    from steplog import JournalStoppedError, SteplogWarning
 
     runs = tmp_path / "runs"
     logger = MLFlowLogger("sync-budget", tracking_uri=mlflow_server.url,
                           options=Options(drain_interval_s=0.01, runs_dir=str(runs),
                                           journal_max_bytes=4096))
+    raised = []
     with pytest.warns(SteplogWarning, match="journal .* stopped"):
         for i in range(5000):
-            logger.log_scalar("x", float(i), i)
-        assert logger.flush(60)
+            try:
+                logger.log_scalar("x", float(i), i)
+            except JournalStoppedError as exc:
+                raised.append(str(exc))
+        try:
+            assert logger.flush(60)
+        except JournalStoppedError as exc:
+            raised.append(str(exc))
+    assert len(raised) == 1
+    assert "journal_max_bytes" in raised[0]
     assert logger.close(60)
     assert len(history(mlflow_server, logger.run_id or "", "x")) == 5000
     assert not any(runs.rglob("journal"))  # everything arrived: nothing left behind

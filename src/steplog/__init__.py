@@ -6,6 +6,7 @@ files, MLflow or ClearML. ``flush()`` and ``close()`` report whether everything 
 
 from steplog.checkpoints import load_policy
 from steplog.errors import (
+    JournalStoppedError,
     LoggerClosedError,
     PermanentError,
     RetryableError,
@@ -30,6 +31,7 @@ __all__ = [
     "FileLogger",
     "FileSink",
     "FlushResult",
+    "JournalStoppedError",
     "Logger",
     "LoggerClosedError",
     "Loss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "JournalStoppedError",
     "LoggerClosedError",
     "PermanentError",
     "RetryableError",
@@ -35,6 +36,14 @@ class PermanentError(SinkError):
 
 class LoggerClosedError(RuntimeError):
     """A ``log_*`` call was made on a logger that is closing or closed."""
+
+
+class JournalStoppedError(RuntimeError):
+    """The logger's journal stopped (a full disk, its disk budget, a failed write).
+
+    Raised once into the training loop, by the next ``log_*`` call or ``flush()``; that call
+    did its work first (its record was logged). Later records are still delivered, but only
+    from memory: they are no longer kept on disk for ``steplog sync``."""
 
 
 class SteplogWarning(UserWarning):

@@ -71,13 +71,15 @@ class Helper(Protocol):
 class Lifecycle:
     """Owns one logger's state, close lock and deadline, and its pipeline (``None`` without
     sinks). ``gate`` (a weak method of the logger) is called when the logger stops accepting
-    records, so the logger's hot path can send every later call through :meth:`admit`."""
+    records (``gate(False)``), so the logger's hot path can send every later call through
+    :meth:`admit`, and when an alarm waits for the training loop (``gate(False)``, then
+    ``gate(True)`` once it was raised)."""
 
     def __init__(
         self,
         sinks: Sequence[Sink],
         options: Options,
-        gate: weakref.WeakMethod[Callable[[], None]] | None = None,
+        gate: weakref.WeakMethod[Callable[[bool], None]] | None = None,
     ) -> None:
         self.options = options
         self.state = State.OPEN
@@ -89,6 +91,7 @@ class Lifecycle:
         self._closed = threading.Event()
         self._result: CloseResult | None = None
         self.helpers: list[Helper] = []
+        self._alarm: Exception | None = None
         self.pipeline = Pipeline(sinks, options, self) if sinks else None
         if self.pipeline is not None:
             _register(self)
@@ -116,6 +119,29 @@ class Lifecycle:
             f"this logger is {state.value}; records logged now would not be delivered. "
             "Create a new logger to log more"
         )
+
+    def alarm(self, error: Exception) -> None:
+        """Raise ``error`` once into the training loop, from its next ``log_*`` call or flush
+        (the first alarm wins; called from the worker)."""
+        if self._alarm is None:
+            self._alarm = error
+            self._set_gate(False)
+
+    def raise_alarm(self) -> None:
+        """Raise the waiting alarm, if any (once), and reopen the hot path."""
+        error, self._alarm = self._alarm, None
+        if error is None:
+            return
+        if self.state is State.OPEN:
+            self._set_gate(True)
+            if self.state is not State.OPEN:  # a close started meanwhile: keep the gate shut
+                self._set_gate(False)
+        raise error
+
+    def _set_gate(self, open_: bool) -> None:
+        gate = self._gate() if self._gate is not None else None
+        if gate is not None:  # held weakly: this lifecycle outlives a dropped logger
+            gate(open_)
 
     def seconds(self, timeout: float | None) -> float:
         """``timeout`` checked (finite, >= 0), or the default ``Options.timeout_s``."""
@@ -194,9 +220,7 @@ class Lifecycle:
     def _stop_accepting(self, state: State) -> None:
         # The hot path's gate first: a call that finds the queue still open, then the state
         # changed, takes its record back (Logger._late) or the closer delivers it.
-        close_gate = self._gate() if self._gate is not None else None
-        if close_gate is not None:  # held weakly: this lifecycle outlives a dropped logger
-            close_gate()
+        self._set_gate(False)
         self.state = state
 
     def _close_result(self, start: float, timed_out: bool) -> CloseResult:

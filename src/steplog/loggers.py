@@ -80,15 +80,16 @@ class Logger:
         self._checkpoints = CheckpointMemory(self.options.checkpoint_memory_bytes,
                                              self.options.checkpoint_policy)
         # The hot path appends to the pipeline's queue while it has room; once the logger stops
-        # accepting, its lifecycle sets _cap to 0 so that every call goes through _put, which
-        # asks the lifecycle (the one "accepting" check).
+        # accepting (or an alarm waits), its lifecycle sets _cap to 0 so that every call goes
+        # through _put, which asks the lifecycle (the one "accepting" check).
         self._life = Lifecycle(self._sinks, self.options, weakref.WeakMethod(self._close_gate))
         pipeline = self._life.pipeline
         self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
         self._cap = pipeline.capacity if pipeline else 0
 
-    def _close_gate(self) -> None:
-        self._cap = 0
+    def _close_gate(self, open_: bool) -> None:
+        pipeline = self._life.pipeline
+        self._cap = pipeline.capacity if open_ and pipeline is not None else 0
 
     # -- registry --------------------------------------------------------------------------
     @classmethod
@@ -188,10 +189,15 @@ class Logger:
             raise LoggerClosedError("this logger is closing; the record was not logged")
 
     def _put(self, item: object) -> None:
-        """The slow path: a full queue, or a logger that no longer accepts records."""
-        pipeline = self._life.admit()
-        if pipeline is not None and pipeline.put(item) and not self._cap:
-            self._late(item)
+        """The slow path: a full queue, a logger that no longer accepts records, or an alarm
+        to raise (after the record was queued)."""
+        life = self._life
+        pipeline = life.admit()
+        try:
+            life.raise_alarm()
+        finally:
+            if pipeline is not None and pipeline.put(item) and not self._cap:
+                self._late(item)
 
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
@@ -217,7 +223,10 @@ class Logger:
         pipeline = self._life.admit()
         if pipeline is None:
             return
-        queued = [r for r in records if pipeline.put(r)]
+        try:
+            self._life.raise_alarm()
+        finally:
+            queued = [r for r in records if pipeline.put(r)]
         if not self._cap:  # close() started during this call: take back what is still queued
             back = sum(pipeline.withdraw(r) for r in queued)
             if back:
@@ -346,7 +355,10 @@ class Logger:
         queued = False
         try:
             pipeline = self._life.admit()
-            queued = pipeline is not None and pipeline.put(item)
+            try:
+                self._life.raise_alarm()
+            finally:
+                queued = pipeline is not None and pipeline.put(item)
             if queued and not self._cap:
                 self._late(item)
         except BaseException:
@@ -364,8 +376,12 @@ class Logger:
 
         ``timeout=None`` means ``Options.timeout_s`` (120 s by default); it must be a finite
         number of seconds >= 0. During a ``close`` in another thread, waits for that close.
+        Raises :class:`~steplog.errors.JournalStoppedError` (once, after flushing) when the
+        journal stopped since the last ``log_*`` call.
         """
-        return self._life.flush(timeout)
+        result = self._life.flush(timeout)
+        self._life.raise_alarm()
+        return result
 
     def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> CloseResult:
         """Deliver what was logged, end every run with ``status`` and stop the worker, within

@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -57,8 +57,9 @@ import msgspec
 
 from steplog.capture import PendingValue
 from steplog.checkpoints import CheckpointPolicy, Snapshot, write_policy
-from steplog.errors import LoggerClosedError, SteplogWarning
-from steplog.journal import Durability, JournalError
+from steplog.errors import JournalStoppedError, LoggerClosedError, SteplogWarning
+from steplog.frames import decode_batch
+from steplog.journal import Durability, Journal, JournalError, JournalFullError
 from steplog.kept import Keeper
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
@@ -77,9 +78,14 @@ __all__ = [
     "UploadRequest",
 ]
 
-FullPolicy = Literal["block", "drop"]
-"""What a ``log_*`` call does when the queue is full: wait for room (up to ``block_timeout_s``,
-then drop and count), or drop at once and count."""
+FullPolicy = Literal["block", "drop", "spill"]
+"""What happens when records arrive faster than a sink takes them. ``block``: when the queue is
+full, a ``log_*`` call waits for room (up to ``block_timeout_s``, then drops and counts).
+``drop``: such a call drops its record at once and counts it. ``spill``: a journaled sink's lane
+that holds ``lane_capacity`` records in memory takes further chunks as references to their
+journal frames, read back when the sink catches up, so the drain thread and the training loop
+never wait for that sink; a sink that is not journaled, or a journal that stopped, falls back
+to ``block``."""
 
 _MAX_LOSSES_KEPT = 100
 _NAME = operator.itemgetter(0)
@@ -94,13 +100,16 @@ class Options:
 
     queue_size: int = 1_000_000
     """Most items (a scalar, a metric dict, a record) waiting for the drain thread."""
-    full_policy: FullPolicy = "block"
+    full_policy: FullPolicy | None = None
+    """See :data:`FullPolicy`; ``None``: ``"spill"`` when the logger journals (a remote sink),
+    else ``"block"``."""
     block_timeout_s: float = 30.0
     """With ``block``: longest a ``log_*`` call waits for room before dropping its record."""
     drain_interval_s: float = 0.05
     """How often the drain thread takes the queue; bounds the timestamp error of scalars."""
     lane_capacity: int = 1_000_000
-    """Most records buffered per sink lane before the drain thread waits (backpressure)."""
+    """Most records held in memory per sink lane; beyond it the drain thread waits for the sink
+    (backpressure), or spills to the journal (``full_policy="spill"``)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_s: float = 120.0
     """Deadline of ``flush()`` and ``close()`` called without a timeout (and of ``with``)."""
@@ -146,8 +155,12 @@ class Options:
         if self.checkpoint_policy not in ("wait", "supersede"):
             raise ValueError(f"checkpoint_policy must be 'wait' or 'supersede', got "
                              f"{self.checkpoint_policy!r}")
-        if self.full_policy not in ("block", "drop"):
-            raise ValueError(f"full_policy must be 'block' or 'drop', got {self.full_policy!r}")
+        if self.full_policy not in (None, "block", "drop", "spill"):
+            raise ValueError(f"full_policy must be None, 'block', 'drop' or 'spill', got "
+                             f"{self.full_policy!r}")
+        if self.full_policy == "spill" and self.journal is False:
+            raise ValueError("full_policy='spill' keeps records in the journal: it needs "
+                             "journal=None or True")
         check_seconds(self.block_timeout_s, "block_timeout_s")
         check_seconds(self.drain_interval_s, "drain_interval_s", allow_zero=False)
         check_seconds(self.timeout_s, "timeout_s")
@@ -165,6 +178,9 @@ class Owner(Protocol):
     def accepting(self) -> bool: ...
 
     def deadline(self) -> float | None: ...
+
+    def alarm(self, error: Exception) -> None:
+        """Raise ``error`` into the training loop, once, from the next call that can."""
 
 
 class MetricsItem(msgspec.Struct, gc=False):
@@ -284,6 +300,41 @@ class _Upload:
         return f"artifact {self._artifact.name!r}"
 
 
+class _Spilled:
+    """A lane part held only in the journal: the frame ``seq`` of ``count`` records (a whole
+    drained chunk), read back when the lane reaches it."""
+
+    __slots__ = ("count", "seq", "timestamp")
+
+    def __init__(self, seq: int, count: int, timestamp: int) -> None:
+        self.seq = seq
+        self.count = count
+        self.timestamp = timestamp
+
+
+class _FrameReader:
+    """Reads one lane's spilled frames back from the journal, in increasing seq order, with one
+    pass over the segments (a new pass only when the lane reaches frames appended since)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._frames: Iterator[tuple[int, bytes]] | None = None
+
+    def read(self, seq: int) -> Batch:
+        """The batch of frame ``seq``; ``LookupError`` when the journal no longer holds it."""
+        for attempt in range(2):
+            if self._frames is None or attempt:
+                self._frames = self._journal.read(after=seq - 1)
+            for got, payload in self._frames:
+                if got == seq:
+                    return decode_batch(payload)
+                if got > seq:
+                    break
+            self._frames = None
+        raise LookupError(f"frame {seq} is missing from the journal {self._journal.directory} "
+                          "(damaged or removed)")
+
+
 def _describe(record: object) -> str:
     if isinstance(record, Scalar):
         return f"scalar {record.name!r} step {record.step}"
@@ -300,6 +351,8 @@ def _describe(record: object) -> str:
         return f"scalar {name!r} step {step}"
     if isinstance(record, UploadRequest):
         return f"artifact {record.artifact.name!r}"
+    if isinstance(record, _Spilled):
+        return f"{record.count} records of journal frame {record.seq}"
     return repr(record)
 
 
@@ -308,7 +361,9 @@ class _Lane:
 
     The buffer holds parts: :class:`Scalars` blocks and single records on the metrics lane,
     :class:`_Upload` jobs on the upload lane. Every count (capacity, batch size, barrier
-    positions) is in records; a block is cut where a batch or a barrier ends.
+    positions) is in records; a block is cut where a batch or a barrier ends. With spilling, a
+    metrics lane over capacity takes :class:`_Spilled` journal references instead of parts; a
+    batch ends before one, and the lane reads its frame back when it reaches it.
     ``deliver(parts)`` stores one batch and returns how many of its records were not stored
     (rejected or failed, already counted by the runner).
     """
@@ -334,6 +389,11 @@ class _Lane:
         self.buffer: collections.deque[Any] = collections.deque()
         self.buffered = 0
         """Records in the buffer."""
+        self.resident = 0
+        """Records in the buffer held in memory (the others are spilled to the journal)."""
+        self._spills: collections.deque[int] = collections.deque()
+        """Where each spilled part starts (a count of records submitted before it)."""
+        self._reader: _FrameReader | None = None
         self._offset = 0
         """Rows of the first buffered block already taken by a batch (a block is cut without
         copying what is left of it)."""
@@ -352,12 +412,16 @@ class _Lane:
         )
 
     # -- drain-thread side ---------------------------------------------------------------
-    def put(self, parts: Sequence[Any], count: int, timestamp_ms: int) -> bool:
-        """Append ``parts`` (``count`` records); wait while the lane is over capacity. False
-        (nothing taken) when the close deadline passed while waiting, or the lane was stopped."""
+    def put(self, parts: Sequence[Any], count: int, timestamp_ms: int,
+            spill: tuple[Journal, int] | None = None) -> bool:
+        """Append ``parts`` (``count`` records); wait while the lane is over capacity, unless
+        ``spill`` (the journal and the seq of the frame holding them) is given: then a lane
+        over capacity takes a reference to the frame instead. False (nothing taken) when the
+        close deadline passed while waiting, or the lane was stopped."""
         deadline_passed = self.runner.pipeline.deadline_passed
         with self.cond:
-            while self.buffered >= self.capacity and not self._stopping:
+            spilled = spill is not None and self.resident >= self.capacity
+            while not spilled and self.resident >= self.capacity and not self._stopping:
                 if deadline_passed():
                     return False
                 self.cond.wait(0.05)
@@ -366,11 +430,25 @@ class _Lane:
             if not self.buffered:
                 self.oldest_ms = timestamp_ms
                 self._due = time.monotonic() + self.max_age_s
-            self.buffer.extend(parts)
+            if spilled:
+                assert spill is not None
+                journal, seq = spill
+                if self._reader is None:
+                    self._reader = _FrameReader(journal)
+                self._spills.append(self.submitted)
+                self.buffer.append(_Spilled(seq, count, timestamp_ms))
+            else:
+                self.buffer.extend(parts)
+                self.resident += count
             self.buffered += count
             self.submitted += count
             self.cond.notify_all()
         return True
+
+    @property
+    def spilled(self) -> int:
+        """Records waiting in the lane that are held only in the journal."""
+        return self.buffered - self.resident
 
     def add_barrier(self, barrier: Barrier) -> None:
         with self.cond:
@@ -394,8 +472,9 @@ class _Lane:
         self._thread.start()
 
     # -- lane thread -----------------------------------------------------------------------
-    def _next_batch(self) -> tuple[list[Any], int] | None:
-        """The parts of the next batch and how many records they hold (None: lane stopped)."""
+    def _next_batch(self) -> tuple[list[Any], int] | _Spilled | None:
+        """The parts of the next batch and how many records they hold; the spilled part that
+        must be read back first; None: the lane stopped."""
         with self.cond:
             while True:
                 n = self.buffered
@@ -411,6 +490,10 @@ class _Lane:
                 else:
                     self.cond.wait()
             take = min(n, self.max_batch)
+            if self._spills:
+                if self._spills[0] == self.done:
+                    return self.buffer[0]  # type: ignore[no-any-return]
+                take = min(take, self._spills[0] - self.done)  # a batch ends before it
             if self._barriers:
                 # End the batch at the first barrier, so a flush's outcome counts exactly the
                 # records logged before it.
@@ -418,6 +501,7 @@ class _Lane:
             if self.max_bytes is not None:
                 take = _fitting(self.buffer, self._offset, take, self.max_bytes)
             self.buffered -= take
+            self.resident -= take
             buffer = self.buffer
             offset = self._offset
             if take == n and not offset:
@@ -441,6 +525,34 @@ class _Lane:
             self._offset = offset
             return parts, take
 
+    def _unspill(self, part: _Spilled) -> None:
+        """Put the records of the spilled ``part`` (the first in the buffer) back in memory,
+        read from the journal; if they cannot be read, they are lost (counted, with why)."""
+        assert self._reader is not None
+        try:
+            if self.runner.pipeline.deadline_passed():
+                raise TimeoutError("the close deadline passed first")
+            batch = self._reader.read(part.seq)
+            if len(batch) != part.count:
+                raise LookupError(f"frame {part.seq} holds {len(batch)} records, not "
+                                  f"{part.count}")
+            parts = batch.parts
+        except Exception as exc:
+            with self.cond:
+                self.buffer.popleft()
+                self._spills.popleft()
+                self.buffered -= part.count
+            why = str(exc) if isinstance(exc, TimeoutError) else f"could not read them back: {exc}"
+            self.runner.count_loss("failed", [part], why)
+            self.runner.journal_progress(part.count, failed=True)
+            self._acknowledge(part.count, part.count)
+            return
+        with self.cond:
+            self.buffer.popleft()
+            self._spills.popleft()
+            self.buffer.extendleft(reversed(parts))
+            self.resident += part.count
+
     def _acknowledge(self, n: int, lost: int) -> None:
         with self.cond:
             self.done += n
@@ -463,7 +575,10 @@ class _Lane:
                 taken = self._next_batch()
                 if taken is None:
                     return
-                parts, count = taken
+                if type(taken) is _Spilled:
+                    self._unspill(taken)
+                    continue
+                parts, count = taken  # type: ignore[misc]
                 lost = count
                 delivered = False
                 try:
@@ -495,7 +610,7 @@ _RECORD_OVERHEAD_BYTES = 48
 
 def _part_size(part: Any) -> int:
     """Records in a lane part: a block's rows, else one."""
-    return len(part.rows) if type(part) is Scalars else 1
+    return len(part.rows) if type(part) is Scalars else 1  # never a _Spilled: read back first
 
 
 def _approx_size(record: Any) -> int:
@@ -792,6 +907,16 @@ class Pipeline:
                     warnings.warn(f"steplog: cannot journal in {self.keeper.run_dir} ({exc}); "
                                   "records are delivered, but not kept on disk for steplog "
                                   "sync", SteplogWarning, stacklevel=4)
+        policy = options.full_policy
+        if policy is None:
+            policy = "spill" if self.run_journal is not None else "block"
+        elif policy == "spill" and not wanted:
+            raise ValueError("full_policy='spill' keeps records in the journal, and this logger "
+                             "has no sink that is journaled (MLflow, ClearML) or journal=False")
+        self.full_policy: FullPolicy = policy
+        self._spilling = [policy == "spill" and self.run_journal is not None
+                          and self.run_journal.journals(r.label) for r in self.runners]
+        """Per runner: whether its metrics lane spills (a sink the journal keeps frames for)."""
         self._drainer = threading.Thread(target=self._drain_loop, name="steplog-drain", daemon=True)
         self._drainer.start()
         for r in self.runners:
@@ -810,7 +935,7 @@ class Pipeline:
         if len(q) < self.capacity:
             q.append(item)
             return True
-        if self.options.full_policy == "block":
+        if self.full_policy != "drop":
             end = time.monotonic() + self.options.block_timeout_s
             with self._space:
                 while len(q) >= self.capacity:
@@ -831,10 +956,10 @@ class Pipeline:
         with self._space:
             self._dropped += n
         self.note_loss(Loss("queue", "dropped", n, _describe(item),
-                            f"queue full (policy {self.options.full_policy!r})"))
+                            f"queue full (policy {self.full_policy!r})"))
         self.runners[0].warn(
             "dropped",
-            f"steplog queue full ({self.capacity} items, policy {self.options.full_policy!r}): "
+            f"steplog queue full ({self.capacity} items, policy {self.full_policy!r}): "
             "records are being dropped; see stats().dropped",
         )
         return False
@@ -1037,13 +1162,14 @@ class Pipeline:
 
     def _dispatch(self, parts: list[Any], count: int, ts: int) -> None:
         journal = self.run_journal
+        spill: tuple[Journal, int] | None = None
         if journal is not None:
             try:
-                journal.append(parts, count)
+                spill = (journal.journal, journal.append(parts, count))
             except (OSError, JournalError) as exc:  # a full disk: delivery goes on without it
                 self._journal_failed(exc)
-        for r in self.runners:
-            if not r.metrics.put(parts, count, ts):
+        for r, spills in zip(self.runners, self._spilling, strict=True):
+            if not r.metrics.put(parts, count, ts, spill if spills else None):
                 self._lost_early += count
                 r.count_loss("failed", parts, "the logger closed before delivery")
 
@@ -1056,15 +1182,25 @@ class Pipeline:
                 self._journal_failed(exc)
 
     def _journal_failed(self, exc: Exception) -> None:
+        """Stop journaling (the journal keeps what it holds, whole, and spilled frames are
+        still read back) and tell the training loop once (:class:`JournalStoppedError`)."""
         journal, self.run_journal = self.run_journal, None
         if journal is None:
             return
         self._stopped_journal = journal
-        self.journal_error = f"the journal in {journal.run_dir} stopped: {exc!r}"
+        self.journal_error = f"the journal in {journal.run_dir} stopped: {exc}"
         self.runners[0].warn("journal", f"steplog: {self.journal_error}; records are still "
                              "delivered, but no longer kept on disk for steplog sync")
+        if isinstance(exc, JournalFullError) and exc.__cause__ is None:  # the budget
+            fix = "raise Options.journal_max_bytes or let the sink catch up"
+        else:
+            fix = f"free space where {journal.run_dir} is"
         with contextlib.suppress(Exception):
-            journal.journal.close()
+            self.owner.alarm(JournalStoppedError(
+                f"steplog: {self.journal_error}. Logging goes on and records are still "
+                f"delivered, from memory only: a crash or kill now loses what has not arrived "
+                f"yet, and a stalled sink makes log calls wait ({fix}; a new logger journals "
+                "again)"))
 
     def journal_checkpoint(self) -> None:
         """Write each sink's journal cursor now (after a flush)."""
@@ -1115,9 +1251,13 @@ class Pipeline:
                 except Exception as exc:
                     self.journal_kept = True
                     self.journal_error = f"closing the journal failed: {exc!r}"
-            elif self._stopped_journal is not None and self.stats().undelivered == 0:
-                # Everything arrived: what the stopped journal holds is not needed.
-                self._stopped_journal.discard()
+            elif self._stopped_journal is not None:
+                if self.stats().undelivered == 0:
+                    # Everything arrived: what the stopped journal holds is not needed.
+                    self._stopped_journal.discard()
+                else:
+                    with contextlib.suppress(Exception):
+                        self._stopped_journal.journal.close()
 
     # -- counters --------------------------------------------------------------------------
     def note_loss(self, loss: Loss) -> None:
@@ -1166,7 +1306,8 @@ class Pipeline:
         for r in self.runners:
             pending = r.metrics.pending + r.uploads.pending
             with r._count_lock:
-                sinks[r.label] = msgspec.structs.replace(r.stats, pending=pending)
+                sinks[r.label] = msgspec.structs.replace(r.stats, pending=pending,
+                                                         spilled=r.metrics.spilled)
             for lane in r.lanes:
                 if lane.pending and (oldest is None or lane.oldest_ms < oldest):
                     oldest = lane.oldest_ms
@@ -1187,6 +1328,7 @@ class Pipeline:
             queue_depth=depth,
             lag_s=lag,
             sinks=sinks,
+            spilled=max(s.spilled for s in per_sink),
         )
 
 
@@ -1214,6 +1356,8 @@ def _record_count(item: Any) -> int:
         return len(item.rows)
     if type(item) is Barrier:
         return 0
+    if type(item) is _Spilled:
+        return item.count
     return 1
 
 

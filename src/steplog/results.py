@@ -38,6 +38,8 @@ class SinkStats(msgspec.Struct):
     failed: int = 0
     retried: int = 0
     pending: int = 0
+    spilled: int = 0
+    """Of the pending records, those held only in the journal now (``full_policy="spill"``)."""
 
 
 class Stats(msgspec.Struct):
@@ -63,6 +65,9 @@ class Stats(msgspec.Struct):
     superseded: int = 0
     """Checkpoint snapshots dropped by the ``"supersede"`` checkpoint policy (each also
     counted as rejected by every sink, with the reason)."""
+    spilled: int = 0
+    """Records waiting for a sink that are held only in the journal now, not in memory (the
+    largest per-sink count; ``full_policy="spill"``)."""
 
     @property
     def undelivered(self) -> int:

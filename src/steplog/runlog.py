@@ -101,8 +101,13 @@ class RunJournal:
 
     # -- the drain thread --------------------------------------------------------------------
 
-    def append(self, parts: list[Part], count: int) -> None:
-        """Journal one chunk of ``count`` metric records (before the lanes get it)."""
+    def journals(self, label: str) -> bool:
+        """True when the journal keeps frames for the sink ``label`` until it acknowledges
+        them (a replayable sink)."""
+        return label in self._sinks
+
+    def append(self, parts: list[Part], count: int) -> int:
+        """Journal one chunk of ``count`` metric records (before the lanes get it); its seq."""
         try:
             payload = encode_batch(Batch(parts))
         except (OverflowError, TypeError, ValueError):
@@ -115,6 +120,7 @@ class RunJournal:
             self._appended += count
             self._seqs.append(seq)
             self._ends.append(self._appended)
+        return seq
 
     def sync(self) -> None:
         """Everything journaled so far is on disk (a flush barrier passed the drain thread)."""

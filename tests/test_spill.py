@@ -1,0 +1,203 @@
+"""The ``spill`` queue-full policy and a journal that stops: the training loop never waits for
+a stalled journaled sink, memory stays bounded, and a full disk is one clear error."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fault_proxy import FaultProxy
+from fs_faults import small_fs  # noqa: F401 - a fixture
+from mlflow_support import MlflowServer
+from sinks_for_tests import JournaledListSink, ListSink
+from steplog import (
+    FileLogger,
+    JournalStoppedError,
+    Logger,
+    MLFlowLogger,
+    Options,
+    RetryPolicy,
+    SteplogWarning,
+)
+from steplog.journal import Journal
+from steplog.records import Scalar
+
+MB = 1024 * 1024
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def scalars(sink: ListSink) -> list[tuple[str, float, int]]:
+    return [(r.name, r.value, r.step) for r in sink.records if isinstance(r, Scalar)]
+
+
+def test_a_logger_with_a_journaled_sink_spills_by_default_and_others_block(tmp_path: Path) -> None:
+    journaled = Logger(sinks=[JournaledListSink()], options=Options(runs_dir=str(tmp_path)))
+    plain = Logger(sinks=[ListSink()])
+    try:
+        assert journaled._life.pipeline is not None and plain._life.pipeline is not None
+        assert journaled._life.pipeline.full_policy == "spill"
+        assert plain._life.pipeline.full_policy == "block"
+    finally:
+        assert journaled.close(10) and plain.close(10)
+
+
+def test_spill_without_a_journal_is_refused_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="spill"):
+        Options(full_policy="spill", journal=False)
+    with pytest.raises(ValueError, match="no sink that is journaled"):
+        FileLogger(str(tmp_path / "f"), options=Options(full_policy="spill"))
+
+
+def test_a_million_scalars_to_a_stalled_sink_keep_memory_bounded_and_all_arrive(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    sink = JournaledListSink(release=gate)
+    capacity, queue = 20_000, 100_000
+    logger = Logger(sinks=[sink], options=Options(
+        runs_dir=str(tmp_path), lane_capacity=capacity, queue_size=queue))
+    base = rss_bytes()
+    grew = resident = spilled = 0
+    for i in range(1_000_000):
+        logger.log_scalar(f"m{i % 10}", float(i), i // 10)
+        if i % 20_000 == 0:
+            s = logger.stats()
+            resident = max(resident, s.sinks["journaled"].pending - s.sinks["journaled"].spilled)
+            spilled = max(spilled, s.spilled)
+            grew = max(grew, rss_bytes() - base)
+    stats = logger.stats()
+    assert stats.dropped == 0
+    assert resident <= capacity + queue  # a lane holds at most one chunk beyond its bound
+    assert spilled > 500_000
+    # Held in memory, a million (name, value, step) rows take about 120 MB.
+    assert grew < 70 * MB
+    gate.set()
+    assert logger.flush(120)
+    assert logger.stats().spilled == 0
+    assert logger.close(30)
+    assert scalars(sink) == [(f"m{i % 10}", float(i), i // 10) for i in range(1_000_000)]
+
+
+def test_records_spilled_during_an_outage_reach_mlflow_in_order_when_it_returns(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.mode = "503"
+        logger = MLFlowLogger("spill-outage", tracking_uri=f"http://127.0.0.1:{proxy.port}",
+                              options=Options(runs_dir=str(tmp_path), lane_capacity=2_000,
+                                              retry=RetryPolicy(initial_s=0.05, max_s=0.2,
+                                                                jitter_s=0.0)))
+        pause = threading.Event()
+        with pytest.warns(SteplogWarning, match="503"):
+            for i in range(30_000):
+                logger.log_metrics({"a": float(i), "b": -float(i)}, i)
+                if i % 1000 == 999:
+                    pause.wait(0.06)  # chunks of their own, beyond the lane's bound
+            assert logger.flush(0.5).ok is False  # the server is still away
+        assert logger.stats().spilled > 50_000
+        proxy.mode = "pass"
+        assert logger.flush(120)
+        assert logger.close(30)
+    run_id = logger.run_id or ""
+    for key, sign in (("a", 1.0), ("b", -1.0)):
+        history = mlflow_server.metric_history(run_id, key)
+        assert sorted((m["step"], m["value"]) for m in history) == [
+            (i, sign * i) for i in range(30_000)]
+    assert not any(tmp_path.rglob("journal"))  # everything arrived: the journal is gone
+
+
+def test_a_spilled_frame_that_cannot_be_read_back_is_counted_failed_and_the_rest_arrives(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    sink = JournaledListSink(release=gate)
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(tmp_path), lane_capacity=10,
+                                                  drain_interval_s=0.01))
+    for i in range(10):  # taken by the sink's first write, which waits for the gate
+        logger.log_scalar("x", float(i), i)
+    assert wait_until(lambda: sink.attempts == 1)
+    for i in range(10, 20):  # fill the lane
+        logger.log_scalar("x", float(i), i)
+    assert wait_until(lambda: logger.stats().sinks["journaled"].pending == 20)
+    logger.log_scalar("x", 20.0, 20)  # a chunk of its own, spilled
+    assert wait_until(lambda: logger.stats().spilled == 1)
+    for segment in tmp_path.rglob("*.seg"):  # damage the last frame's payload on disk
+        data = bytearray(segment.read_bytes())
+        data[-3:] = b"\xff\xff\xff"
+        segment.write_bytes(bytes(data))
+    logger.log_scalar("x", 21.0, 21)  # spilled too, and whole
+    assert wait_until(lambda: logger.stats().spilled == 2)
+    gate.set()
+    with pytest.warns(SteplogWarning, match="could not read them back"):
+        result = logger.close(30)
+    assert not result
+    assert result.failed == 1
+    assert [s[2] for s in scalars(sink)] == [*range(20), 21]
+
+
+def test_a_full_disk_raises_journal_stopped_error_once_and_every_record_still_arrives(
+    small_fs: Path,  # noqa: F811 - the fixture
+) -> None:
+    sink = JournaledListSink()
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(small_fs),
+                                                  drain_interval_s=0.005))
+    raised: list[JournalStoppedError] = []
+    pause = threading.Event()
+    with pytest.warns(SteplogWarning, match="journal .* stopped"):
+        for i in range(200_000):
+            try:
+                logger.log_scalar(f"a-long-metric-name-{i % 7}", float(i), i)
+            except JournalStoppedError as exc:
+                raised.append(exc)
+            if i % 1000 == 999:
+                pause.wait(0.002)  # let the drain thread journal a chunk
+        assert logger.flush(60)
+    assert len(raised) == 1
+    message = str(raised[0])
+    assert "file system is full" in message and "free space" in message
+    assert logger.close(30)
+    assert len(scalars(sink)) == 200_000  # the call that raised logged its record too
+    # What the journal holds is whole: it opens and reads without a warning.
+    for journal_dir in small_fs.rglob("journal"):
+        with Journal.open(journal_dir) as journal:
+            assert sum(1 for _ in journal.read()) > 0
+
+
+def test_records_spilled_before_the_disk_filled_are_still_delivered_from_the_journal(
+    small_fs: Path,  # noqa: F811 - the fixture
+) -> None:
+    gate = threading.Event()
+    sink = JournaledListSink(release=gate)
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(small_fs), lane_capacity=500,
+                                                  drain_interval_s=0.005))
+    logged = 0
+    with pytest.warns(SteplogWarning, match="journal .* stopped"):
+        with pytest.raises(JournalStoppedError, match="file system is full"):
+            for _ in range(1000):  # the 64 KiB file system fills long before
+                for _ in range(100):
+                    logger.log_scalar("loss", float(logged), logged)
+                    logged += 1
+                assert wait_until(lambda: not logger._life.pipeline.queue)  # type: ignore[union-attr]
+        logged += 1  # the call that raised logged its record
+        assert logger.stats().spilled > 0
+        gate.set()
+        assert logger.flush(60)
+    assert logger.close(30)
+    assert [s[2] for s in scalars(sink)] == list(range(logged))
