@@ -1,11 +1,42 @@
-"""Reading back a ClearML offline session, as ClearML's own importer would."""
+"""Reading back a ClearML offline session, as ClearML's own importer would; a gateway that
+answers every request with 502 (a fault, never a ClearML backend)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class _BadGateway(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(502)
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def bad_gateway() -> Iterator[str]:
+    """The URL of an HTTP server on loopback that answers every request with 502."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 @dataclass

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 pytest.importorskip("clearml")
 torch = pytest.importorskip("torch")
 
-from clearml_support import OfflineSession  # noqa: E402
+from clearml_support import OfflineSession, bad_gateway  # noqa: E402
 from mlflow_support import free_port  # noqa: E402
 from steplog import (  # noqa: E402
     ClearMLLogger,
@@ -470,29 +469,10 @@ def test_a_server_that_accepts_but_never_answers_does_not_hang_construction(
 def test_a_server_answering_502_records_offline_instead_of_retrying_for_minutes(
     tmp_path: Path,
 ) -> None:
-    import http.server
-
-    class BadGateway(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(502)
-            self.end_headers()
-
-        def do_POST(self) -> None:
-            self.do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BadGateway)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        env = child_env(tmp_path, CLEARML_API_HOST=f"http://127.0.0.1:{proxy.server_port}",
+    with bad_gateway() as url:
+        env = child_env(tmp_path, CLEARML_API_HOST=url,
                         CLEARML_API_ACCESS_KEY="k", CLEARML_API_SECRET_KEY="s")
         proc = run_child(UNREACHABLE_RUN, env)
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert proc.returncode == 0, proc.stderr
     got = parse_unreachable(proc.stdout)
     assert float(got["BUILT"].split(" ", 1)[0]) < 15, got

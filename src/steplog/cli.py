@@ -121,12 +121,10 @@ def _show_journal(run: Path) -> int:
         print(f"run {run}: closed with {manifest.get('status') or 'no close (killed?)'}; "
               f"journal: {summary.frames} frames, {summary.bytes:,} bytes")
         for consumer, info in manifest.get("sinks", {}).items():
-            target = info.get("target") or {}
-            where = target.get("tracking_uri") or target.get("output_dir") or "?"
-            run_id = target.get("run_id") or "not created yet"
+            where, run_name = _destination(info.get("target") or {})
             lacking = sum(len(decode_batch(payload)) for _, payload in journal.pending(consumer))
             cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
-            print(f"  {consumer}: {where} run {run_id}: stored up to frame {cursor}; "
+            print(f"  {consumer}: {where} {run_name}: stored up to frame {cursor}; "
                   f"lacks {lacking} records")
     kept = list(find_kept(run))
     if kept:
@@ -135,6 +133,15 @@ def _show_journal(run: Path) -> int:
     if kept or any(c.pending for c in summary.consumers.values()):
         print(f"deliver what is missing with: steplog sync {run}")
     return 0
+
+
+def _destination(target: dict[str, Any]) -> tuple[str, str]:
+    """Where a journaled sink writes (a server, a directory) and its run, for ``show``."""
+    if "task_id" in target:  # ClearML
+        return (target.get("api_host") or "?",
+                f"task {target.get('task_id') or 'not created yet'}")
+    return (target.get("tracking_uri") or target.get("output_dir") or "?",
+            f"run {target.get('run_id') or 'not created yet'}")
 
 
 def _sync(args: argparse.Namespace) -> int:

@@ -528,6 +528,10 @@ class ClearMLLogger(Logger):
     answer within ``connect_timeout_s`` makes the run an offline session, and the close result
     is falsy with the command that uploads it. ``tags`` are Task tags; ``task_init_kwargs``
     override steplog's ``Task.init`` arguments (see :mod:`steplog.sinks.clearml`).
+
+    A run on a ClearML server journals its metric records (:attr:`run_dir`) and
+    ``steplog sync`` sends what the server did not store into the same Task; an offline session
+    is not journaled (its files are the record).
     """
 
     def __init__(

@@ -117,7 +117,7 @@ class Options:
     """Deadline of the close that runs at interpreter exit when the user did not close."""
     journal: bool | None = None
     """Journal metric records in the run directory for ``steplog sync`` (``None``: when a
-    sink is remote, i.e. MLflow)."""
+    sink is remote, i.e. MLflow or an online ClearML Task)."""
     journal_durability: Durability = "flush"
     """When journal frames reach the disk: ``"none"`` (the OS writes them back: a killed
     process loses nothing, a power cut may), ``"flush"`` (also at every ``flush()`` and at

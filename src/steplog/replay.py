@@ -1,7 +1,8 @@
 """``steplog sync`` of journals: deliver what a run's journal holds and a sink never stored.
 
 For each sink named in ``<run>/run.json``, the sink is rebuilt for the same run
-(:meth:`Sink.reattach`; a run whose creation never succeeded is found by its token or created),
+(:meth:`Sink.reattach`; an MLflow run whose creation never succeeded is found by its token or
+created; a ClearML Task always exists, its logger created it when it was built),
 and every frame after that sink's cursor is decoded and written, in order, the cursor advancing
 frame by frame. A refused record is isolated by splitting the frame (the rest is stored); a
 failure that retrying does not cure within ``timeout_s``, or a refusal of the request as a whole

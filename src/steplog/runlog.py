@@ -1,15 +1,16 @@
 """The journal of one logger's metric records, and how far each sink got through it.
 
-A logger with a remote sink (MLflow) writes every drained chunk of metric records (scalars,
-params, tags) to a :class:`~steplog.journal.Journal` in its run directory,
-``<runs_dir>/<run>/journal/``, before the chunk reaches the sinks' lanes: one frame per chunk,
-encoded once (:mod:`steplog.frames`). ``<runs_dir>/<run>/run.json`` names each sink and its
-destination (:meth:`Sink.target`, without credentials). Each sink's cursor advances over the
-frames whose records that sink stored or refused for good; a record that failed after its
-retries stops that sink's cursor before its frame, so ``steplog sync`` sends it again (stores
-are idempotent: MLflow keeps identical rows once). Cursors are written at most once a second,
-at every flush and at close; segments (64 MiB) every sink acknowledged whole are then removed,
-so a long run's journal stays about one segment when its sinks keep up.
+A logger with a remote sink (MLflow, an online ClearML Task) writes every drained chunk of
+metric records (scalars, params, tags) to a :class:`~steplog.journal.Journal` in its run
+directory, ``<runs_dir>/<run>/journal/``, before the chunk reaches the sinks' lanes: one frame
+per chunk, encoded once (:mod:`steplog.frames`). ``<runs_dir>/<run>/run.json`` names each sink
+and its destination (:meth:`Sink.target`, without credentials). Each sink's cursor advances
+over the frames whose records that sink stored or refused for good; a record that failed after
+its retries stops that sink's cursor before its frame, so ``steplog sync`` sends it again
+(stores are idempotent: MLflow keeps identical rows once, ClearML one event per task,
+iteration, title and series). Cursors are written at most once a second, at every flush and at
+close; segments (64 MiB) every sink acknowledged whole are then removed, so a long run's
+journal stays about one segment when its sinks keep up.
 
 When every sink acknowledged every frame at close, the journal and ``run.json`` are removed
 (and the run directory, when nothing else is kept there); otherwise they stay for

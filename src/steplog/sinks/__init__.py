@@ -16,4 +16,8 @@ def reattach(kind: str, target: dict[str, Any]) -> Sink:
         from steplog.sinks.mlflow import MLflowSink
 
         return MLflowSink.reattach(target)
+    if kind == "clearml":
+        from steplog.sinks.clearml import ClearMLSink
+
+        return ClearMLSink.reattach(target)
     raise ValueError(f"no {kind!r} sink can upload into an earlier run")

@@ -30,9 +30,9 @@ class Sink(abc.ABC):
     kind: ClassVar[str] = "sink"
     """Short backend name used in stats, warnings and ``Logger.create``."""
 
-    remote: ClassVar[bool] = False
-    """True for a backend reached over a network (its logger journals records by default)."""
-
+    remote: bool = False
+    """True for a backend reached over a network (its logger journals records by default); a
+    sink may decide per instance (a ClearML sink recording an offline session is local)."""
 
     max_batch: int = 10_000
     """Most records the pipeline passes to one :meth:`write`."""

@@ -22,6 +22,14 @@ when the logger closes, after its last record.
 
 Values: ClearML cannot store NaN or infinity; like ClearML's own ``report_scalar``, they are
 stored as 0.0 (counted in :attr:`ClearMLSink.nonfinite`, with one warning).
+
+The journal and ``steplog sync``: an online Task is remote and replayable, so its logger journals
+metric records and ``steplog sync`` sends what the server did not store into the same Task
+(:meth:`ClearMLSink.reattach`). The ClearML server stores a scalar event under an id derived
+from (task, iteration, title, series) and overwrites it when the same point comes again, and
+parameters and user properties are set to a value, so a replay stores nothing twice. An offline
+session is not journaled: the sink appends each batch to the session's files on the worker as
+it goes, so they are themselves the record, and ``Task.import_offline_session`` uploads them.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import msgspec
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.paths import link_or_copy, safe_relpath
 from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag
+from steplog.retry import is_retryable
 from steplog.sinks.base import RunStatus, Sink
 
 __all__ = ["ClearMLSink", "split_name"]
@@ -56,6 +65,11 @@ _NO_FRAMEWORKS = (
 )
 _NONFINITE_MARK = b'"value":null'
 _TRUE = ("1", "true", "yes", "on")
+_SYNC_RETRIES = {"total": 2, "connect": 2, "read": 2, "redirect": 2, "status": 2,
+                 "backoff_factor": 0.5}
+"""HTTP retries of a reattached sink's session (ClearML's default retries for hours): the sync
+retries on its own, until its deadline."""
+_RUNNING = ("created", "in_progress")
 
 CONFIG_HELP = (
     "ClearML is not configured on this machine. Fix it in one of three ways: run `clearml-init` "
@@ -132,8 +146,15 @@ class ClearMLSink(Sink):
         self.output_uri = output_uri
         self.connect_timeout_s = connect_timeout_s
         self.task_init_kwargs = dict(task_init_kwargs or {})
+        self.remote = not self.offline
         self.task: Any = None
         """The ``clearml.Task`` (set by :meth:`prepare`)."""
+        self.api_host: str | None = None
+        """The API server of an online Task, without credentials (set by :meth:`prepare`)."""
+        self._task_id: str | None = None
+        """The Task a reattached sink writes into (``steplog sync``); ``None`` for a logger's."""
+        self._session: Any = None
+        """A reattached sink's own ClearML API session (set by :meth:`open`)."""
         self.unreachable: str | None = None
         """Why the server could not be reached at start (the run was then recorded offline)."""
         self.nonfinite = 0
@@ -155,6 +176,8 @@ class ClearMLSink(Sink):
         return str(self.task.get_offline_mode_folder())
 
     def describe(self) -> str:
+        if self._task_id is not None:
+            return f"clearml task {self._task_id} on {self.api_host}"
         if self.task is None:
             return f"clearml project {self.project_name!r} task {self.task_name!r}"
         if self.offline:
@@ -167,8 +190,9 @@ class ClearMLSink(Sink):
         """Create the Task (on the caller's thread). Raises ``ImportError`` without clearml and
         ``ValueError`` naming the fixes when ClearML is not configured; a server that does not
         answer within ``connect_timeout_s`` makes the run an offline session (with a warning),
-        and the close result then says it still has to be uploaded."""
-        if self.task is not None:
+        and the close result then says it still has to be uploaded. A reattached sink (see
+        :meth:`reattach`) creates nothing."""
+        if self.task is not None or self._task_id is not None:
             return
         try:
             from clearml import Task
@@ -180,7 +204,8 @@ class ClearMLSink(Sink):
             problem = _configuration_problem()
             if problem is not None:
                 raise ValueError(problem)
-            self.unreachable = _unreachable(_api_host(), self.connect_timeout_s)
+            host = _api_host()
+            self.unreachable = _unreachable(host, self.connect_timeout_s)
             if self.unreachable is not None:
                 warnings.warn(
                     f"{self.unreachable}; recording the run as a ClearML offline session "
@@ -189,6 +214,9 @@ class ClearMLSink(Sink):
                     stacklevel=4,
                 )
                 self.offline = True
+                self.remote = False  # the offline session is the record: nothing to journal
+            else:
+                self.api_host = _without_userinfo(host)
         running: Any = Task.current_task()
         if running is not None:
             # Task.init would hand back that Task (same names) or refuse (other names); either
@@ -245,9 +273,87 @@ class ClearMLSink(Sink):
                 folder / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
             )
 
+    # -- the journal and steplog sync -----------------------------------------------------
+
+    def replayable(self) -> bool:
+        """True online: the server keeps one event per (task, iteration, title, series) and
+        overwrites it when it comes again; parameters and properties are set to a value. An
+        offline session is not replayed (its files are the record; see the module docstring)."""
+        return not self.offline
+
+    def target(self) -> dict[str, Any] | None:
+        """The online Task: its API server, project, name and id (no credentials); ``None`` for
+        an offline session."""
+        if self.offline:
+            return None
+        return {
+            "api_host": self.api_host,
+            "project_name": self.project_name,
+            "task_name": self.task_name,
+            "task_id": self.task.id if self.task is not None else self._task_id,
+            "connect_timeout_s": self.connect_timeout_s,
+        }
+
+    @classmethod
+    def reattach(cls, target: dict[str, Any]) -> ClearMLSink:
+        """Writes into the Task ``target`` names through a ClearML API session of its own,
+        opened by :meth:`open`: no ``Task.init``, no new Task, none of ClearML's hooks. The
+        server comes from ``target``, the credentials from this machine (``clearml.conf`` or
+        ``CLEARML_API_*``). Raises ``ValueError`` when ``target`` names no Task: a logger creates
+        its Task when it is built, before it journals anything."""
+        task_id, host = target.get("task_id"), target.get("api_host")
+        if not task_id or not host:
+            raise ValueError(f"the journal names no ClearML task to write into ({target!r})")
+        sink = cls(str(target["project_name"]), str(target["task_name"]), offline=False,
+                   connect_timeout_s=float(target.get("connect_timeout_s", 5.0)))
+        sink.api_host = str(host)
+        sink._task_id = str(task_id)
+        return sink
+
+    def open(self) -> None:
+        """A reattached sink connects to its Task's server and finds the Task there (a logger's
+        sink has its Task from :meth:`prepare`). Raises :class:`RetryableError` when the server
+        does not answer within ``connect_timeout_s``, :class:`PermanentError` without
+        credentials or when the server refuses (no such task, no permission)."""
+        if self._task_id is None or self._session is not None:
+            return
+        assert self.api_host is not None
+        session = _session_for(self.api_host, self.connect_timeout_s)
+        _task_info(session, self._task_id)
+        self._session = session
+
+    def release(self) -> None:
+        self._session = None
+
+    def _end(self, status: RunStatus) -> None:
+        """A reattached sink records ``status`` (property ``steplog.status``) and ends the Task
+        with it when the Task still runs (its logger could not end it); a Task that ended keeps
+        the status it has."""
+        session, task_id = self._session, self._task_id
+        from clearml.backend_api.services import tasks as api_tasks
+
+        _set_properties(session, str(task_id), {"steplog.status": status})
+        info = _task_info(session, str(task_id))
+        if getattr(info.status, "value", info.status) not in _RUNNING:
+            return
+        reason = f"the training process ended with {status}"
+        if status == "FINISHED":
+            request: Any = api_tasks.CompletedRequest(task=task_id, force=True)
+        elif status == "FAILED":
+            request = api_tasks.FailedRequest(task=task_id, force=True, status_reason=reason)
+        else:
+            request = api_tasks.StoppedRequest(task=task_id, force=True, status_message=reason)
+        _checked(session.send(request), f"ending task {task_id}")
+
+    # -- life, continued -----------------------------------------------------------------
+
     def close(self, status: RunStatus) -> None:
         """Everything is on disk or on the server, and the Task is closed with ``status``
         (offline: the session is zipped). Safe to call again after a failure."""
+        if self._task_id is not None:
+            if self._session is not None:
+                self._end(status)
+            return
         task = self.task
         if task is None or self._closed:
             return
@@ -284,10 +390,12 @@ class ClearMLSink(Sink):
     def write(self, records: Sequence[MetricRecord]) -> None:
         """Store the batch's scalars as one batch of events, then its parameters and tags."""
         task = self.task
-        if task is None or self._closed:
+        if self._task_id is not None and self._session is None:
+            raise RetryableError("the ClearML task is not open yet")
+        if (task is None and self._session is None) or self._closed:
             raise PermanentError("the ClearML task is closed", whole_batch=True)
         names = self._names
-        task_id = task.id
+        task_id: str = task.id if task is not None else str(self._task_id)
         events: list[_ScalarEvent] = []
         add = events.append
         params: dict[str, Any] = {}
@@ -313,6 +421,14 @@ class ClearMLSink(Sink):
                 props[part.name] = part.value
         if events:
             self._write_events(events)
+        if self._session is not None:
+            # steplog sync: the Task may have ended, and ClearML's Task object edits only a
+            # running one.
+            if params:
+                _force_parameters(self._session, task_id, params)
+            if props:
+                _set_properties(self._session, task_id, props)
+            return
         if params:
             task.update_parameters(params)
         if props:
@@ -365,7 +481,7 @@ class ClearMLSink(Sink):
     def _send_events(self, lines: bytes) -> None:
         from clearml.backend_api.services import events as api_events
 
-        session = self.task.session
+        session = self._session if self._session is not None else self.task.session
         responses = session.send_request_batch(
             service="events", action="add_batch", version=api_events.AddBatchRequest._version,
             data=[lines.decode().rstrip("\n")],
@@ -392,6 +508,11 @@ class ClearMLSink(Sink):
         """A policy becomes an ``OutputModel`` with its weights; anything else a Task artifact
         named ``artifact.name`` (a later one of the same name replaces it, as in ClearML)."""
         task = self.task
+        if self._task_id is not None:
+            raise PermanentError(
+                f"steplog sync does not upload files into an earlier ClearML task (ClearML adds "
+                f"artifacts and models to a running Task only): upload {artifact.name!r} into "
+                f"task {self._task_id} with the ClearML SDK", whole_batch=True)
         if task is None or self._closed:
             raise PermanentError("the ClearML task is closed", whole_batch=True)
         try:
@@ -478,6 +599,109 @@ def _flatten(out: dict[str, Any], key: str, value: Any) -> None:
             _flatten(out, f"{key}/{k}", v)
     else:
         out[key] = value
+
+
+def _param_text(value: Any) -> str:
+    """A parameter value as ``Task.update_parameters`` stores it."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, dict)):
+        with contextlib.suppress(TypeError, ValueError):
+            return json.dumps(value)
+    return str(value)
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part (never written to ``run.json``)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _session_for(host: str, timeout_s: float) -> Any:
+    """A ClearML API session with the server at ``host`` and this machine's credentials; its
+    requests give up after a few tries (the caller retries until its own deadline)."""
+    if _configuration_problem() is not None:
+        raise PermanentError(
+            f"ClearML has no credentials on this machine for the task on {host}: set "
+            "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY, or run clearml-init",
+            whole_batch=True)
+    why = _unreachable(host, timeout_s)
+    if why is not None:
+        raise RetryableError(why)
+    from clearml import Task
+    from clearml.backend_api import Session
+
+    if Task.is_offline():  # CLEARML_OFFLINE_MODE, or an offline logger earlier in this process
+        if Task.current_task() is not None:
+            raise PermanentError("an offline ClearML task runs in this process: sync into a "
+                                 "ClearML server from another process", whole_batch=True)
+        Task.set_offline(False)
+    try:
+        return Session(host=host, http_retries_config=dict(_SYNC_RETRIES))
+    except Exception as exc:
+        if is_retryable(exc):
+            raise
+        raise PermanentError(f"could not log in to the ClearML API server {host}: {exc}",
+                             whole_batch=True) from exc
+
+
+def _checked(res: Any, what: str) -> Any:
+    """The response of a ClearML API call, or the error its answer means: retryable without an
+    answer, for 429 and 5xx; otherwise a refusal of the whole request (no such task, no
+    permission, a published task)."""
+    if res is None:
+        raise RetryableError(f"ClearML {what}: no answer")
+    code = res.meta.result_code
+    if code == 200:
+        return res.response
+    message = f"ClearML {what} answered {code}: {res.meta.result_msg}"
+    if code == 429 or code >= 500:
+        raise RetryableError(message)
+    raise PermanentError(message, whole_batch=True)
+
+
+def _task_info(session: Any, task_id: str) -> Any:
+    """The Task ``task_id`` as the server holds it (``tasks.get_by_id``)."""
+    from clearml.backend_api.services import tasks as api_tasks
+
+    return _checked(session.send(api_tasks.GetByIdRequest(task=task_id)),
+                    f"tasks.get_by_id {task_id}").task
+
+
+def _force_parameters(session: Any, task_id: str, params: dict[str, Any]) -> None:
+    """Merge ``params`` (``General/name`` keys) into the Task's hyperparameters whatever its
+    status: the ``tasks.edit`` request (``force``) that ``Task.update_parameters`` sends while a
+    Task runs, with the values and types it would write. The server refuses
+    ``tasks.edit_hyper_params`` for a Task that ended, and a sync usually comes after."""
+    from clearml.backend_api.services import tasks as api_tasks
+    from clearml.utilities.proxy_object import get_basic_type
+
+    info = _task_info(session, task_id)
+    hyperparams = {section: dict(items or {})
+                   for section, items in (info.hyperparams or {}).items()}
+    general = hyperparams.setdefault("General", {})
+    for key, value in params.items():
+        name = key.partition("/")[2]
+        old = general.get(name)
+        kind = getattr(old, "type", None) or (None if value is None else get_basic_type(value))
+        general[name] = api_tasks.ParamsItem(section="General", name=name,
+                                             value=_param_text(value), type=kind,
+                                             description=getattr(old, "description", None))
+    _checked(session.send(api_tasks.EditRequest(task=task_id, force=True,
+                                                hyperparams=hyperparams)), "tasks.edit")
+
+
+def _set_properties(session: Any, task_id: str, props: Mapping[str, str]) -> None:
+    """Set user properties of the Task (the server allows this whatever its status)."""
+    from clearml.backend_api.services import tasks as api_tasks
+
+    items = [api_tasks.ParamsItem(section="properties", name=k, value=str(v))
+             for k, v in props.items()]
+    _checked(session.send(api_tasks.EditHyperParamsRequest(
+        task=task_id, hyperparams=items, replace_hyperparams="none")),
+        "tasks.edit_hyper_params")
 
 
 def _refused_events(res: Any) -> str | None:

@@ -52,7 +52,7 @@ class MLflowSink(Sink):
     order, and a failed ``write`` may be retried as a whole without creating duplicates."""
 
     kind: ClassVar[str] = "mlflow"
-    remote: ClassVar[bool] = True
+    remote = True
     max_batch = 1000
 
     def __init__(
