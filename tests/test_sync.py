@@ -291,3 +291,21 @@ def test_journal_options_are_checked() -> None:
         Options(journal_durability="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="journal_max_bytes"):
         Options(journal_max_bytes=0)
+
+
+def test_the_journal_bookkeeping_forgets_frames_every_sink_went_past(tmp_path: Path) -> None:
+    from sinks_for_tests import JournaledListSink
+    from steplog.records import Scalars
+    from steplog.runlog import RunJournal
+
+    journal = RunJournal(tmp_path / "run", [("journaled", JournaledListSink())])
+    try:
+        for i in range(1000):
+            journal.append([Scalars([("x", float(i), i)], 0, True)], 1)
+        journal.progress("journaled", 999, failed=False)
+        time.sleep(1.05)  # progress is written at most once a second
+        journal.progress("journaled", 1, failed=False)
+        assert len(journal._ends) <= 2  # not one entry per frame of the whole run
+        assert journal.journal.cursor("journaled") == 1000
+    finally:
+        journal.finish()

@@ -148,8 +148,19 @@ class RunJournal:
             if p.seq and now - p.acked_at >= _ACK_INTERVAL_S:
                 p.acked_at = now
                 ack = True
+                self._forget_passed()
         if ack:
             self._ack(label)
+
+    def _forget_passed(self) -> None:
+        """Drop the frame ends every sink went past (one entry per frame would otherwise grow
+        for the whole run); the last one at or before the slowest sink stays for its lookup."""
+        moving = [p.processed for p in self._progress.values() if not p.stuck]
+        floor = min(moving) if moving else self._appended
+        k = bisect.bisect_right(self._ends, floor) - 1
+        if k > 0:
+            del self._seqs[:k]
+            del self._ends[:k]
 
     def _ack(self, label: str) -> None:
         seq = self._progress[label].seq
