@@ -201,3 +201,85 @@ def test_records_spilled_before_the_disk_filled_are_still_delivered_from_the_jou
         assert logger.flush(60)
     assert logger.close(30)
     assert [s[2] for s in scalars(sink)] == list(range(logged))
+
+
+def stopped_logger(sink: ListSink, tmp_path: Path, **options: object) -> Logger:
+    """A logger whose journal stopped at its budget: the next ``log_*`` call raises."""
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(tmp_path), journal_max_bytes=600,
+                                                  drain_interval_s=0.005, **options))  # type: ignore[arg-type]
+    with pytest.warns(SteplogWarning, match="journal .* stopped"):
+        for i in range(100):
+            try:
+                logger.log_scalar("x", float(i), i)
+            except JournalStoppedError:
+                pytest.fail("raised before the journal was seen to stop")
+            if wait_until(lambda: logger._life._alarm is not None, 0.02):
+                break
+    assert logger._life._alarm is not None
+    return logger
+
+
+@pytest.mark.parametrize("call", ["log_scalar", "log_metrics", "log_parameters", "save_agent"])
+def test_the_call_that_raises_journal_stopped_error_did_its_work(
+    tmp_path: Path, call: str
+) -> None:
+    import torch
+
+    sink = JournaledListSink()
+    logger = stopped_logger(sink, tmp_path)
+    with pytest.raises(JournalStoppedError, match="journal_max_bytes"):
+        if call == "log_scalar":
+            logger.log_scalar("y", 1.0, 0)
+        elif call == "log_metrics":
+            logger.log_metrics({"y": 1.0}, 0)
+        elif call == "log_parameters":
+            logger.log_parameters({"y": 1})
+        else:
+            logger.save_agent(torch.nn.Linear(2, 2), "agent.pt")
+    logger.log_scalar("z", 2.0, 0)  # raised once: the next call is quiet
+    assert logger.close(30)
+    names = {r.name for r in sink.records}
+    assert ("y" in names) if call != "save_agent" else [a.name for a in sink.uploads]
+    assert "z" in names
+
+
+def test_an_alarm_while_the_training_loop_logs_never_looks_like_a_close(tmp_path: Path) -> None:
+    for round_ in range(30):
+        sink = ListSink()
+        logger = Logger(sinks=[sink])
+        fire = threading.Timer(0.0005 * (round_ % 10),
+                               logger._life.alarm, [JournalStoppedError("test alarm")])
+        fire.start()
+        raised = 0
+        for i in range(3000):
+            try:
+                logger.log_scalar("x", float(i), i)
+            except JournalStoppedError:
+                raised += 1
+        fire.join()
+        result = logger.close(30)
+        assert result, result
+        assert raised <= 1
+        assert [r.step for r in sink.records] == list(range(3000))
+
+
+def test_records_only_in_a_stopped_journal_are_named_by_the_close_result(tmp_path: Path) -> None:
+    gate = threading.Event()
+    sink = JournaledListSink(release=gate)
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(tmp_path), lane_capacity=10,
+                                                  journal_max_bytes=2000,
+                                                  drain_interval_s=0.005))
+    with pytest.warns(SteplogWarning, match="journal .* stopped"):
+        with pytest.raises(JournalStoppedError):
+            for i in range(1000):
+                logger.log_scalar("x", float(i), i)
+                wait_until(lambda: not logger._life.pipeline.queue, 1.0)  # type: ignore[union-attr]
+    assert logger.stats().spilled > 0
+    try:
+        result = logger.close(0.3)
+        assert not result
+        assert result.sync == f"steplog sync {logger.run_dir}"
+        assert logger.run_dir is not None and Path(logger.run_dir, "journal").is_dir()
+    finally:
+        gate.set()
+    assert wait_until(lambda: logger.stats().sinks["journaled"].pending == 0, 30)

@@ -41,9 +41,10 @@ class LoggerClosedError(RuntimeError):
 class JournalStoppedError(RuntimeError):
     """The logger's journal stopped (a full disk, its disk budget, a failed write).
 
-    Raised once into the training loop, by the next ``log_*`` call or ``flush()``; that call
-    did its work first (its record was logged). Later records are still delivered, but only
-    from memory: they are no longer kept on disk for ``steplog sync``."""
+    Raised once into the training loop, by the next ``log_*`` call, after that call did its
+    work (its record was queued, or counted as dropped by the queue-full policy). Later records
+    are still delivered, but only from memory: they are no longer kept on disk for
+    ``steplog sync``."""
 
 
 class SteplogWarning(UserWarning):

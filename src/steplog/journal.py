@@ -147,9 +147,10 @@ def _find_frame(f: BinaryIO, start: int, end: int) -> int | None:
     return None
 
 
-def _segment_frames(path: Path, *, limit: int | None, after: int, report: _Report
-                    ) -> Iterator[tuple[int, int, bytes]]:
-    """(seq, end offset, payload) of every valid frame of one segment with seq > ``after``.
+def _segment_frames(path: Path, *, limit: int | None, after: int, report: _Report,
+                    start: int = 0) -> Iterator[tuple[int, int, bytes]]:
+    """(seq, end offset, payload) of every valid frame of one segment with seq > ``after``,
+    from byte ``start`` (a frame boundary) when it is past the segment header.
 
     Reads at most ``limit`` bytes (what the writer has completed). Damage is passed to
     ``report`` and skipped: a bad segment header (frames are still looked for), a frame header
@@ -185,6 +186,9 @@ def _segment_frames(path: Path, *, limit: int | None, after: int, report: _Repor
                 report(path, 0, f"format version {version}, which this steplog cannot read: "
                                 "segment skipped")
                 return
+        if start > pos:
+            pos = start
+            f.seek(pos)
         prev = 0
         while pos < end:
             if end - pos < FRAME_HEADER_BYTES:
@@ -482,18 +486,32 @@ class Journal:
         In seq order, across segments. Damage (a torn or truncated frame, a failed checksum, a
         truncated segment) is skipped with one :class:`~steplog.errors.SteplogWarning` per
         problem and reading goes on with the next valid frame; it never raises for damage."""
+        return (frame[:2] for frame in self.read_from(after))
+
+    def read_from(self, after: int = 0, position: tuple[int, int] | None = None
+                  ) -> Iterator[tuple[int, bytes, tuple[int, int]]]:
+        """As :meth:`read`, with each frame's position (its segment, the byte after it).
+
+        ``position``: the one yielded with frame ``after`` by an earlier pass; this pass then
+        starts right after that frame instead of at the start of its segment (a reader that
+        follows the journal as it grows reads each byte once)."""
         with self._lock:
             self._check_open()
             segments = list(self._segments)
             active_end = self._active_size
         start = 0
-        for i in range(len(segments) - 1):
-            if segments[i + 1] - 1 <= after:  # every seq this segment may hold is <= after
-                start = i + 1
-        return self._frames(segments[start:], active_end, after)
+        offset = 0
+        if position is not None and position[0] in segments:
+            start = segments.index(position[0])
+            offset = position[1]
+        else:
+            for i in range(len(segments) - 1):
+                if segments[i + 1] - 1 <= after:  # every seq this segment may hold is <= after
+                    start = i + 1
+        return self._frames(segments[start:], active_end, after, offset)
 
-    def _frames(self, segments: list[int], active_end: int, after: int
-                ) -> Iterator[tuple[int, bytes]]:
+    def _frames(self, segments: list[int], active_end: int, after: int, offset: int = 0
+                ) -> Iterator[tuple[int, bytes, tuple[int, int]]]:
         last = len(segments) - 1
         previous = 0  # the last seq yielded
         damaged = False  # a problem was reported since then
@@ -507,7 +525,7 @@ class Journal:
             path = self._path(first)
             limit = active_end if i == last else None
             for seq, end, payload in _segment_frames(path, limit=limit, after=after,
-                                                     report=report):
+                                                     report=report, start=offset):
                 if (previous and seq > previous + 1 and not damaged
                         and previous + 1 >= self._segments[0]):
                     # Frames went missing without a trace, and not by a compact() that ran
@@ -517,7 +535,8 @@ class Journal:
                                  "truncated or removed)")
                 after = previous = seq
                 damaged = False
-                yield seq, payload
+                yield seq, payload, (first, end)
+            offset = 0
 
     def _report(self, path: Path, offset: int, what: str) -> None:
         """Warn about one problem at one place, once in this journal's life."""

@@ -92,6 +92,9 @@ class Lifecycle:
         self._result: CloseResult | None = None
         self.helpers: list[Helper] = []
         self._alarm: Exception | None = None
+        self._gate_lock = threading.RLock()
+        """Shutting or reopening the hot path's gate and what decides it (the state, a waiting
+        alarm) change together."""
         self.pipeline = Pipeline(sinks, options, self) if sinks else None
         if self.pipeline is not None:
             _register(self)
@@ -121,21 +124,24 @@ class Lifecycle:
         )
 
     def alarm(self, error: Exception) -> None:
-        """Raise ``error`` once into the training loop, from its next ``log_*`` call or flush
-        (the first alarm wins; called from the worker)."""
-        if self._alarm is None:
-            self._alarm = error
-            self._set_gate(False)
+        """Raise ``error`` once into the training loop, from its next ``log_*`` call (the first
+        alarm wins; called from the worker). The hot path's gate shuts until then."""
+        with self._gate_lock:
+            if self._alarm is None and self.state is State.OPEN:
+                self._alarm = error
+                self._set_gate(False)
 
     def raise_alarm(self) -> None:
-        """Raise the waiting alarm, if any (once), and reopen the hot path."""
-        error, self._alarm = self._alarm, None
-        if error is None:
+        """Raise the waiting alarm, if any (once), and reopen the hot path while the logger
+        is open."""
+        if self._alarm is None:
             return
-        if self.state is State.OPEN:
-            self._set_gate(True)
-            if self.state is not State.OPEN:  # a close started meanwhile: keep the gate shut
-                self._set_gate(False)
+        with self._gate_lock:
+            error, self._alarm = self._alarm, None
+            if error is None:
+                return
+            if self.state is State.OPEN:
+                self._set_gate(True)
         raise error
 
     def _set_gate(self, open_: bool) -> None:
@@ -220,8 +226,9 @@ class Lifecycle:
     def _stop_accepting(self, state: State) -> None:
         # The hot path's gate first: a call that finds the queue still open, then the state
         # changed, takes its record back (Logger._late) or the closer delivers it.
-        self._set_gate(False)
-        self.state = state
+        with self._gate_lock:
+            self._set_gate(False)
+            self.state = state
 
     def _close_result(self, start: float, timed_out: bool) -> CloseResult:
         p = self.pipeline
@@ -265,6 +272,8 @@ class Lifecycle:
     def after_fork_in_child(self) -> None:
         """The parent's threads do not exist here and its locks may be held: record nothing."""
         self.pipeline = None
+        self._gate_lock = threading.RLock()
+        self._alarm = None
         self._stop_accepting(State.INERT)
 
 

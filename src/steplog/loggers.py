@@ -183,21 +183,23 @@ class Logger:
 
     def _late(self, item: object) -> None:
         """A record appended just after the logger stopped accepting: take it back and raise,
-        unless the worker already took it (then it is delivered like any other)."""
+        unless the worker already took it (then it is delivered like any other). With the logger
+        still open (the gate shut for an alarm), the record was appended before any close
+        changed the state, so it is delivered."""
+        if self._life.accepting:
+            return
         pipeline = self._life.pipeline
         if pipeline is not None and pipeline.withdraw(item):
             raise LoggerClosedError("this logger is closing; the record was not logged")
 
     def _put(self, item: object) -> None:
         """The slow path: a full queue, a logger that no longer accepts records, or an alarm
-        to raise (after the record was queued)."""
+        to raise (after the call did its work)."""
         life = self._life
         pipeline = life.admit()
-        try:
-            life.raise_alarm()
-        finally:
-            if pipeline is not None and pipeline.put(item) and not self._cap:
-                self._late(item)
+        if pipeline is not None and pipeline.put(item) and not self._cap:
+            self._late(item)
+        life.raise_alarm()
 
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
@@ -223,17 +225,16 @@ class Logger:
         pipeline = self._life.admit()
         if pipeline is None:
             return
-        try:
-            self._life.raise_alarm()
-        finally:
-            queued = [r for r in records if pipeline.put(r)]
-        if not self._cap:  # close() started during this call: take back what is still queued
+        queued = [r for r in records if pipeline.put(r)]
+        # close() started during this call: take back what is still queued
+        if not self._cap and not self._life.accepting:
             back = sum(pipeline.withdraw(r) for r in queued)
             if back:
                 raise LoggerClosedError(
                     f"this logger is closing: {back} of the {len(records)} {what} of this call "
                     "were not logged"
                 )
+        self._life.raise_alarm()
 
     def log_artifact(
         self,
@@ -355,10 +356,7 @@ class Logger:
         queued = False
         try:
             pipeline = self._life.admit()
-            try:
-                self._life.raise_alarm()
-            finally:
-                queued = pipeline is not None and pipeline.put(item)
+            queued = pipeline is not None and pipeline.put(item)
             if queued and not self._cap:
                 self._late(item)
         except BaseException:
@@ -367,6 +365,7 @@ class Logger:
         finally:
             if snapshot is not None and not queued:
                 snapshot.drop()  # never queued (dropped, taken back): free its memory
+        self._life.raise_alarm()
 
     # -- barriers --------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> FlushResult:
@@ -376,12 +375,8 @@ class Logger:
 
         ``timeout=None`` means ``Options.timeout_s`` (120 s by default); it must be a finite
         number of seconds >= 0. During a ``close`` in another thread, waits for that close.
-        Raises :class:`~steplog.errors.JournalStoppedError` (once, after flushing) when the
-        journal stopped since the last ``log_*`` call.
         """
-        result = self._life.flush(timeout)
-        self._life.raise_alarm()
-        return result
+        return self._life.flush(timeout)
 
     def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> CloseResult:
         """Deliver what was logged, end every run with ``status`` and stop the worker, within

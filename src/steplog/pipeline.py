@@ -37,6 +37,7 @@ threads to finish, so it never overlaps one of the sink's own calls.
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import contextlib
@@ -301,35 +302,52 @@ class _Upload:
 
 
 class _Spilled:
-    """A lane part held only in the journal: the frame ``seq`` of ``count`` records (a whole
-    drained chunk), read back when the lane reaches it."""
+    """Consecutive lane parts held only in the journal: whole drained chunks, each the frame
+    ``seqs[i]`` of ``counts[i]`` records stamped ``stamps[i]``, read back one frame at a time
+    when the lane reaches them (``first`` is the next one). 20 bytes per chunk."""
 
-    __slots__ = ("count", "seq", "timestamp")
+    __slots__ = ("count", "counts", "first", "seqs", "stamps")
 
     def __init__(self, seq: int, count: int, timestamp: int) -> None:
-        self.seq = seq
+        self.seqs = array.array("Q", (seq,))
+        self.counts = array.array("Q", (count,))
+        self.stamps = array.array("q", (timestamp,))
+        self.first = 0
         self.count = count
-        self.timestamp = timestamp
+        """Records not read back yet."""
+
+    def add(self, seq: int, count: int, timestamp: int) -> None:
+        self.seqs.append(seq)
+        self.counts.append(count)
+        self.stamps.append(timestamp)
+        self.count += count
+
+    @property
+    def timestamp(self) -> int:
+        return self.stamps[self.first]
 
 
 class _FrameReader:
-    """Reads one lane's spilled frames back from the journal, in increasing seq order, with one
-    pass over the segments (a new pass only when the lane reaches frames appended since)."""
+    """Reads one lane's spilled frames back from the journal, in increasing seq order: a pass
+    goes on from where the previous one stopped (the journal's position of the last frame
+    seen), so following the journal as it grows reads each byte once."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
-        self._frames: Iterator[tuple[int, bytes]] | None = None
+        self._frames: Iterator[tuple[int, bytes, tuple[int, int]]] | None = None
+        self._position: tuple[int, int] | None = None
 
     def read(self, seq: int) -> Batch:
         """The batch of frame ``seq``; ``LookupError`` when the journal no longer holds it."""
         for attempt in range(2):
             if self._frames is None or attempt:
-                self._frames = self._journal.read(after=seq - 1)
-            for got, payload in self._frames:
-                if got == seq:
-                    return decode_batch(payload)
+                self._frames = self._journal.read_from(seq - 1, self._position)
+            for got, payload, position in self._frames:
                 if got > seq:
                     break
+                self._position = position
+                if got == seq:
+                    return decode_batch(payload)
             self._frames = None
         raise LookupError(f"frame {seq} is missing from the journal {self._journal.directory} "
                           "(damaged or removed)")
@@ -352,7 +370,7 @@ def _describe(record: object) -> str:
     if isinstance(record, UploadRequest):
         return f"artifact {record.artifact.name!r}"
     if isinstance(record, _Spilled):
-        return f"{record.count} records of journal frame {record.seq}"
+        return f"{record.count} records of journal frame {record.seqs[record.first]}"
     return repr(record)
 
 
@@ -435,8 +453,12 @@ class _Lane:
                 journal, seq = spill
                 if self._reader is None:
                     self._reader = _FrameReader(journal)
-                self._spills.append(self.submitted)
-                self.buffer.append(_Spilled(seq, count, timestamp_ms))
+                tail = self.buffer[-1] if self.buffer else None
+                if type(tail) is _Spilled:
+                    tail.add(seq, count, timestamp_ms)
+                else:
+                    self._spills.append(self.submitted)
+                    self.buffer.append(_Spilled(seq, count, timestamp_ms))
             else:
                 self.buffer.extend(parts)
                 self.resident += count
@@ -526,32 +548,41 @@ class _Lane:
             return parts, take
 
     def _unspill(self, part: _Spilled) -> None:
-        """Put the records of the spilled ``part`` (the first in the buffer) back in memory,
-        read from the journal; if they cannot be read, they are lost (counted, with why)."""
+        """Put the first chunk of the spilled ``part`` (the first in the buffer) back in memory,
+        read from the journal; if it cannot be read, its records are lost (counted, with why)."""
         assert self._reader is not None
+        with self.cond:
+            i = part.first
+            seq, n, stamp = part.seqs[i], part.counts[i], part.stamps[i]
+        parts: list[Any] = []
+        failure = None
         try:
             if self.runner.pipeline.deadline_passed():
                 raise TimeoutError("the close deadline passed first")
-            batch = self._reader.read(part.seq)
-            if len(batch) != part.count:
-                raise LookupError(f"frame {part.seq} holds {len(batch)} records, not "
-                                  f"{part.count}")
+            batch = self._reader.read(seq)
+            if len(batch) != n:
+                raise LookupError(f"frame {seq} holds {len(batch)} records, not {n}")
             parts = batch.parts
         except Exception as exc:
-            with self.cond:
+            failure = str(exc) if isinstance(exc, TimeoutError) else \
+                f"could not read them back: {exc}"
+        with self.cond:
+            part.first += 1
+            part.count -= n
+            if part.first == len(part.seqs):
                 self.buffer.popleft()
                 self._spills.popleft()
-                self.buffered -= part.count
-            why = str(exc) if isinstance(exc, TimeoutError) else f"could not read them back: {exc}"
-            self.runner.count_loss("failed", [part], why)
-            self.runner.journal_progress(part.count, failed=True)
-            self._acknowledge(part.count, part.count)
-            return
-        with self.cond:
-            self.buffer.popleft()
-            self._spills.popleft()
-            self.buffer.extendleft(reversed(parts))
-            self.resident += part.count
+            else:
+                self._spills[0] += n
+            if failure is None:
+                self.buffer.extendleft(reversed(parts))
+                self.resident += n
+            else:
+                self.buffered -= n
+        if failure is not None:
+            self.runner.count_loss("failed", [_Spilled(seq, n, stamp)], failure)
+            self.runner.journal_progress(n, failed=True)
+            self._acknowledge(n, n)
 
     def _acknowledge(self, n: int, lost: int) -> None:
         with self.cond:
@@ -892,7 +923,9 @@ class Pipeline:
         self.journal_kept = False
         self.journal_error: str | None = None
         self.run_journal: RunJournal | None = None
-        self._stopped_journal: RunJournal | None = None
+        """The run's journal, for the whole run (also once it stopped taking frames)."""
+        self.journal_stopped = False
+        """The journal stopped taking frames (a full disk, its budget, a failed write)."""
         wanted = options.journal
         if wanted is None:
             wanted = any(s.remote for s in sinks)
@@ -910,7 +943,7 @@ class Pipeline:
         policy = options.full_policy
         if policy is None:
             policy = "spill" if self.run_journal is not None else "block"
-        elif policy == "spill" and not wanted:
+        elif policy == "spill" and not (wanted and any(s.replayable() for s in sinks)):
             raise ValueError("full_policy='spill' keeps records in the journal, and this logger "
                              "has no sink that is journaled (MLflow, ClearML) or journal=False")
         self.full_policy: FullPolicy = policy
@@ -1163,7 +1196,7 @@ class Pipeline:
     def _dispatch(self, parts: list[Any], count: int, ts: int) -> None:
         journal = self.run_journal
         spill: tuple[Journal, int] | None = None
-        if journal is not None:
+        if journal is not None and not self.journal_stopped:
             try:
                 spill = (journal.journal, journal.append(parts, count))
             except (OSError, JournalError) as exc:  # a full disk: delivery goes on without it
@@ -1175,7 +1208,7 @@ class Pipeline:
 
     # -- the journal -----------------------------------------------------------------------
     def _journal_sync(self) -> None:
-        if self.run_journal is not None:
+        if self.run_journal is not None and not self.journal_stopped:
             try:
                 self.run_journal.sync()
             except (OSError, JournalError) as exc:
@@ -1184,10 +1217,10 @@ class Pipeline:
     def _journal_failed(self, exc: Exception) -> None:
         """Stop journaling (the journal keeps what it holds, whole, and spilled frames are
         still read back) and tell the training loop once (:class:`JournalStoppedError`)."""
-        journal, self.run_journal = self.run_journal, None
-        if journal is None:
+        journal = self.run_journal
+        if journal is None or self.journal_stopped:
             return
-        self._stopped_journal = journal
+        self.journal_stopped = True
         self.journal_error = f"the journal in {journal.run_dir} stopped: {exc}"
         self.runners[0].warn("journal", f"steplog: {self.journal_error}; records are still "
                              "delivered, but no longer kept on disk for steplog sync")
@@ -1251,13 +1284,6 @@ class Pipeline:
                 except Exception as exc:
                     self.journal_kept = True
                     self.journal_error = f"closing the journal failed: {exc!r}"
-            elif self._stopped_journal is not None:
-                if self.stats().undelivered == 0:
-                    # Everything arrived: what the stopped journal holds is not needed.
-                    self._stopped_journal.discard()
-                else:
-                    with contextlib.suppress(Exception):
-                        self._stopped_journal.journal.close()
 
     # -- counters --------------------------------------------------------------------------
     def note_loss(self, loss: Loss) -> None:
@@ -1304,10 +1330,12 @@ class Pipeline:
         sinks = {}
         oldest: int | None = None
         for r in self.runners:
-            pending = r.metrics.pending + r.uploads.pending
+            with r.metrics.cond:
+                metrics_pending, spilled = r.metrics.pending, r.metrics.spilled
+            pending = metrics_pending + r.uploads.pending
             with r._count_lock:
                 sinks[r.label] = msgspec.structs.replace(r.stats, pending=pending,
-                                                         spilled=r.metrics.spilled)
+                                                         spilled=spilled)
             for lane in r.lanes:
                 if lane.pending and (oldest is None or lane.oldest_ms < oldest):
                     oldest = lane.oldest_ms

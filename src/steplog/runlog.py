@@ -68,6 +68,8 @@ class RunJournal:
                                     max_bytes=max_bytes)
         self._sinks = dict(sinks)
         self._progress = {label: _Progress() for label in self._sinks}
+        self._moving = len(self._progress)
+        """Sinks whose cursor can still move (not stuck)."""
         for label in self._sinks:
             self.journal.register(consumer_name(label))
         self._seqs: list[int] = []
@@ -119,8 +121,9 @@ class RunJournal:
         seq = self.journal.append(payload)
         with self._lock:
             self._appended += count
-            self._seqs.append(seq)
-            self._ends.append(self._appended)
+            if self._moving:  # a stuck sink's cursor never moves again: nothing to look up
+                self._seqs.append(seq)
+                self._ends.append(self._appended)
         return seq
 
     def sync(self) -> None:
@@ -139,6 +142,8 @@ class RunJournal:
                 return
             if failed:
                 p.stuck = True
+                self._moving -= 1
+                self._forget_passed()
                 return
             p.processed += records
             i = bisect.bisect_right(self._ends, p.processed)
@@ -181,12 +186,6 @@ class RunJournal:
         """True when some sink has not acknowledged every journaled frame."""
         last = self.journal.last_seq
         return any(p.seq < last for p in self._progress.values())
-
-    def discard(self) -> None:
-        """Remove the journal and ``run.json`` (the run directory too when it is empty)."""
-        with contextlib.suppress(Exception):
-            self.journal.close()
-        self._remove()
 
     def finish(self) -> bool:
         """Write the cursors and close; remove everything when every frame was acknowledged by
