@@ -151,6 +151,9 @@ def test_sync_to_another_uri_after_a_move_is_refused_and_keeps_everything(
         out = capsys.readouterr().out
         assert "already moved to a new run at " + proxy.url in out
         assert f"steplog sync {run_dir} --to {proxy.url}" in out  # how to finish it
+        assert main(["show", str(run_dir)]) == 0
+        shown = capsys.readouterr().out
+        assert f"mlflow: {proxy.url} run " in shown and "(moved from http://127.0.0.1:" in shown
         (run,) = runs_of(mlflow_server, experiment)  # no second run
         assert len(steps(mlflow_server, run["info"]["run_id"])) <= first.records
         assert main(["sync", str(run_dir), "--to", proxy.url]) == 0
@@ -215,6 +218,34 @@ def test_kept_uploads_follow_their_run_to_the_new_run(
     assert tags(new)["steplog.moved_from"].endswith(f"run {original}")
     assert mlflow_server.run(new_id)["info"]["status"] == "FINISHED"
     assert not any(runs.rglob("upload.json"))
+
+
+def test_kept_uploads_of_a_run_whose_records_all_arrived_move_to_a_new_run_of_their_own(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiment = unique("to-uploads-only")
+    runs = tmp_path / "runs"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("only this is missing")
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        logger = MLFlowLogger(experiment, tracking_uri=proxy.url,
+                              options=Options(drain_interval_s=0.01, retry=QUICK,
+                                              runs_dir=str(runs)))
+        assert logger.flush(30)
+        original = logger.run_id
+        proxy.set("reset", only=b"/mlflow-artifacts/")  # the artifact store alone is gone
+        logger.log_scalar("loss", 1.0, 1)
+        logger.log_artifact(notes)
+        result = logger.close(30)
+        assert not result and result.sync is None  # every record arrived: no journal kept
+    (kept,) = runs.rglob("upload.json")
+    assert main(["sync", str(runs), "--to", mlflow_server.url]) == 0
+    assert main(["sync", str(runs), "--to", mlflow_server.url]) == 0
+    assert "0 stored, 0 still kept" in capsys.readouterr().out
+    (new,) = [r for r in runs_of(mlflow_server, experiment) if r["info"]["run_id"] != original]
+    assert {a["path"] for a in mlflow_server.artifacts(new["info"]["run_id"])} == {"notes.txt"}
+    assert tags(new)["steplog.moved_from"].endswith(f"run {original}")
+    assert not kept.exists()
 
 
 def test_sync_to_a_uri_mlflow_cannot_use_is_refused_before_anything_moves(

@@ -5,7 +5,8 @@ down, a full disk), the payload is kept under ``<runs_dir>/<run>/uploads/<n>-<si
 ``payload/<name>`` (a hard link to the staged file or directory when the file system allows,
 else a copy) and ``upload.json``: which sink and destination (from :meth:`Sink.target`, never
 with credentials), the artifact's name, kind, step, metadata and aliases, and why it failed.
-:func:`sync` rebuilds that sink for the same destination (:meth:`Sink.reattach`), stores the
+:func:`sync_kept` rebuilds that sink for the same destination (:meth:`Sink.reattach`), or for
+the new run that ``steplog sync --to`` moved its run to (:mod:`steplog.moves`), stores the
 payload, and removes the kept folder once it is stored.
 """
 

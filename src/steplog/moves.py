@@ -3,14 +3,16 @@
 A run directory names its destinations in two kinds of places: each sink of ``run.json`` (the
 journal's consumers) and each kept upload's ``upload.json``. Places that name the same original
 MLflow run (the same run token) form a group. Moving a group gives every place of it the same
-new target (:meth:`MLflowSink.redirected`: a new run at ``URI``, a fresh run token) and keeps the
-original target under ``"moved_from"``; each file is replaced atomically, ``run.json`` first, and
-all of it before anything is sent, so an interrupted move is continued into the same new run
-(found by its token) by any later sync. A sync without ``--to`` first gives a moved group's other
-places the same target (a crash between two files leaves nothing split), then follows the
-targets. Only MLflow runs move; a group is moved only when it lacks something (a sink with
-frames after its cursor, or a kept upload). A second ``--to`` with another URI is refused for a
-group already moved: part of what it lacked may be in the first new run already.
+new target (:meth:`MLflowSink.redirected`: a new run at ``URI``, a fresh run token, and under
+``"end_status"`` the status the logger closed with when ``run.json`` knows it, with which a new
+run that kept uploads fill is ended) and keeps the original target under ``"moved_from"``. Each
+file is replaced atomically, ``run.json`` first, and all of it before anything is sent, so an
+interrupted move is continued into the same new run (found by its token) by any later sync. A
+sync without ``--to`` first gives a moved group's other places the same target (a crash between
+two files leaves nothing split), then follows the targets. Only MLflow runs move; a group is
+moved only when it lacks something (a sink with frames after its cursor, or a kept upload). A
+second ``--to`` with another URI is refused for a group already moved: part of what it lacked
+may be in the first new run already.
 """
 
 from __future__ import annotations
