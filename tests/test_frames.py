@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from steplog.frames import decode_batch, encode_batch
+from steplog.frames import count_records, decode_batch, encode_batch
 from steplog.records import Batch, Param, Scalar, Scalars, Tag
 
 names = st.text(min_size=1, max_size=20)
@@ -61,3 +61,20 @@ def test_a_block_decodes_as_one_block_with_its_shared_timestamp() -> None:
 def test_bytes_that_are_not_a_frame_raise_a_decode_error() -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_batch(b"\x93\x01\x02")
+
+
+@given(st.lists(parts, max_size=10))
+def test_count_records_says_how_many_records_a_frame_decodes_to(batch_parts: list[object]) -> None:
+    batch = Batch(batch_parts)  # type: ignore[arg-type]
+    assert count_records(encode_batch(batch)) == len(batch)
+
+
+@pytest.mark.parametrize("rows", [0, 15, 16, 65_535, 65_536])  # each msgpack array header size
+def test_count_records_reads_every_size_of_block(rows: int) -> None:
+    block = Scalars([("x", 1.0, i) for i in range(rows)], 1, True)
+    assert count_records(encode_batch(Batch([Param("lr", 0.1, 1), block]))) == rows + 1
+
+
+def test_counting_bytes_that_are_not_a_frame_raises_a_decode_error() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        count_records(b"\x93\x01\x02")

@@ -269,11 +269,11 @@ def test_records_only_in_a_stopped_journal_are_named_by_the_close_result(tmp_pat
     logger = Logger(sinks=[sink], options=Options(runs_dir=str(tmp_path), lane_capacity=10,
                                                   journal_max_bytes=2000,
                                                   drain_interval_s=0.005))
-    with pytest.warns(SteplogWarning, match="journal .* stopped"):
-        with pytest.raises(JournalStoppedError):
-            for i in range(1000):
-                logger.log_scalar("x", float(i), i)
-                wait_until(lambda: not logger._life.pipeline.queue, 1.0)  # type: ignore[union-attr]
+    with pytest.warns(SteplogWarning, match="journal .* stopped"), \
+            pytest.raises(JournalStoppedError):
+        for i in range(1000):
+            logger.log_scalar("x", float(i), i)
+            wait_until(lambda: not logger._life.pipeline.queue, 1.0)  # type: ignore[union-attr]
     assert logger.stats().spilled > 0
     try:
         result = logger.close(0.3)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -19,7 +22,9 @@ from steplog import MLFlowLogger, Options, RetryPolicy
 from steplog.cli import main
 from steplog.frames import decode_batch
 from steplog.journal import Journal
-from steplog.records import Scalar
+from steplog.records import Scalar, Scalars
+from steplog.runlog import RunJournal
+from steplog.sinks.mlflow import MLflowSink
 
 QUICK = RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0)
 
@@ -295,8 +300,6 @@ def test_journal_options_are_checked() -> None:
 
 def test_the_journal_bookkeeping_forgets_frames_every_sink_went_past(tmp_path: Path) -> None:
     from sinks_for_tests import JournaledListSink
-    from steplog.records import Scalars
-    from steplog.runlog import RunJournal
 
     journal = RunJournal(tmp_path / "run", [("journaled", JournaledListSink())])
     try:
@@ -309,3 +312,71 @@ def test_the_journal_bookkeeping_forgets_frames_every_sink_went_past(tmp_path: P
         assert journal.journal.cursor("journaled") == 1000
     finally:
         journal.finish()
+
+
+def journal_for(server: MlflowServer, run_dir: Path, points: int, per_frame: int = 100) -> str:
+    """A run directory whose journal holds ``points`` scalars of "x" for a run of ``server``
+    that was never created (as a logger writes it); the experiment's name."""
+    experiment = f"sync-progress-{time.monotonic_ns()}"
+    journal = RunJournal(run_dir, [("mlflow", MLflowSink(experiment, tracking_uri=server.url))])
+    for base in range(0, points, per_frame):
+        rows = [("x", float(i), i) for i in range(base, min(points, base + per_frame))]
+        journal.append([Scalars(rows, 1_000 + base, True)], len(rows))
+    journal.write_manifest("FINISHED")
+    assert journal.finish()
+    return experiment
+
+
+def test_not_on_a_terminal_sync_prints_one_summary_line_per_sink_and_no_progress(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    journal_for(mlflow_server, run_dir, 3000)
+    assert main(["sync", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # nothing per frame
+    (line,) = [x for x in out.splitlines() if x.startswith("run ")]
+    where = re.escape(mlflow_server.url) + r"/#/experiments/\d+/runs/\w+"
+    assert re.fullmatch(
+        r"run +run -> mlflow: 3000 records sent in \d+\.\d s \([\d,]+ records/s\), "
+        rf"0 refused by the backend, into {where}", line), line
+
+
+def test_on_a_terminal_sync_shows_one_line_per_sink_updated_in_place(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    journal_for(mlflow_server, run_dir, 3000)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "steplog.cli", "sync", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.2)[0]:
+                try:
+                    data = os.read(controller, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                shown += data
+            elif proc.poll() is not None:
+                break
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    text = shown.decode()
+    assert "\n" not in text  # one line, rewritten in place: nothing scrolls
+    frames = [f for f in text.split("\r") if f.strip("\x1b[K")]
+    assert frames[0] == "run -> mlflow: 0/3,000 records (0.0%), -- records/s, ETA --\x1b[K"
+    assert re.fullmatch(r"run -> mlflow: 3,000/3,000 records \(100\.0%\), [\d,]+ records/s, "
+                        r"ETA 0 s\x1b\[K", frames[-1]), frames[-1]
+    assert text.endswith("\r\x1b[K")  # cleared for the summary
+    assert "run -> mlflow: 3000 records sent" in out

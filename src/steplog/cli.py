@@ -10,7 +10,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from steplog.replay import SinkReplay
 
 __all__ = ["main"]
 
@@ -124,7 +127,12 @@ def _show_journal(run: Path) -> int:
             where, run_name = _destination(info.get("target") or {})
             lacking = sum(len(decode_batch(payload)) for _, payload in journal.pending(consumer))
             cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
-            print(f"  {consumer}: {where} {run_name}: stored up to frame {cursor}; "
+            moved = ""
+            if info.get("moved_from"):
+                origin = info["moved_from"]
+                moved = (f" (moved from {origin.get('tracking_uri') or '?'} run "
+                         f"{origin.get('run_id') or 'never created'})")
+            print(f"  {consumer}: {where} {run_name}{moved}: stored up to frame {cursor}; "
                   f"lacks {lacking} records")
     kept = list(find_kept(run))
     if kept:
@@ -144,47 +152,114 @@ def _destination(target: dict[str, Any]) -> tuple[str, str]:
             f"run {target.get('run_id') or 'not created yet'}")
 
 
+class _ProgressLine:
+    """The journal replay on a terminal: one line per run and sink, rewritten in place (at most
+    ten times a second) with the records written out of those the sink lacked, the rate so far
+    and the time left at that rate."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._sink: tuple[Path, str] | None = None
+        self._started = 0.0
+        self._shown = 0.0
+
+    def update(self, r: SinkReplay) -> None:
+        now = time.monotonic()
+        if self._sink != (r.run, r.consumer):
+            self._sink = (r.run, r.consumer)
+            self._started = now  # the run is reached: writing starts
+        elif r.records < r.total and now - self._shown < 0.1:
+            return
+        self._shown = now
+        elapsed = now - self._started
+        rate = r.records / elapsed if r.records and elapsed > 0 else None
+        percent = 100.0 * r.records / r.total if r.total else 100.0
+        line = (f"{r.run.name} -> {r.consumer}: {r.records:,}/{r.total:,} records "
+                f"({percent:.1f}%), ")
+        if rate is None:
+            line += "-- records/s, ETA --"  # nothing measured yet: no made-up figures
+        else:
+            line += f"{rate:,.0f} records/s, ETA {_duration((r.total - r.records) / rate)}"
+        self._stream.write(f"\r{line}\x1b[K")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        """Remove the line (the summary is printed in its place)."""
+        if self._sink is not None:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._sink = None
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+def _summary(r: SinkReplay) -> str:
+    """One line saying what the sync did for one sink of one run."""
+    what = f"run      {r.run.name} -> {r.consumer}: "
+    if not r.total and not r.pending:
+        return what + "nothing to send"
+    rate = r.records / r.seconds if r.seconds > 0 else 0.0
+    what += (f"{r.records} records sent in {r.seconds:.1f} s ({rate:,.0f} records/s), "
+             f"{r.rejected} refused by the backend")
+    if r.destination is not None:
+        what += f", into {r.destination}"
+    if r.moved_from is not None:
+        what += f" (moved from {r.moved_from})"
+    if r.error is not None or r.pending:
+        what += f"; {r.pending} frames still kept: {r.error}"
+    return what
+
+
 def _sync(args: argparse.Namespace) -> int:
     """Deliver what loggers kept on disk under PATH (one run directory, or all of them): the
     journaled records a sink did not store, and the uploads that failed after their retries.
-    Running it again stores nothing twice."""
+    Running it again stores nothing twice. With --to URI, what an MLflow run lacks goes to a
+    new run at that tracking URI instead (the same one on every later sync)."""
     from steplog.kept import KeptUpload, sync_kept
-    from steplog.replay import SinkReplay, find_runs, replay_run
+    from steplog.replay import find_runs, replay_run
+    from steplog.sinks.mlflow.common import redact, tracking_uri_problem
 
     path = Path(args.path)
     if not path.exists():
         print(f"steplog sync: {path} does not exist", file=sys.stderr)
         return 2
+    to: str | None = args.to
+    if to is not None:
+        problem = tracking_uri_problem(to)
+        if problem is not None:
+            print(f"steplog sync: --to {redact(to)}: {problem}", file=sys.stderr)
+            return 2
     failed = 0
-    tty = sys.stderr.isatty()
-
-    def progress(r: SinkReplay, total: int) -> None:
-        if tty:
-            print(f"\r{r.run.name} -> {r.consumer}: {r.frames}/{total} frames", end="",
-                  file=sys.stderr, flush=True)
+    line = _ProgressLine(sys.stderr) if sys.stderr.isatty() else None
 
     for run in find_runs(path):
         try:
-            results = replay_run(run, timeout_s=args.timeout, progress=progress)
+            results = replay_run(run, timeout_s=args.timeout, to=to,
+                                 progress=None if line is None else line.update)
         except Exception as exc:
             failed += 1
             print(f"run      {run}: {exc}")
             continue
-        if tty:
-            print(file=sys.stderr)
+        finally:
+            if line is not None:
+                line.clear()
         for r in results:
-            what = (f"run      {run.name} -> {r.consumer}: {r.records} records in {r.frames} "
-                    f"frames sent")
-            if r.rejected:
-                what += f", {r.rejected} refused by the backend"
             if r.error is not None or r.pending:
                 failed += 1
-                what += f"; {r.pending} frames still kept: {r.error}"
-            print(what)
+            print(_summary(r))
 
     def report(kept: KeptUpload, error: str | None) -> None:
         what = f"{kept.artifact.kind} {kept.artifact.name!r} -> {kept.sink}"
         if error is None:
+            if kept.moved_from is not None and kept.target is not None:
+                what += f" (new run at {kept.target.get('tracking_uri')})"
             print(f"stored   {what}")
         else:
             print(f"kept     {what}: {error} ({kept.folder})")
@@ -192,7 +267,7 @@ def _sync(args: argparse.Namespace) -> int:
     def unreadable(manifest: Path, why: str) -> None:
         print(f"skipped  {manifest}: {why}")
 
-    stored, kept = sync_kept(path, report, unreadable)
+    stored, kept = sync_kept(path, report, unreadable, to=to)
     print(f"{stored} stored, {kept} still kept")
     return 0 if failed == 0 and kept == 0 else 1
 
@@ -212,7 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sync.add_argument("path", nargs="?",
                       default=os.environ.get("STEPLOG_RUNS_DIR", "steplog-runs"))
     sync.add_argument("--timeout", type=float, default=60.0,
-                      help="longest a sink is retried before its frames stay kept (s)")
+                      help="longest one write is retried before the rest stays kept (s)")
+    sync.add_argument("--to", metavar="URI",
+                      help="deliver what each MLflow run lacks into a new run at this tracking "
+                           "URI (same experiment, run name, tags and status)")
     sync.set_defaults(func=_sync)
     args = parser.parse_args(argv)
     code: int = args.func(args)

@@ -5,7 +5,8 @@ down, a full disk), the payload is kept under ``<runs_dir>/<run>/uploads/<n>-<si
 ``payload/<name>`` (a hard link to the staged file or directory when the file system allows,
 else a copy) and ``upload.json``: which sink and destination (from :meth:`Sink.target`, never
 with credentials), the artifact's name, kind, step, metadata and aliases, and why it failed.
-:func:`sync` rebuilds that sink for the same destination (:meth:`Sink.reattach`), stores the
+:func:`sync_kept` rebuilds that sink for the same destination (:meth:`Sink.reattach`), or for
+the new run that ``steplog sync --to`` moved its run to (:mod:`steplog.moves`), stores the
 payload, and removes the kept folder once it is stored.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from steplog.moves import MOVED_FROM, follow, is_moved_to, move_run, moved_to, refusal
 from steplog.paths import link_or_copy
 from steplog.records import Artifact
 from steplog.sinks.base import Sink
@@ -88,6 +90,16 @@ class KeptUpload(msgspec.Struct):
     target: dict[str, Any] | None
     artifact: Artifact
     reason: str
+    moved_from: dict[str, Any] | None = None
+    """The target it had before ``steplog sync --to`` moved it to a new run."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.parent.parent
+
+    def entry(self) -> dict[str, Any]:
+        """Its destination as :mod:`steplog.moves` reads it."""
+        return {"target": self.target, MOVED_FROM: self.moved_from}
 
     @property
     def payload(self) -> Path:
@@ -112,7 +124,7 @@ def find_kept(path: str | os.PathLike[str],
                 raise ValueError(f"not a kept upload (format {data.get('format')!r})")
             artifact = msgspec.convert(data["artifact"], Artifact)
             kept = KeptUpload(manifest.parent, data["sink"], data.get("target"), artifact,
-                              data.get("reason", ""))
+                              data.get("reason", ""), data.get(MOVED_FROM))
         except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:
             if on_error is not None:
                 on_error(manifest, str(exc))
@@ -127,24 +139,37 @@ def _kept_order(manifest: Path) -> tuple[str, int]:
 
 def sync_kept(path: str | os.PathLike[str],
               report: Callable[[KeptUpload, str | None], None],
-              report_unreadable: Callable[[Path, str], None]) -> tuple[int, int]:
-    """Upload every kept upload under ``path`` again, to the same destination; remove each one
-    stored. ``report(kept, error)`` is called for each (``error`` is ``None`` on success), and
+              report_unreadable: Callable[[Path, str], None],
+              to: str | None = None) -> tuple[int, int]:
+    """Upload every kept upload under ``path`` again, to the same destination, or with ``to``
+    to the new MLflow run at that tracking URI that its run was moved to
+    (:mod:`steplog.moves`; uploads of a run directory with a journal are moved by
+    :func:`steplog.replay.replay_run`, the others here); remove each one stored.
+    ``report(kept, error)`` is called for each (``error`` is ``None`` on success), and
     ``report_unreadable`` for a manifest that cannot be read (it counts as still kept).
     Returns (stored, still kept)."""
     from steplog.sinks import reattach
 
+    for run_dir in sorted({k.run_dir for k in find_kept(path)}):
+        if (run_dir / "uploads").is_dir() and not (run_dir / "journal").exists():
+            move_run(run_dir, to)  # what cannot move is reported below, upload by upload
     stored = failed = 0
     unreadable: list[tuple[Path, str]] = []
     for kept in find_kept(path, lambda m, why: unreadable.append((m, why))):
         try:
             if kept.target is None:
                 raise ValueError(f"the {kept.sink} sink cannot be reached again from here")
-            sink = reattach(kept.sink, kept.target)
+            entry = kept.entry()
+            if to is not None and not is_moved_to(entry, to):
+                raise ValueError(refusal(kept.sink, moved_to(entry), to, kept.run_dir))
+            sink = reattach(kept.sink, follow(entry, to))
             try:
                 sink.open()
                 artifact = msgspec.structs.replace(kept.artifact, source=str(kept.payload))
                 sink.upload(artifact)
+                status = kept.target.get("end_status")
+                if kept.moved_from is not None and status in ("FINISHED", "FAILED", "KILLED"):
+                    sink.close(status)  # a new run ends as the logger did, uploads or not
             finally:
                 sink.release()
         except Exception as exc:

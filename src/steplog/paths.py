@@ -1,12 +1,36 @@
-"""Artifact names: relative paths that can never leave the run's directory."""
+"""Files steplog writes for itself: artifact names that can never leave the run's directory,
+hard links instead of copies, and JSON files replaced atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import posixpath
 import shutil
+import threading
+from pathlib import Path
+from typing import Any
 
-__all__ = ["link_or_copy", "safe_relpath"]
+__all__ = ["link_or_copy", "replace_json", "safe_relpath"]
+
+
+def replace_json(path: Path, data: Any) -> None:
+    """``path`` holds ``data`` as JSON (0600), replaced atomically: a reader (or a crash) sees
+    the old file or the new one, never a part. The file is on disk when this returns."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:

@@ -3,18 +3,22 @@
 For each sink named in ``<run>/run.json``, the sink is rebuilt for the same run
 (:meth:`Sink.reattach`; an MLflow run whose creation never succeeded is found by its token or
 created; a ClearML Task always exists, its logger created it when it was built),
-and every frame after that sink's cursor is decoded and written, in order, the cursor advancing
-frame by frame. A refused record is isolated by splitting the frame (the rest is stored); a
-failure that retrying does not cure within ``timeout_s``, or a refusal of the request as a whole
-(no permission, a deleted run), stops that sink with its cursor kept, so a later sync continues
-there. Once a sink has every frame, its run is ended with the status the logger closed with
-(``run.json``), when it closed. Writing a frame twice stores nothing twice (only sinks that keep
-identical rows once are journaled). A journal every sink acknowledged whole is removed, with
-``run.json``.
+or, with ``to``, for a new MLflow run at that tracking URI (:mod:`steplog.moves`). The frames
+after that sink's cursor are counted first (exact, without decoding their records), then decoded
+and written in order, in writes of :attr:`Sink.max_batch` records across frame boundaries (one
+full ``log-batch`` request each for MLflow, however small the logger's chunks were), the cursor
+advancing over the frames written whole at most once a second and at the end. A refused record is
+isolated by splitting the write (the rest is stored); a failure that retrying does not cure
+within ``timeout_s`` (per write), or a refusal of the request as a whole (no permission, a
+deleted run), stops that sink with its cursor kept, so a later sync continues there. Once a sink
+has every frame, its run is ended with the status the logger closed with (``run.json``), when it
+closed. Writing a frame twice stores nothing twice (only sinks that keep identical rows once are
+journaled). A journal every sink acknowledged whole is removed, with ``run.json``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -22,16 +26,22 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 
-from steplog.frames import decode_batch
+from steplog.frames import count_records, decode_batch
 from steplog.journal import Journal
+from steplog.moves import MOVED_FROM, follow, move_run
+from steplog.paths import replace_json
 from steplog.records import Batch
 from steplog.retry import RetryPolicy, call_with_retry, is_retryable
-from steplog.sinks.base import Sink
+from steplog.sinks.base import RunStatus, Sink
 
 __all__ = ["SinkReplay", "find_runs", "replay_run"]
+
+_ACK_INTERVAL_S = 1.0
+"""Longest time between two cursor writes during a replay (a crash resends at most this)."""
 
 
 class SinkReplay(msgspec.Struct):
@@ -41,9 +51,22 @@ class SinkReplay(msgspec.Struct):
     consumer: str
     kind: str
     frames: int = 0
+    """Frames written whole (their records stored or refused) and acknowledged."""
     records: int = 0
+    """Records written (stored or refused), in frame order."""
     rejected: int = 0
+    """Records the backend refused for good (counted in :attr:`records` too)."""
     pending: int = 0
+    """Frames after the sink's cursor that are still kept."""
+    total: int = 0
+    """Records after the sink's cursor when the sync started: :attr:`records` reaches it when
+    every one was written."""
+    seconds: float = 0.0
+    """Time spent on this sink: reaching the run, writing, ending the run."""
+    destination: str | None = None
+    """Where the records went (:meth:`Sink.describe`), once the sink was rebuilt."""
+    moved_from: str | None = None
+    """The tracking URI the sink was going to before ``steplog sync --to`` moved it."""
     error: str | None = None
 
 
@@ -59,55 +82,47 @@ def find_runs(path: str | Path) -> Iterator[Path]:
 
 
 def replay_run(run: Path, *, timeout_s: float = 60.0,
-               progress: Callable[[SinkReplay, int], None] | None = None) -> list[SinkReplay]:
-    """Deliver every unacknowledged frame of ``run`` to its sinks (see the module docstring)."""
+               progress: Callable[[SinkReplay], None] | None = None,
+               to: str | None = None) -> list[SinkReplay]:
+    """Deliver every unacknowledged frame of ``run`` to its sinks, or with ``to`` to new MLflow
+    runs at that tracking URI (see the module docstring); ``progress`` is called with a sink's
+    :class:`SinkReplay` when its writing starts and after each write."""
     from steplog.sinks import reattach
 
-    manifest = json.loads((run / "run.json").read_text())
     results: list[SinkReplay] = []
     with Journal.open(run / "journal") as journal:
+        manifest = json.loads((run / "run.json").read_text())
+        counts: dict[str, tuple[int, int]] = {}
+        for consumer in manifest.get("sinks", {}):
+            if consumer not in journal.consumers:
+                journal.register(consumer)
+            counts[consumer] = _count(journal, consumer)
+        refused = move_run(run, to, {c for c, (frames, _) in counts.items() if frames})
+        manifest = json.loads((run / "run.json").read_text())
         for consumer, info in manifest.get("sinks", {}).items():
             out = SinkReplay(run, consumer, info.get("kind", "?"))
             results.append(out)
-            if consumer not in journal.consumers:
-                journal.register(consumer)
-            frames = list(journal.pending(consumer))
-            out.pending = len(frames)
-            if not frames:
+            out.pending, out.total = counts[consumer]
+            if not out.pending:
                 continue
+            if consumer in refused:
+                out.error = refused[consumer]
+                continue
+            if info.get(MOVED_FROM) is not None:
+                out.moved_from = (info[MOVED_FROM] or {}).get("tracking_uri")
+            started = time.monotonic()
             try:
                 if not info.get("target"):
                     raise ValueError(f"the {out.kind} sink cannot be reached again from here")
-                sink = reattach(out.kind, info["target"])
+                sink = reattach(out.kind, follow(info, to))
             except Exception as exc:
                 out.error = str(exc) or repr(exc)
                 continue
-            deadline = time.monotonic() + timeout_s
-            policy = RetryPolicy(initial_s=0.2, max_s=5.0, jitter_s=0.2)
             try:
-                call_with_retry(sink.open, policy, functools.partial(_at, deadline), _quiet)
-                for seq, payload in frames:
-                    try:
-                        batch = decode_batch(payload)
-                    except msgspec.DecodeError as exc:
-                        out.error = f"frame {seq} cannot be decoded ({exc}); skipped"
-                    else:
-                        out.rejected += _write(sink, batch, policy, deadline)
-                        out.records += len(batch)
-                    journal.ack(consumer, seq)
-                    out.frames += 1
-                    out.pending -= 1
-                    if progress is not None:
-                        progress(out, len(frames))
-                status = manifest.get("status")
-                if status in ("FINISHED", "FAILED", "KILLED"):
-                    # The logger closed with this status; its run (or one this sync created)
-                    # is ended so.
-                    call_with_retry(functools.partial(sink.close, status), policy,
-                                    functools.partial(_at, deadline), _quiet)
-            except Exception as exc:
-                out.error = str(exc) or repr(exc)
+                _replay_sink(journal, sink, out, timeout_s, progress, _status(manifest),
+                             functools.partial(_note_run, run, consumer))
             finally:
+                out.seconds = time.monotonic() - started
                 with contextlib.suppress(Exception):
                     sink.release()
         done = all(journal.cursor(c) >= journal.last_seq for c in journal.consumers)
@@ -122,6 +137,114 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
     return results
 
 
+def _status(manifest: dict[str, Any]) -> RunStatus | None:
+    """The status the logger closed with; ``None`` when it never closed (a killed process)."""
+    status = manifest.get("status")
+    return cast(RunStatus, status) if status in ("FINISHED", "FAILED", "KILLED") else None
+
+
+def _count(journal: Journal, consumer: str) -> tuple[int, int]:
+    """(frames, records) after ``consumer``'s cursor; a frame that cannot be decoded counts
+    no record."""
+    frames = records = 0
+    for _, payload in journal.pending(consumer):
+        frames += 1
+        with contextlib.suppress(msgspec.DecodeError):
+            records += count_records(payload)
+    return frames, records
+
+
+def _note_run(run: Path, consumer: str, target: dict[str, Any]) -> None:
+    """``run.json`` names the run the sync reached (its id, once it exists); when it cannot be
+    written the run is still found by its token."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((run / "run.json").read_text())
+        info = manifest["sinks"][consumer]
+        info["target"] = {**info["target"], **target}
+        replace_json(run / "run.json", manifest)
+
+
+def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float,
+                 progress: Callable[[SinkReplay], None] | None, status: RunStatus | None,
+                 note_run: Callable[[dict[str, Any]], None]) -> None:
+    """Write ``out.consumer``'s pending frames into ``sink`` (see the module docstring); a
+    failure is kept in ``out.error`` with the cursor after the last frame written whole."""
+    policy = RetryPolicy(initial_s=0.2, max_s=5.0, jitter_s=0.2)
+    consumer = out.consumer
+    acked = journal.cursor(consumer)
+    done = acked  # the last frame written whole
+    acked_at = time.monotonic()
+    try:
+        before = sink.target()
+        call_with_retry(sink.open, policy, _within(timeout_s), _quiet)
+        after = sink.target()
+        out.destination = sink.describe()
+        if after is not None and before is not None and after.get("run_id") != before.get(
+                "run_id"):
+            note_run(after)
+        if progress is not None:
+            progress(out)
+        size = max(1, sink.max_batch)
+        buf = Batch()
+        pos = 0  # records of buf already written
+        taken = 0  # records decoded so far
+        ends: collections.deque[tuple[int, int]] = collections.deque()
+        """(records decoded up to a frame's end, its seq), for frames not written whole."""
+        frames = journal.pending(consumer)
+        exhausted = False
+        while True:
+            # Fill one write of `size` records (or what is left), across frame boundaries.
+            while len(buf) - pos < size and not exhausted:
+                item = next(frames, None)
+                if item is None:
+                    exhausted = True
+                    break
+                seq, payload = item
+                try:
+                    batch = decode_batch(payload)
+                except msgspec.DecodeError as exc:
+                    out.error = f"frame {seq} cannot be decoded ({exc}); skipped"
+                    batch = Batch()
+                if pos:
+                    buf, pos = buf[pos:], 0
+                buf.extend(batch)
+                taken += len(batch)
+                ends.append((taken, seq))
+            chunk = buf[pos:pos + size]
+            if chunk:
+                out.rejected += _write(sink, chunk, policy, timeout_s)
+                pos += len(chunk)
+                out.records += len(chunk)
+            while ends and ends[0][0] <= out.records:
+                done = ends.popleft()[1]
+                out.frames += 1
+                out.pending -= 1
+            now = time.monotonic()
+            if done > acked and (now - acked_at >= _ACK_INTERVAL_S or exhausted):
+                acked = journal.ack(consumer, done)
+                acked_at = now
+            if progress is not None and chunk:
+                progress(out)
+            if exhausted and not ends:
+                break
+        if status is not None:
+            # The logger closed with this status; its run (or one this sync created) is
+            # ended so.
+            call_with_retry(functools.partial(sink.close, status), policy, _within(timeout_s),
+                            _quiet)
+    except Exception as exc:
+        out.error = str(exc) or repr(exc)
+    finally:
+        if done > acked:
+            with contextlib.suppress(Exception):
+                journal.ack(consumer, done)
+
+
+def _within(seconds: float) -> Callable[[], float]:
+    """A retry deadline ``seconds`` from now."""
+    return functools.partial(_at, time.monotonic() + seconds)
+
+
 def _at(deadline: float) -> float:
     return deadline
 
@@ -130,18 +253,17 @@ def _quiet(exc: BaseException) -> None:
     """Retries during a sync are silent; the outcome is reported per sink."""
 
 
-def _write(sink: Sink, batch: Batch, policy: RetryPolicy, deadline: float) -> int:
+def _write(sink: Sink, batch: Batch, policy: RetryPolicy, timeout_s: float) -> int:
     """Store ``batch``, isolating refused records; how many were refused. Raises when a
-    retryable failure outlasts ``deadline`` (nothing after it is written)."""
+    retryable failure outlasts ``timeout_s`` (nothing after it is written)."""
     try:
-        call_with_retry(lambda: sink.write(batch), policy, functools.partial(_at, deadline),
-                        _quiet)
+        call_with_retry(lambda: sink.write(batch), policy, _within(timeout_s), _quiet)
     except Exception as exc:
         if is_retryable(exc) or getattr(exc, "whole_batch", False):
             raise  # not about these records (down, no permission, no run): keep them
         if len(batch) > 1:
             mid = len(batch) // 2
-            return (_write(sink, batch[:mid], policy, deadline)
-                    + _write(sink, batch[mid:], policy, deadline))
+            return (_write(sink, batch[:mid], policy, timeout_s)
+                    + _write(sink, batch[mid:], policy, timeout_s))
         return len(batch)
     return 0

@@ -5,7 +5,7 @@ from typing import Any
 from steplog.sinks.base import RunStatus, Sink
 from steplog.sinks.file import FileSink
 
-__all__ = ["FileSink", "RunStatus", "Sink", "reattach"]
+__all__ = ["FileSink", "RunStatus", "Sink", "reattach", "redirect"]
 
 
 def reattach(kind: str, target: dict[str, Any]) -> Sink:
@@ -21,3 +21,13 @@ def reattach(kind: str, target: dict[str, Any]) -> Sink:
 
         return ClearMLSink.reattach(target)
     raise ValueError(f"no {kind!r} sink can upload into an earlier run")
+
+
+def redirect(kind: str, target: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+    """The target of a new MLflow run at ``tracking_uri`` for what the run ``target`` describes
+    lacks (see :meth:`MLflowSink.redirected`); ``ValueError`` for a sink that is not MLflow's."""
+    if kind == "mlflow":
+        from steplog.sinks.mlflow import MLflowSink
+
+        return MLflowSink.redirected(target, tracking_uri)
+    raise ValueError(f"a {kind} sink cannot be moved to an MLflow run (only MLflow sinks can)")

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_PARAM_VALUE_LENGTH",
     "MAX_REQUEST_BYTES",
     "MAX_TAG_VALUE_LENGTH",
+    "MOVED_FROM_TAG",
     "RETRYABLE_STATUS",
     "RUN_TOKEN_TAG",
     "VERSION_TOKEN_TAG",
@@ -51,6 +52,9 @@ MAX_TAG_VALUE_LENGTH = 8000
 VERSION_TOKEN_TAG = "steplog.snapshot"
 """Model-version tag naming the run artifact a version was made from: a retried registration
 finds the version instead of creating a second one."""
+MOVED_FROM_TAG = "steplog.moved_from"
+"""Tag of a run that ``steplog sync --to`` created: the tracking URI and run id (or experiment)
+of the run whose missing records it received."""
 RUN_TOKEN_TAG = "steplog.run_token"
 """Tag set on the run at creation, so a retried ``open`` finds the run a lost answer created."""
 

@@ -33,6 +33,7 @@ from steplog.sinks.mlflow.common import (
     MAX_METRICS_PER_REQUEST,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    MOVED_FROM_TAG,
     RUN_TOKEN_TAG,
     Chunk,
     RunRef,
@@ -159,6 +160,33 @@ class MLflowSink(Sink):
                                target["artifact_uri"])
         sink._transport = make_transport(sink.tracking_uri, sink.request_timeout_s)
         return sink
+
+    @classmethod
+    def redirected(cls, target: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+        """The target of a new run at ``tracking_uri`` for what the run ``target`` describes
+        lacks: the same experiment name, run name, user tags, registered model and request
+        timeout, a fresh run token (so an interrupted move finds its run again instead of
+        creating a second one), no run yet, and a ``steplog.moved_from`` tag naming the original
+        run. ``ValueError`` for a tracking URI MLflow can never use."""
+        problem = tracking_uri_problem(tracking_uri)
+        if problem is not None:
+            raise ValueError(problem)
+        origin = target.get("tracking_uri") or "?"
+        if target.get("run_id"):
+            origin += f" run {target['run_id']}"
+        else:
+            origin += f" experiment {target.get('experiment_name')!r} (its run never existed)"
+        tags = {str(k): str(v) for k, v in (target.get("tags") or {}).items()}
+        tags[MOVED_FROM_TAG] = origin
+        return {
+            **target,
+            "tracking_uri": portable_uri(tracking_uri),
+            "run_token": uuid.uuid4().hex,
+            "run_id": None,
+            "experiment_id": None,
+            "artifact_uri": None,
+            "tags": tags,
+        }
 
     def release(self) -> None:
         if self._transport is not None:
