@@ -256,3 +256,27 @@ def test_sync_to_a_uri_mlflow_cannot_use_is_refused_before_anything_moves(
     assert main(["sync", str(run_dir), "--to", "localhost:5000"]) == 2
     assert "did you mean http://localhost:5000" in capsys.readouterr().err
     assert (run_dir / "run.json").read_text() == before
+
+
+def test_sync_to_a_local_file_store_is_refused_before_anything_moves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = journal_of_a_dead_server(tmp_path / "runs", unique("to-file"), 10)
+    before = (run_dir / "run.json").read_text()
+    assert main(["sync", str(run_dir), "--to", str(tmp_path / "mlruns")]) == 2
+    assert "local file store" in capsys.readouterr().err
+    assert (run_dir / "run.json").read_text() == before
+
+
+def test_a_move_whose_new_run_was_never_created_can_be_sent_elsewhere(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiment = unique("to-nowhere")
+    run_dir = journal_of_a_dead_server(tmp_path / "runs", experiment, 1000)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert main(["sync", str(run_dir), "--to", nowhere, "--timeout", "1"]) == 1
+    capsys.readouterr()
+    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
+    (run,) = runs_of(mlflow_server, experiment)
+    assert steps(mlflow_server, run["info"]["run_id"]) == list(range(1000))
+    assert not (run_dir / "journal").exists()  # everything arrived there

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -80,7 +81,11 @@ def _show(args: argparse.Namespace) -> int:
     run directory of a journaling logger, what its journal holds and what each sink lacks."""
     run = Path(args.dir)
     if (run / "journal").is_dir():
-        return _show_journal(run)
+        try:
+            return _show_journal(run)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"steplog show: cannot read {run}: {exc}", file=sys.stderr)
+            return 1
     scalars = run / "scalars.jsonl"
     if not scalars.exists():
         print(f"{run} is not a steplog file run (no scalars.jsonl)", file=sys.stderr)
@@ -109,7 +114,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _show_journal(run: Path) -> int:
-    from steplog.frames import decode_batch
+    from steplog.frames import count_records
     from steplog.journal import Journal, JournalLockedError
     from steplog.kept import find_kept
 
@@ -125,7 +130,7 @@ def _show_journal(run: Path) -> int:
               f"journal: {summary.frames} frames, {summary.bytes:,} bytes")
         for consumer, info in manifest.get("sinks", {}).items():
             where, run_name = _destination(info.get("target") or {})
-            lacking = sum(len(decode_batch(payload)) for _, payload in journal.pending(consumer))
+            lacking = sum(count_records(payload) for _, payload in journal.pending(consumer))
             cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
             moved = ""
             if info.get("moved_from"):
@@ -139,7 +144,7 @@ def _show_journal(run: Path) -> int:
         print(f"  {len(kept)} uploads kept: "
               + ", ".join(f"{k.artifact.name} -> {k.sink}" for k in kept))
     if kept or any(c.pending for c in summary.consumers.values()):
-        print(f"deliver what is missing with: steplog sync {run}")
+        print(f"deliver what is missing with: steplog sync {shlex.quote(str(run))}")
     return 0
 
 
@@ -293,7 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "URI (same experiment, run name, tags and status)")
     sync.set_defaults(func=_sync)
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        # A sync stopped here resumes where its cursors are with the next one.
+        print("steplog: interrupted", file=sys.stderr)
+        return 130
     return code
 
 

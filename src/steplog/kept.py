@@ -12,6 +12,7 @@ payload, and removes the kept folder once it is stored.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -152,7 +153,9 @@ def sync_kept(path: str | os.PathLike[str],
 
     for run_dir in sorted({k.run_dir for k in find_kept(path)}):
         if (run_dir / "uploads").is_dir() and not (run_dir / "journal").exists():
-            move_run(run_dir, to)  # what cannot move is reported below, upload by upload
+            # What cannot move (an unwritable folder, say) is reported below, upload by upload.
+            with contextlib.suppress(Exception):
+                move_run(run_dir, to)
     stored = failed = 0
     unreadable: list[tuple[Path, str]] = []
     for kept in find_kept(path, lambda m, why: unreadable.append((m, why))):

@@ -11,13 +11,15 @@ interrupted move is continued into the same new run (found by its token) by any 
 sync without ``--to`` first gives a moved group's other places the same target (a crash between
 two files leaves nothing split), then follows the targets. Only MLflow runs move; a group is
 moved only when it lacks something (a sink with frames after its cursor, or a kept upload). A
-second ``--to`` with another URI is refused for a group already moved: part of what it lacked
-may be in the first new run already.
+second ``--to`` with another URI is refused for a group already moved to a run that exists: part
+of what it lacked may be in it already; a move whose new run was never created (its server
+never answered, a wrong URI) is replaced by the new one.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +93,12 @@ def refusal(kind: str, moved_to: str | None, to: str, run: Path) -> str:
         return (f"a {kind} sink cannot be moved to an MLflow run (only MLflow sinks can); it "
                 "stays kept for a steplog sync without --to")
     if moved_to is None:
-        return ("not moved with its run (the run's journal is in use by a running logger, or "
-                "could not be read); it stays kept")
+        return (f"not moved with its run: move the whole run directory with: steplog sync "
+                f"{shlex.quote(str(run))} --to {shlex.quote(to)} (unless its journal is in use "
+                "by a running logger or cannot be read); it stays kept")
     return (f"already moved to a new run at {moved_to} by an earlier steplog sync --to, which "
-            f"may hold part of what it lacked; finish that move with: steplog sync {run} --to "
-            f"{moved_to} (or without --to)")
+            f"may hold part of what it lacked; finish that move with: steplog sync "
+            f"{shlex.quote(str(run))} --to {shlex.quote(moved_to)} (or without --to)")
 
 
 def follow(entry: dict[str, Any], to: str | None) -> dict[str, Any]:
@@ -105,6 +108,11 @@ def follow(entry: dict[str, Any], to: str | None) -> dict[str, Any]:
     if to is not None and is_moved_to(entry, to):
         return {**target, "tracking_uri": to}
     return target
+
+
+def _created_anything(members: list[_Place]) -> bool:
+    """Whether any place of a moved group holds a run id for its new run."""
+    return any((p.target or {}).get("run_id") for p in members if p.moved_from is not None)
 
 
 def move_run(run: Path, to: str | None, lacking: Collection[str] = ()) -> dict[str, str]:
@@ -154,10 +162,24 @@ def move_run(run: Path, to: str | None, lacking: Collection[str] = ()) -> dict[s
                 if status in ("FINISHED", "FAILED", "KILLED"):
                     moved["end_status"] = status
             elif moved.get("tracking_uri") != _portable(to):
-                for p in members:
-                    if p.lacking:
-                        errors[p.key] = refusal(p.kind, moved.get("tracking_uri"), to, run)
-                continue
+                if moved.get("run_id") is None and not _created_anything(members):
+                    # The earlier move never created its run (that server never answered, or
+                    # a wrong URI): nothing went there, so this move replaces it.
+                    from steplog.sinks import redirect
+
+                    original = next(p.moved_from for p in members if p.moved_from is not None)
+                    moved = redirect(members[0].kind, original or {}, to)
+                    if status in ("FINISHED", "FAILED", "KILLED"):
+                        moved["end_status"] = status
+                    for p in members:
+                        if p.moved_from is not None:
+                            p.entry["target"] = dict(moved)
+                            p.changed = True
+                else:
+                    for p in members:
+                        if p.lacking:
+                            errors[p.key] = refusal(p.kind, moved.get("tracking_uri"), to, run)
+                    continue
         if moved is None:
             continue
         for p in members:

@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import operator
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -832,7 +833,8 @@ class _SinkRunner:
             folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
         except Exception as exc:
             return f"{reason} (it could not be kept for a later upload: {exc!r})"
-        return f"{reason}; kept in {folder}, upload it later with: steplog sync {folder}"
+        command = f"steplog sync {shlex.quote(str(folder))}"
+        return f"{reason}; kept in {folder}, upload it later with: {command}"
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str) -> None:
         """Count ``records`` (a batch, lane parts or queue items) as rejected or failed by this
@@ -1248,7 +1250,7 @@ class Pipeline:
             return None
         if self._runners_left == 0 and not self.journal_kept:
             return None
-        return f"steplog sync {journal.run_dir}"
+        return f"steplog sync {shlex.quote(str(journal.run_dir))}"
 
     # -- the end ---------------------------------------------------------------------------
     def shut_down(self, status: RunStatus) -> bool:

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -128,8 +129,15 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
         done = all(journal.cursor(c) >= journal.last_seq for c in journal.consumers)
         if done:
             journal.compact()
+            # Renamed while held: a sync or a crash never meets a half-removed journal.
+            doomed = run / ".journal.delivered"
+            shutil.rmtree(doomed, ignore_errors=True)  # left by a removal that was cut short
+            try:
+                os.replace(run / "journal", doomed)
+            except OSError:
+                doomed = run / "journal"
     if done:
-        shutil.rmtree(run / "journal", ignore_errors=True)
+        shutil.rmtree(doomed, ignore_errors=True)
         with contextlib.suppress(OSError):
             (run / "run.json").unlink()
         with contextlib.suppress(OSError):
@@ -192,6 +200,7 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
         """(records decoded up to a frame's end, its seq), for frames not written whole."""
         frames = journal.pending(consumer)
         exhausted = False
+        undecodable: str | None = None
         while True:
             # Fill one write of `size` records (or what is left), across frame boundaries.
             while len(buf) - pos < size and not exhausted:
@@ -203,8 +212,12 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
                 try:
                     batch = decode_batch(payload)
                 except msgspec.DecodeError as exc:
-                    out.error = f"frame {seq} cannot be decoded ({exc}); skipped"
-                    batch = Batch()
+                    # Whole (its checksum holds) but not a batch this steplog reads (a newer
+                    # format?): it stays, with everything after it, for a steplog that can.
+                    undecodable = (f"frame {seq} cannot be decoded by this steplog ({exc}); it "
+                                   "and the frames after it stay kept")
+                    exhausted = True
+                    break
                 if pos:
                     buf, pos = buf[pos:], 0
                 buf.extend(batch)
@@ -227,6 +240,8 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
                 progress(out)
             if exhausted and not ends:
                 break
+        if undecodable is not None:
+            raise ValueError(undecodable)
         if status is not None:
             # The logger closed with this status; its run (or one this sync created) is
             # ended so.

@@ -69,6 +69,8 @@ _SYNC_RETRIES = {"total": 2, "connect": 2, "read": 2, "redirect": 2, "status": 2
                  "backoff_factor": 0.5}
 """HTTP retries of a reattached sink's session (ClearML's default retries for hours): the sync
 retries on its own, until its deadline."""
+_SYNC_READ_S = 60.0
+"""Longest a reattached sink waits for the answer to one request."""
 _RUNNING = ("created", "in_progress")
 
 CONFIG_HELP = (
@@ -639,12 +641,46 @@ def _session_for(host: str, timeout_s: float) -> Any:
                                  "ClearML server from another process", whole_batch=True)
         Task.set_offline(False)
     try:
-        return Session(host=host, http_retries_config=dict(_SYNC_RETRIES))
+        session = Session(host=host, http_retries_config=dict(_SYNC_RETRIES))
     except Exception as exc:
         if is_retryable(exc):
             raise
         raise PermanentError(f"could not log in to the ClearML API server {host}: {exc}",
                              whole_batch=True) from exc
+    _bound_waits(session, timeout_s)
+    return session
+
+
+class _NoMaintenanceWait:
+    """A ClearML configuration that answers ``api.http.wait_on_maintenance_forever`` with
+    False, and everything else as ``config`` does."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "api.http.wait_on_maintenance_forever":
+            return False
+        return self._config.get(key, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+def _bound_waits(session: Any, connect_s: float) -> None:
+    """Give a reattached sink's session deadlines: by default it resends a request for as long
+    as the server answers 503 (maintenance), honours ``Retry-After`` up to hours, and reads an
+    answer for up to 300 s. Now a 503 is an answer (retried by the sync within its deadline),
+    ``Retry-After`` is ignored, and each request connects within ``connect_s`` and gets its
+    answer within ``_SYNC_READ_S``."""
+    session.config = _NoMaintenanceWait(session.config)
+    for name in ("_session_initial_timeout", "_session_timeout", "_write_session_timeout"):
+        setattr(session, name, (connect_s, _SYNC_READ_S))
+    http = getattr(session, "_Session__http_session", None)
+    for adapter in getattr(http, "adapters", {}).values():
+        retries = getattr(adapter, "max_retries", None)
+        if retries is not None:
+            retries.respect_retry_after_header = False
 
 
 def _checked(res: Any, what: str) -> Any:

@@ -167,10 +167,17 @@ class MLflowSink(Sink):
         lacks: the same experiment name, run name, user tags, registered model and request
         timeout, a fresh run token (so an interrupted move finds its run again instead of
         creating a second one), no run yet, and a ``steplog.moved_from`` tag naming the original
-        run. ``ValueError`` for a tracking URI MLflow can never use."""
+        run. ``ValueError`` for a tracking URI MLflow can never use, or for a local file store
+        (``file:``, a plain path), which stores a row again each time it is sent, so an
+        interrupted move would leave duplicates."""
         problem = tracking_uri_problem(tracking_uri)
         if problem is not None:
             raise ValueError(problem)
+        if urllib.parse.urlsplit(tracking_uri).scheme in ("", "file"):
+            raise ValueError(f"{tracking_uri!r} is a local file store, which keeps every row "
+                             "it is sent: a sync that is interrupted and run again would "
+                             "store points twice there; use a server or a database URI "
+                             "(sqlite:///..., http://...)")
         origin = target.get("tracking_uri") or "?"
         if target.get("run_id"):
             origin += f" run {target['run_id']}"
@@ -367,6 +374,10 @@ def portable_uri(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     parts = urllib.parse.urlsplit(redact(uri))
+    if parts.scheme == "":  # a plain path: a file store
+        return os.path.abspath(uri)
+    if parts.scheme == "file" and not parts.netloc and not parts.path.startswith("/"):
+        return "file://" + os.path.abspath(parts.path)
     if parts.scheme in ("http", "https"):
         return parts._replace(query="", fragment="").geturl()
     return redact(uri)
