@@ -381,3 +381,36 @@ def test_on_a_terminal_sync_shows_one_line_per_sink_updated_in_place(
                         r"ETA 0 s\x1b\[K", frames[-1]), frames[-1]
     assert text.endswith("\r\x1b[K")  # cleared for the summary
     assert "run -> mlflow: 3000 records sent" in out
+
+
+def test_a_frame_this_steplog_cannot_decode_stops_the_sink_and_stays_kept(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    experiment = f"sync-undecodable-{time.monotonic_ns()}"
+    journal = RunJournal(run_dir, [("mlflow", MLflowSink(experiment,
+                                                        tracking_uri=mlflow_server.url))])
+    journal.append([Scalars([("x", 1.0, 0)], 1_000, True)], 1)
+    journal.journal.append(b"\x91\xc1")  # a whole frame (its checksum holds), not a batch
+    journal.append([Scalars([("x", 2.0, 1)], 1_001, True)], 1)
+    journal.write_manifest("FINISHED")
+    assert journal.finish()
+    assert main(["sync", str(run_dir)]) == 1
+    assert "frame 2 cannot be decoded by this steplog" in capsys.readouterr().out
+    with Journal.open(run_dir / "journal") as kept:
+        assert kept.cursor("mlflow") == 1  # stopped before the frame it cannot read
+        assert [seq for seq, _ in kept.pending("mlflow")] == [2, 3]
+
+
+def test_the_printed_sync_command_quotes_a_run_directory_with_a_space(tmp_path: Path) -> None:
+    import shlex
+
+    runs = tmp_path / "my runs"
+    logger = MLFlowLogger("sync-quoted", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=Options(runs_dir=str(runs), retry=QUICK))
+    logger.log_scalar("x", 1.0, 0)
+    result = logger.close(2)
+    assert result.sync is not None
+    program, command, where = shlex.split(result.sync)
+    assert (program, command) == ("steplog", "sync")
+    assert Path(where).parent == runs
