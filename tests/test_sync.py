@@ -414,3 +414,14 @@ def test_the_printed_sync_command_quotes_a_run_directory_with_a_space(tmp_path: 
     program, command, where = shlex.split(result.sync)
     assert (program, command) == ("steplog", "sync")
     assert Path(where).parent == runs
+
+
+def test_the_run_directory_is_printed_once_when_the_logger_starts(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    logger = MLFlowLogger("sync-printed", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=Options(runs_dir=str(tmp_path), retry=QUICK))
+    err = capfd.readouterr().err
+    assert err.count("steplog: journal in ") == 1
+    assert f"steplog: journal in {logger.run_dir} " in err
+    logger.close(0.5)

@@ -46,6 +46,7 @@ import operator
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -942,6 +943,12 @@ class Pipeline:
                     warnings.warn(f"steplog: cannot journal in {self.keeper.run_dir} ({exc}); "
                                   "records are delivered, but not kept on disk for steplog "
                                   "sync", SteplogWarning, stacklevel=4)
+            else:
+                # Printed once, at the start: after a kill -9 nothing else says where it is.
+                where = shlex.quote(str(self.keeper.run_dir))
+                with contextlib.suppress(Exception):
+                    print(f"steplog: journal in {where} (after a crash, steplog sync {where} "
+                          "delivers what did not arrive)", file=sys.stderr)
         policy = options.full_policy
         if policy is None:
             policy = "spill" if self.run_journal is not None else "block"
