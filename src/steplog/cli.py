@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -117,6 +116,7 @@ def _show_journal(run: Path) -> int:
     from steplog.frames import count_records
     from steplog.journal import Journal, JournalLockedError
     from steplog.kept import find_kept
+    from steplog.paths import sync_command
 
     manifest = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     try:
@@ -144,7 +144,7 @@ def _show_journal(run: Path) -> int:
         print(f"  {len(kept)} uploads kept: "
               + ", ".join(f"{k.artifact.name} -> {k.sink}" for k in kept))
     if kept or any(c.pending for c in summary.consumers.values()):
-        print(f"deliver what is missing with: steplog sync {shlex.quote(str(run))}")
+        print(f"deliver what is missing with: {sync_command(run)}")
     return 0
 
 

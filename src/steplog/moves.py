@@ -19,13 +19,12 @@ never answered, a wrong URI) is replaced by the new one.
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steplog.paths import replace_json
+from steplog.paths import replace_json, sync_command
 
 __all__ = ["MOVED_FROM", "follow", "is_moved_to", "move_run", "moved_to", "refusal"]
 
@@ -93,12 +92,12 @@ def refusal(kind: str, moved_to: str | None, to: str, run: Path) -> str:
         return (f"a {kind} sink cannot be moved to an MLflow run (only MLflow sinks can); it "
                 "stays kept for a steplog sync without --to")
     if moved_to is None:
-        return (f"not moved with its run: move the whole run directory with: steplog sync "
-                f"{shlex.quote(str(run))} --to {shlex.quote(to)} (unless its journal is in use "
-                "by a running logger or cannot be read); it stays kept")
+        return (f"not moved with its run: move the whole run directory with: "
+                f"{sync_command(run, to)} (unless its journal is in use by a running logger "
+                "or cannot be read); it stays kept")
     return (f"already moved to a new run at {moved_to} by an earlier steplog sync --to, which "
-            f"may hold part of what it lacked; finish that move with: steplog sync "
-            f"{shlex.quote(str(run))} --to {shlex.quote(moved_to)} (or without --to)")
+            f"may hold part of what it lacked; finish that move with: "
+            f"{sync_command(run, moved_to)} (or without --to)")
 
 
 def follow(entry: dict[str, Any], to: str | None) -> dict[str, Any]:

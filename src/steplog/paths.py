@@ -1,5 +1,6 @@
 """Files steplog writes for itself: artifact names that can never leave the run's directory,
-hard links instead of copies, and JSON files replaced atomically."""
+hard links instead of copies, JSON files replaced atomically, and the ``steplog sync``
+command that delivers what a directory keeps."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import contextlib
 import json
 import os
 import posixpath
+import shlex
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["link_or_copy", "replace_json", "safe_relpath"]
+__all__ = ["link_or_copy", "replace_json", "safe_relpath", "sync_command"]
+
+
+def sync_command(path: str | os.PathLike[str], to: str | None = None) -> str:
+    """The ``steplog sync`` command line for ``path`` (and ``--to``), quoted for a shell."""
+    command = f"steplog sync {shlex.quote(str(path))}"
+    return command if to is None else f"{command} --to {shlex.quote(to)}"
 
 
 def replace_json(path: Path, data: Any) -> None:

@@ -64,6 +64,7 @@ from steplog.errors import JournalStoppedError, LoggerClosedError, SteplogWarnin
 from steplog.frames import decode_batch
 from steplog.journal import Durability, Journal, JournalError, JournalFullError
 from steplog.kept import Keeper
+from steplog.paths import sync_command
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
 from steplog.retry import RetryPolicy, call_with_retry, check_seconds, is_retryable
@@ -834,8 +835,7 @@ class _SinkRunner:
             folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
         except Exception as exc:
             return f"{reason} (it could not be kept for a later upload: {exc!r})"
-        command = f"steplog sync {shlex.quote(str(folder))}"
-        return f"{reason}; kept in {folder}, upload it later with: {command}"
+        return f"{reason}; kept in {folder}, upload it later with: {sync_command(folder)}"
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str) -> None:
         """Count ``records`` (a batch, lane parts or queue items) as rejected or failed by this
@@ -945,10 +945,11 @@ class Pipeline:
                                   "sync", SteplogWarning, stacklevel=4)
             else:
                 # Printed once, at the start: after a kill -9 nothing else says where it is.
-                where = shlex.quote(str(self.keeper.run_dir))
+                run_dir = self.keeper.run_dir
                 with contextlib.suppress(Exception):
-                    print(f"steplog: journal in {where} (after a crash, steplog sync {where} "
-                          "delivers what did not arrive)", file=sys.stderr)
+                    print(f"steplog: journal in {shlex.quote(str(run_dir))} (after a crash, "
+                          f"{sync_command(run_dir)} delivers what did not arrive)",
+                          file=sys.stderr)
         policy = options.full_policy
         if policy is None:
             policy = "spill" if self.run_journal is not None else "block"
@@ -1257,7 +1258,7 @@ class Pipeline:
             return None
         if self._runners_left == 0 and not self.journal_kept:
             return None
-        return f"steplog sync {shlex.quote(str(journal.run_dir))}"
+        return sync_command(journal.run_dir)
 
     # -- the end ---------------------------------------------------------------------------
     def shut_down(self, status: RunStatus) -> bool:

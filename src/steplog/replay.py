@@ -22,8 +22,6 @@ import collections
 import contextlib
 import functools
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +35,7 @@ from steplog.moves import MOVED_FROM, follow, move_run
 from steplog.paths import replace_json
 from steplog.records import Batch
 from steplog.retry import RetryPolicy, call_with_retry, is_retryable
+from steplog.runlog import remove_delivered
 from steplog.sinks.base import RunStatus, Sink
 
 __all__ = ["SinkReplay", "find_runs", "replay_run"]
@@ -126,22 +125,8 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
                 out.seconds = time.monotonic() - started
                 with contextlib.suppress(Exception):
                     sink.release()
-        done = all(journal.cursor(c) >= journal.last_seq for c in journal.consumers)
-        if done:
-            journal.compact()
-            # Renamed while held: a sync or a crash never meets a half-removed journal.
-            doomed = run / ".journal.delivered"
-            shutil.rmtree(doomed, ignore_errors=True)  # left by a removal that was cut short
-            try:
-                os.replace(run / "journal", doomed)
-            except OSError:
-                doomed = run / "journal"
-    if done:
-        shutil.rmtree(doomed, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (run / "run.json").unlink()
-        with contextlib.suppress(OSError):
-            run.rmdir()
+        if all(journal.cursor(c) >= journal.last_seq for c in journal.consumers):
+            remove_delivered(run)  # while held: no other sync opens it meanwhile
     return results
 
 

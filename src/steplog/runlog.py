@@ -34,7 +34,7 @@ from steplog.journal import Durability, Journal
 from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
-__all__ = ["RunJournal", "consumer_name"]
+__all__ = ["RunJournal", "consumer_name", "remove_delivered"]
 
 _ACK_INTERVAL_S = 1.0
 
@@ -42,6 +42,23 @@ _ACK_INTERVAL_S = 1.0
 def consumer_name(label: str) -> str:
     """The journal consumer of a sink label (``mlflow#1`` -> ``mlflow-1``)."""
     return label.replace("#", "-")
+
+
+def remove_delivered(run_dir: Path) -> None:
+    """Remove a run directory's journal and ``run.json`` (the directory too when nothing else,
+    such as kept uploads, is left). The journal is first renamed aside, so a crash or a sync
+    never meets a half-removed one."""
+    doomed = run_dir / ".journal.delivered"
+    shutil.rmtree(doomed, ignore_errors=True)  # left by a removal that was cut short
+    try:
+        os.replace(run_dir / "journal", doomed)
+    except OSError:
+        doomed = run_dir / "journal"
+    shutil.rmtree(doomed, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (run_dir / "run.json").unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 class _Progress:
@@ -194,15 +211,5 @@ class RunJournal:
         kept = self.pending()
         self.journal.close()
         if not kept:
-            self._remove()
+            remove_delivered(self.run_dir)
         return kept
-
-    def _remove(self) -> None:
-        doomed = self.run_dir / ".journal.delivered"
-        with contextlib.suppress(OSError):
-            os.replace(self.run_dir / "journal", doomed)  # never a half-deleted journal
-        shutil.rmtree(doomed, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (self.run_dir / "run.json").unlink()
-        with contextlib.suppress(OSError):
-            self.run_dir.rmdir()  # only when nothing else (kept uploads) is there
