@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import numbers
 import sys
+import threading
 from typing import Any
 
 import msgspec
@@ -25,24 +26,102 @@ __all__ = [
 ]
 
 
+class _PinnedSlots:
+    """Pinned host slots for scalars copied off a GPU, each with its own event, per device and
+    dtype, reused once the worker has read them.
+
+    Slots are allocated by the worker, a chunk at a time, and kept: the caller only takes a free
+    one, so a capture never allocates pinned memory (an allocation may wait for the device).
+    """
+
+    CHUNK = 1024
+    LOW = CHUNK // 4
+    """The worker adds a chunk when fewer slots than this are free."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, Any], list[tuple[Any, Any]]] = {}
+        self._grow_lock = threading.Lock()
+        self.allocated: dict[tuple[Any, Any], int] = {}
+        """Slots allocated so far, per ``(device, dtype)``."""
+
+    def take(self, device: Any, dtype: Any) -> tuple[Any, Any] | None:
+        """A free ``(0-d pinned tensor, event)`` for ``dtype`` values from ``device``, or
+        ``None`` when there is none yet."""
+        free = self._free.get((device, dtype))
+        try:
+            return free.pop() if free is not None else None  # atomic under the GIL
+        except IndexError:
+            return None
+
+    def give(self, key: tuple[Any, Any], slot: tuple[Any, Any]) -> None:
+        self._free[key].append(slot)
+
+    def replenish(self, torch: Any, key: tuple[Any, Any]) -> None:
+        """Worker only: add a chunk of slots for ``key`` when few are free."""
+        free = self._free.get(key)
+        if free is not None and len(free) >= self.LOW:
+            return
+        with self._grow_lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < self.LOW:
+                ring = torch.empty(self.CHUNK, dtype=key[1], pin_memory=True)
+                free[:0] = [(ring[i], torch.cuda.Event(blocking=True))
+                            for i in range(self.CHUNK)]
+                self.allocated[key] = self.allocated.get(key, 0) + self.CHUNK
+
+
+_SLOTS = _PinnedSlots()
+
+_STREAMS: dict[tuple[int, int, int], Any] = {}
+"""Stream objects by ``(stream id, device index, device type)``: building one costs more than
+the copy it orders."""
+
+
+def _current_stream(torch: Any, device: Any) -> Any:
+    """The current stream of ``device``, as a cached ``torch.cuda.Stream``."""
+    current = getattr(torch._C, "_cuda_getCurrentStream", None)
+    if current is None:  # a torch without it: the public call
+        return torch.cuda.current_stream(device)
+    key = current(device.index)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        if len(_STREAMS) >= 64:  # a caller that makes a new stream per step
+            _STREAMS.clear()
+        stream = _STREAMS[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1],
+                                                   device_type=key[2])
+    return stream
+
+
 class PendingValue:
-    """A scalar still on an accelerator: its copy to host memory was started at the call.
+    """A scalar still on an accelerator: its copy to host memory was queued at the call.
 
     ``resolve()`` (worker only) waits for that copy, not for the whole device, and returns the
     float. The caller's thread never waits.
     """
 
-    __slots__ = ("_event", "_host")
+    __slots__ = ("_event", "_host", "_key")
 
     def __init__(self, tensor: Any) -> None:
         torch = sys.modules["torch"]
         src = tensor.detach()
-        if src.device.type == "cuda":
-            # A non-blocking device-to-host copy on the current stream, and an event after it:
+        if src.dim():
+            src = src.reshape(())
+        device = src.device
+        self._key: tuple[Any, Any] | None = None
+        if device.type == "cuda":
+            # A non-blocking copy into a pinned slot and an event after it, both on the current
+            # stream of the tensor's device (where the kernels that computed it were queued):
             # the worker waits on the event, so the training thread never synchronises.
-            self._host = src.to("cpu", non_blocking=True)
-            self._event: Any = torch.cuda.Event()
-            self._event.record()
+            stream = _current_stream(torch, device)
+            slot = _SLOTS.take(device, src.dtype)
+            if slot is not None:
+                self._key = (device, src.dtype)
+                self._host, self._event = slot
+                self._host.copy_(src, non_blocking=True)
+            else:  # no free slot yet: a copy on the device, read (and slots added) by the worker
+                self._host = src.clone()
+                self._event = torch.cuda.Event(blocking=True)
+            self._event.record(stream)
         else:
             # Other devices: snapshot on the device (asynchronous there); read on the worker.
             self._host = src.clone()
@@ -50,9 +129,27 @@ class PendingValue:
 
     def resolve(self) -> float:
         """The captured value as a float; blocks the calling (worker) thread until it is copied."""
-        if self._event is not None:
-            self._event.synchronize()
-        return float(self._host.item())
+        event = self._event
+        if event is None:
+            return float(self._host.item())
+        event.synchronize()
+        value = float(self._host.item())
+        key = self._key
+        if key is not None:
+            self._key = None
+            _SLOTS.give(key, (self._host, event))
+        else:
+            key = (self._host.device, self._host.dtype)
+        _SLOTS.replenish(sys.modules["torch"], key)
+        return value
+
+    def __del__(self) -> None:
+        # A value never read (its record was dropped): its slot is reused only once its copy
+        # is known to be done; otherwise it is left to the garbage collector.
+        key = self._key
+        if key is not None and self._event.query():
+            self._key = None
+            _SLOTS.give(key, (self._host, self._event))
 
 
 def _real_dtype(kind: str) -> bool:

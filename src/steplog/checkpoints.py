@@ -266,7 +266,7 @@ def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: i
         snapshot._buffers = copier.used
         for device in copier.devices:
             # After this device's copies, on the stream they were issued on.
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # the worker sleeps, not spins
             event.record(torch.cuda.current_stream(device))
             snapshot._events.append(event)
     except BaseException:
