@@ -5,7 +5,9 @@ a real job): a one-thread torch step loop (an MLP forward and backward plus an S
 0.5 ms) for ``--seconds`` seconds, logging ``K`` scalars per step, against:
 
 * ``none``: the same loop without logging (the baseline);
-* ``file``: ``FileLogger``;
+* ``file``: ``FileLogger`` (its default ``offload="auto"``: a writer process takes the encoding
+  once a batch holds 10,000 scalars);
+* ``file-thread``: ``FileLogger(offload="never")``: the worker thread always encodes and writes;
 * ``mlflow-embedded``: ``MLFlowLogger`` on the embedded default store (``sqlite:///``), which
   runs MLflow's client in steplog's sink host process;
 * ``mlflow-http``: ``MLFlowLogger`` against an ``mlflow server`` started by this benchmark;
@@ -27,7 +29,8 @@ figure is the median over the rounds (per second, and for the whole run).
 started only when an MLflow contender runs.
 
     python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10] [--repeat 1]
-        [--contenders none file mlflow-embedded mlflow-http clearml clearml-sdk none-again]
+        [--contenders none file file-thread mlflow-embedded mlflow-http clearml clearml-sdk
+                      none-again]
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-CONTENDERS = ("none", "file", "mlflow-embedded", "mlflow-http", "clearml", "clearml-sdk",
-              "none-again")
+CONTENDERS = ("none", "file", "file-thread", "mlflow-embedded", "mlflow-http", "clearml",
+              "clearml-sdk", "none-again")
 """``none-again`` repeats the baseline last: its difference from ``none`` is the machine's noise."""
 
 
@@ -68,6 +71,8 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
     logger = None
     if contender == "file":
         logger = steplog.FileLogger(os.path.join(workdir, "run"))
+    elif contender == "file-thread":
+        logger = steplog.FileLogger(os.path.join(workdir, "run"), offload="never")
     elif contender == "mlflow-embedded":
         logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
     elif contender == "mlflow-http":

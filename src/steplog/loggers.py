@@ -34,7 +34,7 @@ from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
 from steplog.sinks.clearml import ClearMLSink
-from steplog.sinks.file import Existing, FileSink
+from steplog.sinks.file import Existing, FileSink, Offload
 from steplog.sinks.mlflow import MLflowSink
 from steplog.system import SystemSampler
 
@@ -446,14 +446,16 @@ class FileLogger(Logger):
     ``existing`` says what happens when ``output_dir`` already holds a run: ``"aside"``
     (default) moves that run's files into ``previous/<time>/`` first, ``"append"`` continues
     it, ``"error"`` raises ``FileExistsError``. An unwritable directory raises at once.
+    ``offload`` says where the scalar lines are encoded and written (see
+    :data:`steplog.sinks.file.Offload`): by default, in a writer process once the rate is high.
     """
 
     def __init__(
         self, output_dir: str | os.PathLike[str], logging_freq: int = 1, *,
-        options: Options | None = None, existing: Existing = "aside",
+        options: Options | None = None, existing: Existing = "aside", offload: Offload = "auto",
     ) -> None:
         self.output_dir = os.fspath(output_dir)
-        sink = FileSink(self.output_dir, existing=existing)
+        sink = FileSink(self.output_dir, existing=existing, offload=offload)
         super().__init__(logging_freq, sinks=[sink], options=options)
 
 

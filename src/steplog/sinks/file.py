@@ -23,15 +23,17 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
 
-from steplog.errors import SteplogWarning
+from steplog.errors import RetryableError, SteplogWarning
+from steplog.frames import decode_batch, encode_batch
 from steplog.paths import link_or_copy, safe_relpath
 from steplog.records import (
     Artifact,
@@ -39,13 +41,18 @@ from steplog.records import (
     MetricRecord,
     Param,
     Scalar,
+    Scalars,
     Tag,
     now_ms,
     scalar_objects,
 )
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["RUN_FILES", "Existing", "FileSink"]
+if TYPE_CHECKING:
+    from steplog.host import Host
+
+__all__ = ["OFFLOAD_ROWS", "RUN_FILES", "Existing", "FileSink", "Offload", "ScalarAppender",
+           "scalar_lines"]
 
 Existing = Literal["aside", "append", "error"]
 """What a new run does in a directory that holds an earlier one: move the earlier run's files
@@ -57,7 +64,20 @@ RUN_FILES = (
 )  # fmt: skip
 """The files of a run that the sink writes itself (artifacts come on top)."""
 
+Offload = Literal["auto", "always", "never"]
+"""Where a file sink encodes and writes its scalar lines: in a writer process beside the
+training process once a batch holds ``OFFLOAD_ROWS`` scalars (``"auto"``), there from the
+start (``"always"``), or always on the worker thread (``"never"``)."""
+
+OFFLOAD_ROWS = 10_000
+"""Scalars in one batch that make an ``"auto"`` file sink start its writer process: a batch
+of the sink's 0.1 s batch age holds that many at 100,000 scalars per second."""
+
+_HOST_STARTS = 3
+"""Writer processes a sink starts in all; after that its worker thread writes."""
+
 _NONFINITE_MARK = b'"value":null'
+_ENCODER = msgspec.json.Encoder()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -72,25 +92,104 @@ def _dump_json_atomic(path: Path, data: Any) -> None:
     _write_atomic(path, text.encode("utf-8"))
 
 
+def scalar_lines(parts: Sequence[Any]) -> tuple[bytes, bool]:
+    """The ``scalars.jsonl`` lines of the scalars in a batch's parts, built with one msgspec
+    call (see :func:`~steplog.records.scalar_objects`; NaN and infinities as the tokens
+    pandas reads), and whether the parts also hold params or tags."""
+    scalars, finite, settings = scalar_objects(parts)
+    if not scalars:
+        return b"", settings
+    data = _ENCODER.encode_lines(scalars)
+    if not finite and _NONFINITE_MARK in data:
+        data = _lines_with_nonfinite(scalars)
+    return data, settings
+
+
+def _lines_with_nonfinite(scalars: list[Any]) -> bytes:
+    lines = []
+    for r in scalars:
+        if math.isfinite(r.value):
+            lines.append(_ENCODER.encode(r))
+        else:
+            row = {"name": r.name, "value": r.value, "step": r.step, "timestamp": r.timestamp}
+            lines.append(json.dumps(row, allow_nan=True, separators=(",", ":")).encode())
+    lines.append(b"")
+    return b"\n".join(lines)
+
+
+def _write_all(fd: int, data: bytes, offset: int | None = None) -> int:
+    """Write all of ``data`` (at ``offset``, else at the file's position); the end offset."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        if offset is not None:
+            offset += n
+    return offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR)
+
+
+class ScalarAppender:
+    """A file sink's writer process (a :class:`~steplog.host.Host` object): encodes the scalars
+    of a frame and writes their lines into ``scalars.jsonl`` at the offset the sink gives.
+
+    The file is first cut back to that offset, so a batch retried after a writer process died
+    while writing it is written once, whole."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def size(self) -> int:
+        """The file's size in bytes (a call that also says the process is ready)."""
+        return os.fstat(self._fd).st_size
+
+    def append(self, start: int, frame: bytes) -> int:
+        """The lines of ``frame``'s scalars written at byte ``start``; the new size."""
+        data, _ = scalar_lines(decode_batch(frame).parts)
+        if os.fstat(self._fd).st_size != start:
+            os.ftruncate(self._fd, start)
+        return _write_all(self._fd, data, start)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class FileSink(Sink):
     """Writes a run into ``output_dir``, a batch at a time. A write that fails leaves the files
     as they were before it (a partial batch is truncated away), so a retried or split batch
-    never duplicates a line, and a crash loses only records not yet written."""
+    never duplicates a line, and a crash loses only records not yet written.
+
+    ``offload`` (see :data:`Offload`): at high rates the JSON encoding of the scalars is most of
+    the worker's Python work, and it shares the training process's GIL. A writer process (a
+    :class:`~steplog.host.Host` running :class:`ScalarAppender`) then takes the batches as
+    msgpack frames and encodes and writes them on another core. It starts in the background
+    (the worker writes meanwhile), exits with the training process, and one that dies is
+    replaced (at most three in all; then the worker writes again). Params, tags and artifacts
+    are always written by the sink itself."""
 
     kind: ClassVar[str] = "file"
     max_batch = 50_000
     max_batch_age_s = 0.1
 
-    def __init__(self, output_dir: str | os.PathLike[str], *, existing: Existing = "aside"
-                 ) -> None:
+    def __init__(self, output_dir: str | os.PathLike[str], *, existing: Existing = "aside",
+                 offload: Offload = "auto") -> None:
         if existing not in ("aside", "append", "error"):
             raise ValueError(f"existing must be 'aside', 'append' or 'error', got {existing!r}")
+        if offload not in ("auto", "always", "never"):
+            raise ValueError(f"offload must be 'auto', 'always' or 'never', got {offload!r}")
         self.output_dir = Path(output_dir).absolute()
         self.existing = existing
+        self.offload = offload
         self._encoder = msgspec.json.Encoder()
         self._scalars: Any = None
         self._params: dict[str, Any] = {}
         self._tags: dict[str, str] = {}
+        self.host: Host | None = None
+        """The writer process, once one was asked for."""
+        self._hosted = False
+        """Whether batches go to the writer process (it answered, and has not died since)."""
+        self._host_lock = threading.Lock()
+        self._starting = False
+        self._closing = False
 
     def describe(self) -> str:
         return str(self.output_dir)
@@ -163,48 +262,88 @@ class FileSink(Sink):
         _drop_torn_tail(path)
         # Unbuffered: a failed write leaves nothing in a buffer that a later write would flush.
         self._scalars = open(path, "ab", buffering=0)  # noqa: SIM115
+        if self.offload == "always":
+            self._start_host()
 
     def write(self, records: Sequence[MetricRecord]) -> None:
         """Append the batch's scalars and store its params and tags, all or nothing.
 
-        The scalars are encoded with one msgspec call for the batch, from the rows of its
-        blocks (see :func:`~steplog.records.scalar_objects`)."""
+        The scalars are encoded with one msgspec call for the batch (:func:`scalar_lines`), on
+        this thread or in the writer process (``offload``)."""
         fd = self._scalars.fileno()
         start = os.fstat(fd).st_size
         params, tags = self._params, self._tags
         parts = Batch.of(records).parts
         try:
-            lines, finite, settings = scalar_objects(parts)
-            if lines:
-                self._append_scalars(lines, finite)
+            if self._hosted:
+                settings = self._append_in_host(parts, start)
+            else:
+                data, settings = scalar_lines(parts)
+                _write_all(fd, data)
+                if self.offload == "auto" and _rows(parts) >= OFFLOAD_ROWS:
+                    self._start_host()
             if settings:
                 self._store_settings(parts)
         except BaseException:
             # Leave no partial batch behind: the retry (or each half of a split batch) writes
-            # its records again, once.
+            # its records again, once. (A writer process that died is dead by now.)
             self._params, self._tags = params, tags
             os.ftruncate(fd, start)
             raise
 
-    def _append_scalars(self, scalars: list[Any], finite: bool) -> None:
-        data = self._encoder.encode_lines(scalars)
-        if not finite and _NONFINITE_MARK in data:
-            data = self._encode_with_nonfinite(scalars)
-        view = memoryview(data)
-        write = self._scalars.write
-        while view:
-            view = view[write(view):]
+    def _append_in_host(self, parts: list[Any], start: int) -> bool:
+        host = self.host
+        assert host is not None
+        try:
+            host.call("api", "append", start, encode_batch(Batch(parts)))
+        except RetryableError:
+            self._hosted = False  # this thread writes until a new writer process answers
+            self._start_host()
+            raise
+        return any(type(p) is Param or type(p) is Tag for p in parts)
 
-    def _encode_with_nonfinite(self, scalars: list[Any]) -> bytes:
-        lines = []
-        for r in scalars:
-            if math.isfinite(r.value):
-                lines.append(self._encoder.encode(r))
-            else:
-                row = {"name": r.name, "value": r.value, "step": r.step, "timestamp": r.timestamp}
-                lines.append(json.dumps(row, allow_nan=True, separators=(",", ":")).encode())
-        lines.append(b"")
-        return b"\n".join(lines)
+    def _start_host(self) -> None:
+        """Start a writer process in the background, unless one is starting or running, or
+        every start is spent."""
+        with self._host_lock:
+            if self._starting or self._hosted or self._closing:
+                return
+            if self.host is None:
+                from steplog.host import Host
+
+                self.host = Host("steplog.sinks.file:ScalarAppender",
+                                 [str(self.output_dir / "scalars.jsonl")], channels=("api",),
+                                 start_timeout_s=60.0, call_timeout_s=60.0)
+            elif self.host.starts >= _HOST_STARTS:
+                return
+            self._starting = True
+        threading.Thread(target=self._await_host, args=(self.host,), daemon=True,
+                         name="steplog-file-writer-start").start()
+
+    def _stop_host(self) -> None:
+        with self._host_lock:
+            self._closing = True
+            self._hosted = False
+            host = self.host
+        if host is not None:
+            host.close()
+
+    def release(self) -> None:
+        self._stop_host()
+
+    def _await_host(self, host: Host) -> None:
+        try:
+            host.call("api", "size")
+        except Exception as exc:  # no process: this sink's worker thread writes
+            if not self._closing:
+                warnings.warn(f"steplog: the file sink's writer process for {self.output_dir} "
+                              f"did not start ({exc}); the worker thread writes the scalars",
+                              SteplogWarning, stacklevel=1)
+        else:
+            self._hosted = not self._closing
+        finally:
+            with self._host_lock:
+                self._starting = False
 
     def _store_settings(self, records: Sequence[Any]) -> None:
         params = tags = None
@@ -290,6 +429,7 @@ class FileSink(Sink):
     def close(self, status: RunStatus) -> None:
         """Make ``scalars.jsonl`` durable, write ``scalars.json`` (the seed's format) from it,
         and record the run's status in ``run.json``."""
+        self._stop_host()
         if self._scalars is not None:
             os.fsync(self._scalars.fileno())
             self._scalars.close()
@@ -298,6 +438,10 @@ class FileSink(Sink):
         path = self.output_dir / "scalars.jsonl"
         if path.exists():
             _write_series(self.output_dir / "scalars.json", read_series(path))
+
+
+def _rows(parts: Sequence[Any]) -> int:
+    return sum(len(p.rows) if type(p) is Scalars else 1 for p in parts)
 
 
 def _step_of(version: str) -> int | None:

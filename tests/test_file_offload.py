@@ -1,0 +1,124 @@
+"""The file sink's writer process: at high rates the scalar lines are encoded and written in a
+child process, with the same lines, nothing lost or doubled when it dies, and nothing started
+at low rates."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from steplog import FileLogger, FileSink, Options
+from steplog.sinks.file import OFFLOAD_ROWS
+
+FAST = Options(drain_interval_s=0.01)
+
+
+def sink_of(logger: FileLogger) -> FileSink:
+    sink = logger._sinks[0]
+    assert isinstance(sink, FileSink)
+    return sink
+
+
+def wait_hosted(sink: FileSink, timeout_s: float = 60.0) -> int:
+    """The writer process's pid, once the sink sends it batches."""
+    end = time.monotonic() + timeout_s
+    while not sink._hosted:
+        assert time.monotonic() < end, "the writer process did not start"
+        time.sleep(0.01)
+    assert sink.host is not None and sink.host.pid is not None
+    return sink.host.pid
+
+
+def lines(path: Path) -> list[tuple[str, float, int]]:
+    text = (path / "scalars.jsonl").read_text()
+    return [(r["name"], r["value"], r["step"]) for r in map(json.loads, text.splitlines())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def log_everything(logger: FileLogger) -> None:
+    logger.log_parameters({"lr": 0.1, "layers": [64, 64]})
+    for i in range(3_000):
+        logger.log_scalar("loss", 1.0 / (i + 1), i)
+        logger.log_metrics({"a/b": float(i), "c": -i * 0.5}, i)
+    logger.log_scalar("odd", math.nan, 0)
+    logger.log_scalar("odd", math.inf, 1)
+    logger.log_scalar("odd", -math.inf, 2)
+    logger.log_scalar("name \"quoted\" \\ é", 2.5, 3)
+
+
+def test_the_writer_process_writes_the_lines_the_worker_thread_writes(tmp_path: Path) -> None:
+    hosted = FileLogger(tmp_path / "hosted", options=FAST, offload="always")
+    wait_hosted(sink_of(hosted))
+    here = FileLogger(tmp_path / "here", options=FAST, offload="never")
+    for logger in (hosted, here):
+        log_everything(logger)
+        assert logger.close(60)
+    got, expected = lines(tmp_path / "hosted"), lines(tmp_path / "here")
+    assert len(got) == 3 * 3_000 + 4
+    assert str(got) == str(expected)  # NaN compares unequal to itself; its repr does not
+    for name in ("parameters.json", "scalars.json"):
+        assert (tmp_path / "hosted" / name).read_text() == (tmp_path / "here" / name).read_text()
+    assert sink_of(here).host is None
+
+
+def test_a_slow_logger_starts_no_writer_process(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    for i in range(1_000):
+        logger.log_scalar("loss", 0.5, i)
+    assert logger.flush(30)
+    assert sink_of(logger).host is None
+    assert logger.close(30)
+    assert sink_of(logger).host is None
+
+
+def test_a_batch_of_offload_rows_starts_the_writer_process(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path)
+    n = 4 * OFFLOAD_ROWS
+    for i in range(n):
+        logger.log_scalar("loss", 0.5, i)
+    assert logger.flush(30)
+    pid = wait_hosted(sink_of(logger))
+    for i in range(n, 2 * n):
+        logger.log_scalar("loss", 0.5, i)
+    assert logger.close(60)
+    assert [step for _, _, step in lines(tmp_path)] == list(range(2 * n))
+    assert not alive(pid)  # close() ended it
+
+
+def test_a_writer_process_killed_mid_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST, offload="always")
+    sink = sink_of(logger)
+    first = wait_hosted(sink)
+    n = 300_000
+    for i in range(n):
+        logger.log_scalar("loss", float(i), i)
+        if i == n // 3:
+            os.kill(first, signal.SIGKILL)
+    result = logger.close(120)
+    assert result, result
+    got = lines(tmp_path)
+    assert [step for _, _, step in got] == list(range(n))
+    assert all(value == step for _, value, step in got)
+    assert sink.host is not None and sink.host.starts >= 2  # a new one took over
+
+
+def test_an_unknown_offload_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="offload"):
+        FileLogger(tmp_path, offload="sometimes")  # type: ignore[arg-type]
