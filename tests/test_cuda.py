@@ -189,3 +189,23 @@ def test_the_pinned_slots_of_values_already_read_are_reused(tmp_path: Path) -> N
         assert logger.close(60)
         assert len(_SLOTS._free[key]) == _SLOTS.allocated[key]  # every slot came back
     assert _SLOTS.allocated[key] < 6_000  # and slots were reused
+
+
+def test_a_value_copied_on_the_device_is_read_without_waiting_for_later_gpu_work(
+    tmp_path: Path,
+) -> None:
+    from steplog.capture import _SLOTS
+
+    t = torch.full((), 4.0, device="cuda").add_(0.0)
+    key = (t.device, t.dtype)
+    held = _SLOTS._free.pop(key, [])  # no free pinned slot: the capture copies on the device
+    try:
+        logger = FileLogger(tmp_path, options=FAST)
+        logger.log_scalar("x", t, 0)
+        busy_stream()  # training work queued after the call
+        assert logger.flush(0.5)  # read (on a side stream) long before that work ends
+        assert not torch.cuda.current_stream().query()
+        assert logger.close(60)
+    finally:
+        _SLOTS._free.setdefault(key, []).extend(held)
+    assert scalars(tmp_path) == [("x", 4.0, 0)]

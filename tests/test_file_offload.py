@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from steplog import FileLogger, FileSink, Options
+from steplog import FileLogger, FileSink, Options, SteplogWarning
 from steplog.sinks.file import OFFLOAD_ROWS
 
 FAST = Options(drain_interval_s=0.01)
@@ -88,18 +88,27 @@ def test_a_slow_logger_starts_no_writer_process(tmp_path: Path) -> None:
     assert sink_of(logger).host is None
 
 
-def test_a_batch_of_offload_rows_starts_the_writer_process(tmp_path: Path) -> None:
+def test_a_rate_of_offload_rows_per_batch_starts_the_writer_process(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path)
     n = 4 * OFFLOAD_ROWS
-    for i in range(n):
-        logger.log_scalar("loss", 0.5, i)
-    assert logger.flush(30)
+    for batch in range(3):  # two batches in a row of OFFLOAD_ROWS or more
+        for i in range(batch * n, (batch + 1) * n):
+            logger.log_scalar("loss", 0.5, i)
+        assert logger.flush(30)
     pid = wait_hosted(sink_of(logger))
-    for i in range(n, 2 * n):
+    for i in range(3 * n, 4 * n):
         logger.log_scalar("loss", 0.5, i)
     assert logger.close(60)
-    assert [step for _, _, step in lines(tmp_path)] == list(range(2 * n))
+    assert [step for _, _, step in lines(tmp_path)] == list(range(4 * n))
     assert not alive(pid)  # close() ended it
+
+
+def test_one_burst_before_close_starts_no_writer_process(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path)
+    for i in range(OFFLOAD_ROWS + 2_000):
+        logger.log_scalar("loss", 0.5, i)
+    assert logger.close(60)
+    assert sink_of(logger).host is None
 
 
 def test_a_writer_process_killed_mid_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
@@ -116,7 +125,57 @@ def test_a_writer_process_killed_mid_run_loses_and_doubles_nothing(tmp_path: Pat
     got = lines(tmp_path)
     assert [step for _, _, step in got] == list(range(n))
     assert all(value == step for _, value, step in got)
-    assert sink.host is not None and sink.host.starts >= 2  # a new one took over
+    assert logger.stats().retried == 0  # the sink wrote the interrupted batch itself, at once
+
+
+def test_writer_processes_killed_again_and_again_are_replaced_three_times_at_most(
+    tmp_path: Path,
+) -> None:
+    logger = FileLogger(tmp_path, options=FAST, offload="always")
+    sink = sink_of(logger)
+    wait_hosted(sink)
+    step = 0
+    for _ in range(6):
+        for _ in range(20_000):
+            logger.log_scalar("loss", 0.5, step)
+            step += 1
+        assert logger.flush(60)
+        pid = sink.host.pid if sink.host is not None else None
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)  # a replacement may start meanwhile
+    for _ in range(1_000):
+        logger.log_scalar("loss", 0.5, step)
+        step += 1
+    assert logger.close(60)
+    assert sink.host is not None and sink.host.starts <= 3
+    assert [s for _, _, s in lines(tmp_path)] == list(range(step))
+
+
+def test_a_writer_process_refuses_a_path_that_names_another_file_now(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.log_scalar("loss", 0.5, 0)
+    assert logger.flush(30)
+    (tmp_path / "scalars.jsonl").rename(tmp_path / "moved.jsonl")
+    (tmp_path / "scalars.jsonl").write_bytes(b"")
+    sink = sink_of(logger)
+    with pytest.warns(SteplogWarning, match="writer process .* did not start"):
+        step = 1
+        for _ in range(3):
+            for _ in range(2 * OFFLOAD_ROWS):
+                logger.log_scalar("loss", 0.5, step)
+                step += 1
+            assert logger.flush(30)
+        end = time.monotonic() + 60
+        while sink.host is None or sink._starting:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+    assert not sink._hosted
+    assert logger.flush(30)
+    moved = [json.loads(line)["step"] for line in (tmp_path / "moved.jsonl").open()]
+    assert moved == list(range(step))  # the worker thread went on writing the sink's file
+    assert (tmp_path / "scalars.jsonl").read_bytes() == b""
+    logger.close(30)
 
 
 def test_an_unknown_offload_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import os
 import sys
 import threading
 from typing import Any
@@ -72,6 +73,21 @@ class _PinnedSlots:
 
 _SLOTS = _PinnedSlots()
 
+_SIDE: dict[Any, Any] = {}
+"""A stream per device on which the worker reads values copied on the device: a read on the
+default stream would wait for all the training work queued before it."""
+
+_FORKED = False
+"""True in a child forked from the process that captured values: their CUDA state is not its."""
+
+
+def _forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_forked)
+
 _STREAMS: dict[tuple[int, int, int], Any] = {}
 """Stream objects by ``(stream id, device index, device type)``: building one costs more than
 the copy it orders."""
@@ -133,23 +149,36 @@ class PendingValue:
         if event is None:
             return float(self._host.item())
         event.synchronize()
-        value = float(self._host.item())
+        torch = sys.modules["torch"]
         key = self._key
         if key is not None:
+            value = float(self._host.item())
             self._key = None
             _SLOTS.give(key, (self._host, event))
-        else:
-            key = (self._host.device, self._host.dtype)
-        _SLOTS.replenish(sys.modules["torch"], key)
+        else:  # a copy on the device: read it on a side stream, not behind the training work
+            device = self._host.device
+            side = _SIDE.get(device)
+            if side is None:
+                side = _SIDE[device] = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(side):
+                value = float(self._host.item())
+            key = (device, self._host.dtype)
+        _SLOTS.replenish(torch, key)
         return value
 
     def __del__(self) -> None:
         # A value never read (its record was dropped): its slot is reused only once its copy
         # is known to be done; otherwise it is left to the garbage collector.
         key = self._key
-        if key is not None and self._event.query():
+        if _FORKED:  # this process did not capture it
+            return
+        try:
+            done = key is not None and self._event.query()
+        except Exception:  # CUDA already torn down (interpreter exit)
+            return
+        if done:
             self._key = None
-            _SLOTS.give(key, (self._host, self._event))
+            _SLOTS.give(key, (self._host, self._event))  # type: ignore[arg-type]
 
 
 def _real_dtype(kind: str) -> bool:

@@ -161,6 +161,7 @@ class Host:
         self.starts = 0
         """How many host processes were started (1 + restarts)."""
         self._current: _Process | None = None
+        self._unreaped: list[subprocess.Popen[bytes]] = []
         self._spawn_lock = threading.Lock()
         self._closed = False
         _hosts.add(self)
@@ -171,10 +172,12 @@ class Host:
         current = self._current
         return None if current is None or current.dead else current.proc.pid
 
-    def call(self, channel: str, method: str, *args: Any, returns: Any = None) -> Any:
+    def call(self, channel: str, method: str, *args: Any, returns: Any = None,
+             spawn: bool = True) -> Any:
         """``target.method(*args)`` in the host, its result converted to ``returns`` (a type)
-        when given. Raises what the host raised, or ``RetryableError`` when it died."""
-        current = self._running()
+        when given. Raises what the host raised, or ``RetryableError`` when it died (or, with
+        ``spawn=False``, when none is running: then no process is started)."""
+        current = self._running(spawn)
         sock = current.sockets[channel]
         request = msgspec.msgpack.encode([method, list(args)])  # two lanes may call at once
         with current.locks[channel]:
@@ -222,6 +225,14 @@ class Host:
             if self._current is current:
                 self._current = None
         current.kill()
+        if current.proc.poll() is None:
+            self._unreaped.append(current.proc)
+
+    def settled(self) -> bool:
+        """True when every host process that was killed has exited (one stuck in the kernel,
+        on a hung network file system say, may still run for a while)."""
+        self._unreaped = [p for p in self._unreaped if p.poll() is None]
+        return not self._unreaped
 
     def _forget(self) -> None:
         current, self._current = self._current, None
@@ -232,7 +243,7 @@ class Host:
                 with contextlib.suppress(OSError):
                     s.close()
 
-    def _running(self) -> _Process:
+    def _running(self, spawn: bool = True) -> _Process:
         with self._spawn_lock:
             if self._closed:
                 raise PermanentError("the sink host was closed")
@@ -240,6 +251,11 @@ class Host:
             if current is None or current.dead or current.proc.poll() is not None:
                 if current is not None:
                     current.kill()
+                    self._current = None
+                    if current.proc.poll() is None:
+                        self._unreaped.append(current.proc)
+                if not spawn:
+                    raise RetryableError("the sink host is not running")
                 self._current = current = self._spawn()
             return current
 
@@ -392,7 +408,10 @@ def main(argv: Sequence[str]) -> int:
     except BaseException as exc:
         _send(first, msgspec.msgpack.encode(_error_reply(exc)))
         return 1
-    _send(first, msgspec.msgpack.encode(_Reply(_OK)))
+    try:
+        _send(first, msgspec.msgpack.encode(_Reply(_OK)))
+    except OSError:  # the parent gave up on this start (a timeout, a close)
+        return 0
 
     ended = threading.Event()
     lock = threading.Lock()

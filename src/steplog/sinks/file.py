@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
 
-from steplog.errors import RetryableError, SteplogWarning
+from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.frames import decode_batch, encode_batch
 from steplog.paths import link_or_copy, safe_relpath
 from steplog.records import (
@@ -66,12 +66,13 @@ RUN_FILES = (
 
 Offload = Literal["auto", "always", "never"]
 """Where a file sink encodes and writes its scalar lines: in a writer process beside the
-training process once a batch holds ``OFFLOAD_ROWS`` scalars (``"auto"``), there from the
-start (``"always"``), or always on the worker thread (``"never"``)."""
+training process once two batches in a row hold ``OFFLOAD_ROWS`` scalars each (``"auto"``),
+there from the start (``"always"``), or always on the worker thread (``"never"``)."""
 
 OFFLOAD_ROWS = 10_000
-"""Scalars in one batch that make an ``"auto"`` file sink start its writer process: a batch
-of the sink's 0.1 s batch age holds that many at 100,000 scalars per second."""
+"""Scalars per batch that make an ``"auto"`` file sink start its writer process (two such
+batches in a row): a batch of the sink's 0.1 s batch age holds that many at 100,000 scalars
+per second."""
 
 _HOST_STARTS = 3
 """Writer processes a sink starts in all; after that its worker thread writes."""
@@ -117,37 +118,35 @@ def _lines_with_nonfinite(scalars: list[Any]) -> bytes:
     return b"\n".join(lines)
 
 
-def _write_all(fd: int, data: bytes, offset: int | None = None) -> int:
-    """Write all of ``data`` (at ``offset``, else at the file's position); the end offset."""
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the file's position (its end, for a file opened to append)."""
     view = memoryview(data)
     while view:
-        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
-        view = view[n:]
-        if offset is not None:
-            offset += n
-    return offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR)
+        view = view[os.write(fd, view):]
 
 
 class ScalarAppender:
     """A file sink's writer process (a :class:`~steplog.host.Host` object): encodes the scalars
-    of a frame and writes their lines into ``scalars.jsonl`` at the offset the sink gives.
+    of a frame and appends their lines to the sink's ``scalars.jsonl``.
 
-    The file is first cut back to that offset, so a batch retried after a writer process died
-    while writing it is written once, whole."""
+    It opens the file by path and refuses to start when that path no longer names the file the
+    sink has open (``device``, ``inode``): a run moved aside, say."""
 
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_WRONLY)
+    def __init__(self, path: str, device: int, inode: int) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        st = os.fstat(self._fd)
+        if (st.st_dev, st.st_ino) != (device, inode):
+            os.close(self._fd)
+            raise PermanentError(f"{path} is no longer the file the sink writes")
 
     def size(self) -> int:
         """The file's size in bytes (a call that also says the process is ready)."""
         return os.fstat(self._fd).st_size
 
-    def append(self, start: int, frame: bytes) -> int:
-        """The lines of ``frame``'s scalars written at byte ``start``; the new size."""
+    def append(self, frame: bytes) -> None:
+        """Append the lines of ``frame``'s scalars."""
         data, _ = scalar_lines(decode_batch(frame).parts)
-        if os.fstat(self._fd).st_size != start:
-            os.ftruncate(self._fd, start)
-        return _write_all(self._fd, data, start)
+        _write_all(self._fd, data)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -162,9 +161,10 @@ class FileSink(Sink):
     the worker's Python work, and it shares the training process's GIL. A writer process (a
     :class:`~steplog.host.Host` running :class:`ScalarAppender`) then takes the batches as
     msgpack frames and encodes and writes them on another core. It starts in the background
-    (the worker writes meanwhile), exits with the training process, and one that dies is
-    replaced (at most three in all; then the worker writes again). Params, tags and artifacts
-    are always written by the sink itself."""
+    (the worker writes meanwhile) and exits with the training process. When it dies, the sink
+    cuts the file back to where the batch began and writes that batch itself, then starts
+    another in the background (three in all; then the worker writes). Params, tags and
+    artifacts are always written by the sink itself."""
 
     kind: ClassVar[str] = "file"
     max_batch = 50_000
@@ -190,6 +190,8 @@ class FileSink(Sink):
         self._host_lock = threading.Lock()
         self._starting = False
         self._closing = False
+        self._large = 0
+        """Batches of ``OFFLOAD_ROWS`` scalars or more in a row."""
 
     def describe(self) -> str:
         return str(self.output_dir)
@@ -276,74 +278,92 @@ class FileSink(Sink):
         parts = Batch.of(records).parts
         try:
             if self._hosted:
-                settings = self._append_in_host(parts, start)
+                settings = self._append_in_host(parts, fd, start)
             else:
                 data, settings = scalar_lines(parts)
                 _write_all(fd, data)
-                if self.offload == "auto" and _rows(parts) >= OFFLOAD_ROWS:
-                    self._start_host()
+                if self.offload == "auto":
+                    self._large = self._large + 1 if _rows(parts) >= OFFLOAD_ROWS else 0
+                    if self._large >= 2:  # a rate, not one burst (the last drain at close)
+                        self._start_host()
             if settings:
                 self._store_settings(parts)
         except BaseException:
             # Leave no partial batch behind: the retry (or each half of a split batch) writes
-            # its records again, once. (A writer process that died is dead by now.)
+            # its records again, once.
             self._params, self._tags = params, tags
             os.ftruncate(fd, start)
             raise
 
-    def _append_in_host(self, parts: list[Any], start: int) -> bool:
+    def _append_in_host(self, parts: list[Any], fd: int, start: int) -> bool:
         host = self.host
         assert host is not None
         try:
-            host.call("api", "append", start, encode_batch(Batch(parts)))
-        except RetryableError:
-            self._hosted = False  # this thread writes until a new writer process answers
+            host.call("api", "append", encode_batch(Batch(parts)), spawn=False)
+        except (RetryableError, PermanentError) as exc:
+            if host.pid is not None:  # the writer runs: the append failed there (a full disk)
+                raise
+            # The writer died (killed and reaped) or was closed: cut back what it may have
+            # written of this batch, and write the batch here.
+            self._hosted = False
             self._start_host()
-            raise
+            if not host.settled():
+                raise RetryableError("the file sink's writer process was killed but has not "
+                                     "exited yet; the batch is written once it has") from exc
+            os.ftruncate(fd, start)
+            data, _ = scalar_lines(parts)
+            _write_all(fd, data)
         return any(type(p) is Param or type(p) is Tag for p in parts)
 
     def _start_host(self) -> None:
-        """Start a writer process in the background, unless one is starting or running, or
-        every start is spent."""
+        """Start a writer process in the background, unless one is starting or running, the
+        sink is closing, or every start is spent."""
         with self._host_lock:
             if self._starting or self._hosted or self._closing:
                 return
             if self.host is None:
                 from steplog.host import Host
 
+                st = os.fstat(self._scalars.fileno())
                 self.host = Host("steplog.sinks.file:ScalarAppender",
-                                 [str(self.output_dir / "scalars.jsonl")], channels=("api",),
-                                 start_timeout_s=60.0, call_timeout_s=60.0)
+                                 [str(self.output_dir / "scalars.jsonl"), st.st_dev, st.st_ino],
+                                 channels=("api",), start_timeout_s=60.0, call_timeout_s=60.0)
             elif self.host.starts >= _HOST_STARTS:
                 return
             self._starting = True
         threading.Thread(target=self._await_host, args=(self.host,), daemon=True,
                          name="steplog-file-writer-start").start()
 
+    def _await_host(self, host: Host) -> None:
+        """Start thread: spawn the writer process (the only place one is spawned)."""
+        error: Exception | None = None
+        try:
+            host.call("api", "size")
+        except Exception as exc:  # no process: this sink's worker thread writes
+            error = exc
+        with self._host_lock:
+            self._starting = False
+            closing = self._closing
+            if error is None and not closing:
+                self._hosted = True
+        if closing:  # close() left the process to this thread
+            host.close()
+        elif error is not None:
+            with contextlib.suppress(Exception):  # warnings turned into errors (-W error)
+                warnings.warn(f"steplog: the file sink's writer process for {self.output_dir} "
+                              f"did not start ({error}); the worker thread writes the scalars",
+                              SteplogWarning, stacklevel=1)
+
     def _stop_host(self) -> None:
         with self._host_lock:
             self._closing = True
             self._hosted = False
-            host = self.host
-        if host is not None:
+            host, starting = self.host, self._starting
+        if host is not None and not starting:  # a start in progress closes it when it ends
             host.close()
 
     def release(self) -> None:
         self._stop_host()
-
-    def _await_host(self, host: Host) -> None:
-        try:
-            host.call("api", "size")
-        except Exception as exc:  # no process: this sink's worker thread writes
-            if not self._closing:
-                warnings.warn(f"steplog: the file sink's writer process for {self.output_dir} "
-                              f"did not start ({exc}); the worker thread writes the scalars",
-                              SteplogWarning, stacklevel=1)
-        else:
-            self._hosted = not self._closing
-        finally:
-            with self._host_lock:
-                self._starting = False
 
     def _store_settings(self, records: Sequence[Any]) -> None:
         params = tags = None
