@@ -6,7 +6,7 @@ a real job): a one-thread torch step loop (an MLP forward and backward plus an S
 
 * ``none``: the same loop without logging (the baseline);
 * ``file``: ``FileLogger`` (its default ``offload="auto"``: a writer process takes the encoding
-  once two batches in a row hold 10,000 scalars each);
+  once batches of 10,000 scalars keep coming);
 * ``file-thread``: ``FileLogger(offload="never")``: the worker thread always encodes and writes;
 * ``mlflow-embedded``: ``MLFlowLogger`` on the embedded default store (``sqlite:///``), which
   runs MLflow's client in steplog's sink host process;

@@ -88,27 +88,47 @@ def test_a_slow_logger_starts_no_writer_process(tmp_path: Path) -> None:
     assert sink_of(logger).host is None
 
 
-def test_a_rate_of_offload_rows_per_batch_starts_the_writer_process(tmp_path: Path) -> None:
+def test_batches_of_offload_rows_that_keep_coming_start_the_writer_process(
+    tmp_path: Path,
+) -> None:
     logger = FileLogger(tmp_path)
-    n = 4 * OFFLOAD_ROWS
-    for batch in range(3):  # two batches in a row of OFFLOAD_ROWS or more
-        for i in range(batch * n, (batch + 1) * n):
-            logger.log_scalar("loss", 0.5, i)
+    n = 2 * OFFLOAD_ROWS
+    step = 0
+    deadline = time.monotonic() + 30
+    while sink_of(logger).host is None:  # a rate of large batches, for half a second
+        assert time.monotonic() < deadline
+        for _ in range(n):
+            logger.log_scalar("loss", 0.5, step)
+            step += 1
         assert logger.flush(30)
+        time.sleep(0.1)
     pid = wait_hosted(sink_of(logger))
-    for i in range(3 * n, 4 * n):
-        logger.log_scalar("loss", 0.5, i)
+    for _ in range(n):
+        logger.log_scalar("loss", 0.5, step)
+        step += 1
     assert logger.close(60)
-    assert [step for _, _, step in lines(tmp_path)] == list(range(4 * n))
+    assert [s for _, _, s in lines(tmp_path)] == list(range(step))
     assert not alive(pid)  # close() ended it
 
 
-def test_one_burst_before_close_starts_no_writer_process(tmp_path: Path) -> None:
+def test_a_backlog_drained_at_close_starts_no_writer_process(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path)
-    for i in range(OFFLOAD_ROWS + 2_000):
+    for i in range(12 * OFFLOAD_ROWS):  # several full batches, drained back to back
         logger.log_scalar("loss", 0.5, i)
     assert logger.close(60)
     assert sink_of(logger).host is None
+
+
+def test_params_msgpack_cannot_encode_are_stored_while_the_writer_process_writes(
+    tmp_path: Path,
+) -> None:
+    logger = FileLogger(tmp_path, options=FAST, offload="always")
+    wait_hosted(sink_of(logger))
+    logger.log_parameters({"seed": 2**70})
+    logger.log_scalar("loss", 0.5, 0)
+    assert logger.close(60)
+    assert json.loads((tmp_path / "parameters.json").read_text()) == {"seed": 2**70}
+    assert lines(tmp_path) == [("loss", 0.5, 0)]
 
 
 def test_a_writer_process_killed_mid_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
@@ -161,15 +181,14 @@ def test_a_writer_process_refuses_a_path_that_names_another_file_now(tmp_path: P
     sink = sink_of(logger)
     with pytest.warns(SteplogWarning, match="writer process .* did not start"):
         step = 1
-        for _ in range(3):
+        end = time.monotonic() + 60
+        while sink.host is None or sink._starting:  # a rate of large batches, then the start
+            assert time.monotonic() < end
             for _ in range(2 * OFFLOAD_ROWS):
                 logger.log_scalar("loss", 0.5, step)
                 step += 1
             assert logger.flush(30)
-        end = time.monotonic() + 60
-        while sink.host is None or sink._starting:
-            assert time.monotonic() < end
-            time.sleep(0.01)
+            time.sleep(0.1)
     assert not sink._hosted
     assert logger.flush(30)
     moved = [json.loads(line)["step"] for line in (tmp_path / "moved.jsonl").open()]

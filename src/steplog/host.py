@@ -406,7 +406,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         obj = _load(config.target)(*config.args)
     except BaseException as exc:
-        _send(first, msgspec.msgpack.encode(_error_reply(exc)))
+        with contextlib.suppress(OSError):  # the parent may have given up on this start
+            _send(first, msgspec.msgpack.encode(_error_reply(exc)))
         return 1
     try:
         _send(first, msgspec.msgpack.encode(_Reply(_OK)))

@@ -66,16 +66,23 @@ RUN_FILES = (
 
 Offload = Literal["auto", "always", "never"]
 """Where a file sink encodes and writes its scalar lines: in a writer process beside the
-training process once two batches in a row hold ``OFFLOAD_ROWS`` scalars each (``"auto"``),
+training process once batches of ``OFFLOAD_ROWS`` scalars keep coming (``"auto"``),
 there from the start (``"always"``), or always on the worker thread (``"never"``)."""
 
 OFFLOAD_ROWS = 10_000
-"""Scalars per batch that make an ``"auto"`` file sink start its writer process (two such
-batches in a row): a batch of the sink's 0.1 s batch age holds that many at 100,000 scalars
-per second."""
+"""Scalars per batch that make an ``"auto"`` file sink start its writer process once such
+batches have kept coming for half a second: a batch of the sink's 0.1 s batch age holds that
+many at 100,000 scalars per second."""
 
 _HOST_STARTS = 3
-"""Writer processes a sink starts in all; after that its worker thread writes."""
+"""Writer processes a sink tries to start in all; after that its worker thread writes."""
+
+_OFFLOAD_AFTER_S = 0.5
+"""How long batches of ``OFFLOAD_ROWS`` must keep coming before ``"auto"`` starts the writer."""
+
+
+class _WriterNotGone(Exception):
+    """A killed writer process may still append: the file must stay as it is."""
 
 _NONFINITE_MARK = b'"value":null'
 _ENCODER = msgspec.json.Encoder()
@@ -190,8 +197,12 @@ class FileSink(Sink):
         self._host_lock = threading.Lock()
         self._starting = False
         self._closing = False
-        self._large = 0
-        """Batches of ``OFFLOAD_ROWS`` scalars or more in a row."""
+        self._large_since: float | None = None
+        """When the current run of batches of ``OFFLOAD_ROWS`` scalars or more began."""
+        self._starts = 0
+        """Writer processes this sink tried to start."""
+        self._cut_back_to: int | None = None
+        """Where the batch a killed, not yet exited, writer was appending began."""
 
     def describe(self) -> str:
         return str(self.output_dir)
@@ -273,6 +284,7 @@ class FileSink(Sink):
         The scalars are encoded with one msgspec call for the batch (:func:`scalar_lines`), on
         this thread or in the writer process (``offload``)."""
         fd = self._scalars.fileno()
+        self._await_dead_writer(fd)
         start = os.fstat(fd).st_size
         params, tags = self._params, self._tags
         parts = Batch.of(records).parts
@@ -283,11 +295,12 @@ class FileSink(Sink):
                 data, settings = scalar_lines(parts)
                 _write_all(fd, data)
                 if self.offload == "auto":
-                    self._large = self._large + 1 if _rows(parts) >= OFFLOAD_ROWS else 0
-                    if self._large >= 2:  # a rate, not one burst (the last drain at close)
-                        self._start_host()
+                    self._note_rate(parts)
             if settings:
                 self._store_settings(parts)
+        except _WriterNotGone:
+            raise RetryableError("the file sink's writer process was killed but has not "
+                                 "exited yet; the batch is written once it has") from None
         except BaseException:
             # Leave no partial batch behind: the retry (or each half of a split batch) writes
             # its records again, once.
@@ -295,31 +308,59 @@ class FileSink(Sink):
             os.ftruncate(fd, start)
             raise
 
+    def _await_dead_writer(self, fd: int) -> None:
+        """While a killed writer process has not exited, raise ``RetryableError`` (it might
+        still append); once it has, cut the file back to where its last batch began."""
+        cut = self._cut_back_to
+        if cut is None:
+            return
+        assert self.host is not None
+        if not self.host.settled():
+            raise RetryableError("the file sink's writer process was killed but has not "
+                                 "exited yet; the batch is written once it has")
+        os.ftruncate(fd, cut)
+        self._cut_back_to = None
+        self._start_host()
+
+    def _note_rate(self, parts: list[Any]) -> None:
+        """``"auto"``: start the writer once batches of ``OFFLOAD_ROWS`` scalars or more have
+        kept coming for ``_OFFLOAD_AFTER_S`` (a rate, not a backlog drained at once)."""
+        if _rows(parts) < OFFLOAD_ROWS:
+            self._large_since = None
+            return
+        now = time.monotonic()
+        if self._large_since is None:
+            self._large_since = now
+        elif now - self._large_since >= _OFFLOAD_AFTER_S:
+            self._start_host()
+
     def _append_in_host(self, parts: list[Any], fd: int, start: int) -> bool:
         host = self.host
         assert host is not None
+        scalars = [p for p in parts if type(p) is Scalars or type(p) is Scalar]
         try:
-            host.call("api", "append", encode_batch(Batch(parts)), spawn=False)
+            host.call("api", "append", encode_batch(Batch(scalars)), spawn=False)
         except (RetryableError, PermanentError) as exc:
             if host.pid is not None:  # the writer runs: the append failed there (a full disk)
                 raise
-            # The writer died (killed and reaped) or was closed: cut back what it may have
-            # written of this batch, and write the batch here.
             self._hosted = False
+            if not host.settled():  # killed, but it may still append: hold the file as it is
+                self._cut_back_to = start
+                raise _WriterNotGone from exc
+            # The writer died (and exited) or was closed: cut back what it may have written of
+            # this batch, and write the batch here.
             self._start_host()
-            if not host.settled():
-                raise RetryableError("the file sink's writer process was killed but has not "
-                                     "exited yet; the batch is written once it has") from exc
             os.ftruncate(fd, start)
             data, _ = scalar_lines(parts)
             _write_all(fd, data)
-        return any(type(p) is Param or type(p) is Tag for p in parts)
+        return len(scalars) < len(parts)
 
     def _start_host(self) -> None:
         """Start a writer process in the background, unless one is starting or running, the
         sink is closing, or every start is spent."""
         with self._host_lock:
-            if self._starting or self._hosted or self._closing:
+            if (self._starting or self._hosted or self._closing
+                    or self._starts >= _HOST_STARTS):
                 return
             if self.host is None:
                 from steplog.host import Host
@@ -328,8 +369,7 @@ class FileSink(Sink):
                 self.host = Host("steplog.sinks.file:ScalarAppender",
                                  [str(self.output_dir / "scalars.jsonl"), st.st_dev, st.st_ino],
                                  channels=("api",), start_timeout_s=60.0, call_timeout_s=60.0)
-            elif self.host.starts >= _HOST_STARTS:
-                return
+            self._starts += 1  # attempts, so that a failing fork is not tried for ever
             self._starting = True
         threading.Thread(target=self._await_host, args=(self.host,), daemon=True,
                          name="steplog-file-writer-start").start()
