@@ -162,6 +162,7 @@ class Host:
         """How many host processes were started (1 + restarts)."""
         self._current: _Process | None = None
         self._unreaped: list[subprocess.Popen[bytes]] = []
+        self._spawning: list[socket.socket] = []
         self._spawn_lock = threading.Lock()
         self._closed = False
         _hosts.add(self)
@@ -237,6 +238,9 @@ class Host:
     def _forget(self) -> None:
         current, self._current = self._current, None
         self._closed = True
+        for s in self._spawning:  # forked while a host was starting
+            with contextlib.suppress(OSError):
+                s.close()
         if current is not None:
             current.dead = True
             for s in current.sockets.values():
@@ -266,6 +270,17 @@ class Host:
             mine, theirs = socket.socketpair()
             parents[name] = mine
             children.append(theirs)
+        # A child forked from here on (a DataLoader worker) closes these in _forget: a copy of
+        # either end kept there would hide the death of the host, or of this process, from the
+        # other side.
+        self._spawning = [*parents.values(), *children]
+        try:
+            return self._start(parents, children)
+        finally:
+            self._spawning = []
+
+    def _start(self, parents: dict[str, socket.socket], children: list[socket.socket]
+               ) -> _Process:
         fds = [s.fileno() for s in children]
         try:
             proc = subprocess.Popen(
