@@ -172,6 +172,45 @@ def test_a_forked_child_process_pool_with_a_live_logger_does_not_deadlock(tmp_pa
     assert set(read_scalars(tmp_path)["name"]) == {"x"}
 
 
+def test_sigterm_ends_a_forked_child_at_once_as_without_steplog(tmp_path) -> None:
+    proc = run_child(f"""
+        import os, signal, time, steplog
+        lg = steplog.FileLogger({str(tmp_path)!r})
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+        print(bool(lg.close(30)))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]  # the default action, not SystemExit(143)
+
+
+def test_a_logger_created_in_a_forked_child_flushes_on_sigterm(tmp_path) -> None:
+    proc = run_child(f"""
+        import os, signal, time, steplog
+        parent = steplog.FileLogger({str(tmp_path / "parent")!r})
+        pid = os.fork()
+        if pid == 0:
+            lg = steplog.FileLogger({str(tmp_path / "child")!r})
+            lg.log_scalar("child", 1.0, 0)
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 143)
+        print(bool(parent.close(30)))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
+    assert read_scalars(tmp_path / "child")["name"].tolist() == ["child"]
+
+
 SLOW_FILE_SINK = """
 import pathlib, sys, time, steplog
 class SlowFileSink(steplog.FileSink):

@@ -26,7 +26,8 @@ Process hooks, installed when the first logger with a sink is built:
   close finishes within its deadline, then ``SystemExit(143)`` is raised. During the exit close
   a SIGTERM is ignored: the process keeps the exit status it was leaving with.
   A handler installed by the application is left alone.
-* **fork**: in a forked child every inherited open logger becomes ``INERT``; no thread starts.
+* **fork**: in a forked child every inherited open logger becomes ``INERT``; no thread starts,
+  and SIGTERM gets its default action back (until the child creates a logger of its own).
 """
 
 from __future__ import annotations
@@ -315,14 +316,24 @@ def _register(life: Lifecycle) -> None:
     with _lock:
         _open[life] = None
         if _installed:
-            return
-        _installed = True
+            installed = True
+        else:
+            installed, _installed = False, True
+    if installed:
+        _install_sigterm()  # again in a forked child, which went back to the default
+        return
     import atexit
 
     atexit.register(_close_all)
     os.register_at_fork(after_in_child=_after_fork)
     _wrap_excepthook()
     _install_sigterm()
+
+
+_sigterm_installed = False
+"""Whether this process's SIGTERM handler is steplog's."""
+_sigterm_pid = 0
+"""The process that installed it."""
 
 
 def _unregister(life: Lifecycle) -> None:
@@ -374,12 +385,26 @@ def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> No
 
 
 def _after_fork() -> None:
-    global _lock
+    global _lock, _sigterm_installed
+    if _sigterm_installed:
+        # First: the child has no logger to flush, so SIGTERM ends it at once, as it would
+        # without steplog (a process pool terminates its workers so). A logger the child
+        # creates installs the handler again.
+        _sigterm_installed = False
+        _default_sigterm()
     _lock = threading.Lock()
     inherited = list(_open)
     _open.clear()  # the parent delivers what it queued; the child closes nothing
     for life in inherited:
         life.after_fork_in_child()
+
+
+def _default_sigterm() -> None:
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError):  # forked from a thread that is not the main one
+        pass
 
 
 def _wrap_excepthook() -> None:
@@ -399,7 +424,8 @@ def _wrap_excepthook() -> None:
 
 
 def _install_sigterm() -> None:
-    if threading.current_thread() is not threading.main_thread():
+    global _sigterm_installed, _sigterm_pid
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
     try:
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -407,10 +433,18 @@ def _install_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # not the main interpreter, or no signals here
         return
+    _sigterm_installed = True
+    _sigterm_pid = os.getpid()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     global _exit_status, _sigterm_pending
+    if os.getpid() != _sigterm_pid:
+        # A forked child that got SIGTERM before its fork hook ran (or inside another hook,
+        # where an exception would be ignored and the signal lost): the default action.
+        _default_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     _exit_status = "KILLED"
     if _exiting:
         return  # the exit close is running: let it finish within its deadline
