@@ -20,6 +20,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steplog import FileSink
 
 WORKER_NS: dict[str | None, list[tuple[float, float]]] = {None: [], "flush": [], "none": [],
                                                           "writer": []}
@@ -34,6 +38,16 @@ WRITER_NS: list[float] = []
 """CPU per scalar (user + system) of the writer process, in the ``"writer"`` rounds."""
 
 
+def wait_for_writer(sink: FileSink, timeout_s: float = 60.0) -> int:
+    """The pid of ``sink``'s writer process, once the sink sends it the batches."""
+    deadline = time.monotonic() + timeout_s
+    while not sink._hosted:
+        assert time.monotonic() < deadline, "the writer process did not start"
+        time.sleep(0.01)
+    assert sink.host is not None and sink.host.pid is not None
+    return sink.host.pid
+
+
 def steplog_rate(n: int, out: str, journal: str | None = None, writer: bool = False) -> float:
     import psutil
 
@@ -45,12 +59,7 @@ def steplog_rate(n: int, out: str, journal: str | None = None, writer: bool = Fa
     sink = logger._sinks[0]
     assert isinstance(sink, steplog.FileSink)
     if writer:
-        deadline = time.monotonic() + 60
-        while not sink._hosted:
-            assert time.monotonic() < deadline, "the writer process did not start"
-            time.sleep(0.01)
-        assert sink.host is not None and sink.host.pid is not None
-        host = psutil.Process(sink.host.pid)
+        host = psutil.Process(wait_for_writer(sink))
         host_cpu = host.cpu_times()
     log = logger.log_scalar
     cpu, main_cpu = os.times(), resource.getrusage(resource.RUSAGE_THREAD)

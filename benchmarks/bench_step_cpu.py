@@ -32,17 +32,11 @@ CONTENDERS = ("none", "thread", "writer", "auto")
 
 
 def loop(contender: str, scalars: int, seconds: float) -> None:
-    import torch
-
     import steplog
+    from bench_file_sink import wait_for_writer
+    from bench_step_loop import training_step
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(),
-                                torch.nn.Linear(256, 256), torch.nn.Tanh(),
-                                torch.nn.Linear(256, 8))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(64, 64)
+    train = training_step()
     names = [f"train/m{k}" for k in range(scalars)]
     with tempfile.TemporaryDirectory(prefix="steplog-bench-") as out:
         logger = None
@@ -53,20 +47,13 @@ def loop(contender: str, scalars: int, seconds: float) -> None:
             assert logger is not None
             sink = logger._sinks[0]
             assert isinstance(sink, steplog.FileSink)
-            deadline = time.monotonic() + 60
-            while not sink._hosted:
-                assert time.monotonic() < deadline, "the writer process did not start"
-                time.sleep(0.01)
+            wait_for_writer(sink)
         for _ in range(200):
-            model(x).square().mean().backward()  # type: ignore[no-untyped-call]
+            train()
         cpu, process, start = time.thread_time(), os.times(), time.perf_counter()
         steps = 0
         while time.perf_counter() - start < seconds:
-            loss = model(x).square().mean()
-            opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            value = float(loss.item())
+            value = train()
             if logger is not None:
                 for name in names:
                     logger.log_scalar(name, value, steps)

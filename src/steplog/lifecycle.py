@@ -315,19 +315,14 @@ def _register(life: Lifecycle) -> None:
     global _installed
     with _lock:
         _open[life] = None
-        if _installed:
-            installed = True
-        else:
-            installed, _installed = False, True
-    if installed:
-        _install_sigterm()  # again in a forked child, which went back to the default
-        return
-    import atexit
+        first, _installed = not _installed, True
+    if first:
+        import atexit
 
-    atexit.register(_close_all)
-    os.register_at_fork(after_in_child=_after_fork)
-    _wrap_excepthook()
-    _install_sigterm()
+        atexit.register(_close_all)
+        os.register_at_fork(after_in_child=_after_fork)
+        _wrap_excepthook()
+    _install_sigterm()  # also again in a forked child, which went back to the default
 
 
 _sigterm_installed = False

@@ -287,7 +287,8 @@ class FileSink(Sink):
         self._await_dead_writer(fd)
         start = os.fstat(fd).st_size
         params, tags = self._params, self._tags
-        parts = Batch.of(records).parts
+        batch = Batch.of(records)
+        parts = batch.parts
         try:
             if self._hosted:
                 settings = self._append_in_host(parts, fd, start)
@@ -295,7 +296,7 @@ class FileSink(Sink):
                 data, settings = scalar_lines(parts)
                 _write_all(fd, data)
                 if self.offload == "auto":
-                    self._note_rate(parts)
+                    self._note_rate(len(batch))
             if settings:
                 self._store_settings(parts)
         except _WriterNotGone:
@@ -322,10 +323,10 @@ class FileSink(Sink):
         self._cut_back_to = None
         self._start_host()
 
-    def _note_rate(self, parts: list[Any]) -> None:
-        """``"auto"``: start the writer once batches of ``OFFLOAD_ROWS`` scalars or more have
+    def _note_rate(self, records: int) -> None:
+        """``"auto"``: start the writer once batches of ``OFFLOAD_ROWS`` records or more have
         kept coming for ``_OFFLOAD_AFTER_S`` (a rate, not a backlog drained at once)."""
-        if _rows(parts) < OFFLOAD_ROWS:
+        if records < OFFLOAD_ROWS:
             self._large_since = None
             return
         now = time.monotonic()
@@ -498,10 +499,6 @@ class FileSink(Sink):
         path = self.output_dir / "scalars.jsonl"
         if path.exists():
             _write_series(self.output_dir / "scalars.json", read_series(path))
-
-
-def _rows(parts: Sequence[Any]) -> int:
-    return sum(len(p.rows) if type(p) is Scalars else 1 for p in parts)
 
 
 def _step_of(version: str) -> int | None:
