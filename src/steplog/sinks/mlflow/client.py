@@ -32,6 +32,7 @@ from steplog.sinks.mlflow.common import (
     about_the_request,
     filter_quote,
 )
+from steplog.sinks.mlflow.new_store import create_sqlite_store
 
 __all__ = ["ClientTransport", "HostTransport"]
 
@@ -99,6 +100,7 @@ class ClientTransport:
     def __init__(self, tracking_uri: str) -> None:
         from mlflow import MlflowClient
 
+        create_sqlite_store(tracking_uri)
         with _mlflow_errors():  # e.g. a ./mlruns file store MLflow 3.7+ refuses
             self.client = MlflowClient(tracking_uri=tracking_uri)
         self._runs: set[str] = set()

@@ -1,0 +1,132 @@
+"""A new embedded MLflow store is built beside its name and linked into place whole.
+
+The sink host creates a ``sqlite:///`` store that does not exist yet without a disk flush per
+schema migration; MLflow must then open it as one of its own, and anything else (another URI,
+an existing file, a store another process created meanwhile) is left to MLflow.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from steplog.sinks.mlflow.new_store import create_sqlite_store, sqlite_path
+
+mlflow = pytest.importorskip("mlflow")
+sqlalchemy = pytest.importorskip("sqlalchemy")
+
+
+def schema(db: Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """The store's alembic revision and its tables and indexes (type, name)."""
+    from mlflow.store.db.utils import _get_schema_version
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:
+            objects = conn.exec_driver_sql(
+                "SELECT type, name FROM sqlite_master ORDER BY type, name").all()
+        return _get_schema_version(engine), [tuple(o) for o in objects]
+    finally:
+        engine.dispose()
+
+
+def test_a_new_store_has_the_schema_mlflow_builds_and_nothing_is_left_beside_it(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = tmp_path / "ours" / "mlflow.db", tmp_path / "theirs" / "mlflow.db"
+    ours.parent.mkdir()
+    theirs.parent.mkdir()
+    assert create_sqlite_store(f"sqlite:///{ours}")
+    mlflow.MlflowClient(f"sqlite:///{theirs}").search_experiments()
+    assert schema(ours) == schema(theirs)
+    assert [p.name for p in ours.parent.iterdir()] == ["mlflow.db"]
+
+
+def test_mlflow_opens_a_new_store_as_its_own_and_logs_to_it(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    assert create_sqlite_store(f"sqlite:///{db}")
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    run = client.create_run("0")
+    client.log_metric(run.info.run_id, "loss", 0.5, step=3)
+    assert [(m.value, m.step) for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        (0.5, 3)]
+
+
+def test_an_existing_store_is_left_as_it_is(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    db.write_bytes(b"not touched")
+    assert not create_sqlite_store(f"sqlite:///{db}")
+    assert db.read_bytes() == b"not touched"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.db"]
+
+
+def test_a_store_in_a_folder_that_does_not_exist_is_left_to_mlflow(tmp_path: Path) -> None:
+    assert not create_sqlite_store(f"sqlite:///{tmp_path / 'missing' / 'm.db'}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_plain_sqlite_file_uris_name_a_store_file(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///mlflow.db") == str(tmp_path / "mlflow.db")
+    assert sqlite_path("sqlite:////abs/m.db") == "/abs/m.db"
+    for uri in ("sqlite://", "sqlite:///:memory:", "sqlite:///m.db?mode=ro",
+                "sqlite:///file:m.db", "postgresql://u@localhost/db", "http://127.0.0.1:5000"):
+        assert sqlite_path(uri) is None, uri
+        assert not create_sqlite_store(uri)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_of_two_processes_creating_the_same_store_one_links_it_and_the_other_keeps_it(
+    tmp_path: Path,
+) -> None:
+    db, go = tmp_path / "m.db", tmp_path / "go"
+    code = textwrap.dedent(f"""
+        import os, time, mlflow
+        from steplog.sinks.mlflow.new_store import create_sqlite_store
+        print("ready", flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        print(create_sqlite_store("sqlite:///{db}"))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        go.touch()  # both look for the store at once, and both build one
+        outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert outs == ["False", "True"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "m.db"]
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+
+
+def test_the_file_of_a_build_killed_midway_is_removed_by_the_next_build(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    code = textwrap.dedent(f"""
+        from steplog.sinks.mlflow.new_store import create_sqlite_store
+        create_sqlite_store("sqlite:///{db}")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.endswith(".new") for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no build seen"
+            time.sleep(0.001)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs
+        proc.wait()
+    assert not db.exists() and list(tmp_path.iterdir())  # the build's file is left behind
+    assert create_sqlite_store(f"sqlite:///{db}")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.db"]
