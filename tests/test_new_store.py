@@ -7,6 +7,8 @@ an existing file, a store another process created meanwhile) is left to MLflow.
 
 from __future__ import annotations
 
+import os
+import selectors
 import subprocess
 import sys
 import textwrap
@@ -33,6 +35,15 @@ def schema(db: Path) -> tuple[str | None, list[tuple[str, str]]]:
         return _get_schema_version(engine), [tuple(o) for o in objects]
     finally:
         engine.dispose()
+
+
+def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """A line of ``proc``'s output, or AssertionError after ``timeout_s``."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout_s), "no line in time"
+    return proc.stdout.readline()
 
 
 def test_a_new_store_has_the_schema_mlflow_builds_and_nothing_is_left_beside_it(
@@ -76,6 +87,7 @@ def test_only_plain_sqlite_file_uris_name_a_store_file(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     assert sqlite_path("sqlite:///mlflow.db") == str(tmp_path / "mlflow.db")
     assert sqlite_path("sqlite:////abs/m.db") == "/abs/m.db"
+    assert sqlite_path("sqlite:///runs/../m.db") == f"{tmp_path}/runs/../m.db"  # as sqlite opens it
     for uri in ("sqlite://", "sqlite:///:memory:", "sqlite:///m.db?mode=ro",
                 "sqlite:///file:m.db", "postgresql://u@localhost/db", "http://127.0.0.1:5000"):
         assert sqlite_path(uri) is None, uri
@@ -99,7 +111,7 @@ def test_of_two_processes_creating_the_same_store_one_links_it_and_the_other_kee
              for _ in range(2)]
     try:
         for p in procs:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+            assert read_line(p, 120) == "ready\n"
         go.touch()  # both look for the store at once, and both build one
         outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     finally:
@@ -112,7 +124,7 @@ def test_of_two_processes_creating_the_same_store_one_links_it_and_the_other_kee
     assert [e.name for e in client.search_experiments()] == ["Default"]
 
 
-def test_the_file_of_a_build_killed_midway_is_removed_by_the_next_build(tmp_path: Path) -> None:
+def test_the_file_of_a_build_killed_midway_is_removed_by_a_later_start(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     code = textwrap.dedent(f"""
         from steplog.sinks.mlflow.new_store import create_sqlite_store
@@ -127,6 +139,44 @@ def test_the_file_of_a_build_killed_midway_is_removed_by_the_next_build(tmp_path
     finally:
         proc.kill()  # SIGKILL: no clean-up runs
         proc.wait()
-    assert not db.exists() and list(tmp_path.iterdir())  # the build's file is left behind
-    assert create_sqlite_store(f"sqlite:///{db}")
+    left = [p for p in tmp_path.iterdir() if p.name != "m.db"]
+    assert left  # the build's file
+    for p in left:
+        age(p, 120)
+    create_sqlite_store(f"sqlite:///{db}")
     assert [p.name for p in tmp_path.iterdir()] == ["m.db"]
+    assert [e.name for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()] == [
+        "Default"]
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_builds_file_is_removed_only_once_its_process_is_gone_and_it_is_a_minute_old(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "m.db"
+    db.write_bytes(b"a store")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    live_old = tmp_path / f"m.db.steplog-{os.getpid()}-a.new"
+    gone_fresh = tmp_path / f"m.db.steplog-{gone}-b.new"
+    gone_old = tmp_path / f"m.db.steplog-{gone}-c.new"
+    for p in (live_old, gone_fresh, gone_old):
+        p.write_bytes(b"a build")
+    age(live_old, 120)
+    age(gone_old, 120)
+    assert not create_sqlite_store(f"sqlite:///{db}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.db", live_old.name, gone_fresh.name])
+
+
+def test_a_percent_escaped_uri_names_the_file_sqlite_opens(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert create_sqlite_store("sqlite:///a%20b.db")
+    assert [p.name for p in tmp_path.iterdir()] == ["a b.db"]
+    client = mlflow.MlflowClient("sqlite:///a%20b.db")
+    assert [e.name for e in client.search_experiments()] == ["Default"]

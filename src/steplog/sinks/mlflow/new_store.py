@@ -1,13 +1,14 @@
 """A new embedded MLflow store (``sqlite:///path`` that does not exist yet), created without a
 disk flush per schema migration. Runs in the sink host, which has ``mlflow`` imported.
 
-MLflow builds a new store's schema by running every one of its migrations, each committed on its
-own, and sqlite flushes the disk at every commit. On a small machine those flushes slowed the
-training loop beside the host by 4-12% for two seconds (docs/benchmarks.md). Here the schema is
-built in a file beside the store with ``synchronous=OFF`` and the rollback journal in memory,
-flushed to disk once, and linked into place under the store's name: the store appears whole or
-not at all, and a store another process created meanwhile is kept. The file of a build whose
-process was killed is removed by the next build of that store.
+MLflow builds a new store's schema by running every one of its migrations, and sqlite flushes
+the disk at every commit (1,084 flushes for a new store of MLflow 3.17.2). On a small machine
+those flushes slowed the training loop beside the host by 4-12% for two seconds
+(docs/benchmarks.md). Here the schema is built in a file beside the store with
+``synchronous=OFF`` and the rollback journal in memory, checked to be at MLflow's latest
+revision, flushed to disk once, and linked into place under the store's name: the store appears
+whole or not at all, and a store another process created meanwhile is kept. The file of a build
+whose process was killed is removed by a later start on that store.
 """
 
 from __future__ import annotations
@@ -15,65 +16,99 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import time
 import uuid
 from typing import Any
 
 __all__ = ["create_sqlite_store", "sqlite_path"]
 
+ABANDONED_AFTER_S = 60.0
+"""A build's file untouched for this long, whose process is gone, is removed. (Its process id
+alone does not tell: a build in another pid namespace sharing the folder is not visible here.)"""
+
 
 def sqlite_path(tracking_uri: str) -> str | None:
-    """The file of a ``sqlite:///path`` URI (relative to the working directory, or absolute
-    with four slashes); None for other URIs, in-memory databases and URIs with a query."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or "?" in tracking_uri:
+    """The file of a ``sqlite:///path`` URI, as sqlite opens it (percent-escapes decoded,
+    relative to the working directory, ``..`` left to the file system); None for other URIs,
+    in-memory databases, ``file:`` names and URIs with a query."""
+    if not tracking_uri.startswith("sqlite:"):
         return None
-    path = tracking_uri[len(prefix):]
-    if not path or path == ":memory:" or path.startswith("file:"):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(tracking_uri)
+    path = url.database
+    if url.drivername != "sqlite" or url.query or not path or path == ":memory:" \
+            or path.startswith("file:"):
         return None
-    return os.path.abspath(path)
+    return os.path.join(os.getcwd(), path)
 
 
 def create_sqlite_store(tracking_uri: str) -> bool:
     """Create the schema of the sqlite store ``tracking_uri`` names if its file does not exist;
     True when this call created it. False leaves everything to MLflow's own creation: another
     kind of URI, a file that exists (also one another process created meanwhile), a folder
-    that does not, or any failure here (the temporary file is removed)."""
-    path = sqlite_path(tracking_uri)
-    if path is None or os.path.lexists(path) or not os.path.isdir(os.path.dirname(path)):
-        return False
-    _remove_abandoned(path)
-    building = f"{path}.steplog-{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
+    that does not, a file system without hard links, or any failure here (this call's files
+    are removed)."""
+    building: str | None = None
     try:
-        import sqlalchemy
-        from mlflow.store.db.utils import _initialize_tables
-
-        engine = sqlalchemy.create_engine(f"sqlite:///{building}")
-        sqlalchemy.event.listen(engine, "connect", _no_flushes)
-        try:
-            _initialize_tables(engine)  # type: ignore[no-untyped-call]
-        finally:
-            engine.dispose()
+        path = sqlite_path(tracking_uri)
+        if path is None:
+            return False
+        _remove_abandoned(path)
+        if os.path.lexists(path) or not os.path.isdir(os.path.dirname(path)):
+            return False
+        building = f"{path}.steplog-{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
+        if not _build(building):
+            return False
         _flush(building)
         try:
             os.link(building, path)  # never replaces: a store created meanwhile is kept
         except FileExistsError:
             return False
+        os.unlink(building)
+        building = None
         _flush(os.path.dirname(path))
         return True
     except Exception:
         return False
     finally:
-        for leftover in (building, f"{building}-journal"):
-            with contextlib.suppress(OSError):
-                os.unlink(leftover)
+        if building is not None:
+            for leftover in (building, f"{building}-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+
+
+def _build(file: str) -> bool:
+    """MLflow's schema in ``file``, with MLflow's own engine settings and no disk flushes;
+    whether it reached MLflow's latest revision."""
+    from mlflow.store.db.utils import (
+        _get_latest_schema_revision,
+        _get_schema_version,
+        _initialize_tables,
+        create_sqlalchemy_engine,
+    )
+    from sqlalchemy import event
+    from sqlalchemy.engine import URL
+
+    engine = create_sqlalchemy_engine(  # type: ignore[no-untyped-call]
+        URL.create("sqlite", database=file).render_as_string(hide_password=False))
+    event.listen(engine, "connect", _no_flushes)
+    try:
+        _initialize_tables(engine)  # type: ignore[no-untyped-call]
+        built = _get_schema_version(engine)  # type: ignore[no-untyped-call]
+        return bool(built == _get_latest_schema_revision())  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
 
 
 def _remove_abandoned(path: str) -> None:
-    """Remove the files of builds whose process is gone (killed while building this store)."""
+    """Remove the files of builds of ``path`` whose process is gone and that nothing touched
+    for :data:`ABANDONED_AFTER_S` (killed while building, or between linking and unlinking)."""
     for leftover in glob.glob(f"{glob.escape(path)}.steplog-*.new*"):
         pid = leftover[len(path) + len(".steplog-"):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            if time.time() - os.lstat(leftover).st_mtime > ABANDONED_AFTER_S \
+                    and not _alive(int(pid)):
                 os.unlink(leftover)
 
 
@@ -82,8 +117,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        return True  # exists, owned by another user
+    except PermissionError:
+        return True  # another user's
     return True
 
 
