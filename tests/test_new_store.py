@@ -82,16 +82,47 @@ def test_a_store_in_a_folder_that_does_not_exist_is_left_to_mlflow(tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_only_plain_sqlite_file_uris_name_a_store_file(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sqlite_uri_names_the_file_sqlites_driver_opens(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert sqlite_path("sqlite:///mlflow.db") == str(tmp_path / "mlflow.db")
     assert sqlite_path("sqlite:////abs/m.db") == "/abs/m.db"
-    assert sqlite_path("sqlite:///runs/../m.db") == f"{tmp_path}/runs/../m.db"  # as sqlite opens it
+    assert sqlite_path("sqlite:///runs/../m.db") == str(tmp_path / "m.db")
+    assert sqlite_path("sqlite:///a%2520b.db") == str(tmp_path / "a%20b.db")
+
+
+def test_other_uris_are_left_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     for uri in ("sqlite://", "sqlite:///:memory:", "sqlite:///m.db?mode=ro",
-                "sqlite:///file:m.db", "postgresql://u@localhost/db", "http://127.0.0.1:5000"):
+                "sqlite:///file:m.db", "sqlite://localhost/h.db", "sqlite://u:p@/m.db",
+                "sqlite://:5/m.db", "sqlite:///x\0.db", "postgresql://u@localhost/db",
+                "http://127.0.0.1:5000"):
         assert sqlite_path(uri) is None, uri
         assert not create_sqlite_store(uri)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_through_a_linked_folder_and_dotdot_builds_the_store_mlflow_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work, elsewhere = tmp_path / "work", tmp_path / "other" / "sub"
+    work.mkdir()
+    elsewhere.mkdir(parents=True)
+    (work / "link").symlink_to(elsewhere)
+    monkeypatch.chdir(work)
+    assert create_sqlite_store("sqlite:///link/../m.db")
+    assert sorted(p.name for p in work.iterdir()) == ["link", "m.db"]
+    assert [e.name for e in mlflow.MlflowClient("sqlite:///link/../m.db").search_experiments()
+            ] == ["Default"]
+    assert sorted(p.name for p in work.iterdir()) == ["link", "m.db"]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_build_that_fails_leaves_nothing_and_the_store_to_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NoSuchPool")  # MLflow's engine raises
+    assert not create_sqlite_store(f"sqlite:///{tmp_path / 'm.db'}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -161,22 +192,24 @@ def test_a_builds_file_is_removed_only_once_its_process_is_gone_and_it_is_a_minu
     db.write_bytes(b"a store")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    live_old = tmp_path / f"m.db.steplog-{os.getpid()}-a.new"
-    gone_fresh = tmp_path / f"m.db.steplog-{gone}-b.new"
-    gone_old = tmp_path / f"m.db.steplog-{gone}-c.new"
-    for p in (live_old, gone_fresh, gone_old):
+    live_old = tmp_path / f"m.db.steplog-{os.getpid()}-0123abcd.new"
+    gone_fresh = tmp_path / f"m.db.steplog-{gone}-0123abce.new"
+    gone_old = tmp_path / f"m.db.steplog-{gone}-0123abcd.new"
+    not_a_build = tmp_path / f"m.db.steplog-{gone}-notes.new.bak"
+    for p in (live_old, gone_fresh, gone_old, not_a_build):
         p.write_bytes(b"a build")
-    age(live_old, 120)
-    age(gone_old, 120)
+    for p in (live_old, gone_old, not_a_build):
+        age(p, 120)
     assert not create_sqlite_store(f"sqlite:///{db}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["m.db", live_old.name, gone_fresh.name])
+        ["m.db", live_old.name, gone_fresh.name, not_a_build.name])
 
 
-def test_a_percent_escaped_uri_names_the_file_sqlite_opens(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_percent_escaped_uri_builds_the_file_sqlite_opens(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert create_sqlite_store("sqlite:///a%20b.db")
-    assert [p.name for p in tmp_path.iterdir()] == ["a b.db"]
-    client = mlflow.MlflowClient("sqlite:///a%20b.db")
+    assert create_sqlite_store("sqlite:///a%2520b.db")
+    assert [p.name for p in tmp_path.iterdir()] == ["a%20b.db"]
+    client = mlflow.MlflowClient("sqlite:///a%2520b.db")
     assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a%20b.db"]

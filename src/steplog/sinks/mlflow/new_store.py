@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -28,19 +29,20 @@ alone does not tell: a build in another pid namespace sharing the folder is not 
 
 
 def sqlite_path(tracking_uri: str) -> str | None:
-    """The file of a ``sqlite:///path`` URI, as sqlite opens it (percent-escapes decoded,
-    relative to the working directory, ``..`` left to the file system); None for other URIs,
-    in-memory databases, ``file:`` names and URIs with a query."""
+    """The file of a ``sqlite:///path`` URI, as SQLAlchemy's sqlite driver opens it
+    (percent-escapes decoded, made absolute against the working directory); None for other
+    URIs, URIs with a host, user, port or query, in-memory databases and ``file:`` names."""
     if not tracking_uri.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
 
     url = make_url(tracking_uri)
     path = url.database
-    if url.drivername != "sqlite" or url.query or not path or path == ":memory:" \
-            or path.startswith("file:"):
+    if url.drivername != "sqlite" or url.query or url.host or url.username or url.password \
+            or url.port or not path or path == ":memory:" or path.startswith("file:") \
+            or "\0" in path:
         return None
-    return os.path.join(os.getcwd(), path)
+    return os.path.abspath(path)
 
 
 def create_sqlite_store(tracking_uri: str) -> bool:
@@ -74,7 +76,7 @@ def create_sqlite_store(tracking_uri: str) -> bool:
     finally:
         if building is not None:
             for leftover in (building, f"{building}-journal"):
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):
                     os.unlink(leftover)
 
 
@@ -105,11 +107,17 @@ def _remove_abandoned(path: str) -> None:
     """Remove the files of builds of ``path`` whose process is gone and that nothing touched
     for :data:`ABANDONED_AFTER_S` (killed while building, or between linking and unlinking)."""
     for leftover in glob.glob(f"{glob.escape(path)}.steplog-*.new*"):
-        pid = leftover[len(path) + len(".steplog-"):].split("-", 1)[0]
-        with contextlib.suppress(OSError, ValueError, OverflowError):
+        build = _BUILD_NAME.fullmatch(leftover[len(path):])
+        if build is None:
+            continue  # not a name a build gives its file
+        with contextlib.suppress(OSError, OverflowError):
             if time.time() - os.lstat(leftover).st_mtime > ABANDONED_AFTER_S \
-                    and not _alive(int(pid)):
+                    and not _alive(int(build[1])):
                 os.unlink(leftover)
+
+
+_BUILD_NAME = re.compile(r"\.steplog-(\d+)-[0-9a-f]{8}\.new(?:-journal)?")
+"""What follows the store's name in the name of a build's file (see :func:`create_sqlite_store`)."""
 
 
 def _alive(pid: int) -> bool:
