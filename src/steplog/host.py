@@ -225,6 +225,10 @@ class Host:
         with self._spawn_lock:
             if self._current is current:
                 self._current = None
+        self._discard(current)
+
+    def _discard(self, current: _Process) -> None:
+        """Kill ``current``; until it has exited, :meth:`settled` is False."""
         current.kill()
         if current.proc.poll() is None:
             self._unreaped.append(current.proc)
@@ -254,10 +258,8 @@ class Host:
             current = self._current
             if current is None or current.dead or current.proc.poll() is not None:
                 if current is not None:
-                    current.kill()
                     self._current = None
-                    if current.proc.poll() is None:
-                        self._unreaped.append(current.proc)
+                    self._discard(current)
                 if not spawn:
                     raise RetryableError("the sink host is not running")
                 self._current = current = self._spawn()

@@ -38,6 +38,7 @@ from typing import BinaryIO, Literal
 import msgspec
 
 from steplog.errors import SteplogWarning
+from steplog.paths import fsync_path, write_all
 
 __all__ = [
     "ConsumerSummary",
@@ -365,7 +366,7 @@ class Journal:
         try:
             if fresh:  # the writer died while creating it: it holds no frame
                 os.ftruncate(fd, 0)
-                self._write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
+                write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
             elif size > good_end:
                 os.ftruncate(fd, good_end)
                 self._report(path, good_end, f"{size - good_end} bytes after the last whole "
@@ -409,7 +410,7 @@ class Journal:
             try:
                 written = os.writev(self._fd, (header, payload))
                 if written < frame_bytes:  # a short write: the disk is filling up
-                    self._write_all(self._fd, memoryview(header + bytes(payload))[written:])
+                    write_all(self._fd, memoryview(header + bytes(payload))[written:])
                 if self.durability == "always":
                     os.fdatasync(self._fd)
             except BaseException as exc:
@@ -430,7 +431,7 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      _FILE_MODE)
         try:
-            self._write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
+            write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
         except BaseException as exc:
             os.close(fd)
             os.unlink(path)
@@ -448,15 +449,6 @@ class Journal:
         self._segments.append(first_seq)
         self._active_size = SEGMENT_HEADER_BYTES
         self._bytes += SEGMENT_HEADER_BYTES
-
-    @staticmethod
-    def _write_all(fd: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            k = os.write(fd, view)
-            if k <= 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = view[k:]
 
     def _truncate_to(self, size: int) -> None:
         """Cut a failed append off the active segment (best effort: the error raised is the
@@ -583,7 +575,7 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
         try:
             try:
-                self._write_all(fd, f"{seq}\n".encode("ascii"))
+                write_all(fd, f"{seq}\n".encode("ascii"))
                 if self.durability != "none":
                     os.fsync(fd)
             finally:
@@ -711,11 +703,7 @@ class Journal:
                                f"{self._pid}; a forked child cannot write to it")
 
     def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.directory)
 
 
 def _check_consumer(consumer: str) -> None:

@@ -1,10 +1,11 @@
 """Files steplog writes for itself: artifact names that can never leave the run's directory,
-hard links instead of copies, JSON files replaced atomically, and the ``steplog sync``
-command that delivers what a directory keeps."""
+hard links instead of copies, JSON files replaced atomically, whole writes and flushes to disk,
+and the ``steplog sync`` command that delivers what a directory keeps."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import posixpath
@@ -14,7 +15,28 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["link_or_copy", "replace_json", "safe_relpath", "sync_command"]
+__all__ = ["fsync_path", "link_or_copy", "replace_json", "safe_relpath", "sync_command",
+           "write_all"]
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` at ``fd``'s position (its end, for a file opened to append);
+    ``OSError(ENOSPC)`` when the system takes none of it."""
+    view = memoryview(data)
+    while view:
+        k = os.write(fd, view)
+        if k <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[k:]
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush the file or directory ``path`` to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sync_command(path: str | os.PathLike[str], to: str | None = None) -> str:

@@ -34,7 +34,7 @@ import msgspec
 
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.frames import decode_batch, encode_batch
-from steplog.paths import link_or_copy, safe_relpath
+from steplog.paths import link_or_copy, safe_relpath, write_all
 from steplog.records import (
     Artifact,
     Batch,
@@ -84,6 +84,10 @@ _OFFLOAD_AFTER_S = 0.5
 class _WriterNotGone(Exception):
     """A killed writer process may still append: the file must stay as it is."""
 
+
+_WRITER_NOT_GONE = ("the file sink's writer process was killed but has not exited yet; the "
+                    "batch is written once it has")
+
 _NONFINITE_MARK = b'"value":null'
 _ENCODER = msgspec.json.Encoder()
 
@@ -125,13 +129,6 @@ def _lines_with_nonfinite(scalars: list[Any]) -> bytes:
     return b"\n".join(lines)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` at the file's position (its end, for a file opened to append)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class ScalarAppender:
     """A file sink's writer process (a :class:`~steplog.host.Host` object): encodes the scalars
     of a frame and appends their lines to the sink's ``scalars.jsonl``.
@@ -153,7 +150,7 @@ class ScalarAppender:
     def append(self, frame: bytes) -> None:
         """Append the lines of ``frame``'s scalars."""
         data, _ = scalar_lines(decode_batch(frame).parts)
-        _write_all(self._fd, data)
+        write_all(self._fd, data)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -294,14 +291,13 @@ class FileSink(Sink):
                 settings = self._append_in_host(parts, fd, start)
             else:
                 data, settings = scalar_lines(parts)
-                _write_all(fd, data)
+                write_all(fd, data)
                 if self.offload == "auto":
                     self._note_rate(len(batch))
             if settings:
                 self._store_settings(parts)
         except _WriterNotGone:
-            raise RetryableError("the file sink's writer process was killed but has not "
-                                 "exited yet; the batch is written once it has") from None
+            raise RetryableError(_WRITER_NOT_GONE) from None
         except BaseException:
             # Leave no partial batch behind: the retry (or each half of a split batch) writes
             # its records again, once.
@@ -317,8 +313,7 @@ class FileSink(Sink):
             return
         assert self.host is not None
         if not self.host.settled():
-            raise RetryableError("the file sink's writer process was killed but has not "
-                                 "exited yet; the batch is written once it has")
+            raise RetryableError(_WRITER_NOT_GONE)
         os.ftruncate(fd, cut)
         self._cut_back_to = None
         self._start_host()
@@ -353,7 +348,7 @@ class FileSink(Sink):
             self._start_host()
             os.ftruncate(fd, start)
             data, _ = scalar_lines(parts)
-            _write_all(fd, data)
+            write_all(fd, data)
         return len(scalars) < len(parts)
 
     def _start_host(self) -> None:

@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any
 
+from steplog.paths import fsync_path
+
 __all__ = ["create_sqlite_store", "sqlite_path"]
 
 ABANDONED_AFTER_S = 60.0
@@ -62,14 +64,14 @@ def create_sqlite_store(tracking_uri: str) -> bool:
         building = f"{path}.steplog-{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
         if not _build(building):
             return False
-        _flush(building)
+        fsync_path(building)
         try:
             os.link(building, path)  # never replaces: a store created meanwhile is kept
         except FileExistsError:
             return False
         os.unlink(building)
         building = None
-        _flush(os.path.dirname(path))
+        fsync_path(os.path.dirname(path))
         return True
     except Exception:
         return False
@@ -135,11 +137,3 @@ def _no_flushes(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=OFF")
     cursor.execute("PRAGMA journal_mode=MEMORY")
     cursor.close()
-
-
-def _flush(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
