@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,mlflow,clearml,torch]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,mlflow,clearml,torch,plot,demo,sb3,lightning,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
