@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from steplog.errors import LoggerClosedError
+from steplog.notice import Notice
 from steplog.pipeline import Options, Pipeline
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.retry import check_seconds
@@ -89,7 +90,8 @@ class Lifecycle:
         self._lock = threading.Lock()
         """The close lock: one close runs at a time; others wait for it within their deadline."""
         self._closer: int | None = None
-        self._closed = threading.Event()
+        self.closed = Notice()
+        """Set once the close result is fixed (``CLOSED``)."""
         self._result: CloseResult | None = None
         self.helpers: list[Helper] = []
         self._alarm: Exception | None = None
@@ -160,26 +162,44 @@ class Lifecycle:
         seconds = self.seconds(timeout)
         start = time.monotonic()
         end = start + seconds
+        early = self.flush_at_once(start)
+        if early is not None:
+            return early
+        p = self.pipeline
+        assert p is not None
+        if self.state is State.OPEN:
+            barrier = p.flush_barrier()
+            while not barrier.event.wait(min(_FLUSH_POLL_S, max(0.0, end - time.monotonic()))):
+                if time.monotonic() >= end or self.closed.is_set():
+                    break
+            if barrier.event.is_set():
+                p.journal_checkpoint()
+                return self.flush_result(start, ok=barrier.lost == 0, pending=0)
+        # A close started: it delivers everything logged before this flush, or says it did not.
+        return self.flush_after_close(start, self.closed.wait(max(0.0, end - time.monotonic())))
+
+    def flush_at_once(self, start: float) -> FlushResult | None:
+        """The result of a flush that has nothing to wait for (no pipeline, a forked child's
+        copy, a signal handler on the closing thread); ``None`` when it must wait."""
         p = self.pipeline
         if p is None or self.state is State.INERT:
             return FlushResult(ok=True, pending=0, elapsed_s=0.0)
         if self._closer == threading.get_ident():
             # From a signal handler on the thread that is closing: it cannot wait for itself.
-            return self._flush_result(start, ok=False, pending=p.unacknowledged())
-        if self.state is State.OPEN:
-            barrier = p.flush_barrier()
-            while not barrier.event.wait(min(_FLUSH_POLL_S, max(0.0, end - time.monotonic()))):
-                if time.monotonic() >= end or self._closed.is_set():
-                    break
-            if barrier.event.is_set():
-                p.journal_checkpoint()
-                return self._flush_result(start, ok=barrier.lost == 0, pending=0)
-        # A close started: it delivers everything logged before this flush, or says it did not.
-        if self._closed.wait(max(0.0, end - time.monotonic())) and self._result is not None:
-            return self._flush_result(start, ok=self._result.ok, pending=p.unacknowledged())
-        return self._flush_result(start, ok=False, pending=p.unacknowledged())
+            return self.flush_result(start, ok=False, pending=p.unacknowledged())
+        return None
 
-    def _flush_result(self, start: float, ok: bool, pending: int) -> FlushResult:
+    def flush_after_close(self, start: float, closed: bool) -> FlushResult:
+        """The result of a flush that a close overtook: the close's outcome once it ended
+        (``closed``), else not delivered."""
+        p = self.pipeline
+        assert p is not None
+        if closed and self._result is not None:
+            return self.flush_result(start, ok=self._result.ok, pending=p.unacknowledged())
+        return self.flush_result(start, ok=False, pending=p.unacknowledged())
+
+    def flush_result(self, start: float, ok: bool, pending: int) -> FlushResult:
+        """A flush's result from the counters now (truthy only with ``ok`` and nothing pending)."""
         p = self.pipeline
         assert p is not None
         s = p.stats()
@@ -195,16 +215,16 @@ class Lifecycle:
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
         start = time.monotonic()
         if self.state is State.INERT:
-            return self._close_result(start, timed_out=False)
+            return self.close_result(start, timed_out=False)
         if self._closer == threading.get_ident():
             # Re-entered on the closing thread (from a signal handler): it cannot wait for itself.
-            return self._close_result(start, timed_out=True)
+            return self.close_result(start, timed_out=True)
         shield = _Shield()  # before the lock: a SIGTERM now cannot leave the lock held
         locked = False
         try:
             locked = self._lock.acquire(timeout=seconds)
             if not locked:
-                return self._close_result(start, timed_out=True)  # another close still runs
+                return self.close_result(start, timed_out=True)  # another close still runs
             if self._result is not None:
                 return self._result
             self._closer = threading.get_ident()
@@ -213,9 +233,9 @@ class Lifecycle:
             for helper in self.helpers:
                 helper.stop(max(0.0, self._deadline - time.monotonic()))
             ended = self.pipeline.shut_down(status) if self.pipeline is not None else True
-            self._result = self._close_result(start, timed_out=not ended)
+            self._result = self.close_result(start, timed_out=not ended)
             self.state = State.CLOSED
-            self._closed.set()
+            self.closed.set()
             _unregister(self)
             return self._result
         finally:
@@ -231,7 +251,8 @@ class Lifecycle:
             self._set_gate(False)
             self.state = state
 
-    def _close_result(self, start: float, timed_out: bool) -> CloseResult:
+    def close_result(self, start: float, timed_out: bool) -> CloseResult:
+        """A close's result from the counters now (``timed_out``: the deadline passed first)."""
         p = self.pipeline
         elapsed = time.monotonic() - start
         if p is None:

@@ -390,6 +390,34 @@ class Logger:
         """
         return self._life.close(timeout, status)
 
+    async def aflush(self, timeout: float | None = None) -> FlushResult:
+        """:meth:`flush` for asyncio and trio: the same result, without blocking the event
+        loop. Cancellation stops the wait at once and leaves the logger as it was (records
+        are still delivered; nothing is left waiting). See :mod:`steplog.aio`."""
+        from steplog.aio import aflush
+
+        return await aflush(self, timeout)
+
+    async def aclose(self, timeout: float | None = None,
+                     status: RunStatus = "FINISHED") -> CloseResult:
+        """:meth:`close` for asyncio and trio, without blocking the event loop. When the wait
+        is cancelled or ``timeout`` passes first, the close goes on in the background within
+        its own deadline, and a later ``close()``/``aclose()`` returns its result."""
+        from steplog.aio import aclose
+
+        return await aclose(self, timeout, status)
+
+    async def __aenter__(self) -> Logger:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose(status=_exit_status(exc_type))
+
     @property
     def run_dir(self) -> str | None:
         """The directory of this logger's journal (loggers with a remote sink), where
@@ -420,10 +448,14 @@ class Logger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        status: RunStatus = "FINISHED"
-        if exc_type is not None:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        self.close(status=status)
+        self.close(status=_exit_status(exc_type))
+
+
+def _exit_status(exc_type: type[BaseException] | None) -> RunStatus:
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+
 
 def _capture_metrics(metrics: object) -> dict[str, Any]:
     if not isinstance(metrics, Mapping):

@@ -64,6 +64,7 @@ from steplog.errors import JournalStoppedError, LoggerClosedError, SteplogWarnin
 from steplog.frames import decode_batch
 from steplog.journal import Durability, Journal, JournalError, JournalFullError
 from steplog.kept import Keeper
+from steplog.notice import Notice
 from steplog.paths import sync_command
 from steplog.records import Artifact, Batch, Param, Row, Scalar, Scalars, Tag, now_ms
 from steplog.results import Loss, LossKind, SinkStats, Stats
@@ -210,14 +211,14 @@ class UploadRequest:
 
 
 class Barrier:
-    """A flush marker: ``event`` is set once every lane acknowledged every record queued
-    before it; ``lost`` then counts the records of the run up to the marker that some sink
-    did not store (rejected, failed, dropped)."""
+    """A flush marker: ``event`` (a :class:`~steplog.notice.Notice`) is set once every lane
+    acknowledged every record queued before it; ``lost`` then counts the records of the run up
+    to the marker that some sink did not store (rejected, failed, dropped)."""
 
     __slots__ = ("_left", "_lock", "event", "lost")
 
     def __init__(self, lost: int) -> None:
-        self.event = threading.Event()
+        self.event = Notice()
         self._lock = threading.Lock()
         self._left = 0
         self.lost = lost

@@ -1,0 +1,191 @@
+"""aflush / aclose / async with, under asyncio and trio: the event loop keeps serving other
+tasks during the wait, deadlines are honoured, and a cancelled wait leaves the logger
+consistent."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from sinks_for_tests import ListSink
+from steplog import Logger, LoggerClosedError, Options, State
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("backend", ["asyncio", "trio"])]
+
+FAST = Options(drain_interval_s=0.005)
+TICK_S = 0.005
+
+
+class Ticker:
+    """A task that ticks every TICK_S and records the longest gap between two ticks."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.longest_gap_s = 0.0
+        self.running = True
+
+    async def run(self) -> None:
+        last = time.monotonic()
+        while self.running:
+            await anyio.sleep(TICK_S)
+            now = time.monotonic()
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
+            last = now
+            self.ticks += 1
+
+
+async def while_ticking(wait: Callable[[], Awaitable[Any]]) -> tuple[Any, Ticker, float]:
+    """Run ``wait()`` beside a ticker; its result, the ticker, and how long it took."""
+    ticker = Ticker()
+    out: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker.run)
+        await anyio.sleep(TICK_S * 2)
+        start = time.monotonic()
+        out.append(await wait())
+        took = time.monotonic() - start
+        ticker.running = False
+    return out[0], ticker, took
+
+
+def test_aflush_waits_for_delivery_while_the_loop_keeps_ticking(backend: str) -> None:
+    sink = ListSink(delay_s=0.3, max_batch=100)
+    logger = Logger(sinks=[sink], options=FAST)
+
+    async def main() -> None:
+        for i in range(250):
+            logger.log_scalar("x", float(i), i)
+        result, ticker, took = await while_ticking(lambda: logger.aflush(30))
+        assert result and result.pending == 0
+        assert len(sink.records) == 250
+        assert took >= 0.3
+        # A blocking wait would stop the ticker for the whole flush (>= 0.9 s here).
+        assert ticker.longest_gap_s < 0.25, ticker.longest_gap_s
+        assert ticker.ticks >= took / TICK_S * 0.2
+
+    anyio.run(main, backend=backend)
+    assert logger.close(10)
+
+
+def test_aflush_returns_falsy_at_its_deadline(backend: str) -> None:
+    gate = threading.Event()
+    sink = ListSink(release=gate)
+    logger = Logger(sinks=[sink], options=FAST)
+
+    async def main() -> None:
+        logger.log_scalar("x", 1.0, 0)
+        result, ticker, took = await while_ticking(lambda: logger.aflush(0.3))
+        assert not result and result.pending == 1
+        assert 0.3 <= took < 1.0
+        assert ticker.longest_gap_s < 0.25
+
+    anyio.run(main, backend=backend)
+    gate.set()
+    assert logger.close(10)
+
+
+def test_a_cancelled_aflush_leaves_the_logger_usable_and_nothing_waiting(backend: str) -> None:
+    gate = threading.Event()
+    sink = ListSink(release=gate)
+    logger = Logger(sinks=[sink], options=FAST)
+
+    async def main() -> None:
+        logger.log_scalar("x", 1.0, 0)
+        for _ in range(20):
+            with anyio.move_on_after(0.02) as scope:
+                await logger.aflush(30)
+            assert scope.cancelled_caught
+        assert logger.state is State.OPEN
+        assert logger._life.closed.subscribers == 0
+        logger.log_scalar("x", 2.0, 1)
+        gate.set()
+        result = await logger.aflush(10)
+        assert result and result.pending == 0
+
+    anyio.run(main, backend=backend)
+    assert [r.value for r in sink.records] == [1.0, 2.0]  # type: ignore[union-attr]
+    assert logger.close(10)
+
+
+def test_aclose_ends_the_run_while_the_loop_keeps_ticking(backend: str) -> None:
+    sink = ListSink(delay_s=0.3)
+    logger = Logger(sinks=[sink], options=FAST)
+
+    async def main() -> None:
+        logger.log_scalar("x", 1.0, 0)
+        result, ticker, took = await while_ticking(lambda: logger.aclose(30))
+        assert result and result.delivered == 1
+        assert took >= 0.3
+        assert ticker.longest_gap_s < 0.25, ticker.longest_gap_s
+        assert logger.state is State.CLOSED
+        assert await logger.aclose(1) is result  # the first result, again
+
+    anyio.run(main, backend=backend)
+    assert sink.closed_with == "FINISHED"
+    with pytest.raises(LoggerClosedError):
+        logger.log_scalar("x", 2.0, 1)
+
+
+def test_aclose_cancelled_mid_wait_closes_in_the_background(backend: str) -> None:
+    gate = threading.Event()
+    sink = ListSink(release=gate)
+    logger = Logger(sinks=[sink], options=FAST)
+
+    async def main() -> None:
+        logger.log_scalar("x", 1.0, 0)
+        with anyio.move_on_after(0.1) as scope:
+            await logger.aclose(30, status="FAILED")
+        assert scope.cancelled_caught
+        assert logger.state is State.CLOSING  # the close goes on; logging already refused
+        with pytest.raises(LoggerClosedError):
+            logger.log_scalar("x", 2.0, 1)
+
+    anyio.run(main, backend=backend)
+    gate.set()
+    result = logger.close(10)  # returns the background close's result
+    assert result and result.delivered == 1
+    assert logger.state is State.CLOSED
+    assert sink.closed_with == "FAILED"
+    assert logger.close(1) is result
+
+
+def test_aclose_returns_timed_out_at_its_deadline(backend: str) -> None:
+    gate = threading.Event()
+    sink = ListSink(release=gate)
+    logger = Logger(sinks=[sink], options=FAST)
+
+    async def main() -> None:
+        logger.log_scalar("x", 1.0, 0)
+        result, ticker, took = await while_ticking(lambda: logger.aclose(0.3))
+        assert not result and result.timed_out and result.undelivered == 1
+        assert 0.3 <= took < 1.0
+        assert ticker.longest_gap_s < 0.25
+
+    anyio.run(main, backend=backend)
+    gate.set()
+    deadline = time.monotonic() + 10
+    while sink.closed_with is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.closed_with == "FINISHED"  # the sink's run still ended once its call returned
+
+
+def test_async_with_closes_the_logger_and_records_a_failure(backend: str) -> None:
+    ok_sink, failing_sink = ListSink(), ListSink()
+
+    async def main() -> None:
+        async with Logger(sinks=[ok_sink], options=FAST) as logger:
+            logger.log_scalar("x", 1.0, 0)
+        assert logger.state is State.CLOSED
+        with pytest.raises(RuntimeError, match="boom"):
+            async with Logger(sinks=[failing_sink], options=FAST) as other:
+                other.log_scalar("x", 1.0, 0)
+                raise RuntimeError("boom")
+
+    anyio.run(main, backend=backend)
+    assert ok_sink.closed_with == "FINISHED" and len(ok_sink.records) == 1
+    assert failing_sink.closed_with == "FAILED" and len(failing_sink.records) == 1
