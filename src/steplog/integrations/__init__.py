@@ -1,0 +1,1 @@
+"""Adapters that let other frameworks log through steplog."""

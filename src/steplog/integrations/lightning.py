@@ -1,0 +1,285 @@
+"""A Lightning ``Logger`` that writes through any steplog logger.
+
+``Trainer(logger=SteplogLogger(...))`` is the only change: metrics and hyperparameters are
+queued like any ``log_*`` call, every checkpoint that ``ModelCheckpoint`` saves is uploaded in
+the upload lane while training goes on, and the run ends with the trainer's status. As with
+Lightning's own loggers, only global rank 0 logs (``rank_zero_only``).
+
+Checkpoints: at ``after_save_checkpoint`` each new or rewritten checkpoint file is hard-linked
+(copied where the file system has no hard links) into a hidden folder beside it, and that link
+is queued; Lightning may delete or replace its file right after the call (top-k, ``last.ckpt``)
+and the upload still sends the bytes of the call. Lightning writes each checkpoint as a new
+file renamed into place, so the link keeps them. The link is removed once every sink stored it.
+The run stores it as ``checkpoints/<file name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from argparse import Namespace
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+from lightning.pytorch.loggers.logger import Logger as LightningLogger
+from lightning.pytorch.loggers.utilities import _scan_checkpoints
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from steplog.errors import SteplogWarning
+from steplog.loggers import FileLogger, Logger
+from steplog.records import Artifact, now_ms
+from steplog.results import CloseResult
+from steplog.sinks.base import RunStatus
+
+__all__ = ["SteplogLogger"]
+
+STATUSES: dict[str, RunStatus] = {
+    "success": "FINISHED",
+    "finished": "FINISHED",
+    "failed": "FAILED",
+    "aborted": "KILLED",
+    "interrupted": "KILLED",
+    "killed": "KILLED",
+}
+"""Lightning's ``finalize`` statuses and the run status each one ends the run with."""
+
+_NOT_A_KEY = re.compile(r"[^a-zA-Z0-9_/. -]+")
+"""What Lightning's MLflow logger removes from a metric name (MLflow refuses it)."""
+
+_CALLBACK_SETTINGS = ("monitor", "mode", "save_last", "save_top_k", "save_weights_only")
+
+
+class SteplogLogger(LightningLogger):
+    """Log a Lightning run through ``logger`` (any steplog logger: file, MLflow, ClearML).
+
+    Args:
+        logger: where the records go. ``None``: a :class:`~steplog.FileLogger` in
+            ``<log_dir>/steplog``, built on rank 0 when first needed.
+        save_dir, name, version: Lightning's local layout, as for ``CSVLogger``: ``log_dir`` is
+            ``save_dir/name/version_<version>`` (``version=None``: the next free number), and
+            ``ModelCheckpoint`` saves into ``log_dir/checkpoints`` by default.
+        prefix: put before every metric name, joined with ``"-"``.
+        log_model: ``"all"`` (default): upload each checkpoint as it is saved; ``True``: upload
+            the last and best checkpoints when training ends (each one as saved with
+            ``save_top_k=-1``); ``False``: none.
+        close_on_finalize: ``True`` (default): Lightning's ``finalize`` (end of ``fit``,
+            ``validate``, ``test``) closes ``logger`` and ends its run with the trainer's status;
+            ``False``: it only flushes, and the caller closes ``logger`` (to reuse it for a later
+            ``trainer.test``, say).
+        timeout_s: the deadline of that close or flush (``None``: ``Options.timeout_s``).
+    """
+
+    LOGGER_JOIN_CHAR = "-"
+
+    def __init__(
+        self,
+        logger: Logger | None = None,
+        *,
+        save_dir: str | os.PathLike[str] = "lightning_logs",
+        name: str = "steplog",
+        version: int | str | None = None,
+        prefix: str = "",
+        log_model: Literal[True, False, "all"] = "all",
+        close_on_finalize: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        super().__init__()
+        if logger is not None and not isinstance(logger, Logger):
+            raise TypeError(f"logger must be a steplog Logger, got {type(logger).__name__}")
+        if log_model not in (True, False, "all"):
+            raise ValueError(f"log_model must be True, False or 'all', got {log_model!r}")
+        self._logger = logger
+        self._save_dir = os.fspath(save_dir)
+        self._name = name
+        self._version = version
+        self._prefix = prefix
+        self._log_model = log_model
+        self._close_on_finalize = close_on_finalize
+        self._timeout_s = timeout_s
+        self._renamed: dict[str, str] = {}
+        self._uploaded: dict[str, float] = {}
+        self._staging: dict[str, str] = {}
+        self._links = itertools.count()
+        self._checkpoint_callback: ModelCheckpoint | None = None
+        self.result: CloseResult | None = None
+        """The close result once ``finalize`` closed the logger."""
+
+    # -- Lightning's layout ----------------------------------------------------------------
+    @property
+    @override
+    def name(self) -> str:
+        return self._name
+
+    @property
+    @override
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = _next_version(os.path.join(self._save_dir, self._name))
+        return self._version
+
+    @property
+    @override
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    @override
+    def root_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name)
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        version = self.version
+        return os.path.join(self.root_dir, version if isinstance(version, str)
+                            else f"version_{version}")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Logger:
+        """The steplog logger (built now on rank 0 when none was given)."""
+        if self._logger is None:
+            self._logger = FileLogger(os.path.join(self.log_dir, "steplog"))
+        return self._logger
+
+    # -- records ---------------------------------------------------------------------------
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Queue every metric at ``step`` (a name MLflow would refuse loses its refused
+        characters, with one warning, as with Lightning's MLflow logger)."""
+        logger = self._logger or self.experiment
+        if self._prefix:
+            metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
+        if self._renamed:
+            metrics = {self._renamed.get(k, k): v for k, v in metrics.items()}
+        try:
+            logger.log_metrics(metrics, step)
+        except ValueError:
+            if not self._rename(metrics):
+                raise
+            logger.log_metrics({self._renamed.get(k, k): v for k, v in metrics.items()}, step)
+
+    def _rename(self, metrics: Mapping[str, Any]) -> bool:
+        renamed = False
+        for k in metrics:
+            new = _NOT_A_KEY.sub("", k)
+            if new != k and new:
+                warnings.warn(f"steplog: the metric name {k!r} is logged as {new!r} (only "
+                              "letters, digits and '_ / . - ' and space are kept)",
+                              SteplogWarning, stacklevel=3)
+                self._renamed[k] = new
+                renamed = True
+        return renamed
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace | Any, *args: Any,
+                        **kwargs: Any) -> None:
+        """Queue the hyperparameters as run parameters: a ``Namespace`` or dataclass becomes a
+        dict, and nested dicts are flattened with ``"/"`` (``{"opt": {"lr": 1}}`` ->
+        ``opt/lr``), as Lightning's own loggers do."""
+        given: Any = params
+        if dataclasses.is_dataclass(given) and not isinstance(given, type):
+            given = dataclasses.asdict(given)
+        flat = _flatten_dict(_convert_params(given))
+        if flat:
+            (self._logger or self.experiment).log_parameters(flat)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @override
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        """Queue the checkpoint files saved since the last call (``log_model="all"``), or
+        remember the callback to upload its best and last files at the end (``True``)."""
+        if self._log_model == "all" or (self._log_model is True
+                                        and checkpoint_callback.save_top_k == -1):
+            self._upload_checkpoints(checkpoint_callback)
+        elif self._log_model is True:
+            self._checkpoint_callback = checkpoint_callback
+
+    def _upload_checkpoints(self, callback: ModelCheckpoint) -> None:
+        """Link each new checkpoint file now (the callback is a weak proxy and Lightning may
+        remove the file after this call) and queue the link."""
+        logger = self._logger or self.experiment
+        settings = {k: getattr(callback, k) for k in _CALLBACK_SETTINGS if hasattr(callback, k)}
+        step = getattr(callback, "_last_global_step_saved", None)
+        for mtime, path, score, _ in _scan_checkpoints(callback, self._uploaded):
+            staged = self._stage(path)
+            file_name = os.path.basename(path)
+            best = path == callback.best_model_path
+            metadata = {"original_filename": file_name, "checkpoint": settings,
+                        "score": score.item() if hasattr(score, "item") else score}
+            logger._upload(Artifact(
+                name=f"checkpoints/{file_name}", timestamp=now_ms(), source=staged,
+                kind="checkpoint", step=step if isinstance(step, int) else None,
+                metadata=metadata, aliases=["latest", "best"] if best else ["latest"],
+                move=True, cleanup=True))
+            self._uploaded[path] = mtime
+
+    def _stage(self, path: str) -> str:
+        """A hard link to ``path`` (a copy where linking fails) in a hidden folder beside it."""
+        folder = os.path.dirname(os.path.abspath(path))
+        staging = self._staging.get(folder)
+        if staging is None:
+            staging = self._staging[folder] = tempfile.mkdtemp(prefix=".steplog-uploads-",
+                                                               dir=folder)
+        dest = os.path.join(staging, f"{next(self._links)}-{os.path.basename(path)}")
+        try:
+            os.link(path, dest)
+        except OSError:  # another file system, or no hard links there
+            shutil.copy2(path, dest)
+        return dest
+
+    # -- the end ---------------------------------------------------------------------------
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """End the run with the trainer's status (``success`` -> ``FINISHED``, ``failed`` ->
+        ``FAILED``, ``aborted``/``interrupted`` -> ``KILLED``), after uploading the last and
+        best checkpoints with ``log_model=True``; or only flush (``close_on_finalize=False``).
+        An undelivered record is reported in one warning, with the result in :attr:`result`."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown Lightning status {status!r}; expected one of "
+                             f"{', '.join(STATUSES)}")
+        logger = self._logger
+        if logger is None:
+            return  # nothing was ever logged on this rank
+        if self._checkpoint_callback is not None:
+            self._upload_checkpoints(self._checkpoint_callback)
+            self._checkpoint_callback = None
+        if not self._close_on_finalize:
+            flushed = logger.flush(self._timeout_s)
+            if not flushed:
+                warnings.warn(f"steplog: not every record arrived at the end of this stage: "
+                              f"{flushed!r}", SteplogWarning, stacklevel=2)
+            return
+        self.result = result = logger.close(self._timeout_s, STATUSES[status])
+        if not result:
+            warnings.warn(f"steplog: not every record arrived: {result!r}", SteplogWarning,
+                          stacklevel=2)
+        if not result.timed_out:  # every upload ended: its link is gone, or kept elsewhere
+            for staging in self._staging.values():
+                shutil.rmtree(staging, ignore_errors=True)
+            self._staging.clear()
+
+
+def _next_version(root: str) -> int:
+    """The next free ``version_<n>`` under ``root`` (as Lightning's ``CSVLogger`` counts)."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return 0
+    versions = [int(n[8:]) for n in names
+                if n.startswith("version_") and n[8:].isdigit()
+                and os.path.isdir(os.path.join(root, n))]
+    return max(versions, default=-1) + 1

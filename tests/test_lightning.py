@@ -1,0 +1,230 @@
+"""SteplogLogger: a real Lightning Trainer fits a tiny model on the CPU into a file run and into
+the session's MLflow server; metrics, hyperparameters, the run status and every checkpoint
+(also those Lightning deleted or replaced right after saving) arrive."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import uuid
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlflow_support import MlflowServer
+from steplog import Logger, Options, State
+from steplog.integrations.lightning import SteplogLogger
+from steplog.loggers import MLFlowLogger
+from test_mlflow_sink import download
+
+pytestmark = pytest.mark.timeout(180)
+
+EPOCHS = 3
+STEPS_PER_EPOCH = 4
+FAST = Options(drain_interval_s=0.01)
+
+
+@dataclasses.dataclass
+class Schedule:
+    warmup: int = 2
+    decay: float = 0.5
+
+
+class TinyModel(pl.LightningModule):
+    def __init__(self, lr: float = 0.05, arch: dict[str, Any] | None = None,
+                 schedule: Schedule | None = None, extra: Namespace | None = None,
+                 fail_at_epoch: int = -1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.current_epoch == self.hparams.fail_at_epoch:
+            raise RuntimeError("training diverged (test)")
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class RecordingCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint callback, keeping the bytes of each file as it was saved (the
+    loggers were told about it inside the save; Lightning may delete it right after)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.saved: dict[str, bytes] = {}
+        self.order: list[str] = []
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.saved[Path(filepath).name] = Path(filepath).read_bytes()
+        self.order.append(Path(filepath).name)
+
+
+def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS_PER_EPOCH * 8, 4, generator=g)
+    y = x.sum(dim=1, keepdim=True)
+    data = TensorDataset(x, y)
+    return DataLoader(data, batch_size=8), DataLoader(data, batch_size=16)
+
+
+def fit(logger: SteplogLogger, tmp_path: Path, **model_kwargs: Any) -> RecordingCheckpoint:
+    # Every epoch is the new best (monitor "step", max): the previous top-1 file is deleted
+    # right after the save, and last.ckpt is replaced each epoch.
+    ckpt = RecordingCheckpoint(dirpath=tmp_path / "ckpts", monitor="step", mode="max",
+                               save_top_k=1, save_last=True)
+    trainer = pl.Trainer(max_epochs=EPOCHS, logger=logger, callbacks=[ckpt],
+                         log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1,
+                         default_root_dir=tmp_path)
+    train, val = loaders()
+    trainer.fit(TinyModel(**model_kwargs), train, val)
+    return ckpt
+
+
+HPARAMS: dict[str, Any] = {
+    "lr": 0.05,
+    "arch": {"hidden": [8, 8], "act": {"name": "relu"}},
+    "schedule": Schedule(),
+    "extra": Namespace(seed=7),
+}
+FLAT_HPARAMS = {
+    "lr": 0.05, "arch/hidden": [8, 8], "arch/act/name": "relu", "schedule/warmup": 2,
+    "schedule/decay": 0.5, "extra/seed": 7, "fail_at_epoch": -1,
+}
+
+
+def test_a_fit_into_a_file_run_stores_metrics_hyperparameters_status_and_checkpoints(
+    tmp_path: Path,
+) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", name="tiny")
+    ckpt = fit(logger, tmp_path, **HPARAMS)
+
+    assert logger.result and logger.experiment.state is State.CLOSED
+    run = Path(logger.log_dir) / "steplog"
+    assert run == tmp_path / "logs" / "tiny" / "version_0" / "steplog"
+    points = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
+    train = [p["step"] for p in points if p["name"] == "train_loss"]
+    assert train == list(range(EPOCHS * STEPS_PER_EPOCH))
+    assert len([p for p in points if p["name"] == "val_loss"]) == EPOCHS
+    assert json.loads((run / "parameters.json").read_text()) == FLAT_HPARAMS
+    assert json.loads((run / "run.json").read_text())["status"] == "FINISHED"
+
+    # Lightning deleted the older top-1 files and replaced last.ckpt: the run has the bytes
+    # of every file as it was saved.
+    on_disk = {p.name for p in (tmp_path / "ckpts").glob("*.ckpt")}
+    assert len(ckpt.saved) == EPOCHS + 1 and on_disk < set(ckpt.saved)
+    assert ckpt.order.count("last.ckpt") == EPOCHS
+    for name, data in ckpt.saved.items():
+        assert (run / "checkpoints" / name).read_bytes() == data, name
+    entries = [json.loads(line) for line in (run / "artifacts.jsonl").read_text().splitlines()]
+    assert [e["name"] for e in entries] == [f"checkpoints/{n}" for n in ckpt.order]
+    assert {e["kind"] for e in entries} == {"checkpoint"}
+    # The hidden links are gone once uploaded.
+    assert not list((tmp_path / "ckpts").glob(".steplog-uploads-*"))
+
+
+def test_a_fit_into_mlflow_ends_the_run_finished_with_every_checkpoint(
+    mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    steplog_logger = MLFlowLogger(f"lightning-{uuid.uuid4().hex[:8]}",
+                                  tracking_uri=mlflow_server.url, options=FAST)
+    logger = SteplogLogger(steplog_logger, save_dir=tmp_path / "logs")
+    ckpt = fit(logger, tmp_path, **HPARAMS)
+
+    assert logger.result, logger.result
+    run_id = steplog_logger.run_id or ""
+    run = mlflow_server.run(run_id)
+    assert run["info"]["status"] == "FINISHED"
+    steps = [m["step"] for m in mlflow_server.metric_history(run_id, "train_loss")]
+    assert steps == list(range(EPOCHS * STEPS_PER_EPOCH))
+    assert len(mlflow_server.metric_history(run_id, "val_loss")) == EPOCHS
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert set(params) == set(FLAT_HPARAMS)
+    assert params["arch/act/name"] == "relu" and params["schedule/warmup"] == "2"
+    stored = {a["path"] for a in mlflow_server.artifacts(run_id)}
+    assert stored == {f"checkpoints/{n}" for n in ckpt.saved}
+    for name, data in ckpt.saved.items():
+        assert download(mlflow_server, run, f"checkpoints/{name}") == data, name
+
+
+def test_a_failed_fit_ends_the_run_failed(tmp_path: Path) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs")
+    with pytest.raises(RuntimeError, match="diverged"):
+        fit(logger, tmp_path, fail_at_epoch=1)
+    assert logger.result
+    run = Path(logger.log_dir) / "steplog"
+    assert json.loads((run / "run.json").read_text())["status"] == "FAILED"
+    points = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
+    assert len([p for p in points if p["name"] == "train_loss"]) == STEPS_PER_EPOCH
+
+
+def test_close_on_finalize_false_keeps_the_logger_open_for_the_next_stage(
+    tmp_path: Path,
+) -> None:
+    steplog_logger = Logger.create("file", output_dir=tmp_path / "run", options=FAST)
+    logger = SteplogLogger(steplog_logger, save_dir=tmp_path / "logs", close_on_finalize=False,
+                           log_model=False)
+    fit(logger, tmp_path)
+    assert steplog_logger.state is State.OPEN
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    steplog_logger.log_scalar("after_fit", 1.0, 0)
+    assert steplog_logger.close(10)
+
+
+def test_finalize_maps_lightning_statuses_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                           save_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown Lightning status"):
+        logger.finalize("exploded")
+    logger.finalize("interrupted")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "KILLED"
+
+
+def test_other_ranks_log_nothing_and_build_no_logger(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    logger = SteplogLogger(save_dir=tmp_path)
+    logger.log_metrics({"x": 1.0}, 0)
+    logger.log_hyperparams({"lr": 0.1})
+    logger.finalize("success")
+    assert logger._logger is None and not (tmp_path / "steplog").exists()
+
+
+def test_a_name_mlflow_refuses_is_logged_without_its_refused_characters(
+    mlflow_server: MlflowServer,
+) -> None:
+    steplog_logger = MLFlowLogger(f"lightning-{uuid.uuid4().hex[:8]}",
+                                  tracking_uri=mlflow_server.url, options=FAST)
+    logger = SteplogLogger(steplog_logger, prefix="fit")
+    with pytest.warns(UserWarning, match="logged as 'fit-acc1'"):
+        logger.log_metrics({"acc@1": 0.5}, 3)
+    logger.log_metrics({"acc@1": 0.75}, 4)
+    logger.finalize("success")
+    history = mlflow_server.metric_history(steplog_logger.run_id or "", "fit-acc1")
+    assert [(m["step"], m["value"]) for m in history] == [(3, 0.5), (4, 0.75)]
+
+
+def test_importing_steplog_does_not_import_lightning() -> None:
+    code = ("import sys, steplog\n"
+            "assert 'lightning' not in sys.modules and 'anyio' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
