@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from sinks_for_tests import ListSink
+from sinks_for_tests import JournaledListSink, ListSink
 from steplog import Logger, LoggerClosedError, Options, State
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("backend", ["asyncio", "trio"])]
@@ -69,6 +69,25 @@ def test_aflush_waits_for_delivery_while_the_loop_keeps_ticking(backend: str) ->
         assert ticker.ticks >= took / TICK_S * 0.2
 
     anyio.run(main, backend=backend)
+    assert logger.close(10)
+
+
+def test_aflush_of_a_journaled_logger_records_the_journal_cursor(backend: str,
+                                                                 tmp_path: Any) -> None:
+    sink = JournaledListSink()
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.005, runs_dir=str(tmp_path)))
+    journal = logger._life.pipeline.run_journal  # type: ignore[union-attr]
+    assert journal is not None
+
+    async def main() -> None:
+        for i in range(100):  # two flushes: the lanes record their cursor at most once a second
+            logger.log_scalar("x", float(i), i)
+            if i in (49, 99):
+                assert await logger.aflush(10)
+
+    anyio.run(main, backend=backend)
+    frames = journal.journal
+    assert frames.cursor(frames.consumers[0]) == frames.last_seq  # written by aflush
     assert logger.close(10)
 
 
