@@ -65,7 +65,7 @@ def test_aflush_waits_for_delivery_while_the_loop_keeps_ticking(backend: str) ->
         assert len(sink.records) == 250
         assert took >= 0.3
         # A blocking wait would stop the ticker for the whole flush (>= 0.9 s here).
-        assert ticker.longest_gap_s < 0.25, ticker.longest_gap_s
+        assert ticker.longest_gap_s < 0.4, ticker.longest_gap_s
         assert ticker.ticks >= took / TICK_S * 0.2
 
     anyio.run(main, backend=backend)
@@ -98,10 +98,10 @@ def test_aflush_returns_falsy_at_its_deadline(backend: str) -> None:
 
     async def main() -> None:
         logger.log_scalar("x", 1.0, 0)
-        result, ticker, took = await while_ticking(lambda: logger.aflush(0.3))
+        result, ticker, took = await while_ticking(lambda: logger.aflush(0.6))
         assert not result and result.pending == 1
-        assert 0.3 <= took < 1.0
-        assert ticker.longest_gap_s < 0.25
+        assert 0.6 <= took < 1.5
+        assert ticker.longest_gap_s < 0.4, ticker.longest_gap_s  # blocked: >= 0.6 s
 
     anyio.run(main, backend=backend)
     gate.set()
@@ -132,15 +132,15 @@ def test_a_cancelled_aflush_leaves_the_logger_usable_and_nothing_waiting(backend
 
 
 def test_aclose_ends_the_run_while_the_loop_keeps_ticking(backend: str) -> None:
-    sink = ListSink(delay_s=0.3)
+    sink = ListSink(delay_s=0.6)
     logger = Logger(sinks=[sink], options=FAST)
 
     async def main() -> None:
         logger.log_scalar("x", 1.0, 0)
         result, ticker, took = await while_ticking(lambda: logger.aclose(30))
         assert result and result.delivered == 1
-        assert took >= 0.3
-        assert ticker.longest_gap_s < 0.25, ticker.longest_gap_s
+        assert took >= 0.6
+        assert ticker.longest_gap_s < 0.4, ticker.longest_gap_s  # blocked: >= 0.6 s
         assert logger.state is State.CLOSED
         assert await logger.aclose(1) is result  # the first result, again
 
@@ -180,10 +180,10 @@ def test_aclose_returns_timed_out_at_its_deadline(backend: str) -> None:
 
     async def main() -> None:
         logger.log_scalar("x", 1.0, 0)
-        result, ticker, took = await while_ticking(lambda: logger.aclose(0.3))
+        result, ticker, took = await while_ticking(lambda: logger.aclose(0.6))
         assert not result and result.timed_out and result.undelivered == 1
-        assert 0.3 <= took < 1.0
-        assert ticker.longest_gap_s < 0.25
+        assert 0.6 <= took < 1.5
+        assert ticker.longest_gap_s < 0.4, ticker.longest_gap_s  # blocked: >= 0.6 s
 
     anyio.run(main, backend=backend)
     gate.set()

@@ -165,6 +165,19 @@ def test_a_fit_into_mlflow_ends_the_run_finished_with_every_checkpoint(
         assert download(mlflow_server, run, f"checkpoints/{name}") == data, name
 
 
+def test_log_model_true_uploads_the_last_and_best_checkpoints_at_the_end(
+    tmp_path: Path,
+) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=True)
+    ckpt = fit(logger, tmp_path)
+    run = Path(logger.log_dir) / "steplog"
+    final = {p.name for p in (tmp_path / "ckpts").glob("*.ckpt")}
+    assert final == {"last.ckpt", Path(ckpt.best_model_path).name}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == final
+    for name in final:
+        assert (run / "checkpoints" / name).read_bytes() == ckpt.saved[name]
+
+
 def test_a_failed_fit_ends_the_run_failed(tmp_path: Path) -> None:
     logger = SteplogLogger(save_dir=tmp_path / "logs")
     with pytest.raises(RuntimeError, match="diverged"):
