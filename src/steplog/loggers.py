@@ -144,12 +144,14 @@ class Logger:
         self, metrics: Mapping[str, SupportsFloat], iteration: int | None = None
     ) -> None:
         """Queue one point per key, all at ``iteration`` (or each at its own automatic step).
-        Raises ``TypeError`` (and queues nothing) if any value is not numeric."""
+        Raises ``TypeError`` for a value that is not numeric, ``ValueError`` for an int too
+        large for a float, naming the key; then nothing of the call is queued."""
         try:
             values = metrics.copy()  # type: ignore[attr-defined]
-            # One C-level pass: a sum of plain floats and ints is a float; anything else
-            # (strings, tensors, numpy scalars, None, an empty dict) takes the careful path.
-            plain = type(sum(values.values())) is float
+            # One C-level pass: a sum of plain floats and ints started at 0.0 is a float, and
+            # adding an int too large for a float to a float raises; anything else (strings,
+            # tensors, numpy scalars, None) and an empty dict take the careful path.
+            plain = type(sum(values.values(), 0.0)) is float and len(values) > 0
         except Exception:
             plain = False
         if not plain:
@@ -429,7 +431,13 @@ def _capture_metrics(metrics: object) -> dict[str, Any]:
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping of name to number, got "
                         f"{type(metrics).__name__}")
-    return {k: capture_value(v) for k, v in metrics.items()}
+    values: dict[str, Any] = {}
+    for k, v in metrics.items():
+        try:
+            values[k] = capture_value(v)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"metric {k!r}: {exc}") from None
+    return values
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:
