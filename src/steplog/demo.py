@@ -12,8 +12,10 @@ logged before them; the command then exits 130 or 143.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -35,14 +37,16 @@ class DemoConfig:
     """The demo's settings (the ``steplog demo`` options)."""
 
     dir: Path
-    updates: int = 150
+    updates: int = 100
     episodes: int = 4
     """Episodes collected per update."""
     lr: float = 1e-2
     gamma: float = 0.99
     save_every: int = 25
-    seed: int = 0
-    seed_pattern_updates: int = 10
+    seed: int | None = None
+    """torch's and the environment's seed; ``None``: a new one per run (logged as a
+    parameter)."""
+    seed_pattern_updates: int = 5
     """Updates timed with one ``mlflow.log_metric`` call per scalar after the run (0: none)."""
     progress: bool = True
 
@@ -142,15 +146,16 @@ class _Trainer:
             self.env_steps += ret
             on_episode(ret, self.env_steps)
             discounted = self.cfg.gamma ** np.arange(ret)
-            togo = np.cumsum((discounted)[::-1])[::-1] / discounted  # discounted return-to-go
-            targets.append((togo - togo.mean()) / (togo.std() + 1e-8))
+            targets.append(np.cumsum(discounted[::-1])[::-1] / discounted)  # return-to-go
             observations += obs
             actions += acts
             returns.append(ret)
         logits = self.policy(torch.as_tensor(np.array(observations), dtype=torch.float32))
         log_probs = torch.log_softmax(logits, dim=1)
         taken = log_probs.gather(1, torch.as_tensor(actions).unsqueeze(1)).squeeze(1)
-        target = torch.as_tensor(np.concatenate(targets), dtype=torch.float32)
+        togo = np.concatenate(targets)  # normalised over the whole batch: the baseline
+        target = torch.as_tensor((togo - togo.mean()) / (togo.std() + 1e-8),
+                                 dtype=torch.float32)
         loss = -(taken * target).sum() / self.cfg.episodes
         entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
         self.opt.zero_grad()
@@ -184,6 +189,8 @@ def run_demo(cfg: DemoConfig) -> int:
     from steplog import FileSink, Logger, Options
     from steplog.sinks.mlflow import MLflowSink
 
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=int.from_bytes(os.urandom(4), "little") >> 1)
     root = cfg.dir.absolute()
     root.mkdir(parents=True, exist_ok=True)
     run_name = _new_run_name(root)
@@ -276,13 +283,28 @@ def run_demo(cfg: DemoConfig) -> int:
         _print_timing(timing, cfg, None if interrupted else
                       lambda: _seed_pattern(cfg, trainer, tracking_uri, run_name))
     rel = shlex.quote(str(cfg.dir))
+    steplog = _command("steplog")
     print("\nopen the results:")
-    print(f"  steplog show {rel}")
-    print(f"  steplog plot {rel}")
-    print(f"  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"  {steplog} show {rel}")
+    print(f"  {steplog} plot {rel}")
+    print(f"  {_command('mlflow')} ui --backend-store-uri {tracking_uri}")
     if code == 0 and not result:
         code = 1
     return code
+
+
+def _command(name: str) -> str:
+    """How to run the console script ``name`` of this interpreter's environment: its bare name
+    when the shell finds that one, else its path (``.venv/bin/steplog`` after ``make demo``)."""
+    beside = Path(sys.executable).parent / name
+    if not beside.is_file():
+        return name
+    found = shutil.which(name)
+    if found is not None and Path(found).resolve() == beside.resolve():
+        return name
+    with contextlib.suppress(ValueError):
+        return shlex.quote(str(beside.relative_to(Path.cwd())))
+    return shlex.quote(str(beside))
 
 
 def _print_timing(timing: _Timing, cfg: DemoConfig,
