@@ -123,6 +123,17 @@ def test_a_second_sync_of_a_run_the_first_delivered_and_removed_exits_0_saying_n
     assert steps(mlflow_server, run["info"]["run_id"]) == list(range(1000))
 
 
+def test_show_of_a_run_a_sync_delivered_and_removed_says_where_its_records_went(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = journal_of_a_dead_server(tmp_path / "runs", unique("show-removed"), 10)
+    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
+    capsys.readouterr()
+    assert main(["show", str(run_dir)]) == 2  # nothing left here to show
+    err = capsys.readouterr().err
+    assert "was delivered whole by steplog sync at" in err and mlflow_server.url in err
+
+
 def test_a_run_directory_that_never_existed_beside_a_delivered_one_is_still_an_error(
     mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -188,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A sync stopped here resumes where its cursors are with the next one.
         print("steplog: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (steplog show RUN | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 

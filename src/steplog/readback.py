@@ -59,6 +59,14 @@ def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
         return _from_path(path)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
+        from steplog.runlog import delivered_entry
+
+        entry = delivered_entry(path)
+        if entry is not None:
+            sinks = ", ".join(f"{c} -> {d}" for c, d in (entry.get("sinks") or {}).items())
+            raise ValueError(f"{spec} was delivered whole by steplog sync at "
+                             f"{entry.get('delivered_at', '?')} and removed; its records are "
+                             f"in {sinks or 'its sinks'}")
         raise ValueError(f"{spec} does not exist (for an MLflow run, give --tracking-uri)")
     return [_mlflow_run(spec, uri)]
 
