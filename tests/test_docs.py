@@ -39,6 +39,16 @@ def test_every_python_block_of_the_docs_runs(doc: Path, tmp_path: Path) -> None:
 def test_the_docs_have_python_blocks_to_run() -> None:
     assert len(python_blocks(ROOT / "README.md")) >= 1
     assert len(python_blocks(ROOT / "docs" / "index.md")) >= 3
+    for page in ("migrating", "configuration", "files", "mlflow", "clearml", "checkpoints"):
+        assert python_blocks(ROOT / "docs" / f"{page}.md"), f"docs/{page}.md has no example"
+
+
+def test_every_page_of_the_site_is_in_its_nav() -> None:
+    # mkdocs --strict refuses a page left out of the nav; this says so without building.
+    nav = set(re.findall(r"^\s*- [^:\n]+: (\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(),
+                         re.MULTILINE))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert pages == nav, f"docs/ only: {sorted(pages - nav)}; nav only: {sorted(nav - pages)}"
 
 
 def test_every_class_name_the_docs_use_is_importable_from_steplog() -> None:
