@@ -27,13 +27,23 @@ def test_every_python_block_of_the_docs_runs(doc: Path, tmp_path: Path) -> None:
     # The blocks of one page run in order in one folder: a later block may read what an
     # earlier one wrote, as a reader following the page would.
     # ClearML keeps its offline sessions under CLEARML_CACHE_DIR: here, not in the real home.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    # MLFLOW_TRACKING_URI is left out too: the blocks use the embedded store, never a server.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CLEARML_", "TRAINS_")) and k != "MLFLOW_TRACKING_URI"}
     env["CLEARML_CACHE_DIR"] = str(tmp_path / "clearml-cache")
     for k, code in enumerate(python_blocks(doc)):
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                               text=True, timeout=240, env=env)
         assert proc.returncode == 0, f"{doc.name} block {k + 1}:\n{code}\n{proc.stderr[-3000:]}"
         assert "steplog: at exit" not in proc.stderr, proc.stderr
+
+
+def test_no_python_block_of_the_docs_needs_a_server() -> None:
+    for doc in DOCS:
+        for code in python_blocks(doc):
+            assert not re.search(r"https?://", code), f"{doc.name}: a block names a server:\n{code}"
+            if "ClearMLLogger(" in code or "ClearMLSink(" in code:
+                assert "CLEARML_OFFLINE_MODE" in code or "offline=True" in code, code
 
 
 def test_the_docs_have_python_blocks_to_run() -> None:
