@@ -77,9 +77,12 @@ def _show(args: argparse.Namespace) -> int:
 
     try:
         runs = find_runs(args.run, args.tracking_uri)
-    except (OSError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"steplog show: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a damaged run.json, journal or scalars.jsonl
+        print(f"steplog show: cannot read {args.run}: {exc!r}", file=sys.stderr)
+        return 1
     for i, run in enumerate(runs):
         if i:
             print()
@@ -93,9 +96,12 @@ def _plot(args: argparse.Namespace) -> int:
 
     try:
         runs = [r for spec in args.runs for r in find_runs(spec, args.tracking_uri)]
-    except (OSError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"steplog plot: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a damaged run.json, journal or scalars.jsonl
+        print(f"steplog plot: cannot read {' '.join(args.runs)}: {exc!r}", file=sys.stderr)
+        return 1
     output = Path(args.output) if args.output else Path(tempfile.gettempdir()) / (
         f"steplog-plot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.png")
     try:
