@@ -35,6 +35,7 @@ __all__ = [
     "filter_quote",
     "key_problem",
     "redact",
+    "token_filter",
     "tracking_uri_problem",
 ]
 
@@ -195,7 +196,10 @@ class Transport(Protocol):
     def create_run(
         self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
     ) -> RunRef: ...
-    def find_run(self, experiment_id: str, token: str) -> RunRef | None: ...
+    def find_run(
+        self, experiment_id: str, token: str, running_only: bool = False
+    ) -> RunRef | None:
+        """The newest run tagged with ``token`` (``running_only``: still RUNNING), if any."""
     def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
     def register_version(
@@ -203,6 +207,12 @@ class Transport(Protocol):
     ) -> str: ...
     def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None: ...
     def close(self) -> None: ...
+
+
+def token_filter(token: str, running_only: bool = False) -> str:
+    """The search filter of the runs tagged with ``token`` (and still RUNNING)."""
+    text = f"tags.`{RUN_TOKEN_TAG}` = '{filter_quote(token)}'"
+    return f"{text} and attributes.status = 'RUNNING'" if running_only else text
 
 
 def filter_quote(text: str) -> str:
