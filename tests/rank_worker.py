@@ -5,7 +5,8 @@
 
 It joins a gloo process group on loopback, then logs ``records`` steps of ``loss`` (log_scalar)
 and ``acc``/``lr`` (log_metrics) at full speed, value ``rank * 1e6 + step``, and writes what
-its loggers said to ``<out_dir>/rank<R>.json``.
+its loggers said to ``<out_dir>/rank<R>.json``. In ``policies`` mode each logger also stores
+the file ``note.txt`` ("rank <R>").
 
 ``mode`` ``policies``: one logger per policy (zero, all, own), one after the other, experiment
 ``<tag>-<policy>``. ``mode`` ``kill``: an ``all`` and an ``own`` logger side by side; rank 2
@@ -63,6 +64,9 @@ def main() -> None:
             lg = MLFlowLogger(f"{tag}-{policy}", tracking_uri=uri, run_name=tag,
                               options=options(policy))
             started = threading.active_count() - threads
+            note = out / f"note{rank}.txt"
+            note.write_text(f"rank {rank}")
+            lg.log_artifact(note, name="note.txt")
             log_steps([lg], rank, range(n))
             reports[policy] = {**report(lg, lg.close()), "threads_started": started}
     else:

@@ -301,6 +301,8 @@ def test_all_every_rank_logs_into_one_shared_run_under_its_rank_prefix(
     assert tags["steplog.ranks"] == "all" and tags["steplog.world_size"] == str(WORLD)
     assert {tags[f"steplog.rank{r}.status"] for r in range(WORLD)} == {"FINISHED"}
     assert run["info"]["status"] == "FINISHED"
+    files = {f["path"] for f in mlflow_server.artifacts(run_id)}
+    assert files == {f"rank{r}/note.txt" for r in range(WORLD)}
     dirs = [Path(r["run_dir"]) for r in reports]
     assert [d.parent.name for d in dirs] == [f"rank{r}" for r in range(WORLD)]
 

@@ -112,7 +112,8 @@ class MLflowSink(Sink):
 
         ``"all"``: the run is shared by every rank of the job: rank 0 creates it, tagged with a
         token derived from ``group``, the experiment and the run name; another rank finds it by
-        that token and writes its metrics as ``rank<R>/<name>`` (params and tags unprefixed);
+        that token and writes its metrics as ``rank<R>/<name>`` and its files under ``rank<R>/``
+(params and tags unprefixed);
         only rank 0 ends it, each rank sets the tag ``steplog.rank<R>.status`` at its close.
         ``"own"``: the rank's own run, named ``<run_name>-rank<R>`` (``rank<R>``). Both tag the
         run with ``steplog.group``, ``steplog.ranks`` and ``steplog.world_size``."""
@@ -432,6 +433,8 @@ class MLflowSink(Sink):
             path = "" if is_dir and artifact.name in ("", ".") else safe_relpath(artifact.name)
         except (TypeError, ValueError) as exc:
             raise PermanentError(str(exc)) from exc
+        if self._keys is not None:  # a shared run: each rank's files in its own folder
+            path = f"{self._keys.prefix}{path}" if path else self._keys.prefix.rstrip("/")
         policy = artifact.kind == "policy" and is_dir
         if policy:
             path = f"{path}/step_{artifact.step or 0}"  # one artifact folder per snapshot
