@@ -191,6 +191,52 @@ def test_all_with_clearml_is_refused_at_construction(
         ClearMLLogger("p", "t", offline=True, options=Options(ranks="all"))
 
 
+def test_under_all_a_name_too_long_with_its_rank_prefix_is_refused_at_the_call(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0")
+    lg = MLFlowLogger(f"ranks-long-{time.time_ns()}", tracking_uri=mlflow_server.url,
+                      options=Options(ranks="all"))
+    try:
+        lg.log_scalar("x" * 244, 1.0, 0)  # rank0/ + 244 = 250 characters: allowed
+        with pytest.raises(ValueError, match="has 251 characters"):
+            lg.log_scalar("x" * 245, 1.0, 0)
+    finally:
+        assert lg.close(30)
+
+
+def test_only_local_rank_0_samples_system_metrics(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    def samplers() -> int:
+        return sum(t.name == "steplog-system" for t in threading.enumerate())
+
+    before = samplers()
+    for local_rank, expected in (("1", 0), ("0", 1)):
+        as_rank(clean_env, RANK=local_rank, LOCAL_RANK=local_rank)
+        lg = MLFlowLogger(f"ranks-system-{time.time_ns()}", tracking_uri=mlflow_server.url,
+                          log_system_metrics=True, options=Options(ranks="own"))
+        try:
+            assert samplers() - before == expected
+        finally:
+            assert lg.close(30)
+
+
+def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:
+    from steplog.sinks.mlflow import MLflowSink
+
+    targets = []
+    for rank in (1, 2):
+        sink = MLflowSink("e", tracking_uri="http://127.0.0.1:9", run_name="r")
+        sink.join_ranks("all", rank, 4, "group")
+        targets.append(sink.target())
+    assert targets[0]["run_token"] == targets[1]["run_token"]  # the shared run's token
+    moved = [MLflowSink.redirected(t, "http://127.0.0.1:10") for t in targets]
+    assert moved[0]["run_token"] == moved[1]["run_token"] != targets[0]["run_token"]
+    elsewhere = MLflowSink.redirected(targets[0], "http://127.0.0.1:11")
+    assert elsewhere["run_token"] != moved[0]["run_token"]
+
+
 # -- four ranks, one MLflow server ---------------------------------------------------------------
 
 
