@@ -6,8 +6,10 @@ policy (``"zero"``): ``RANK=1 WORLD_SIZE=4`` are set in this process before it i
 removed before the open loggers are built. Everything runs in this one process, in alternating
 rounds, so machine noise hits every contender alike; the bare no-op is timed twice (its spread
 against itself is the noise). Each round times ``CALLS`` calls; the figure is the median over
-rounds (mean in brackets), in nanoseconds per call. The open FileLogger's worker sleeps through
-the timed loop (the call's own cost, as in bench_hot_path.py).
+rounds (mean in brackets), in nanoseconds per call (``log_metrics``: a tenth of the calls, ten
+keys each). The open FileLogger's worker sleeps through
+the timed loop (the call's own cost, as in bench_hot_path.py), whose floor (``deque.append``
+of a tuple) is timed too.
 
     python benchmarks/bench_ranks.py [--rounds 15] [--calls 100000]
 """
@@ -15,6 +17,7 @@ the timed loop (the call's own cost, as in bench_hot_path.py).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import tempfile
@@ -78,7 +81,16 @@ def main() -> None:
     noop = NoOp()
     metrics10 = {f"m{k}": 0.5 for k in range(10)}
 
+    dq: collections.deque[tuple[str, float, int]] = collections.deque()
+
+    def floor(n: int) -> None:  # bench_hot_path.py's floor: what a queueing call cannot beat
+        append = dq.append
+        for i in range(n):
+            append(("loss", 0.5, i))
+        dq.clear()
+
     contenders: dict[str, Callable[[int], None]] = {
+        "deque.append floor": floor,
         "bare no-op method": scalar(noop),
         "bare no-op method (again)": scalar(noop),
         "inert log_scalar (rank 1)": scalar(inert),
@@ -90,9 +102,11 @@ def main() -> None:
     results: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.rounds):
         for name, loop in contenders.items():
-            results[name].append(per_call_ns(loop, args.calls))
+            # log_metrics rows: a tenth of the calls (ten records each)
+            calls = args.calls // 10 if "metrics" in name else args.calls
+            results[name].append(per_call_ns(loop, calls))
             idle.flush()
-    closed = idle.close(60)
+    closed = idle.close(300)
 
     base = statistics.median(results["bare no-op method"])
     print(f"{'contender':28} {'median ns/call':>15} {'(mean)':>10} {'x no-op':>9}")
