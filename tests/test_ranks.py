@@ -222,6 +222,34 @@ def test_only_local_rank_0_samples_system_metrics(
             assert lg.close(30)
 
 
+def test_a_rank_whose_logger_starts_before_rank_0s_joins_the_shared_run_once_it_exists(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Both ranks in this process, rank 1 first, through the sink host (a sqlite store).
+    clean_env.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    loggers = {}
+    for rank in (1, 0):
+        as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        loggers[rank] = MLFlowLogger("shared", tracking_uri=uri, run_name="early",
+                                     options=Options(ranks="all"))
+    for rank, lg in loggers.items():
+        for i in range(5):
+            lg.log_scalar("loss", rank * 10.0 + i, i)
+    assert all(lg.close(120) for lg in loggers.values())
+    assert loggers[0].run_id == loggers[1].run_id is not None
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for rank in (0, 1):
+        history = client.get_metric_history(loggers[0].run_id, f"rank{rank}/loss")
+        assert [(m.step, m.value) for m in history] == [(i, rank * 10.0 + i) for i in range(5)]
+    run = client.get_run(loggers[0].run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["steplog.rank1.status"] == "FINISHED"
+
+
 def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:
     from steplog.sinks.mlflow import MLflowSink
 

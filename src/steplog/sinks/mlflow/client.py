@@ -73,7 +73,8 @@ class HostTransport:
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
         # The metrics travel as one journal frame (msgpack of whole blocks, ~15 ns per scalar
         # here): the host builds the records, on its own core.
-        frame = encode_batch(Batch.of(chunk.metrics))
+        batch = Batch.of(chunk.metrics)
+        frame = encode_batch(batch if chunk.rename is None else batch.renamed(chunk.rename))
         self.host.call("api", "log_frame", run_id, frame, chunk.params, chunk.tags)
 
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:

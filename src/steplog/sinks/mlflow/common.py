@@ -7,7 +7,7 @@ import os
 import posixpath
 import re
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -144,6 +144,9 @@ class Chunk:
     from its blocks), a list of records in the sink host."""
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    rename: Callable[[str], str] | None = None
+    """The name each metric is stored under (a rank's prefix in a shared run), applied when the
+    request is encoded; ``None``: its own name."""
 
     def settings_room(self) -> bool:
         n = len(self.params) + len(self.tags)
@@ -168,10 +171,11 @@ class Chunk:
         settings = [(k, v, True) for k, v in self.params.items()]
         settings += [(k, v, False) for k, v in self.tags.items()]
         if self.metrics and settings:
-            return Chunk([], self.params, self.tags), Chunk(self.metrics)
+            return Chunk([], self.params, self.tags), Chunk(self.metrics, rename=self.rename)
         if len(self.metrics) > 1:
             mid = len(self.metrics) // 2
-            return Chunk(self.metrics[:mid]), Chunk(self.metrics[mid:])
+            return (Chunk(self.metrics[:mid], rename=self.rename),
+                    Chunk(self.metrics[mid:], rename=self.rename))
         if len(settings) < 2:
             raise PermanentError("a single entry exceeds MLflow's 1 MB request limit")
         first, second = Chunk(), Chunk()

@@ -428,7 +428,8 @@ class RestTransport:
         mis-stored by MLflow 3.17 as a 0.0 point.)
         """
         enc = self._encoder.encode
-        lines, finite, _ = scalar_objects(Batch.of(chunk.metrics).parts, key="key")
+        lines, finite, _ = scalar_objects(Batch.of(chunk.metrics).parts, key="key",
+                                          rename=chunk.rename)
         try:
             if finite or _all_finite(lines):
                 metrics = enc(lines)

@@ -23,7 +23,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Sequence
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any, ClassVar, cast
 
 from steplog.errors import PermanentError, RetryableError
@@ -48,7 +48,6 @@ from steplog.sinks.mlflow.common import (
 __all__ = ["MLflowSink"]
 
 _NAME = attrgetter("name")
-_ROW_NAME, _ROW_VALUE, _ROW_STEP = itemgetter(0), itemgetter(1), itemgetter(2)
 _JOIN_WAIT_S = 2.0
 """Longest one ``open`` of a rank other than 0 looks for the shared run before it reports
 that the run does not exist yet (the pipeline then retries with backoff)."""
@@ -113,8 +112,8 @@ class MLflowSink(Sink):
         ``"all"``: the run is shared by every rank of the job: rank 0 creates it, tagged with a
         token derived from ``group``, the experiment and the run name; another rank finds it by
         that token and writes its metrics as ``rank<R>/<name>`` and its files under ``rank<R>/``
-(params and tags unprefixed);
-        only rank 0 ends it, each rank sets the tag ``steplog.rank<R>.status`` at its close.
+        (params and tags unprefixed); only rank 0 ends it, each rank sets the tag
+        ``steplog.rank<R>.status`` at its close.
         ``"own"``: the rank's own run, named ``<run_name>-rank<R>`` (``rank<R>``). Both tag the
         run with ``steplog.group``, ``steplog.ranks`` and ``steplog.world_size``."""
         if policy not in ("all", "own"):
@@ -328,11 +327,10 @@ class MLflowSink(Sink):
 
     def check_name(self, name: str) -> None:
         """Raise ``ValueError`` if MLflow refuses ``name`` as a key (length, characters, path)."""
-        key = self._keys[name] if self._keys is not None else name
-        problem = key_problem(key)
+        problem = key_problem(self._keys[name] if self._keys is not None else name)
         if problem is not None:
             raise ValueError(problem)
-        self._good_keys.add(key)
+        self._good_keys.add(name)
 
     def write(self, records: Sequence[MetricRecord]) -> None:
         """Store the batch with as few ``log-batch`` requests as MLflow's limits allow.
@@ -347,11 +345,11 @@ class MLflowSink(Sink):
             raise RetryableError("the MLflow run is not open yet")
         if not records:
             return
-        if self._keys is not None:
-            records = _renamed(Batch.of(records), self._keys)
         chunks = self._plan(records)
         run_id = self._run.run_id
         for chunk in chunks:
+            if self._keys is not None:  # a shared run: stored as rank<R>/<name>
+                chunk.rename = self._keys.__getitem__
             self._transport.log_batch(run_id, chunk)
             if chunk.params:
                 self._params.update(chunk.params)
@@ -364,7 +362,7 @@ class MLflowSink(Sink):
         batch = Batch.of(records)
         unknown = batch.names() - self._good_keys
         for key in unknown:
-            problem = key_problem(key)
+            problem = key_problem(self._keys[key] if self._keys is not None else key)
             if problem is not None:
                 raise PermanentError(problem)
         self._good_keys |= unknown
@@ -465,24 +463,6 @@ class _RankKeys(dict[str, str]):
     def __missing__(self, name: str) -> str:
         key = self[name] = self.prefix + name
         return key
-
-
-def _renamed(batch: Batch, keys: _RankKeys) -> Batch:
-    """``batch`` with every metric named as ``keys`` says (C-level passes per block); params
-    and tags unchanged."""
-    key = keys.__getitem__
-    parts: list[Any] = []
-    for part in batch.parts:
-        if type(part) is Scalars:
-            rows = part.rows
-            names = map(key, map(_ROW_NAME, rows))
-            renamed = list(zip(names, map(_ROW_VALUE, rows), map(_ROW_STEP, rows), strict=True))
-            parts.append(Scalars(renamed, part.timestamp, part.finite))
-        elif type(part) is Scalar:
-            parts.append(Scalar(key(part.name), part.value, part.step, part.timestamp))
-        else:
-            parts.append(part)
-    return Batch(parts)
 
 
 def _scalars(batch: Batch) -> Sequence[Scalar]:
