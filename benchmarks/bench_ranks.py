@@ -11,6 +11,9 @@ keys each). The open FileLogger's worker sleeps through
 the timed loop (the call's own cost, as in bench_hot_path.py), whose floor (``deque.append``
 of a tuple) is timed too.
 
+Then the worker's side of ``"all"``: the objects of a ``log-batch`` request built from a block of
+1,000 scalars with and without the ``rank<R>/`` prefix (ns per scalar, same alternation).
+
     python benchmarks/bench_ranks.py [--rounds 15] [--calls 100000]
 """
 
@@ -121,6 +124,34 @@ def main() -> None:
           f"no-op; the open logger's call = {open_ratio:.2f}x the inert one")
     print(f"building the inert MLFlowLogger: {build_us:.0f} us (no sink, thread or connection)")
     print(f"open logger close: {bool(closed)} ({closed.delivered:,} records delivered)")
+    worker_rename(args.rounds)
+
+
+def worker_rename(rounds: int) -> None:
+    """The worker's side under ``"all"``: building the objects of a ``log-batch`` request from
+    a block of 1,000 scalars (20 names) with and without the ``rank<R>/`` prefix."""
+    from steplog.records import Scalars, scalar_objects
+    from steplog.sinks.mlflow.sink import _RankKeys
+
+    block = [Scalars([(f"m{i % 20}", 0.5, i) for i in range(1000)], 1, True)]
+    keys = _RankKeys("rank1/")
+    contenders: dict[str, Callable[[], Any]] = {
+        "names as logged": lambda: scalar_objects(block, key="key"),
+        "names as logged (again)": lambda: scalar_objects(block, key="key"),
+        "rank1/ prefix": lambda: scalar_objects(block, key="key", rename=keys.__getitem__),
+    }
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, build in contenders.items():
+            start = time.perf_counter_ns()
+            for _ in range(100):
+                build()
+            results[name].append((time.perf_counter_ns() - start) / 100_000)
+    base = statistics.median(results["names as logged"])
+    print(f"{'worker: request objects':28} {'median ns/scalar':>15} {'x as logged':>12}")
+    for name, values in results.items():
+        med = statistics.median(values)
+        print(f"{name:28} {med:15.1f} {med / base:12.2f}")
 
 
 if __name__ == "__main__":
