@@ -183,6 +183,22 @@ def test_under_own_and_all_files_go_to_a_folder_per_rank(
         assert [p.name for p in out.iterdir()] == ["rank3"]
 
 
+def test_under_own_each_rank_has_its_own_clearml_task_tagged_with_the_group(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    clean_env.setenv("CLEARML_OFFLINE_MODE", "1")
+    clean_env.setenv("CLEARML_CACHE_DIR", str(tmp_path / "cache"))
+    clean_env.setenv("HOME", str(tmp_path / "home"))
+    as_rank(clean_env, RANK="2", LOCAL_RANK="2")
+    lg = ClearMLLogger("steplog-tests", "run", tags=["ppo"], options=Options(ranks="own"))
+    try:
+        assert lg.task.name == "run rank2"
+        group = plan("own").group
+        assert set(lg.task.get_tags()) == {"ppo", f"steplog.group:{group}", "rank2"}
+    finally:
+        assert lg.close()
+
+
 def test_all_with_clearml_is_refused_at_construction(
     clean_env: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
