@@ -208,3 +208,24 @@ def test_async_with_closes_the_logger_and_records_a_failure(backend: str) -> Non
     anyio.run(main, backend=backend)
     assert ok_sink.closed_with == "FINISHED" and len(ok_sink.records) == 1
     assert failing_sink.closed_with == "FAILED" and len(failing_sink.records) == 1
+
+
+def test_a_rank_that_does_not_log_answers_the_async_calls_at_once(
+    backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2",
+                        "STEPLOG_RANKS": "zero"}.items():
+        monkeypatch.setenv(name, value)
+    from steplog.loggers import FileLogger
+
+    async def main() -> None:
+        async with FileLogger(tmp_path / "run") as logger:
+            assert logger.state is State.INERT
+            logger.log_scalar("x", 1.0, 0)
+            flushed = await logger.aflush(1)
+            assert flushed and flushed.inactive
+        closed = await logger.aclose(1)
+        assert closed and closed.inactive
+
+    anyio.run(main, backend=backend)
+    assert not (tmp_path / "run").exists()
