@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from steplog.errors import SteplogWarning
+from steplog.lifecycle import State
 from steplog.loggers import FileLogger, Logger
 from steplog.records import Artifact, now_ms
 from steplog.results import CloseResult
@@ -211,6 +212,8 @@ class SteplogLogger(LightningLogger):
         """Link each new checkpoint file now (the callback is a weak proxy and Lightning may
         remove the file after this call) and queue the link."""
         logger = self._logger or self.experiment
+        if logger.state is State.INERT:  # a rank that does not log under steplog's policy
+            return
         settings = {k: getattr(callback, k) for k in _CALLBACK_SETTINGS if hasattr(callback, k)}
         step = getattr(callback, "_last_global_step_saved", None)
         for mtime, path, score, _ in _scan_checkpoints(callback, self._uploaded):
