@@ -48,11 +48,18 @@ def check_name(name: object, sinks: Sequence[Sink]) -> str:
 
 def capture_metrics(metrics: object) -> dict[str, Any]:
     """A private copy of a ``log_metrics`` mapping, each value captured (``TypeError`` for a
-    value that is not a number)."""
+    value that is not a number, ``ValueError`` for an int too large for a float; the message
+    names the key)."""
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping of name to number, got "
                         f"{type(metrics).__name__}")
-    return {k: capture_value(v) for k, v in metrics.items()}
+    values: dict[str, Any] = {}
+    for k, v in metrics.items():
+        try:
+            values[k] = capture_value(v)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"metric {k!r}: {exc}") from None
+    return values
 
 
 def existing_path(path: str | os.PathLike[str]) -> Path:

@@ -8,6 +8,7 @@ when the queue is full). Delivery happens on the logger's worker threads.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from steplog.errors import LoggerClosedError
 from steplog.lifecycle import Lifecycle, State
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
+from steplog.ranks import RankPlan, inert_class
+from steplog.ranks import plan as plan_ranks
 from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
@@ -59,6 +62,18 @@ class Logger:
     """
 
     _registry: ClassVar[dict[str, type[Logger]]] = {}
+    _rank_plan: RankPlan
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Logger:
+        # The rank policy (steplog.ranks): a rank that does not log gets an inert logger,
+        # built without running any of this class's constructors.
+        rank_plan = plan_ranks(getattr(kwargs.get("options"), "ranks", None))
+        if not rank_plan.logs:
+            inert: Logger = object.__new__(inert_class(cls, rank_plan))
+            return inert
+        logger = object.__new__(cls)
+        logger._rank_plan = rank_plan
+        return logger
 
     def __init__(
         self,
@@ -72,9 +87,14 @@ class Logger:
         self.logging_freq = logging_freq
         self.last_logging_iteration = 0
         self.options = options or Options()
+        ranks = self._rank_plan
+        if ranks.splits:  # each rank journals in its own directory
+            self.options = dataclasses.replace(
+                self.options, runs_dir=ranks.runs_dir(self.options.runs_dir))
         self.exit_timeout_s = self.options.exit_timeout_s
         self._sinks = tuple(sinks)
         for sink in self._sinks:
+            ranks.adapt(sink)
             sink.prepare()
         self._names: set[str] = set()
         self._saves: dict[str, int] = {}
@@ -151,12 +171,14 @@ class Logger:
         self, metrics: Mapping[str, SupportsFloat], iteration: int | None = None
     ) -> None:
         """Queue one point per key, all at ``iteration`` (or each at its own automatic step).
-        Raises ``TypeError`` (and queues nothing) if any value is not numeric."""
+        Raises ``TypeError`` for a value that is not numeric, ``ValueError`` for an int too
+        large for a float, naming the key; then nothing of the call is queued."""
         try:
             values = metrics.copy()  # type: ignore[attr-defined]
-            # One C-level pass: a sum of plain floats and ints is a float; anything else
-            # (strings, tensors, numpy scalars, None, an empty dict) takes the careful path.
-            plain = type(sum(values.values())) is float
+            # One C-level pass: a sum of plain floats and ints started at 0.0 is a float, and
+            # adding an int too large for a float to a float raises; anything else (strings,
+            # tensors, numpy scalars, None) and an empty dict take the careful path.
+            plain = type(sum(values.values(), 0.0)) is float and len(values) > 0
         except Exception:
             plain = False
         if not plain:
@@ -453,7 +475,7 @@ class MLFlowLogger(Logger):
                                registered_model_name=registered_model_name)
         # Check the optional dependency before any thread starts.
         sampler = None
-        if log_system_metrics:
+        if log_system_metrics and self._rank_plan.samples_system:  # one sampler per node
             sampler = SystemSampler(self.log_metrics, system_metrics_interval_s)
         super().__init__(logging_freq, sinks=[self.sink], options=options)
         if sampler is not None:

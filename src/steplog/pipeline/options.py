@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from steplog.checkpoints import CheckpointPolicy
 from steplog.journal import Durability
+from steplog.ranks import RankPolicy, check_policy
 from steplog.retry import RetryPolicy, check_seconds
 
 __all__ = ["FullPolicy", "Options", "Owner"]
@@ -69,6 +70,9 @@ class Options:
     checkpoint_policy: CheckpointPolicy = "wait"
     """At that bound: ``"wait"`` (up to ``block_timeout_s``, then ``TimeoutError``) or
     ``"supersede"`` (first drop pending snapshots of the same name no sink started on)."""
+    ranks: RankPolicy | None = None
+    """Which ranks of a distributed job log (see :mod:`steplog.ranks`): ``"zero"``, ``"all"``
+    or ``"own"``; ``None``: ``$STEPLOG_RANKS``, else ``"zero"``."""
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "lane_capacity"):
@@ -99,6 +103,8 @@ class Options:
         check_seconds(self.drain_interval_s, "drain_interval_s", allow_zero=False)
         check_seconds(self.timeout_s, "timeout_s")
         check_seconds(self.exit_timeout_s, "exit_timeout_s")
+        if self.ranks is not None:
+            check_policy(self.ranks)
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(self.retry).__name__}")
 
