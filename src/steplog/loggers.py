@@ -27,6 +27,7 @@ from steplog.capture import (
 )
 from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
 from steplog.errors import LoggerClosedError
+from steplog.images import encode_png
 from steplog.lifecycle import Lifecycle, State
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
@@ -295,6 +296,31 @@ class Logger:
         fig.savefig(buf, format="png")
         self._upload(Artifact(name=base + (ext or ".png"), timestamp=now_ms(), data=buf.getvalue(),
                               kind="figure", step=iteration))
+
+    def log_text(self, text: str, name: str, iteration: int | None = None) -> None:
+        """Queue ``text`` as the UTF-8 file ``name`` (``.txt`` added if it has no extension;
+        ``_<iteration>`` before it)."""
+        if type(text) is not str:
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self._upload_data(text.encode(), name, ".txt", iteration, "text")
+
+    def log_image(
+        self, image: Any, name: str, iteration: int | None = None, *, dataformats: str = "HWC"
+    ) -> None:
+        """Encode an image array (numpy or torch; ``uint8``, or floats in ``[0, 1]``) to PNG
+        now and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it).
+        ``dataformats`` names its axes (``"HWC"``, ``"CHW"``, ``"HW"``, ...)."""
+        self._upload_data(encode_png(image, dataformats), name, ".png", iteration, "image")
+
+    def _upload_data(
+        self, data: bytes, name: str, default_ext: str, iteration: int | None, kind: str
+    ) -> None:
+        base, ext = os.path.splitext(safe_relpath(name))
+        if iteration is not None:
+            iteration = capture_step(iteration)
+            base = f"{base}_{iteration}"
+        self._upload(Artifact(name=base + (ext or default_ext), timestamp=now_ms(), data=data,
+                              kind=kind, step=iteration))
 
     def save_policy(
         self,

@@ -1,0 +1,1 @@
+"""Adapters that let other libraries' logging APIs write through a steplog logger."""
