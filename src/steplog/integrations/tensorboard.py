@@ -267,8 +267,8 @@ class SummaryWriter:
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
     ) -> None:
         status: RunStatus = "FINISHED"
         if exc_type is not None:
