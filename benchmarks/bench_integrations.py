@@ -6,28 +6,34 @@ same order, and each figure is the median over the rounds; a ratio is a contende
 the no-logging baseline's, and the baseline is run twice per round so that its ratio to itself
 (the spread of the machine) is printed beside the others.
 
-* ``sb3``: Stable-Baselines3 PPO on CartPole-v1 (one env, ``n_steps=128``, ``batch_size=64``,
-  ``n_epochs=4``, seeded, one torch thread): ``model.learn()`` time with no output format;
-  steplog's writer into an MLflow server (``make_logger(MLFlowLogger(...), formats=())``);
-  SB3's own ``stdout`` + ``csv`` formats (stdout to ``/dev/null``) and its ``tensorboard``
-  format; and SB3's documented MLflow recipe (an ``MLflowOutputFormat`` calling
-  ``mlflow.log_metric`` per key, https://stable-baselines3.readthedocs.io/en/master/guide/
-  integrations.html#mlflow) against the same server. SB3 dumps about 15 keys per rollout.
-  Targets: steplog within 2% of no logging, and faster than every alternative.
+* ``sb3``: Stable-Baselines3 PPO on CartPole-v1 (one env, ``n_steps=128`` unless
+  ``--sb3-n-steps`` says otherwise, ``batch_size=64``, ``n_epochs=4``, seeded, one torch
+  thread): ``model.learn()`` time with no output format; steplog's writer into an MLflow server
+  (``SteplogOutputFormat(MLFlowLogger(...))``), with the default drain interval and with
+  ``Options(drain_interval_s=0.5)``; SB3's own ``stdout`` + ``csv`` formats (stdout
+  to ``/dev/null``) and its ``tensorboard`` format; and SB3's documented MLflow recipe (an
+  ``MLflowOutputFormat`` calling ``mlflow.log_metric`` per key,
+  https://stable-baselines3.readthedocs.io/en/master/guide/integrations.html#mlflow) against
+  the same server. SB3 dumps about 15 keys per rollout. Besides the ratios, each output's own
+  cost is measured directly: the time the training thread spends inside its ``write()`` and,
+  for steplog, the CPU its worker threads use during ``learn()`` (a figure a busy machine
+  disturbs far less than a wall-clock ratio). Targets: steplog within 2% of no logging, and
+  faster than every alternative.
 * ``summary_writer``: ``add_scalar`` in a loop, steplog's ``SummaryWriter`` against torch's,
   each writing its own files: the loop's time per call, and the loop plus ``close()``.
 
 The MLflow server (sqlite, one worker) is pinned to the first CPU and this process to the
 others when there are two or more.
 
-    python benchmarks/bench_integrations.py [--rounds 5] [--sb3-steps 8192] [--scalars 50000]
-        [--only sb3 summary_writer]
+    python benchmarks/bench_integrations.py [--rounds 5] [--sb3-steps 4096] [--sb3-n-steps 128]
+        [--scalars 50000] [--only sb3 summary_writer]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -102,7 +108,7 @@ def steplog_threads_cpu() -> float:
 # -- Stable-Baselines3 ------------------------------------------------------------------------
 
 def _ppo(steps: int, formats: list[Any], costs: dict[str, list[tuple[float, float]]],
-         name: str, folder: str | None = None) -> tuple[float, float]:
+         name: str, folder: str | None = None, n_steps: int = 128) -> tuple[float, float]:
     """Seconds of ``learn(steps)`` with an SB3 logger made of ``formats``; appends to
     ``costs[name]`` the (wall, CPU) seconds the training thread spent inside their writes."""
     import torch
@@ -110,7 +116,7 @@ def _ppo(steps: int, formats: list[Any], costs: dict[str, list[tuple[float, floa
     from stable_baselines3.common.logger import Logger as SB3Logger
 
     torch.set_num_threads(1)
-    model = PPO("MlpPolicy", "CartPole-v1", n_steps=128, batch_size=64, n_epochs=4, seed=1,
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=n_steps, batch_size=64, n_epochs=4, seed=1,
                 device="cpu", verbose=0)
     timers = [_Timed(f) for f in formats]
     model.set_logger(SB3Logger(folder=folder, output_formats=timers))
@@ -166,56 +172,63 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
     import mlflow
     from stable_baselines3.common.logger import HumanOutputFormat, make_output_format
 
-    from steplog import MLFlowLogger
+    from steplog import MLFlowLogger, Options
     from steplog.integrations.sb3 import SteplogOutputFormat
 
     steps = args.sb3_steps
+    ppo = functools.partial(_ppo, n_steps=args.sb3_n_steps)
     costs: dict[str, list[tuple[float, float]]] = {}
-    workers: list[float] = []
+    workers: dict[str, list[float]] = {}
     closes: list[float] = []
     folder = Path(tempfile.mkdtemp(prefix="steplog-bench-sb3-"))
 
     def none(name: str) -> Contender:
-        return lambda: _ppo(steps, [], costs, name)
+        return lambda: ppo(steps, [], costs, name)
 
-    def steplog_mlflow() -> tuple[float, float]:
-        logger = MLFlowLogger(f"bench-sb3-{uuid.uuid4().hex[:8]}", tracking_uri=server.url)
-        if not logger.flush(60) or logger.run_id is None:
-            raise TimeoutError("the MLflow run was not created in time")
-        before = steplog_threads_cpu()
-        seconds = _ppo(steps, [SteplogOutputFormat(logger)], costs, STEPLOG)
-        workers.append(steplog_threads_cpu() - before)
-        start = time.perf_counter()
-        result = logger.close(120)
-        closes.append(time.perf_counter() - start)
-        assert result, result
-        return seconds
+    def steplog_mlflow(name: str, options: Options | None) -> Contender:
+        def run() -> tuple[float, float]:
+            logger = MLFlowLogger(f"bench-sb3-{uuid.uuid4().hex[:8]}", tracking_uri=server.url,
+                                  options=options)
+            if not logger.flush(60) or logger.run_id is None:
+                raise TimeoutError("the MLflow run was not created in time")
+            before = steplog_threads_cpu()
+            seconds = ppo(steps, [SteplogOutputFormat(logger)], costs, name)
+            workers.setdefault(name, []).append(steplog_threads_cpu() - before)
+            start = time.perf_counter()
+            result = logger.close(120)
+            closes.append(time.perf_counter() - start)
+            assert result, result
+            return seconds
+        return run
 
     def stdout_csv() -> tuple[float, float]:
         run = str(folder / uuid.uuid4().hex)
         with open(os.devnull, "w") as devnull:
             formats = [HumanOutputFormat(devnull), make_output_format("csv", run)]
-            return _ppo(steps, formats, costs, "SB3 stdout + csv", run)
+            return ppo(steps, formats, costs, "SB3 stdout + csv", run)
 
     def tensorboard() -> tuple[float, float]:
         run = str(folder / uuid.uuid4().hex)
-        return _ppo(steps, [make_output_format("tensorboard", run)], costs, "SB3 tensorboard",
+        return ppo(steps, [make_output_format("tensorboard", run)], costs, "SB3 tensorboard",
                     run)
 
     def mlflow_recipe() -> tuple[float, float]:
         mlflow.set_tracking_uri(server.url)
         mlflow.set_experiment(f"bench-sb3-recipe-{uuid.uuid4().hex[:8]}")
         with mlflow.start_run():
-            return _ppo(steps, [_mlflow_recipe_format()], costs, RECIPE)
+            return ppo(steps, [_mlflow_recipe_format()], costs, RECIPE)
 
     STEPLOG = "steplog writer -> MLflow server"
+    SLOW_DRAIN = "steplog writer -> MLflow, drain_interval_s=0.5"
     RECIPE = "SB3's MLflow recipe (mlflow.log_metric per key)"
-    print(f"\n## Stable-Baselines3: PPO on CartPole-v1, learn({steps}), {args.rounds} rounds")
-    _ppo(1024, [], {}, "warm-up")  # imports, env, torch
+    print(f"\n## Stable-Baselines3: PPO on CartPole-v1, n_steps={args.sb3_n_steps}, "
+          f"learn({steps}), {args.rounds} rounds")
+    ppo(1024, [], {}, "warm-up")  # imports, env, torch
     times = rounds_of({
         "no logging": none("no logging"),
-        STEPLOG: steplog_mlflow,
+        STEPLOG: steplog_mlflow(STEPLOG, None),
         "no logging, again": none("no logging, again"),
+        SLOW_DRAIN: steplog_mlflow(SLOW_DRAIN, Options(drain_interval_s=0.5)),
         "SB3 stdout + csv": stdout_csv,
         "SB3 tensorboard": tensorboard,
         RECIPE: mlflow_recipe,
@@ -237,10 +250,11 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
         wall = statistics.median(w for w, _ in c)
         cpu = statistics.median(u for _, u in c)
         print(f"{name:50} {wall * 1e3:20.1f} {cpu * 1e3:8.1f} {cpu / bare_cpu:7.2%}")
-    worker = statistics.median(workers)
-    own = statistics.median(u for _, u in costs[STEPLOG]) + worker
-    print(f"steplog's worker threads during learn(): {worker * 1e3:.1f} ms of CPU; steplog in all "
-          f"(write() + workers): {own * 1e3:.1f} ms = {own / bare_cpu:.2%} of learn()'s CPU")
+    for name, used in workers.items():
+        worker = statistics.median(used)
+        own = statistics.median(u for _, u in costs[name]) + worker
+        print(f"{name}: worker threads {worker * 1e3:.1f} ms of CPU during learn(); with "
+              f"write(): {own * 1e3:.1f} ms = {own / bare_cpu:.2%} of learn()'s CPU")
     print(f"steplog close() after learn(): median {statistics.median(closes) * 1e3:.1f} ms")
 
 
@@ -294,7 +308,9 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, MlflowServer], None]] = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sb3-steps", type=int, default=8192)
+    parser.add_argument("--sb3-steps", type=int, default=4096)
+    parser.add_argument("--sb3-n-steps", type=int, default=128,
+                        help="PPO's rollout length: SB3 dumps once per rollout")
     parser.add_argument("--scalars", type=int, default=50_000)
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))
     args = parser.parse_args()
