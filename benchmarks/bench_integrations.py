@@ -26,7 +26,8 @@ The MLflow server (sqlite, one worker) is pinned to the first CPU and this proce
 others when there are two or more.
 
     python benchmarks/bench_integrations.py [--rounds 5] [--sb3-steps 4096] [--sb3-n-steps 128]
-        [--scalars 50000] [--only sb3 summary_writer]
+        [--sb3-contenders none steplog sb3 recipe] [--scalars 50000]
+        [--only sb3 summary_writer]
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
     print(f"\n## Stable-Baselines3: PPO on CartPole-v1, n_steps={args.sb3_n_steps}, "
           f"learn({steps}), {args.rounds} rounds")
     ppo(1024, [], {}, "warm-up")  # imports, env, torch
-    times = rounds_of({
+    contenders = {
         "no logging": none("no logging"),
         STEPLOG: steplog_mlflow(STEPLOG, None),
         "no logging, again": none("no logging, again"),
@@ -232,7 +233,11 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
         "SB3 stdout + csv": stdout_csv,
         "SB3 tensorboard": tensorboard,
         RECIPE: mlflow_recipe,
-    }, args.rounds)
+    }
+    keep = {"none": ("no logging", "no logging, again"), "steplog": (STEPLOG, SLOW_DRAIN),
+            "sb3": ("SB3 stdout + csv", "SB3 tensorboard"), "recipe": (RECIPE,)}
+    chosen = {name for group in {"none", *args.sb3_contenders} for name in keep[group]}
+    times = rounds_of({k: v for k, v in contenders.items() if k in chosen}, args.rounds)
     print_ratios(times, ("no logging", "no logging, again"))
     spread = [b[0] / a[0] for a, b in zip(times["no logging"], times["no logging, again"],
                                           strict=True)]
@@ -311,6 +316,9 @@ def main() -> None:
     parser.add_argument("--sb3-steps", type=int, default=4096)
     parser.add_argument("--sb3-n-steps", type=int, default=128,
                         help="PPO's rollout length: SB3 dumps once per rollout")
+    parser.add_argument("--sb3-contenders", nargs="+", default=["none", "steplog", "sb3", "recipe"],
+                        choices=["none", "steplog", "sb3", "recipe"],
+                        help="which SB3 contenders run (the no-logging baseline always does)")
     parser.add_argument("--scalars", type=int, default=50_000)
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))
     args = parser.parse_args()
