@@ -386,3 +386,20 @@ def test_a_file_logger_passed_in_is_flushed_by_close_and_left_to_its_owner(
     assert scalars(tmp_path / "run") == {"x": [(0, 3.0)]}
     assert logger.state is State.OPEN
     assert logger.close(30)
+
+
+def test_on_a_rank_that_does_not_log_the_writer_records_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("STEPLOG_RANKS", "STEPLOG_GROUP", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with SummaryWriter(tmp_path / "run") as w:
+        w.add_scalar("x", 1.0, 0)
+        w.add_text("notes", "hello", 0)
+        w.add_image("frame", np.zeros((3, 2, 2)), 0)
+        w.add_histogram("h", [1.0, 2.0], 0)
+        assert w.logger.state is State.INERT
+    assert not (tmp_path / "run").exists()

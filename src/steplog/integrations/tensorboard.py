@@ -55,8 +55,10 @@ class SummaryWriter:
             only what :meth:`get_logdir` returns.
         comment: appended to the default ``log_dir`` (ignored when ``log_dir`` is given).
         purge_step: not supported (``ValueError`` unless ``None``).
-        max_queue, flush_secs, filename_suffix: accepted for compatibility; the queue, its
-            bound and the delivery pace are the logger's (:class:`~steplog.Options`).
+        max_queue: accepted for compatibility; the queue and its bound are the logger's
+            (:class:`~steplog.Options`).
+        flush_secs: accepted for compatibility; the logger's worker delivers continuously.
+        filename_suffix: accepted for compatibility; a file run's file names are fixed.
         logger: a steplog logger to write through. It stays yours: :meth:`close` flushes it
             and you close it. Without one, the writer's own :class:`~steplog.FileLogger` is
             closed by :meth:`close`.
