@@ -29,7 +29,7 @@ from steplog import (
     Options,
     State,
 )
-from steplog.ranks import job_identity, plan
+from steplog.ranks import InertLogger, job_identity, plan
 
 WORKER = Path(__file__).with_name("rank_worker.py")
 WORLD = 4
@@ -447,3 +447,8 @@ def test_kill_9_of_one_rank_loses_nothing_of_the_others_and_sync_delivers_its_ow
     assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], 2, "rank2/")
     assert_every_record_once_in_order(mlflow_server, own[2], 2)
     assert shared["info"]["status"] == "FINISHED"  # rank 0 ended it, whatever rank 2 did
+
+
+def test_an_inert_logger_answers_every_logging_call_a_logger_has() -> None:
+    calls = {name for name in dir(Logger) if name.startswith(("log_", "save_"))}
+    assert calls and calls <= set(vars(InertLogger))

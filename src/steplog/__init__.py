@@ -13,6 +13,7 @@ from steplog.errors import (
     SinkError,
     SteplogWarning,
 )
+from steplog.integrations.tensorboard import SummaryWriter
 from steplog.lifecycle import State
 from steplog.loggers import ClearMLLogger, FileLogger, Logger, MLFlowLogger
 from steplog.pipeline import Options
@@ -50,6 +51,7 @@ __all__ = [
     "State",
     "Stats",
     "SteplogWarning",
+    "SummaryWriter",
     "Tag",
     "load_policy",
 ]

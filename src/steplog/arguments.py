@@ -27,6 +27,7 @@ __all__ = [
     "artifact_of",
     "capture_metrics",
     "check_name",
+    "data_of",
     "directory_of",
     "existing_path",
     "figure_of",
@@ -109,6 +110,18 @@ def directory_of(dir: str | os.PathLike[str], path: str | None) -> Artifact:
         raise NotADirectoryError(f"not a directory: {src}")
     dest = safe_relpath(path if path is not None else src.name)
     return Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="directory")
+
+
+def data_of(data: bytes, name: str, default_ext: str, iteration: int | None,
+            kind: str) -> Artifact:
+    """The record of bytes captured at the call (``log_text``, ``log_image``), named ``name``
+    (``default_ext`` added when it has no extension; ``_<iteration>`` before it)."""
+    base, ext = os.path.splitext(safe_relpath(name))
+    if iteration is not None:
+        iteration = capture_step(iteration)
+        base = f"{base}_{iteration}"
+    return Artifact(name=base + (ext or default_ext), timestamp=now_ms(), data=data, kind=kind,
+                    step=iteration)
 
 
 def figure_of(fig: Any, name: str, iteration: int | None) -> Artifact:

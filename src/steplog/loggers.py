@@ -23,6 +23,7 @@ from steplog.arguments import (
     artifact_of,
     capture_metrics,
     check_name,
+    data_of,
     directory_of,
     figure_of,
     file_of,
@@ -30,6 +31,7 @@ from steplog.arguments import (
 from steplog.capture import capture_param, capture_step, capture_value
 from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
 from steplog.errors import LoggerClosedError
+from steplog.images import encode_png
 from steplog.lifecycle import Lifecycle, State
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
@@ -288,6 +290,21 @@ class Logger:
         """Render a matplotlib figure to PNG now (the figure may change or close right after)
         and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it)."""
         self._upload(figure_of(fig, name, iteration))
+
+    def log_text(self, text: str, name: str, iteration: int | None = None) -> None:
+        """Queue ``text`` as the UTF-8 file ``name`` (``.txt`` added if it has no extension;
+        ``_<iteration>`` before it)."""
+        if type(text) is not str:
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self._upload(data_of(text.encode(), name, ".txt", iteration, "text"))
+
+    def log_image(
+        self, image: Any, name: str, iteration: int | None = None, *, dataformats: str = "HWC"
+    ) -> None:
+        """Encode an image array (numpy or torch; ``uint8``, or floats in ``[0, 1]``) to PNG
+        now and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it).
+        ``dataformats`` names its axes (``"HWC"``, ``"CHW"``, ``"HW"``, ...)."""
+        self._upload(data_of(encode_png(image, dataformats), name, ".png", iteration, "image"))
 
     def save_policy(
         self,

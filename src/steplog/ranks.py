@@ -251,6 +251,13 @@ class InertLogger:
     def log_figure(self, fig: Any, name: str, iteration: int | None = None) -> None:
         return None
 
+    def log_text(self, text: str, name: str, iteration: int | None = None) -> None:
+        return None
+
+    def log_image(self, image: Any, name: str, iteration: int | None = None, *,
+                  dataformats: str = "HWC") -> None:
+        return None
+
     def save_policy(self, policy: Any, name: str = "policy", **kwargs: Any) -> None:
         return None
 

@@ -1,0 +1,68 @@
+"""Logger.log_image and log_text: PNGs and text captured at the call, read back by Pillow."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from steplog import FileLogger
+from steplog.images import encode_png
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB"), (4, "RGBA")])
+def test_a_uint8_image_round_trips_with_its_channels(channels: int, mode: str) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, channels), dtype=np.uint8)
+    png = encode_png(pixels, "HWC")
+    assert Image.open(io.BytesIO(png)).mode == mode
+    assert (decode(png).reshape(5, 7, channels) == pixels).all()
+
+
+def test_axes_are_read_as_dataformats_names_them() -> None:
+    hwc = np.random.default_rng(1).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    assert (decode(encode_png(hwc.transpose(2, 0, 1), "CHW")) == hwc).all()
+    grey = hwc[..., 0]
+    assert (decode(encode_png(grey, "HW")) == grey).all()
+    assert (decode(encode_png(grey.T, "WH")) == grey).all()
+
+
+def test_floats_are_read_as_zero_to_one_and_clipped_with_nan_as_zero() -> None:
+    image = torch.tensor([[0.0, 0.5, 1.0, 2.0, -1.0, float("nan")]])
+    assert decode(encode_png(image, "HW")).tolist() == [[0, 127, 255, 255, 0, 0]]
+
+
+def test_bad_images_raise_at_the_call() -> None:
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        encode_png(np.zeros((4, 4, 2)), "HWC")
+    with pytest.raises(ValueError, match="3 dimensions"):
+        encode_png(np.zeros((4, 4)), "CHW")
+    with pytest.raises(ValueError, match="dataformats must be"):
+        encode_png(np.zeros((4, 4)), "HH")
+    with pytest.raises(ValueError, match="must not be empty"):
+        encode_png(np.zeros((0, 4)), "HW")
+    with pytest.raises(TypeError, match="real numbers"):
+        encode_png(np.array([["a"]]), "HW")
+
+
+def test_log_image_and_log_text_store_what_they_held_at_the_call(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path / "run")
+    pixels = np.full((2, 2, 3), 200, dtype=np.uint8)
+    logger.log_image(pixels, "frames/obs", 12)
+    logger.log_text("# notes", "notes.md")
+    logger.log_text("plain", "log", 3)
+    pixels[:] = 0
+    with pytest.raises(TypeError, match="text must be a str"):
+        logger.log_text(b"bytes", "x")  # type: ignore[arg-type]
+    assert logger.close(30)
+    run = tmp_path / "run"
+    assert (decode((run / "frames" / "obs_12.png").read_bytes()) == 200).all()
+    assert (run / "notes.md").read_text() == "# notes"
+    assert (run / "log_3.txt").read_text() == "plain"
