@@ -29,7 +29,7 @@ from steplog import (
     Options,
     State,
 )
-from steplog.ranks import job_identity, plan
+from steplog.ranks import LAUNCH_SKEW_S, job_identity, launch_floor_ms, plan, process_start_s
 
 WORKER = Path(__file__).with_name("rank_worker.py")
 WORLD = 4
@@ -47,7 +47,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No rank variables from the test process's own environment."""
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
-                 "SLURM_STEP_ID", "STEPLOG_RANKS", "STEPLOG_GROUP"):
+                 "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+                 "STEPLOG_RANKS", "STEPLOG_GROUP"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -123,6 +124,30 @@ def test_rank_without_world_size_is_refused(clean_env: pytest.MonkeyPatch) -> No
         plan(None)
 
 
+def test_srun_without_torchrun_places_the_rank_by_slurms_variables() -> None:
+    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+            "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"}
+    p = plan(None, srun)
+    assert (p.distributed, p.rank, p.local_rank, p.world_size, p.logs) == (True, 5, 1, 8, False)
+    assert plan("own", srun).group == job_identity(srun)
+    # torchrun inside an allocation: its variables win over srun's
+    inside = {**srun, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    assert (plan(None, inside).rank, plan(None, inside).world_size) == (0, 2)
+    with pytest.raises(ValueError, match=r"\$SLURM_PROCID \(8\) must be below \$SLURM_NTASKS"):
+        plan(None, {**srun, "SLURM_PROCID": "8"})
+    # a batch script's SLURM_PROCID without a task count is not one of several ranks
+    assert not plan(None, {"SLURM_PROCID": "0"}).distributed
+
+
+def test_the_launch_floor_is_this_process_start_less_the_allowed_skew() -> None:
+    import psutil
+
+    started = process_start_s()
+    assert started is not None and abs(started - psutil.Process().create_time()) < 1.0
+    floor = launch_floor_ms()
+    assert floor is not None and abs(floor / 1000 - (started - LAUNCH_SKEW_S)) < 0.01
+
+
 def test_all_and_own_need_an_identity_the_ranks_share(clean_env: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         clean_env.setenv(name, TORCHRUN[name])
@@ -168,6 +193,29 @@ def test_a_rank_that_does_not_log_gets_an_inert_logger_that_opens_nothing(
     assert flushed.inactive == closed.inactive
     assert lg.stats().enqueued == 0
     assert threading.active_count() == threads
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_every_public_method_of_an_inert_logger_answers_as_the_real_one_would(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    as_rank(clean_env, STEPLOG_RUNS_DIR=str(tmp_path / "runs"))
+    real = Options()
+    with FileLogger(tmp_path / "out") as lg:
+        assert lg.options == real and lg.exit_timeout_s == real.exit_timeout_s
+        assert lg.output_dir == str(tmp_path / "out")
+        lg.log_tags({"a": "b"})
+        lg.log_file(tmp_path / "missing", "files", move=True)
+        lg.log_directory(tmp_path / "missing")
+        lg.log_figure(object(), "fig", 3)
+        lg.save_policy(object(), "policy", step=1, metadata={"k": 1})
+        lg.save_agent(object())
+        assert lg.flush(1.0) and lg.stats().delivered == 0
+    assert lg.state is State.INERT and lg.close(status="FAILED")
+    blank = Logger.create("blank", logging_freq=3)
+    assert blank.state is State.INERT and blank.should_log(2) and not blank.should_log(3)
+    with pytest.raises(TypeError):
+        MLFlowLogger()  # type: ignore[call-arg]  # a wrong call fails as on rank 0
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
@@ -264,6 +312,37 @@ def test_a_rank_whose_logger_starts_before_rank_0s_joins_the_shared_run_once_it_
     run = client.get_run(loggers[0].run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["steplog.rank1.status"] == "FINISHED"
+
+
+def test_a_shared_run_an_earlier_launch_left_running_is_not_joined(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    # An earlier launch with the same identity crashed a day ago: its run is still RUNNING.
+    from mlflow import MlflowClient
+
+    from steplog.sinks.mlflow import MLflowSink
+    from steplog.sinks.mlflow.common import RUN_TOKEN_TAG
+
+    experiment = f"ranks-stale-{time.time_ns()}"
+    as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    probe = MLflowSink(experiment, tracking_uri=mlflow_server.url, run_name="r")
+    probe.join_ranks("all", 1, 2, str(plan("all").group))
+    client = MlflowClient(mlflow_server.url)
+    stale = client.create_run(client.create_experiment(experiment), run_name="r",
+                              start_time=int((time.time() - 86400) * 1000),
+                              tags={RUN_TOKEN_TAG: probe.target()["run_token"]}).info.run_id
+    loggers = {}
+    for rank in (1, 0):  # rank 1 looks before rank 0 created this launch's run
+        as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        loggers[rank] = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                                     options=Options(ranks="all"))
+        if rank == 1:
+            time.sleep(0.5)
+    for lg in loggers.values():
+        lg.log_scalar("loss", 1.0, 0)
+    assert all(lg.close(60) for lg in loggers.values())
+    assert loggers[1].run_id == loggers[0].run_id != stale
+    assert client.get_run(stale).data.metrics == {}
 
 
 def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:
