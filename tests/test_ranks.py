@@ -7,6 +7,7 @@ process group on loopback) logging at full speed into the session's MLflow serve
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -212,6 +213,8 @@ def test_every_public_method_of_an_inert_logger_answers_as_the_real_one_would(
         lg.save_agent(object())
         assert lg.flush(1.0) and lg.stats().delivered == 0
     assert lg.state is State.INERT and lg.close(status="FAILED")
+    again = type(lg)(tmp_path / "out")  # the inert class called again, and a copy
+    assert type(again) is type(lg) and type(copy.copy(lg)) is type(lg)
     blank = Logger.create("blank", logging_freq=3)
     assert blank.state is State.INERT and blank.should_log(2) and not blank.should_log(3)
     with pytest.raises(TypeError):

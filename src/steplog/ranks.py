@@ -330,7 +330,10 @@ _inert_classes: dict[tuple[type[Any], str], type[Any]] = {}
 
 
 def inert_class(cls: type[T], rank_plan: RankPlan) -> type[T]:
-    """``cls`` with :class:`InertLogger` before it (one class per logger class and plan)."""
+    """``cls`` with :class:`InertLogger` before it (one class per logger class and plan); an
+    inert class given is replaced by the class it stands in for."""
+    if issubclass(cls, InertLogger):  # e.g. type(inert_logger)(...), copy.copy(inert_logger)
+        cls = cls.__mro__[2]
     reason = (f"nothing is logged on {rank_plan.describe()}: only rank 0 logs; set "
               f"Options(ranks='all'|'own') or {ENV} to log from every rank")
     key = (cls, reason)
