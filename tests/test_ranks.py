@@ -348,6 +348,34 @@ def test_a_shared_run_an_earlier_launch_left_running_is_not_joined(
     assert client.get_run(stale).data.metrics == {}
 
 
+def test_when_rank_0_never_creates_the_shared_run_sync_delivers_every_rank_into_one_run(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    experiment = f"ranks-no-rank0-{time.time_ns()}"
+    clean_env.setenv("STEPLOG_RUNS_DIR", str(tmp_path / "runs"))
+    results = {}
+    for rank in (1, 2):  # rank 0 died before its logger started
+        as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="3")
+        lg = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                          options=Options(ranks="all", drain_interval_s=0.01))
+        for i in range(5):
+            lg.log_scalar("loss", rank * 10.0 + i, i)
+        results[rank] = lg.close(3)
+    for result in results.values():
+        assert not result and result.undelivered == 5 and "steplog sync" in str(result.sync)
+    for _ in range(2):  # a second sync of every rank stores nothing twice
+        for rank in (1, 2):
+            journals = tmp_path / "runs" / f"rank{rank}"
+            sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(journals)],
+                                  capture_output=True, text=True, timeout=120)
+            assert sync.returncode == 0, sync.stdout + sync.stderr
+    (run,) = runs_of(mlflow_server, experiment)
+    for rank in (1, 2):
+        history = mlflow_server.metric_history(run["info"]["run_id"], f"rank{rank}/loss")
+        assert [(m["step"], m["value"]) for m in history] == [(i, rank * 10.0 + i)
+                                                              for i in range(5)]
+
+
 def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:
     from steplog.sinks.mlflow import MLflowSink
 
