@@ -523,37 +523,46 @@ def test_own_each_rank_logs_its_own_run_found_by_the_group_tag(
         assert_every_record_once_in_order(mlflow_server, run["info"]["run_id"], rank)
 
 
+@pytest.mark.parametrize("victim", [2, 0])
 def test_kill_9_of_one_rank_loses_nothing_of_the_others_and_sync_delivers_its_own(
-    mlflow_server: MlflowServer, tmp_path: Path,
+    mlflow_server: MlflowServer, tmp_path: Path, victim: int,
 ) -> None:
+    # Rank 0 too, once it created the shared run: the others keep writing into it.
     tag = f"ranks-kill-{os.getpid()}-{time.time_ns()}"
-    launch = Launch(mlflow_server, tmp_path, "kill", tag)
+    launch = Launch(mlflow_server, tmp_path, f"kill{victim}", tag)
+    others = [rank for rank in range(WORLD) if rank != victim]
     try:
         deadline = time.monotonic() + 120
-        while not (launch.out / "flushed2").exists() and time.monotonic() < deadline:
-            assert launch.procs[2].poll() is None, launch.stderr(2)
+        while not (launch.out / "flushed").exists() and time.monotonic() < deadline:
+            assert launch.procs[victim].poll() is None, launch.stderr(victim)
             time.sleep(0.05)
-        os.killpg(launch.procs[2].pid, signal.SIGKILL)
-        launch.procs[2].wait(10)
+        os.killpg(launch.procs[victim].pid, signal.SIGKILL)
+        launch.procs[victim].wait(10)
         (launch.out / "killed").write_text("")
-        launch.wait([0, 1, 3])
-        survivors = {rank: launch.report(rank) for rank in (0, 1, 3)}
+        launch.wait(others)
+        survivors = {rank: launch.report(rank) for rank in others}
     finally:
         launch.stop()
     assert all(r[p]["ok"] for r in survivors.values() for p in ("all", "own"))
     (shared,) = runs_of(mlflow_server, f"{tag}-all")
     own = {int(tags_of(r)["steplog.rank"]): r["info"]["run_id"]
            for r in runs_of(mlflow_server, f"{tag}-own")}
-    for rank in (0, 1, 3):
+    for rank in others:
         assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], rank,
                                           f"rank{rank}/")
         assert_every_record_once_in_order(mlflow_server, own[rank], rank)
-    # The killed rank's journals (one per logger, under runs/rank2) hold what it did not deliver.
-    killed = json.loads((launch.out / "rank2.json").read_text())
-    assert all(Path(d).parent == launch.runs / "rank2" for d in killed.values())
-    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(launch.runs / "rank2")],
+        assert tags_of(shared)[f"steplog.rank{rank}.status"] == "FINISHED"
+    # Only rank 0 ends the shared run: whatever the victim did when it is another rank.
+    assert shared["info"]["status"] == ("RUNNING" if victim == 0 else "FINISHED")
+    # The killed rank's journals (one per logger, under runs/rank<K>) hold what it did not
+    # deliver.
+    killed = json.loads((launch.out / f"rank{victim}.json").read_text())
+    journals = launch.runs / f"rank{victim}"
+    assert all(Path(d).parent == journals for d in killed.values())
+    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(journals)],
                           capture_output=True, text=True, timeout=120)
     assert sync.returncode == 0, sync.stdout + sync.stderr
-    assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], 2, "rank2/")
-    assert_every_record_once_in_order(mlflow_server, own[2], 2)
-    assert shared["info"]["status"] == "FINISHED"  # rank 0 ended it, whatever rank 2 did
+    assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], victim,
+                                      f"rank{victim}/")
+    assert_every_record_once_in_order(mlflow_server, own[victim], victim)
+    assert len(runs_of(mlflow_server, f"{tag}-all")) == 1
