@@ -9,8 +9,8 @@ its loggers said to ``<out_dir>/rank<R>.json``. In ``policies`` mode each logger
 the file ``note.txt`` ("rank <R>").
 
 ``mode`` ``policies``: one logger per policy (zero, all, own), one after the other, experiment
-``<tag>-<policy>``. ``mode`` ``kill``: an ``all`` and an ``own`` logger side by side; rank 2
-flushes half its records, logs the other half at full speed, writes ``<out_dir>/flushed2``
+``<tag>-<policy>``. ``mode`` ``kill<K>``: an ``all`` and an ``own`` logger side by side; rank K
+flushes half its records, logs the other half at full speed, writes ``<out_dir>/flushed``
 once they left the in-memory queue (for the journal) and waits to be killed; the others log
 their second half once ``<out_dir>/killed`` exists (or 60 s passed).
 """
@@ -74,7 +74,7 @@ def main() -> None:
                              options=options(policy))
                 for policy in ("all", "own")]
         log_steps(both, rank, range(n // 2))
-        if rank == 2:
+        if rank == int(mode.removeprefix("kill")):
             for lg in both:
                 assert lg.flush(60)
             log_steps(both, rank, range(n // 2, n))  # at full speed, then killed
@@ -85,8 +85,8 @@ def main() -> None:
                 time.sleep(0.01)
             time.sleep(0.2)
             dirs = {p: lg.run_dir for p, lg in zip(("all", "own"), both, strict=True)}
-            (out / "rank2.json").write_text(json.dumps(dirs))
-            (out / "flushed2").write_text("")
+            (out / f"rank{rank}.json").write_text(json.dumps(dirs))
+            (out / "flushed").write_text("")
             time.sleep(60)
             return
         deadline = time.monotonic() + 60

@@ -7,6 +7,7 @@ process group on loopback) logging at full speed into the session's MLflow serve
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -29,7 +30,14 @@ from steplog import (
     Options,
     State,
 )
-from steplog.ranks import InertLogger, job_identity, plan
+from steplog.ranks import (
+    LAUNCH_SKEW_S,
+    InertLogger,
+    job_identity,
+    launch_floor_ms,
+    plan,
+    process_start_s,
+)
 
 WORKER = Path(__file__).with_name("rank_worker.py")
 WORLD = 4
@@ -47,7 +55,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No rank variables from the test process's own environment."""
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
-                 "SLURM_STEP_ID", "STEPLOG_RANKS", "STEPLOG_GROUP"):
+                 "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+                 "STEPLOG_RANKS", "STEPLOG_GROUP"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -123,6 +132,30 @@ def test_rank_without_world_size_is_refused(clean_env: pytest.MonkeyPatch) -> No
         plan(None)
 
 
+def test_srun_without_torchrun_places_the_rank_by_slurms_variables() -> None:
+    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+            "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"}
+    p = plan(None, srun)
+    assert (p.distributed, p.rank, p.local_rank, p.world_size, p.logs) == (True, 5, 1, 8, False)
+    assert plan("own", srun).group == job_identity(srun)
+    # torchrun inside an allocation: its variables win over srun's
+    inside = {**srun, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    assert (plan(None, inside).rank, plan(None, inside).world_size) == (0, 2)
+    with pytest.raises(ValueError, match=r"\$SLURM_PROCID \(8\) must be below \$SLURM_NTASKS"):
+        plan(None, {**srun, "SLURM_PROCID": "8"})
+    # a batch script's SLURM_PROCID without a task count is not one of several ranks
+    assert not plan(None, {"SLURM_PROCID": "0"}).distributed
+
+
+def test_the_launch_floor_is_this_process_start_less_the_allowed_skew() -> None:
+    import psutil
+
+    started = process_start_s()
+    assert started is not None and abs(started - psutil.Process().create_time()) < 1.0
+    floor = launch_floor_ms()
+    assert floor is not None and abs(floor / 1000 - (started - LAUNCH_SKEW_S)) < 0.01
+
+
 def test_all_and_own_need_an_identity_the_ranks_share(clean_env: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         clean_env.setenv(name, TORCHRUN[name])
@@ -168,6 +201,31 @@ def test_a_rank_that_does_not_log_gets_an_inert_logger_that_opens_nothing(
     assert flushed.inactive == closed.inactive
     assert lg.stats().enqueued == 0
     assert threading.active_count() == threads
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_every_public_method_of_an_inert_logger_answers_as_the_real_one_would(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    as_rank(clean_env, STEPLOG_RUNS_DIR=str(tmp_path / "runs"))
+    real = Options()
+    with FileLogger(tmp_path / "out") as lg:
+        assert lg.options == real and lg.exit_timeout_s == real.exit_timeout_s
+        assert lg.output_dir == str(tmp_path / "out")
+        lg.log_tags({"a": "b"})
+        lg.log_file(tmp_path / "missing", "files", move=True)
+        lg.log_directory(tmp_path / "missing")
+        lg.log_figure(object(), "fig", 3)
+        lg.save_policy(object(), "policy", step=1, metadata={"k": 1})
+        lg.save_agent(object())
+        assert lg.flush(1.0) and lg.stats().delivered == 0
+    assert lg.state is State.INERT and lg.close(status="FAILED")
+    again = type(lg)(tmp_path / "out")  # the inert class called again, and a copy
+    assert type(again) is type(lg) and type(copy.copy(lg)) is type(lg)
+    blank = Logger.create("blank", logging_freq=3)
+    assert blank.state is State.INERT and blank.should_log(2) and not blank.should_log(3)
+    with pytest.raises(TypeError):
+        MLFlowLogger()  # type: ignore[call-arg]  # a wrong call fails as on rank 0
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
@@ -264,6 +322,65 @@ def test_a_rank_whose_logger_starts_before_rank_0s_joins_the_shared_run_once_it_
     run = client.get_run(loggers[0].run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["steplog.rank1.status"] == "FINISHED"
+
+
+def test_a_shared_run_an_earlier_launch_left_running_is_not_joined(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    # An earlier launch with the same identity crashed a day ago: its run is still RUNNING.
+    from mlflow import MlflowClient
+
+    from steplog.sinks.mlflow import MLflowSink
+    from steplog.sinks.mlflow.common import RUN_TOKEN_TAG
+
+    experiment = f"ranks-stale-{time.time_ns()}"
+    as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    probe = MLflowSink(experiment, tracking_uri=mlflow_server.url, run_name="r")
+    probe.join_ranks("all", 1, 2, str(plan("all").group))
+    client = MlflowClient(mlflow_server.url)
+    stale = client.create_run(client.create_experiment(experiment), run_name="r",
+                              start_time=int((time.time() - 86400) * 1000),
+                              tags={RUN_TOKEN_TAG: probe.target()["run_token"]}).info.run_id
+    loggers = {}
+    for rank in (1, 0):  # rank 1 looks before rank 0 created this launch's run
+        as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        loggers[rank] = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                                     options=Options(ranks="all"))
+        if rank == 1:
+            time.sleep(0.5)
+    for lg in loggers.values():
+        lg.log_scalar("loss", 1.0, 0)
+    assert all(lg.close(60) for lg in loggers.values())
+    assert loggers[1].run_id == loggers[0].run_id != stale
+    assert client.get_run(stale).data.metrics == {}
+
+
+def test_when_rank_0_never_creates_the_shared_run_sync_delivers_every_rank_into_one_run(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    experiment = f"ranks-no-rank0-{time.time_ns()}"
+    clean_env.setenv("STEPLOG_RUNS_DIR", str(tmp_path / "runs"))
+    results = {}
+    for rank in (1, 2):  # rank 0 died before its logger started
+        as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="3")
+        lg = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                          options=Options(ranks="all", drain_interval_s=0.01))
+        for i in range(5):
+            lg.log_scalar("loss", rank * 10.0 + i, i)
+        results[rank] = lg.close(3)
+    for result in results.values():
+        assert not result and result.undelivered == 5 and "steplog sync" in str(result.sync)
+    for _ in range(2):  # a second sync of every rank stores nothing twice
+        for rank in (1, 2):
+            journals = tmp_path / "runs" / f"rank{rank}"
+            sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(journals)],
+                                  capture_output=True, text=True, timeout=120)
+            assert sync.returncode == 0, sync.stdout + sync.stderr
+    (run,) = runs_of(mlflow_server, experiment)
+    for rank in (1, 2):
+        history = mlflow_server.metric_history(run["info"]["run_id"], f"rank{rank}/loss")
+        assert [(m["step"], m["value"]) for m in history] == [(i, rank * 10.0 + i)
+                                                              for i in range(5)]
 
 
 def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:
@@ -413,40 +530,49 @@ def test_own_each_rank_logs_its_own_run_found_by_the_group_tag(
         assert_every_record_once_in_order(mlflow_server, run["info"]["run_id"], rank)
 
 
+@pytest.mark.parametrize("victim", [2, 0])
 def test_kill_9_of_one_rank_loses_nothing_of_the_others_and_sync_delivers_its_own(
-    mlflow_server: MlflowServer, tmp_path: Path,
+    mlflow_server: MlflowServer, tmp_path: Path, victim: int,
 ) -> None:
+    # Rank 0 too, once it created the shared run: the others keep writing into it.
     tag = f"ranks-kill-{os.getpid()}-{time.time_ns()}"
-    launch = Launch(mlflow_server, tmp_path, "kill", tag)
+    launch = Launch(mlflow_server, tmp_path, f"kill{victim}", tag)
+    others = [rank for rank in range(WORLD) if rank != victim]
     try:
         deadline = time.monotonic() + 120
-        while not (launch.out / "flushed2").exists() and time.monotonic() < deadline:
-            assert launch.procs[2].poll() is None, launch.stderr(2)
+        while not (launch.out / "flushed").exists() and time.monotonic() < deadline:
+            assert launch.procs[victim].poll() is None, launch.stderr(victim)
             time.sleep(0.05)
-        os.killpg(launch.procs[2].pid, signal.SIGKILL)
-        launch.procs[2].wait(10)
+        os.killpg(launch.procs[victim].pid, signal.SIGKILL)
+        launch.procs[victim].wait(10)
         (launch.out / "killed").write_text("")
-        launch.wait([0, 1, 3])
-        survivors = {rank: launch.report(rank) for rank in (0, 1, 3)}
+        launch.wait(others)
+        survivors = {rank: launch.report(rank) for rank in others}
     finally:
         launch.stop()
     assert all(r[p]["ok"] for r in survivors.values() for p in ("all", "own"))
     (shared,) = runs_of(mlflow_server, f"{tag}-all")
     own = {int(tags_of(r)["steplog.rank"]): r["info"]["run_id"]
            for r in runs_of(mlflow_server, f"{tag}-own")}
-    for rank in (0, 1, 3):
+    for rank in others:
         assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], rank,
                                           f"rank{rank}/")
         assert_every_record_once_in_order(mlflow_server, own[rank], rank)
-    # The killed rank's journals (one per logger, under runs/rank2) hold what it did not deliver.
-    killed = json.loads((launch.out / "rank2.json").read_text())
-    assert all(Path(d).parent == launch.runs / "rank2" for d in killed.values())
-    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(launch.runs / "rank2")],
+        assert tags_of(shared)[f"steplog.rank{rank}.status"] == "FINISHED"
+    # Only rank 0 ends the shared run: whatever the victim did when it is another rank.
+    assert shared["info"]["status"] == ("RUNNING" if victim == 0 else "FINISHED")
+    # The killed rank's journals (one per logger, under runs/rank<K>) hold what it did not
+    # deliver.
+    killed = json.loads((launch.out / f"rank{victim}.json").read_text())
+    journals = launch.runs / f"rank{victim}"
+    assert all(Path(d).parent == journals for d in killed.values())
+    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(journals)],
                           capture_output=True, text=True, timeout=120)
     assert sync.returncode == 0, sync.stdout + sync.stderr
-    assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], 2, "rank2/")
-    assert_every_record_once_in_order(mlflow_server, own[2], 2)
-    assert shared["info"]["status"] == "FINISHED"  # rank 0 ended it, whatever rank 2 did
+    assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], victim,
+                                      f"rank{victim}/")
+    assert_every_record_once_in_order(mlflow_server, own[victim], victim)
+    assert len(runs_of(mlflow_server, f"{tag}-all")) == 1
 
 
 def test_an_inert_logger_answers_every_logging_call_a_logger_has() -> None:

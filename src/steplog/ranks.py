@@ -9,7 +9,8 @@ several ranks, and every policy logs as a single process does. With it, the poli
   ``log_*`` calls return at once and which opens no sink, journal, host or connection.
 * ``"all"``: every rank logs into one shared run, its metrics named ``rank<R>/<name>``; rank 0
   creates the run, the others find it by a token derived from the job's identity
-  (:func:`job_identity`) and the run's names. Parameters and tags are the run's, unprefixed.
+  (:func:`job_identity`) and the run's names, among the runs started since this launch began
+  (:func:`launch_floor_ms`). Parameters and tags are the run's, unprefixed.
 * ``"own"``: every rank logs its own run, tagged with the job's group id so they are found
   together.
 
@@ -45,6 +46,7 @@ __all__ = [
     "check_policy",
     "inert_class",
     "job_identity",
+    "launch_floor_ms",
     "plan",
 ]
 
@@ -60,6 +62,11 @@ GROUP_ENV = "STEPLOG_GROUP"
 _IDENTITY_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
                   "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
 """What tells one launch of a job from another, as every rank of it sees it."""
+_SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+"""The rank variables ``srun`` sets, read when ``RANK`` is not set."""
+LAUNCH_SKEW_S = 300.0
+"""How much earlier than this process another rank of its launch may have started (launchers
+that start nodes one after the other, clocks of different nodes)."""
 
 
 def check_policy(value: object, where: str = "ranks") -> RankPolicy:
@@ -98,6 +105,32 @@ def job_identity(environ: Mapping[str, str]) -> str | None:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def process_start_s() -> float | None:
+    """When this process started, in seconds since the epoch (``/proc`` on Linux, else psutil
+    when installed); ``None`` when neither tells."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rpartition(b")")[2].split()[19])  # field 22, starttime
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return float(psutil.Process().create_time())
+
+
+def launch_floor_ms() -> int | None:
+    """The earliest start time (ms since the epoch) of a run that this launch's rank 0 can have
+    created: this process's start less :data:`LAUNCH_SKEW_S`. A RUNNING run with the same token
+    that started before it belongs to an earlier launch with the same identity that crashed."""
+    started = process_start_s()
+    return None if started is None else int((started - LAUNCH_SKEW_S) * 1000)
+
+
 @dataclasses.dataclass(frozen=True)
 class RankPlan:
     """What the rank policy means for this process."""
@@ -110,6 +143,8 @@ class RankPlan:
     world_size: int = 1
     group: str | None = None
     """The job's identity (:func:`job_identity`) under ``"all"`` and ``"own"``."""
+    launched_ms: int | None = None
+    """Under ``"all"``: the earliest start of this launch's shared run (:func:`launch_floor_ms`)."""
 
     @property
     def logs(self) -> bool:
@@ -145,7 +180,8 @@ class RankPlan:
         kind = sink.kind
         if kind == "mlflow":
             join: Callable[..., None] = sink.join_ranks  # type: ignore[attr-defined]
-            join(self.policy, self.rank, self.world_size, self.group)
+            join(self.policy, self.rank, self.world_size, self.group,
+                 launched_ms=self.launched_ms)
         elif kind == "file":
             out: Path = sink.output_dir  # type: ignore[attr-defined]
             sink.output_dir = out / f"rank{self.rank}"  # type: ignore[attr-defined]
@@ -162,7 +198,8 @@ class RankPlan:
 
 def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPlan:
     """This process's plan: the policy ``option`` (``Options.ranks``), else ``$STEPLOG_RANKS``,
-    else ``"zero"``, applied to ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``. ``ValueError`` for an
+    else ``"zero"``, applied to ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``, else (without ``RANK``)
+    to ``srun``'s ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``. ``ValueError`` for an
     unknown policy, malformed variables, or ``"all"``/``"own"`` in a job without an identity
     the ranks share (see :func:`job_identity`)."""
     env = os.environ if environ is None else environ
@@ -171,16 +208,20 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
     else:
         text = env.get(ENV, "").strip()
         policy = check_policy(text, f"${ENV}") if text else "zero"
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
     rank = _int_env(env, "RANK", 0)
+    if rank is None and env.get("SLURM_PROCID", "").strip() and env.get("SLURM_NTASKS"):
+        names = _SLURM_VARS  # started by srun alone, without torchrun
+        rank = _int_env(env, names[0], 0)
     if rank is None:
         return RankPlan(policy, distributed=False)
-    world_size = _int_env(env, "WORLD_SIZE", 1)
+    world_size = _int_env(env, names[2], 1)
     if world_size is None:
         raise ValueError("$RANK is set but $WORLD_SIZE is not; a launcher such as torchrun "
                          "sets both")
     if rank >= world_size:
-        raise ValueError(f"$RANK ({rank}) must be below $WORLD_SIZE ({world_size})")
-    local_rank = _int_env(env, "LOCAL_RANK", 0)
+        raise ValueError(f"${names[0]} ({rank}) must be below ${names[2]} ({world_size})")
+    local_rank = _int_env(env, names[1], 0)
     group = None
     if policy != "zero":
         group = job_identity(env)
@@ -190,7 +231,7 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"${GROUP_ENV}, {', '.join('$' + v for v in _IDENTITY_VARS)} is set; set "
                 f"{GROUP_ENV} to a name unique to this launch")
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
-                    world_size, group)
+                    world_size, group, launch_floor_ms() if policy == "all" else None)
 
 
 # -- the inert logger ---------------------------------------------------------------------------
@@ -204,8 +245,8 @@ class InertLogger:
     """Mixed before a logger class for a rank that does not log: every ``log_*``/``save_*``
     call returns at once (no validation, no capture), ``flush``/``close`` return truthy results
     whose ``inactive`` says why nothing was logged, and no sink, journal, thread, host or
-    connection is ever made. :meth:`should_log` answers as on rank 0, so code that runs
-    collective operations under it stays in step across ranks."""
+    connection is ever made. ``should_log`` (the logger class's own) answers as on rank 0, so
+    code that runs collective operations under it stays in step across ranks."""
 
     _inert_reason = ""
     logging_freq = 1
@@ -225,7 +266,10 @@ class InertLogger:
                 setattr(self, name, bound.arguments[name])
         if "output_dir" in bound.arguments:
             self.output_dir = os.fspath(bound.arguments["output_dir"])
-        self.options = bound.arguments.get("options")
+        from steplog.pipeline.options import Options
+
+        self.options = bound.arguments.get("options") or Options()  # as the real logger's
+        self.exit_timeout_s = self.options.exit_timeout_s
 
     def log_scalar(self, name: str, value: Any, iteration: int | None = None) -> None:
         return None
@@ -263,13 +307,6 @@ class InertLogger:
 
     def save_agent(self, agent: Any, name: str = "agent.pth") -> None:
         return None
-
-    def should_log(self, iteration: int) -> bool:
-        iteration += 1
-        if iteration // self.logging_freq > self.last_logging_iteration // self.logging_freq:
-            self.last_logging_iteration = iteration
-            return True
-        return False
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         return FlushResult(ok=True, pending=0, elapsed_s=0.0, inactive=self._inert_reason)
@@ -312,7 +349,10 @@ _inert_classes: dict[tuple[type[Any], str], type[Any]] = {}
 
 
 def inert_class(cls: type[T], rank_plan: RankPlan) -> type[T]:
-    """``cls`` with :class:`InertLogger` before it (one class per logger class and plan)."""
+    """``cls`` with :class:`InertLogger` before it (one class per logger class and plan); an
+    inert class given is replaced by the class it stands in for."""
+    if issubclass(cls, InertLogger):  # e.g. type(inert_logger)(...), copy.copy(inert_logger)
+        cls = cls.__mro__[2]
     reason = (f"nothing is logged on {rank_plan.describe()}: only rank 0 logs; set "
               f"Options(ranks='all'|'own') or {ENV} to log from every rank")
     key = (cls, reason)

@@ -64,10 +64,10 @@ class HostTransport:
                                      start_ms, returns=RunRef)
         return ref
 
-    def find_run(self, experiment_id: str, token: str,
-                 running_only: bool = False) -> RunRef | None:
+    def find_run(self, experiment_id: str, token: str, running_only: bool = False,
+                 since_ms: int | None = None) -> RunRef | None:
         ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
-                                            running_only, returns=RunRef | None)
+                                            running_only, since_ms, returns=RunRef | None)
         return ref
 
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
@@ -148,11 +148,11 @@ class ClientTransport:
         self._runs.add(run.info.run_id)
         return RunRef(run.info.run_id, experiment_id, run.info.artifact_uri)
 
-    def find_run(self, experiment_id: str, token: str,
-                 running_only: bool = False) -> RunRef | None:
+    def find_run(self, experiment_id: str, token: str, running_only: bool = False,
+                 since_ms: int | None = None) -> RunRef | None:
         with _mlflow_errors():
             runs = self.client.search_runs(
-                [experiment_id], filter_string=token_filter(token, running_only),
+                [experiment_id], filter_string=token_filter(token, running_only, since_ms),
                 max_results=1, order_by=["attributes.start_time DESC"],
             )
         if not runs:

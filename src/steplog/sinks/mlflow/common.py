@@ -201,9 +201,11 @@ class Transport(Protocol):
         self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
     ) -> RunRef: ...
     def find_run(
-        self, experiment_id: str, token: str, running_only: bool = False
+        self, experiment_id: str, token: str, running_only: bool = False,
+        since_ms: int | None = None,
     ) -> RunRef | None:
-        """The newest run tagged with ``token`` (``running_only``: still RUNNING), if any."""
+        """The newest run tagged with ``token`` (``running_only``: still RUNNING; ``since_ms``:
+        started then or later), if any."""
     def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
     def register_version(
@@ -213,10 +215,15 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def token_filter(token: str, running_only: bool = False) -> str:
-    """The search filter of the runs tagged with ``token`` (and still RUNNING)."""
+def token_filter(token: str, running_only: bool = False, since_ms: int | None = None) -> str:
+    """The search filter of the runs tagged with ``token`` (and still RUNNING, and started at
+    ``since_ms`` or later)."""
     text = f"tags.`{RUN_TOKEN_TAG}` = '{filter_quote(token)}'"
-    return f"{text} and attributes.status = 'RUNNING'" if running_only else text
+    if running_only:
+        text += " and attributes.status = 'RUNNING'"
+    if since_ms is not None:
+        text += f" and attributes.start_time >= {int(since_ms)}"
+    return text
 
 
 def filter_quote(text: str) -> str:

@@ -104,14 +104,19 @@ class MLflowSink(Sink):
         self._keys: _RankKeys | None = None
         """Under ``"all"``: metric name -> ``rank<R>/<name>``."""
         self._reattached = False
+        self._launched_ms: int | None = None
+        """Under ``"all"``: the shared run is not older than this (ms since the epoch)."""
 
-    def join_ranks(self, policy: str, rank: int, world_size: int, group: str) -> None:
+    def join_ranks(self, policy: str, rank: int, world_size: int, group: str, *,
+                   launched_ms: int | None = None) -> None:
         """Log as rank ``rank`` of ``world_size`` of the job ``group`` (see
         :mod:`steplog.ranks`); called before the run is opened.
 
         ``"all"``: the run is shared by every rank of the job: rank 0 creates it, tagged with a
         token derived from ``group``, the experiment and the run name; another rank finds it by
-        that token and writes its metrics as ``rank<R>/<name>`` and its files under ``rank<R>/``
+        that token, among the RUNNING runs started at ``launched_ms`` or later (a run an earlier
+        launch with the same identity left RUNNING is older), and writes its metrics as
+        ``rank<R>/<name>`` and its files under ``rank<R>/``
         (params and tags unprefixed); only rank 0 ends it, each rank sets the tag
         ``steplog.rank<R>.status`` at its close.
         ``"own"``: the rank's own run, named ``<run_name>-rank<R>`` (``rank<R>``). Both tag the
@@ -119,6 +124,7 @@ class MLflowSink(Sink):
         if policy not in ("all", "own"):
             raise ValueError(f"policy must be 'all' or 'own', got {policy!r}")
         self._ranks = {"policy": policy, "rank": rank, "world_size": world_size, "group": group}
+        self._launched_ms = launched_ms if policy == "all" else None
         self._user_tags.update({"steplog.group": group, "steplog.ranks": policy,
                                 "steplog.world_size": str(world_size)})
         if policy == "own":
@@ -279,7 +285,8 @@ class MLflowSink(Sink):
                 return
             # A sync creates the shared run that rank 0 never created (a later one finds it).
         elif self._create_tried:
-            found = transport.find_run(exp_id, self._token, running_only=self._shared)
+            found = transport.find_run(exp_id, self._token, running_only=self._shared,
+                                       since_ms=self._launched_ms)
             if found is not None:
                 self._run = found
                 return
@@ -295,7 +302,8 @@ class MLflowSink(Sink):
             return transport.find_run(exp_id, self._token)
         deadline = time.monotonic() + _JOIN_WAIT_S
         while True:
-            found = transport.find_run(exp_id, self._token, running_only=True)
+            found = transport.find_run(exp_id, self._token, running_only=True,
+                                       since_ms=self._launched_ms)
             if found is not None:
                 return found
             if time.monotonic() >= deadline:
