@@ -53,19 +53,20 @@ class RunData:
 
 def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
     """The runs ``spec`` names: a path (a file run, a journal run directory, or a directory of
-    such runs, oldest first), or with ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, for a spec
-    that is not a path) an MLflow run id or ``experiment/run name``. Raises ``ValueError`` with
-    what was looked for when nothing matches."""
+    such runs: its file runs, then its journal run directories, each in name order), or with
+    ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, for a spec that is not a path) an MLflow run
+    id or ``experiment/run name``. Raises ``ValueError`` with what was looked for when nothing
+    matches."""
     path = Path(spec)
     if tracking_uri is None and path.exists():
         return _from_path(path)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
-        from steplog.runlog import delivered_entry
+        from steplog.runlog import delivered_entry, delivered_to
 
         entry = delivered_entry(path)
         if entry is not None:
-            sinks = ", ".join(f"{c} -> {d}" for c, d in (entry.get("sinks") or {}).items())
+            sinks = delivered_to(entry)
             raise ValueError(f"{spec} was delivered whole by steplog sync at "
                              f"{entry.get('delivered_at', '?')} and removed; its records are "
                              f"in {sinks or 'its sinks'}")
