@@ -4,7 +4,9 @@ the run KILLED; every run into the same directory is its own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -177,3 +179,76 @@ def test_steplog_plot_of_the_demo_directory_overlays_both_runs_one_panel_per_gro
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[0] >= 700 and pixels.shape[1] >= 1200
     assert 0.01 < (pixels[:, :, :3].sum(axis=2) < 2.9).mean() < 0.5  # drawn, not blank
+
+
+@pytest.mark.parametrize("option", [["--seed", "-1"], ["--gamma", "1.5"], ["--lr", "0"],
+                                    ["--lr", "nan"], ["--updates", "1.5"]])
+def test_an_option_out_of_range_is_refused_before_anything_runs(
+    option: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steplog.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--dir", str(tmp_path / "demo"), *option])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}: " in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_demo_directory_that_cannot_be_made_exits_2_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steplog.cli import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--dir", str(tmp_path / "file"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"steplog demo: cannot use {tmp_path / 'file'} as the demo directory: ")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.1, 0.99, 1.0])
+def test_the_return_to_go_is_the_discounted_sum_and_finite_for_every_discount(
+    gamma: float,
+) -> None:
+    from steplog.demo import _return_to_go
+
+    togo = _return_to_go(500, gamma)  # CartPole's longest episode
+    assert len(togo) == 500 and all(map(math.isfinite, togo))
+    assert togo[-1] == 1.0
+    assert togo[-3] == pytest.approx(1 + gamma + gamma**2)
+    assert togo[0] == pytest.approx(sum(gamma**k for k in range(500)))
+
+
+def test_a_signal_during_the_comparison_ends_its_run_killed_and_still_prints_the_commands(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    directory = tmp_path / "steplog-demo"
+    proc = demo(directory, "--updates", "1", "--episodes", "1", "--seed-pattern-updates",
+                "100000", "--no-progress")
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if (directory / "mlflow.db").is_file():
+                db = sqlite3.connect(directory / "mlflow.db", timeout=5)
+                with contextlib.closing(db), contextlib.suppress(sqlite3.OperationalError):
+                    status = db.execute("SELECT status FROM runs WHERE name LIKE "
+                                        "'%-seed-pattern'").fetchone()  # no table yet: error
+        assert status == ("RUNNING",), proc.communicate()[1][-3000:]
+        os.kill(proc.pid, signal.SIGINT)
+        returncode, out = finished(proc, 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert returncode == 130
+    assert "closed FINISHED, everything arrived: True" in out  # the demo's own run
+    assert f"steplog show {directory}" in out
+    (run,) = file_runs(directory)
+    assert mlflow_runs(directory)[run.name].info.status == "FINISHED"
+    with contextlib.closing(sqlite3.connect(directory / "mlflow.db", timeout=5)) as db:
+        assert db.execute("SELECT status FROM runs WHERE name = ?",
+                          (f"{run.name}-seed-pattern",)).fetchone() == ("KILLED",)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_support import free_port
+from mlflow_support import MlflowServer, free_port
 from steplog import FileLogger, MLFlowLogger, Options, RetryPolicy
 from steplog.cli import main
 from steplog.plot import plot_runs
@@ -107,6 +107,35 @@ def test_show_of_a_path_that_holds_no_run_fails_with_status_2(
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_show_of_an_mlflow_store_that_does_not_exist_fails_with_status_2_and_creates_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "typo.db"
+    assert main(["show", "exp/run", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert f"no MLflow store at sqlite:///{store}" in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_show_of_an_mlflow_server_that_does_not_answer_fails_with_status_1_within_seconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert main(["show", "exp/run", "--tracking-uri", uri]) == 1
+    assert time.monotonic() - started < 60  # MLflow's own retries alone take minutes
+    err = capsys.readouterr().err
+    assert err.startswith("steplog show: cannot read exp/run: MlflowException:"), err
+    assert "Traceback" not in err
+
+
+def test_show_of_a_run_id_a_server_does_not_have_fails_with_status_2(
+    mlflow_server: MlflowServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", "0123456789abcdef0123456789abcdef", "--tracking-uri",
+                 mlflow_server.url]) == 2
+    assert "no MLflow run '0123456789abcdef0123456789abcdef'" in capsys.readouterr().err
+
+
 def test_plot_draws_one_panel_per_metric_group_with_every_run_overlaid(tmp_path: Path) -> None:
     runs = find_runs(str(file_run(tmp_path / "a"))) + find_runs(str(file_run(tmp_path / "b", 2)))
     fig = plot_runs(runs, tmp_path / "p.png")
@@ -149,6 +178,26 @@ def test_plot_without_an_output_writes_an_image_and_prints_its_path(
         assert path.suffix == ".png" and path.stat().st_size > 10_000
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_plot_to_a_name_without_a_suffix_writes_and_prints_that_name_with_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plot", str(file_run(tmp_path / "a")), "-o", str(tmp_path / "curves")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert not (tmp_path / "curves").exists()
+
+
+def test_plot_to_a_place_that_cannot_be_written_fails_with_status_1_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "file" / "curves.png"  # a folder that is a file
+    assert main(["plot", str(file_run(tmp_path / "a")), "-o", str(output)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"steplog plot: cannot write {output}: "), captured.err
 
 
 def test_plot_of_metrics_that_match_nothing_fails_with_status_2(

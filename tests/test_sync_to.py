@@ -107,14 +107,22 @@ def test_sync_to_run_twice_makes_one_run_and_stores_nothing_twice(
     assert steps(mlflow_server, run["info"]["run_id"]) == list(range(1000))
 
 
+def synced_and_removed(server: MlflowServer, runs_dir: Path, experiment: str, points: int,
+                       capsys: pytest.CaptureFixture[str]) -> Path:
+    """The run directory of a dead server's journal, delivered whole to ``server`` by a first
+    ``steplog sync --to`` and removed by it."""
+    run_dir = journal_of_a_dead_server(runs_dir, experiment, points)
+    assert main(["sync", str(run_dir), "--to", server.url]) == 0
+    assert not run_dir.exists()
+    capsys.readouterr()
+    return run_dir
+
+
 def test_a_second_sync_of_a_run_the_first_delivered_and_removed_exits_0_saying_nothing_is_left(
     mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     experiment = unique("twice-removed")
-    run_dir = journal_of_a_dead_server(tmp_path / "runs", experiment, 1000)
-    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
-    assert not run_dir.exists()  # delivered whole: removed
-    capsys.readouterr()
+    run_dir = synced_and_removed(mlflow_server, tmp_path / "runs", experiment, 1000, capsys)
     assert main(["sync", str(run_dir)]) == 0  # a retry loop, a cron job
     out = capsys.readouterr().out
     assert f"{run_dir.name}: delivered whole by an earlier steplog sync" in out
@@ -126,9 +134,8 @@ def test_a_second_sync_of_a_run_the_first_delivered_and_removed_exits_0_saying_n
 def test_show_of_a_run_a_sync_delivered_and_removed_says_where_its_records_went(
     mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir = journal_of_a_dead_server(tmp_path / "runs", unique("show-removed"), 10)
-    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
-    capsys.readouterr()
+    run_dir = synced_and_removed(mlflow_server, tmp_path / "runs", unique("show-removed"), 10,
+                                 capsys)
     assert main(["show", str(run_dir)]) == 2  # nothing left here to show
     err = capsys.readouterr().err
     assert "was delivered whole by steplog sync at" in err and mlflow_server.url in err
@@ -137,9 +144,7 @@ def test_show_of_a_run_a_sync_delivered_and_removed_says_where_its_records_went(
 def test_a_run_directory_that_never_existed_beside_a_delivered_one_is_still_an_error(
     mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir = journal_of_a_dead_server(tmp_path / "runs", unique("never"), 10)
-    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
-    capsys.readouterr()
+    run_dir = synced_and_removed(mlflow_server, tmp_path / "runs", unique("never"), 10, capsys)
     assert main(["sync", str(run_dir.with_name(run_dir.name + "x"))]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steplog.readback import RunData
 
 __all__ = ["main"]
 
@@ -71,18 +76,30 @@ def _demo(args: argparse.Namespace) -> int:
         seed_pattern_updates=args.seed_pattern_updates, progress=not args.no_progress))
 
 
-def _show(args: argparse.Namespace) -> int:
+def _read_runs(command: str, specs: Sequence[str], tracking_uri: str | None
+               ) -> list[RunData] | int:
+    """The runs ``specs`` name, or the exit status after saying why they cannot be read: 2 for
+    a run that is not there, 1 for one that cannot be read (a damaged file, a store that does
+    not answer)."""
     from steplog.readback import find_runs
-    from steplog.show import print_run
 
     try:
-        runs = find_runs(args.run, args.tracking_uri)
+        return [run for spec in specs for run in find_runs(spec, tracking_uri)]
     except (FileNotFoundError, ValueError) as exc:
-        print(f"steplog show: {exc}", file=sys.stderr)
+        print(f"steplog {command}: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a damaged run.json, journal or scalars.jsonl
-        print(f"steplog show: cannot read {args.run}: {exc!r}", file=sys.stderr)
+    except Exception as exc:  # a damaged run.json, journal or scalars.jsonl; a store's error
+        print(f"steplog {command}: cannot read {' '.join(specs)}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 1
+
+
+def _show(args: argparse.Namespace) -> int:
+    from steplog.show import print_run
+
+    runs = _read_runs("show", [args.run], args.tracking_uri)
+    if isinstance(runs, int):
+        return runs
     for i, run in enumerate(runs):
         if i:
             print()
@@ -92,23 +109,22 @@ def _show(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from steplog.plot import plot_runs
-    from steplog.readback import find_runs
 
-    try:
-        runs = [r for spec in args.runs for r in find_runs(spec, args.tracking_uri)]
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"steplog plot: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a damaged run.json, journal or scalars.jsonl
-        print(f"steplog plot: cannot read {' '.join(args.runs)}: {exc!r}", file=sys.stderr)
-        return 1
+    runs = _read_runs("plot", args.runs, args.tracking_uri)
+    if isinstance(runs, int):
+        return runs
     output = Path(args.output) if args.output else Path(tempfile.gettempdir()) / (
         f"steplog-plot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.png")
+    if not output.suffix:
+        output = output.with_name(output.name + ".png")  # as matplotlib names it
     try:
         plot_runs(runs, output, pattern=args.metrics, smooth_k=args.smooth)
     except ValueError as exc:
         print(f"steplog plot: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"steplog plot: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(output)
     return 0
 
@@ -119,10 +135,46 @@ def _sync(args: argparse.Namespace) -> int:
     return sync_path(Path(args.path), timeout_s=args.timeout, to=args.to)
 
 
+def _parsed(kind: type[int] | type[float], text: str) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an int' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = int(_parsed(int, text))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _natural(text: str) -> int:
+    value = int(_parsed(int, text))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(_parsed(int, text))
+    if not 0 <= value < 2**64:  # what torch, NumPy and gymnasium all accept
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**64), got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = _parsed(float, text)
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _discount(text: str) -> float:
+    value = _parsed(float, text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -139,13 +191,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="the demo directory; $STEPLOG_DEMO_DIR sets the default")
     demo.add_argument("--updates", type=_positive, default=100, help="policy updates")
     demo.add_argument("--episodes", type=_positive, default=4, help="episodes per update")
-    demo.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
-    demo.add_argument("--gamma", type=float, default=0.99, help="discount factor")
+    demo.add_argument("--lr", type=_positive_number, default=1e-2, help="Adam learning rate")
+    demo.add_argument("--gamma", type=_discount, default=0.99, help="discount factor")
     demo.add_argument("--save-every", type=_positive, default=25,
                       help="save the policy every this many updates (and after the last)")
-    demo.add_argument("--seed", type=int, help="torch and environment seed (default: a new "
+    demo.add_argument("--seed", type=_seed, help="torch and environment seed (default: a new "
                       "one per run, logged as a parameter)")
-    demo.add_argument("--seed-pattern-updates", type=int, default=5,
+    demo.add_argument("--seed-pattern-updates", type=_natural, default=5,
                       help="updates timed afterwards with one mlflow.log_metric call per "
                            "scalar (0: skip the comparison)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -155,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
                    _SHOW)
     show.add_argument("run", metavar="RUN", help="a run directory, a directory of runs, or "
                       "an MLflow run id or EXPERIMENT/RUN_NAME")
-    show.add_argument("--tracking-uri", help="read RUN from this MLflow tracking URI")
+    show.add_argument("--tracking-uri", help="read RUN from this MLflow tracking URI "
+                      "(default: $MLFLOW_TRACKING_URI for a RUN that is not a path)")
     show.set_defaults(func=_show)
 
     plot = command("plot", "learning curves of one or more runs, into a PNG file", _PLOT)
@@ -167,8 +220,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="only metrics whose name matches this glob, e.g. 'return/*' "
                            "(default: all)")
     plot.add_argument("--smooth", metavar="K", type=_positive, default=1,
-                      help="draw the trailing mean of K points over the faint raw curve")
-    plot.add_argument("--tracking-uri", help="read RUNs from this MLflow tracking URI")
+                      help="draw the trailing mean of K points over the faint raw curve "
+                           "(default: 1, the raw curve only)")
+    plot.add_argument("--tracking-uri", help="read RUNs from this MLflow tracking URI "
+                      "(default: $MLFLOW_TRACKING_URI for a RUN that is not a path)")
     plot.set_defaults(func=_plot)
 
     sync = command("sync", "deliver what loggers kept on disk after a crash or an outage",
@@ -177,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
                       default=os.environ.get("STEPLOG_RUNS_DIR", "steplog-runs"),
                       help="a run directory or a directory of them (default: $STEPLOG_RUNS_DIR, "
                            "else steplog-runs)")
-    sync.add_argument("--timeout", type=float, default=60.0,
+    sync.add_argument("--timeout", type=_positive_number, default=60.0,
                       help="seconds one write is retried before the rest stays kept")
     sync.add_argument("--to", metavar="URI",
                       help="deliver what each MLflow run lacks into a new run at this tracking "

@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -84,13 +84,18 @@ class _Timing:
         return sum(last) / len(last) if last else 0.0
 
 
-def _new_run_name(root: Path) -> str:
+def _new_run_dir(root: Path) -> Path:
+    """A new directory under ``root`` named after the time, claimed by creating it: two demos
+    started in the same second into the same directory get one each."""
     base = time.strftime("%Y%m%d-%H%M%S")
     name, n = base, 1
-    while (root / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
+    while True:
+        try:
+            (root / name).mkdir()
+            return root / name
+        except FileExistsError:
+            n += 1
+            name = f"{base}-{n}"
 
 
 class _Trainer:
@@ -145,8 +150,7 @@ class _Trainer:
             obs, acts, ret = self._episode(weights)
             self.env_steps += ret
             on_episode(ret, self.env_steps)
-            discounted = self.cfg.gamma ** np.arange(ret)
-            targets.append(np.cumsum(discounted[::-1])[::-1] / discounted)  # return-to-go
+            targets.append(_return_to_go(ret, self.cfg.gamma))
             observations += obs
             actions += acts
             returns.append(ret)
@@ -165,6 +169,16 @@ class _Trainer:
         # Tensors go to steplog as they are: captured at the call, nothing waits on a sink.
         return {"loss/policy": loss.detach(), "return/mean": sum(returns) / len(returns),
                 "policy/entropy": entropy.detach(), "grad/norm": grad_norm}
+
+
+def _return_to_go(steps: int, gamma: float) -> Any:
+    """The discounted return from each step of a CartPole episode (reward 1 per step) to its
+    end: 1 + gamma + ... + gamma**(n-1) for the n steps left, in closed form (no powers that
+    underflow and no division by them)."""
+    import numpy as np
+
+    left = np.arange(steps, 0, -1, dtype=np.float64)
+    return left if gamma == 1.0 else (1.0 - gamma ** left) / (1.0 - gamma)
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -192,9 +206,14 @@ def run_demo(cfg: DemoConfig) -> int:
     if cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=int.from_bytes(os.urandom(4), "little") >> 1)
     root = cfg.dir.absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    run_name = _new_run_name(root)
-    run_dir = root / run_name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        run_dir = _new_run_dir(root)
+    except OSError as exc:
+        print(f"steplog demo: cannot use {cfg.dir} as the demo directory: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    run_name = run_dir.name
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     home = Path.cwd()
     code = 0
@@ -274,14 +293,30 @@ def run_demo(cfg: DemoConfig) -> int:
           f"everything arrived: {bool(result)}")
     if counts["episodes"]:
         names.add("return/episode")
-    print(f"logged: {counts['scalars']:,} scalars of {', '.join(sorted(names))}; "
-          f"{len(params)} parameters; {counts['checkpoints']} policy checkpoints, one every "
-          f"{cfg.save_every} updates (model.pth under {run_dir}/policy/)")
+    saved = counts["checkpoints"]
+    print(f"logged: {counts['scalars']:,} scalars of {', '.join(sorted(names)) or 'none'}; "
+          f"{len(params)} parameters; {saved} policy checkpoint{'' if saved == 1 else 's'} "
+          f"(one every {cfg.save_every} updates and after the last"
+          + (f"; model.pth under {run_dir}/policy/)" if saved else ")"))
     if not result:
         print(f"not delivered: {result.undelivered} ({result.losses})")
     if timing.updates:
-        _print_timing(timing, cfg, None if interrupted else
-                      lambda: _seed_pattern(cfg, trainer, tracking_uri, run_name))
+        seed: _Timing | None = None
+        if not interrupted and cfg.seed_pattern_updates > 0:
+            with _sigterm_raises():
+                try:
+                    os.chdir(root)  # the experiment's artifacts under the demo directory too
+                    seed = _seed_pattern(cfg, trainer, tracking_uri, run_name)
+                except KeyboardInterrupt:
+                    interrupted, code = "SIGINT", 130
+                except _Stopped:
+                    interrupted, code = "SIGTERM", 143
+                finally:
+                    os.chdir(home)
+            if interrupted:
+                print(f"steplog demo: {interrupted}: the comparison with the seed's pattern "
+                      "stopped", file=sys.stderr)
+        _print_timing(timing, seed)
     rel = shlex.quote(str(cfg.dir))
     steplog = _command("steplog")
     print("\nopen the results:")
@@ -307,10 +342,9 @@ def _command(name: str) -> str:
     return shlex.quote(str(beside))
 
 
-def _print_timing(timing: _Timing, cfg: DemoConfig,
-                  seed_pattern: Callable[[], _Timing | None] | None) -> None:
+def _print_timing(timing: _Timing, seed: _Timing | None) -> None:
     """The step loop's time per update with steplog, and with the seed's synchronous pattern
-    on a short stretch after it (when ``seed_pattern`` is given)."""
+    on a short stretch after it (``seed``, when it ran)."""
     n = timing.updates
 
     def row(label: str, whole_s: float, logging_s: float | None, note: str = "") -> None:
@@ -319,7 +353,6 @@ def _print_timing(timing: _Timing, cfg: DemoConfig,
 
     print(f"\n{'step loop, per update':32}{'whole update':>12}  {'logging calls':>13}")
     row(f"steplog ({n} updates)", timing.loop_s / n, timing.logging_s / n)
-    seed = seed_pattern() if seed_pattern is not None and cfg.seed_pattern_updates > 0 else None
     if seed is None or not seed.updates:
         return
     k = min(seed.updates, n)
@@ -353,14 +386,18 @@ def _seed_pattern(cfg: DemoConfig, trainer: _Trainer, tracking_uri: str,
             mlflow.log_metric("return/episode", ret, step=env_steps)
             timing.logging_s += time.perf_counter() - t
 
-        for _ in range(cfg.seed_pattern_updates):
-            start = time.perf_counter()
-            scalars = trainer.update(on_episode)
-            t = time.perf_counter()
-            for name, value in scalars.items():
-                mlflow.log_metric(name, float(value), step=trainer.env_steps)
-            end = time.perf_counter()
-            timing.logging_s += end - t
-            timing.loop_s += end - start
-            timing.updates += 1
+        try:
+            for _ in range(cfg.seed_pattern_updates):
+                start = time.perf_counter()
+                scalars = trainer.update(on_episode)
+                t = time.perf_counter()
+                for name, value in scalars.items():
+                    mlflow.log_metric(name, float(value), step=trainer.env_steps)
+                end = time.perf_counter()
+                timing.logging_s += end - t
+                timing.loop_s += end - start
+                timing.updates += 1
+        except (KeyboardInterrupt, _Stopped):
+            mlflow.end_run("KILLED")  # ended here: leaving the block would end it FAILED
+            raise
     return timing

@@ -3,8 +3,10 @@ directory, a directory holding such runs (a ``steplog demo`` directory), or an M
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,19 +53,20 @@ class RunData:
 
 def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
     """The runs ``spec`` names: a path (a file run, a journal run directory, or a directory of
-    such runs, oldest first), or with ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, for a spec
-    that is not a path) an MLflow run id or ``experiment/run name``. Raises ``ValueError`` with
-    what was looked for when nothing matches."""
+    such runs: its file runs, then its journal run directories, each in name order), or with
+    ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, for a spec that is not a path) an MLflow run
+    id or ``experiment/run name``. Raises ``ValueError`` with what was looked for when nothing
+    matches."""
     path = Path(spec)
     if tracking_uri is None and path.exists():
         return _from_path(path)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
-        from steplog.runlog import delivered_entry
+        from steplog.runlog import delivered_entry, delivered_to
 
         entry = delivered_entry(path)
         if entry is not None:
-            sinks = ", ".join(f"{c} -> {d}" for c, d in (entry.get("sinks") or {}).items())
+            sinks = delivered_to(entry)
             raise ValueError(f"{spec} was delivered whole by steplog sync at "
                              f"{entry.get('delivered_at', '?')} and removed; its records are "
                              f"in {sinks or 'its sinks'}")
@@ -173,25 +176,49 @@ def _destination(target: dict[str, Any]) -> tuple[str, str]:
             f"run {target.get('run_id') or 'not created yet'}")
 
 
-def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
-    from steplog.sinks.mlflow.common import redact
+_READ_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow's HTTP settings while a run is read, unless the environment sets them: a server that
+does not answer fails the command in about a minute instead of MLflow's retries for minutes."""
 
+
+@contextlib.contextmanager
+def _bounded_requests() -> Iterator[None]:
+    unset = [k for k in _READ_REQUESTS if k not in os.environ]
+    os.environ.update({k: _READ_REQUESTS[k] for k in unset})
+    try:
+        yield
+    finally:
+        for k in unset:
+            os.environ.pop(k, None)
+
+
+def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
+    from steplog.sinks.mlflow.common import redact, tracking_uri_problem
+    from steplog.sinks.mlflow.new_store import sqlite_path
+
+    problem = tracking_uri_problem(tracking_uri)
+    if problem is not None:
+        raise ValueError(problem)
+    store = sqlite_path(tracking_uri)
+    if store is not None and not os.path.isfile(store):
+        raise ValueError(f"no MLflow store at {tracking_uri}: {store} does not exist")
     try:
         from mlflow import MlflowClient
     except ImportError:
         raise ValueError("reading an MLflow run needs mlflow: pip install 'steplog[mlflow]'"
                          ) from None
-    client = MlflowClient(tracking_uri=tracking_uri)
-    info = _mlflow_lookup(client, spec)
-    if info is None:
-        raise ValueError(f"no MLflow run {spec!r} at {redact(tracking_uri)} (give a run id or "
-                         "experiment/run name)")
-    name = info.info.run_name or info.info.run_id
-    run = RunData(name, f"{redact(tracking_uri)} run {info.info.run_id}", "MLflow run",
-                  info.info.status, params=dict(info.data.params))
-    for key in sorted(info.data.metrics):
-        for m in client.get_metric_history(info.info.run_id, key):
-            run.add(key, m.step, m.value)
+    with _bounded_requests():
+        client = MlflowClient(tracking_uri=tracking_uri)
+        info = _mlflow_lookup(client, spec)
+        if info is None:
+            raise ValueError(f"no MLflow run {spec!r} at {redact(tracking_uri)} (give a run id "
+                             "or experiment/run name)")
+        name = info.info.run_name or info.info.run_id
+        run = RunData(name, f"{redact(tracking_uri)} run {info.info.run_id}", "MLflow run",
+                      info.info.status, params=dict(info.data.params))
+        for key in sorted(info.data.metrics):
+            for m in client.get_metric_history(info.info.run_id, key):
+                run.add(key, m.step, m.value)
     for s in run.series.values():  # MLflow returns a history in no promised order
         order = sorted(range(len(s.steps)), key=s.steps.__getitem__)
         s.steps = [s.steps[i] for i in order]
@@ -202,17 +229,22 @@ def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
 def _mlflow_lookup(client: Any, spec: str) -> Any:
     """The run with id ``spec``, else the latest run named after the last ``/`` of ``spec`` in
     the experiment named before it."""
+    from steplog.sinks.mlflow.common import filter_quote
+
     experiment, _, name = spec.rpartition("/")
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return None
-        quoted = name.replace("'", "\\'")
         found = client.search_runs([exp.experiment_id],
-                                   filter_string=f"attributes.run_name = '{quoted}'",
+                                   filter_string=f"attributes.run_name = '{filter_quote(name)}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         return found[0] if found else None
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_run(spec)
-    except Exception:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None  # no such run id (or not one at all)
+        raise

@@ -36,7 +36,7 @@ from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
 __all__ = ["DELIVERED_LEDGER", "RunJournal", "consumer_name", "delivered_entry",
-           "note_delivered", "remove_delivered"]
+           "delivered_to", "note_delivered", "remove_delivered"]
 
 _ACK_INTERVAL_S = 1.0
 
@@ -80,6 +80,12 @@ def delivered_entry(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(entry, dict) and entry.get("run") == run_dir.name:
             return entry
     return None
+
+
+def delivered_to(entry: dict[str, Any]) -> str:
+    """Where a ledger line says each sink's records went: ``consumer -> destination, ...``."""
+    sinks = entry.get("sinks")
+    return ", ".join(f"{c} -> {d}" for c, d in sinks.items()) if isinstance(sinks, dict) else ""
 
 
 def remove_delivered(run_dir: Path) -> None:

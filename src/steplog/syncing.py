@@ -87,7 +87,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
     held a run or a ``to`` MLflow can never use."""
     from steplog.kept import KeptUpload, sync_kept
     from steplog.replay import find_runs, replay_run
-    from steplog.runlog import delivered_entry
+    from steplog.runlog import delivered_entry, delivered_to
     from steplog.sinks.mlflow.common import redact, tracking_uri_problem
 
     if not path.exists():
@@ -95,7 +95,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
         if entry is None:
             print(f"steplog sync: {path} does not exist", file=sys.stderr)
             return 2
-        sinks = ", ".join(f"{c} -> {d}" for c, d in (entry.get("sinks") or {}).items())
+        sinks = delivered_to(entry)
         print(f"run      {path.name}: delivered whole by an earlier steplog sync at "
               f"{entry.get('delivered_at', '?')} ({sinks or 'no sinks'}) and removed; "
               "nothing left to deliver")
