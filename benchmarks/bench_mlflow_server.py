@@ -17,7 +17,7 @@ Every run is checked afterwards: each key holds each of its points exactly once 
 are FINISHED). Rates are points per wall-clock second, medians of the rounds, with the spread
 (max/min) of each contender's rounds.
 
-    python benchmarks/bench_mlflow_server.py [--scalars 100000] [--workers 1,4]
+    python benchmarks/bench_mlflow_server.py [--scalars 40000] [--workers 1,4]
         [--in-flight 1,4] [--rounds 3]
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -85,7 +86,7 @@ def sync_rate(server: MlflowServer, runs: Path, n: int, in_flight: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scalars", type=int, default=100_000)
+    parser.add_argument("--scalars", type=int, default=40_000)
     parser.add_argument("--workers", default="1,4", help="server workers, comma-separated")
     parser.add_argument("--in-flight", default="1,4", help="max_in_flight, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
@@ -95,6 +96,7 @@ def main() -> None:
     flights = [int(k) for k in args.in_flight.split(",")]
 
     root = Path(tempfile.mkdtemp(prefix="steplog-bench-pg-"))
+    os.environ.setdefault("STEPLOG_RUNS_DIR", str(root / "journals"))  # the loggers' journals
     postgres = PostgresServer(durable=True)
     servers: dict[int, MlflowServer] = {}
     try:
@@ -123,6 +125,7 @@ def main() -> None:
         for server in servers.values():
             server.stop()
         postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
     base = {(w, what): statistics.median(rates[(w, what, flights[0])])
             for w in workers for what in ("deliver", "sync")}

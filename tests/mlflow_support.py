@@ -1,6 +1,7 @@
 """A real ``mlflow server`` for tests, started once per session on a free loopback port.
 
-The server uses a sqlite backend and a local artifact root in a temporary directory. It runs in
+The server uses a sqlite backend (or any ``backend_store_uri``, with ``workers`` worker processes:
+see ``postgres_support.py``) and a local artifact root in a temporary directory. It runs in
 its own process group (``start_new_session=True``) and is stopped by killing that group, so none
 of its workers outlive the session; a small supervisor leading the group also kills it if the
 test process dies without tearing down. Nothing here imports mlflow: the server is a subprocess and

@@ -6,7 +6,8 @@ a free 127.0.0.1 port only, and runs in its own process group led by a small sup
 kills the group when the server exits or the test process is gone (even after a SIGKILL of the
 test process). PostgreSQL refuses to run as root: under root the cluster is created and served
 as the unprivileged ``nobody`` user (``pgserver`` itself would add a system user and widen the
-permissions of every folder above its data directory; this module does neither). :meth:`stop`
+permissions of every folder above its data directory; this module does neither, and runs a copy
+of the binaries when a folder above the virtualenv is closed to ``nobody``). :meth:`stop`
 shuts the server down (fast shutdown, then SIGKILL of the group) and removes the directory.
 
 Fixtures:
@@ -60,13 +61,37 @@ finally:
 """
 
 
-def _bin(name: str) -> str:
-    """A binary of the ``pgserver`` wheel (found without importing it: its import writes a
-    lock file into the user's runtime folder)."""
+def _install() -> Path:
+    """The ``pgserver`` wheel's PostgreSQL installation (found without importing the package:
+    its import writes a lock file into the user's runtime folder)."""
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the pgserver package (the dev extra) is not installed")
-    return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name)
+    return Path(spec.submodule_search_locations[0]) / "pginstall"
+
+
+def _usable_install(root: Path, ids: dict[str, Any]) -> Path:
+    """An installation the service user can run: the wheel's, or when a folder above it is
+    closed to that user (a virtualenv under ``/root``), a copy of what a server needs in
+    ``root`` (PostgreSQL finds its libraries and data files relative to its binaries)."""
+    install = _install()
+    if not ids:
+        return install
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if subprocess.run([str(install / "bin" / "postgres"), "--version"], cwd=root,
+                          capture_output=True, timeout=30, **ids).returncode == 0:
+            return install
+    # The same layout: the binaries find libpq through the RPATH $ORIGIN/../../../pgserver.libs.
+    copy = root / "pg" / "pgserver" / "pginstall"
+    (copy / "bin").mkdir(parents=True)
+    for name in ("initdb", "postgres"):
+        shutil.copy2(install / "bin" / name, copy / "bin" / name)
+    shutil.copytree(install / "lib", copy / "lib", symlinks=True)
+    shutil.copytree(install / "share", copy / "share", symlinks=True)
+    libs = install.parent.parent / "pgserver.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, root / "pg" / "pgserver.libs", symlinks=True)
+    return copy
 
 
 def _service_user() -> pwd.struct_passwd | None:
@@ -95,6 +120,13 @@ class PostgresServer:
     def start(self, deadline_s: float = START_DEADLINE_S) -> None:
         """Create the cluster and return once it accepts connections; ``RuntimeError`` (and
         nothing left running) if it does not within ``deadline_s``."""
+        try:
+            self._start(deadline_s)
+        except BaseException:
+            self.stop()  # nothing left running, the folder removed
+            raise
+
+    def _start(self, deadline_s: float) -> None:
         user = _service_user()
         root = Path(tempfile.mkdtemp(prefix="steplog-postgres-"))
         self.root = root
@@ -102,13 +134,16 @@ class PostgresServer:
         if user is not None:
             os.chown(root, user.pw_uid, user.pw_gid)
             ids = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        install = _usable_install(root, ids)
         data = root / "data"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
-        subprocess.run(
-            [_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--no-sync", "--no-instructions"],
-            cwd=root, env=env, check=True, capture_output=True, timeout=deadline_s, **ids,
+        init = subprocess.run(
+            [str(install / "bin" / "initdb"), "-D", str(data), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=deadline_s, **ids,
         )  # fmt: skip
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr[-2000:]}")
         settings = ["-c", "max_connections=200", "-c", "listen_addresses=127.0.0.1"]
         if not self.durable:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off",
@@ -116,7 +151,8 @@ class PostgresServer:
         cmd = [
             sys.executable, "-c", _SUPERVISOR, str(os.getpid()),
             str(user.pw_uid if user is not None else -1),
-            _bin("postgres"), "-D", str(data), "-p", str(self.port), "-k", "", *settings,
+            str(install / "bin" / "postgres"), "-D", str(data), "-p", str(self.port), "-k", "",
+            *settings,
         ]  # fmt: skip
         with open(root / "postgres.log", "ab") as log:
             self._proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL,
@@ -127,9 +163,7 @@ class PostgresServer:
             if self._ready():
                 return
             time.sleep(0.1)
-        tail = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"postgres did not start within {deadline_s:.0f} s:\n{tail}")
+        raise RuntimeError(f"postgres did not start within {deadline_s:.0f} s:\n{self.log_tail()}")
 
     def _ready(self) -> bool:
         import psycopg2

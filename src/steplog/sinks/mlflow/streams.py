@@ -17,14 +17,13 @@ would send, whatever the store's isolation; only requests of different keys over
 from __future__ import annotations
 
 import collections
-from operator import itemgetter
+from collections.abc import Sequence
+from typing import cast
 
-from steplog.records import Batch, Scalar, Scalars
+from steplog.records import Batch, Row, Scalar, Scalars
 from steplog.sinks.mlflow.common import MAX_METRICS_PER_REQUEST, Chunk
 
 __all__ = ["key_streams", "scalars_only"]
-
-_NAME = itemgetter(0)
 
 
 def scalars_only(batch: Batch) -> bool:
@@ -36,13 +35,23 @@ def scalars_only(batch: Batch) -> bool:
 def key_streams(batch: Batch, ways: int) -> list[list[Chunk]]:
     """The scalars of ``batch`` as at most ``ways`` lists of requests (chunks of at most
     1000 points), no key in two lists, each key's points in call order; keys go to the least
-    loaded list, largest first. One list when ``batch`` has a single key or ``ways`` is 1."""
-    counts: collections.Counter[str] = collections.Counter()
+    loaded list, largest first. One list when ``batch`` has a single key or ``ways`` is 1.
+
+    Points of different keys may change places (MLflow applies a request's metrics as a set);
+    one pass over the rows groups them by key, the blocks of a list are one per key and drain.
+    """
+    blocks: list[tuple[Scalars, dict[str, list[Row]]]] = []
+    counts: dict[str, int] = {}
     for part in batch.parts:
-        if type(part) is Scalars:
-            counts.update(map(_NAME, part.rows))
-        else:
-            counts[part.name] += 1  # type: ignore[union-attr]
+        if type(part) is not Scalars:
+            one = cast(Scalar, part)
+            part = Scalars([(one.name, one.value, one.step)], one.timestamp)
+        groups: collections.defaultdict[str, list[Row]] = collections.defaultdict(list)
+        for row in part.rows:
+            groups[row[0]].append(row)
+        blocks.append((part, groups))
+        for key, rows in groups.items():
+            counts[key] = counts.get(key, 0) + len(rows)
     if ways <= 1 or len(counts) <= 1:
         return [_requests(batch)]
     loads = [0] * min(ways, len(counts))
@@ -51,18 +60,10 @@ def key_streams(batch: Batch, ways: int) -> list[list[Chunk]]:
         i = loads.index(min(loads))
         lane[key] = i
         loads[i] += n
-    parts: list[list[Scalars | Scalar]] = [[] for _ in loads]
-    for part in batch.parts:
-        if type(part) is Scalars:
-            rows: list[list[tuple[str, float, int]]] = [[] for _ in loads]
-            add = [r.append for r in rows]
-            for row in part.rows:
-                add[lane[row[0]]](row)
-            for i, selected in enumerate(rows):
-                if selected:
-                    parts[i].append(Scalars(selected, part.timestamp, part.finite))
-        else:
-            parts[lane[part.name]].append(part)  # type: ignore[union-attr, arg-type]
+    parts: list[list[Scalars]] = [[] for _ in loads]
+    for block, grouped in blocks:
+        for key, rows in grouped.items():
+            parts[lane[key]].append(Scalars(rows, block.timestamp, block.finite))
     return [_requests(Batch(p)) for p in parts]
 
 
@@ -72,4 +73,5 @@ def _minus_count(item: tuple[str, int]) -> int:
 
 def _requests(batch: Batch) -> list[Chunk]:
     step = MAX_METRICS_PER_REQUEST
-    return [Chunk(batch[i : i + step]) for i in range(0, len(batch), step)]  # type: ignore[arg-type]
+    return [Chunk(cast("Sequence[Scalar]", batch[i : i + step]))
+            for i in range(0, len(batch), step)]
