@@ -13,6 +13,10 @@ machine's CPUs. Each round, in a rotating order, every contender runs against ev
   logger whose sink never reached the server writes it, 1,000-record frames), the rate is
   points / the whole ``replay_run``.
 
+The CPU time of the server's process group and of PostgreSQL's during each contender (their
+processes' user + system time from ``/proc``) shows what a point costs the server side, which
+the machine's cores bound whatever the client does.
+
 Every run is checked afterwards: each key holds each of its points exactly once (and sync runs
 are FINISHED). Rates are points per wall-clock second, medians of the rounds, with the spread
 (max/min) of each contender's rounds.
@@ -37,10 +41,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sync import NAMES, check_points, make_frames, write_journal
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, group_members
 from postgres_support import PostgresServer, postgres_mlflow
 from steplog.replay import replay_run
 from steplog.sinks.mlflow.sink import IN_FLIGHT_ENV
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of group ``pgid``."""
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (after state, ppid, ...)
+    return total / _TICK
 
 
 def deliver_rate(server: MlflowServer, n: int, in_flight: int) -> float:
@@ -108,19 +127,27 @@ def main() -> None:
         contenders = [(w, what, k) for w in workers for what in ("deliver", "sync")
                       for k in flights]
         rates: dict[tuple[int, str, int], list[float]] = {c: [] for c in contenders}
+        cpu: dict[tuple[int, str, int], list[tuple[float, float]]] = {c: [] for c in contenders}
+        """(server, PostgreSQL) CPU ms per 1,000 points."""
         print(f"PostgreSQL {postgres.port}, servers {', '.join(f'{w} worker(s)' for w in workers)}"
               f"; {os.cpu_count()} CPUs; {n:,} points, 10 keys, {args.rounds} rounds")
         for r in range(args.rounds):
             shift = r % len(contenders)
             for c in contenders[shift:] + contenders[:shift]:
                 w, what, k = c
+                groups = (servers[w].pgid, postgres.pgid)
+                before = [group_cpu_s(g) for g in groups]
                 if what == "deliver":
                     rate = deliver_rate(servers[w], n, k)
                 else:
                     rate = sync_rate(servers[w], root / "runs", n, k)
+                used = [(group_cpu_s(g) - b) * 1e6 / n for g, b in zip(groups, before,
+                                                                        strict=True)]
                 rates[c].append(rate)
+                cpu[c].append((used[0], used[1]))
                 print(f"  round {r + 1}: {w} worker(s) {what:7} in flight {k}: "
-                      f"{rate:9,.0f} points/s", flush=True)
+                      f"{rate:9,.0f} points/s; CPU ms per 1,000: server {used[0]:5.1f}, "
+                      f"PostgreSQL {used[1]:5.1f}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -131,13 +158,16 @@ def main() -> None:
             for w in workers for what in ("deliver", "sync")}
     first = workers[0]
     print(f"\n{'workers':>7} {'what':8} {'in flight':>9} {'points/s':>10} {'spread':>7} "
-          f"{'vs K=' + str(flights[0]):>7} {'vs ' + str(first) + ' worker':>10}")
+          f"{'vs K=' + str(flights[0]):>7} {'vs ' + str(first) + ' worker':>10} "
+          f"{'server CPU':>10} {'PG CPU':>7}  (ms per 1,000 points)")
     for w, what, k in contenders:
         med = statistics.median(rates[(w, what, k)])
         spread = max(rates[(w, what, k)]) / min(rates[(w, what, k)])
         same_k_first = statistics.median(rates[(first, what, k)])
+        server_cpu = statistics.median(u[0] for u in cpu[(w, what, k)])
+        pg_cpu = statistics.median(u[1] for u in cpu[(w, what, k)])
         print(f"{w:7} {what:8} {k:9} {med:10,.0f} {spread:7.2f} {med / base[(w, what)]:7.2f} "
-              f"{med / same_k_first:10.2f}")
+              f"{med / same_k_first:10.2f} {server_cpu:10.1f} {pg_cpu:7.1f}")
 
 
 if __name__ == "__main__":

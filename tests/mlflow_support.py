@@ -89,6 +89,11 @@ class MlflowServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pgid(self) -> int:
+        """The process group of the server and everything it started (0: not started)."""
+        return 0 if self._proc is None else self._proc.pid
+
+    @property
     def running(self) -> bool:
         """True while the server process is alive."""
         return self._proc is not None and self._proc.poll() is None

@@ -114,6 +114,11 @@ class PostgresServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pgid(self) -> int:
+        """The process group of the server and everything it started (0: not started)."""
+        return 0 if self._proc is None else self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

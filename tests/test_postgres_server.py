@@ -170,3 +170,26 @@ def test_sync_with_several_requests_in_flight_stores_every_point_once(
         "runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
     assert run["info"]["status"] == "FINISHED"
     check_stored(postgres_server, run["info"]["run_id"], expected(steps))
+
+
+def test_a_refused_point_in_one_stream_is_isolated_and_every_other_point_stored_once(
+    postgres_server: PostgresServer, postgres_mlflow_server: MlflowServer,
+) -> None:
+    from steplog.records import Batch
+    from steplog.replay import _write
+    from steplog.retry import RetryPolicy as Policy
+
+    sink = MLflowSink(f"pg-refused-{uuid.uuid4().hex[:8]}",
+                      tracking_uri=postgres_mlflow_server.url, max_in_flight=IN_FLIGHT)
+    sink.open()
+    try:
+        ts = int(time.time() * 1000)
+        rows = [(key, value(k, s), s) for s in range(120) for k, key in enumerate(KEYS)]
+        # MLflow refuses a negative timestamp: one point of one key, in one of the 4 streams.
+        batch = Batch([Scalars(rows[:600], ts), Scalars([("train/k5", 0.0, 10_000)], -1),
+                       Scalars(rows[600:], ts + 1)])
+        refused = _write(sink, batch, Policy(initial_s=0.05, max_s=0.2), 60)
+    finally:
+        sink.close("FINISHED")
+    assert refused == 1
+    check_stored(postgres_server, sink.run_id, expected(120))
