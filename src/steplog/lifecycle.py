@@ -58,9 +58,13 @@ class State(enum.Enum):
     """Where a logger is in its life."""
 
     OPEN = "open"
+    """``log_*`` calls are validated, captured and queued."""
     CLOSING = "closing"
+    """A close runs: ``log_*`` calls raise ``LoggerClosedError``."""
     CLOSED = "closed"
+    """The close result is fixed; ``close`` returns it again and ``log_*`` calls raise."""
     INERT = "inert"
+    """A forked child's copy: calls are validated and nothing is recorded."""
 
 
 class Helper(Protocol):

@@ -87,14 +87,14 @@ class MLflowSink(Sink):
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         )
         self.run_name = run_name
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s: float = request_timeout_s
         """Longest wait to connect, or for the server's next bytes, per HTTP request (s)."""
         self._user_tags = {str(k): str(v) for k, v in (tags or {}).items()}  # as MLflow
         if registered_model_name is not None and (
             not isinstance(registered_model_name, str) or not registered_model_name.strip()
         ):
             raise ValueError("registered_model_name must be a non-empty str or None")
-        self.registered_model_name = registered_model_name
+        self.registered_model_name: str | None = registered_model_name
         """Every saved policy becomes a new version of this registered model."""
         self.max_in_flight = _in_flight(max_in_flight)
         """Most ``log-batch`` requests in flight at once for the run, on a tracking server
