@@ -13,8 +13,8 @@ machine's CPUs. Each round, in a rotating order, every contender runs against ev
   logger whose sink never reached the server writes it, 1,000-record frames), the rate is
   points / the whole ``replay_run``.
 
-The CPU time of the server's process group and of PostgreSQL's during each contender (their
-processes' user + system time from ``/proc``) shows what a point costs the server side, which
+The CPU time of the server's processes and of PostgreSQL's during each contender (user + system
+time of each process tree) shows what a point costs the server side, which
 the machine's cores bound whatever the client does.
 
 Every run is checked afterwards: each key holds each of its points exactly once (and sync runs
@@ -41,25 +41,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sync import NAMES, check_points, make_frames, write_journal
-from mlflow_support import MlflowServer, group_members
+from mlflow_support import MlflowServer
 from postgres_support import PostgresServer, postgres_mlflow
 from steplog.replay import replay_run
 from steplog.sinks.mlflow.sink import IN_FLIGHT_ENV
 
-_TICK = os.sysconf("SC_CLK_TCK")
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants: the live
+    ones' own, and the exited ones' as their parents' reaped-children times (PostgreSQL's
+    backends leave the process group and come and go with connections, so the tree is
+    followed)."""
+    import psutil
 
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of group ``pgid``."""
-    total = 0
-    for pid in group_members(pgid):
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
         try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
+            times = proc.cpu_times()
+        except psutil.Error:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (after state, ppid, ...)
-    return total / _TICK
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def deliver_rate(server: MlflowServer, n: int, in_flight: int) -> float:
@@ -136,12 +143,12 @@ def main() -> None:
             for c in contenders[shift:] + contenders[:shift]:
                 w, what, k = c
                 groups = (servers[w].pgid, postgres.pgid)
-                before = [group_cpu_s(g) for g in groups]
+                before = [tree_cpu_s(g) for g in groups]
                 if what == "deliver":
                     rate = deliver_rate(servers[w], n, k)
                 else:
                     rate = sync_rate(servers[w], root / "runs", n, k)
-                used = [(group_cpu_s(g) - b) * 1e6 / n for g, b in zip(groups, before,
+                used = [(tree_cpu_s(g) - b) * 1e6 / n for g, b in zip(groups, before,
                                                                         strict=True)]
                 rates[c].append(rate)
                 cpu[c].append((used[0], used[1]))
