@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["mlflow_support", "fs_faults"]
+pytest_plugins = ["mlflow_support", "postgres_support", "fs_faults"]
 
 
 def pytest_configure(config: object) -> None:

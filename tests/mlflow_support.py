@@ -1,6 +1,7 @@
 """A real ``mlflow server`` for tests, started once per session on a free loopback port.
 
-The server uses a sqlite backend and a local artifact root in a temporary directory. It runs in
+The server uses a sqlite backend (or any ``backend_store_uri``, with ``workers`` worker processes:
+see ``postgres_support.py``) and a local artifact root in a temporary directory. It runs in
 its own process group (``start_new_session=True``) and is stopped by killing that group, so none
 of its workers outlive the session; a small supervisor leading the group also kills it if the
 test process dies without tearing down. Nothing here imports mlflow: the server is a subprocess and
@@ -31,7 +32,14 @@ from typing import Any
 import msgspec
 import pytest
 
-__all__ = ["MlflowServer", "free_port", "mlflow_server", "restartable_mlflow_server"]
+__all__ = [
+    "MlflowServer",
+    "free_port",
+    "group_members",
+    "mlflow_server",
+    "restartable_mlflow_server",
+    "wait_group_gone",
+]
 
 START_DEADLINE_S = 90.0
 """Longest wait for ``GET /health`` to answer after starting the server (seconds)."""
@@ -65,16 +73,25 @@ class MlflowServer:
     """One ``mlflow server`` process group on 127.0.0.1; :meth:`start` / :meth:`stop` reuse the
     same port, database and artifact directory, so a restarted server serves the same runs."""
 
-    def __init__(self, root: Path, port: int | None = None, cpus: set[int] | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, cpus: set[int] | None = None,
+                 backend_store_uri: str | None = None, workers: int = 1) -> None:
         self.root = root
         self.cpus = cpus
+        self.workers = workers
+        """Worker processes of the server (``mlflow server --workers``)."""
         """CPUs the server may run on (``None``: any); benchmarks pin it away from the client."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db_path = root / "mlflow.db"
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.db_path}"
         self.artifacts_dir = root / "artifacts"
         self.log_path = root / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pgid(self) -> int:
+        """The process group of the server and everything it started (0: not started)."""
+        return 0 if self._proc is None else self._proc.pid
 
     @property
     def running(self) -> bool:
@@ -94,11 +111,11 @@ class MlflowServer:
             sys.executable, "-c", _SUPERVISOR, str(os.getpid()),
             ",".join(str(c) for c in sorted(self.cpus or ())),
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.db_path}",
+            "--backend-store-uri", self.backend_store_uri,
             "--artifacts-destination", str(self.artifacts_dir),
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--workers", "1",
+            "--workers", str(self.workers),
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
@@ -133,12 +150,12 @@ class MlflowServer:
             os.killpg(pgid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=STOP_GRACE_S)
-        _wait_group_gone(pgid, STOP_GRACE_S)
+        wait_group_gone(pgid, STOP_GRACE_S)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=STOP_GRACE_S)
-        _wait_group_gone(pgid, STOP_GRACE_S)
+        wait_group_gone(pgid, STOP_GRACE_S)
 
     def restart(self) -> None:
         """Stop, then start again on the same port and database."""
@@ -207,7 +224,7 @@ class MlflowServer:
         return out
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of group ``pgid``, from /proc."""
     members = []
     for entry in os.listdir("/proc"):
@@ -223,9 +240,9 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+def wait_group_gone(pgid: int, timeout_s: float) -> bool:
     end = time.monotonic() + timeout_s
-    while _group_members(pgid):
+    while group_members(pgid):
         if time.monotonic() >= end:
             return False
         time.sleep(0.05)

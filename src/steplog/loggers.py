@@ -499,7 +499,9 @@ class MLFlowLogger(Logger):
     ``system_metrics_interval_s`` seconds into the same run (needs psutil; GPUs need pynvml).
     ``tags`` are set on the run when it is created. With ``registered_model_name``, every
     ``save_policy`` also creates a new version of that registered model, whose source is the
-    snapshot's run artifact and whose ``step`` tag is its step.
+    snapshot's run artifact and whose ``step`` tag is its step. ``max_in_flight`` (default:
+    ``STEPLOG_MLFLOW_MAX_IN_FLIGHT``, else 1): most ``log-batch`` requests in flight at once to a
+    tracking server with several workers (see docs/mlflow-server.md).
     """
 
     def __init__(
@@ -515,13 +517,15 @@ class MLFlowLogger(Logger):
         request_timeout_s: float = 30.0,
         tags: Mapping[str, str] | None = None,
         registered_model_name: str | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.sink = MLflowSink(experiment_name, tracking_uri=tracking_uri, run_name=run_name,
                                request_timeout_s=request_timeout_s,
                                tags=dict(tags) if tags is not None else None,
-                               registered_model_name=registered_model_name)
+                               registered_model_name=registered_model_name,
+                               max_in_flight=max_in_flight)
         # Check the optional dependency before any thread starts.
         sampler = None
         if log_system_metrics and self._rank_plan.samples_system:  # one sampler per node

@@ -10,13 +10,16 @@ such as ``s3://``) is left to :class:`steplog.sinks.mlflow.client.HostTransport`
 :func:`needs_mlflow_client` says when.
 
 Each lane has its own keep-alive connection (``api`` for runs and metrics, ``files`` for
-artifacts), so the lanes never wait for each other. Every failure to connect, send or receive is
-a :class:`RetryableError`; HTTP answers are classified by status and MLflow's error code.
+artifacts), so the lanes never wait for each other; with ``in_flight`` > 1 the metrics lane sends
+key-disjoint request streams (:mod:`.streams`) at once, each on its own connection. Every failure
+to connect, send or receive is a :class:`RetryableError`; HTTP answers are classified by status
+and MLflow's error code.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import configparser
 import contextlib
 import getpass
@@ -29,7 +32,7 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -38,6 +41,7 @@ import msgspec
 
 from steplog.errors import PermanentError, RetryableError
 from steplog.records import Artifact, Batch, scalar_objects
+from steplog.retry import is_retryable
 from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     MAX_REQUEST_BYTES,
@@ -54,6 +58,7 @@ from steplog.sinks.mlflow.common import (
 __all__ = ["RestTransport", "default_run_tags", "needs_mlflow_client"]
 
 _VALUE = attrgetter("value")
+_LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 _INF = math.inf
 _UPLOAD_BLOCK = 1 << 20
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
@@ -290,11 +295,13 @@ def _rewind(body: bytes | _Readable | None) -> bool:
 
 
 class RestTransport:
-    """MLflow's REST API over two keep-alive connections: ``api`` for the metrics lane (open,
-    write, close) and ``files`` for the upload lane."""
+    """MLflow's REST API over keep-alive connections: ``api`` for the metrics lane (open,
+    write, close), ``files`` for the upload lane, and ``in_flight - 1`` more for the request
+    streams of :meth:`log_streams`."""
 
-    def __init__(self, tracking_uri: str, timeout_s: float) -> None:
+    def __init__(self, tracking_uri: str, timeout_s: float, in_flight: int = 1) -> None:
         parts = urllib.parse.urlsplit(tracking_uri)
+        self.in_flight = in_flight
         self.tracking_uri = tracking_uri
         self._base_path = parts.path.rstrip("/")
         context = None
@@ -326,13 +333,20 @@ class RestTransport:
         self._headers = headers
         self._api = _Connection(parts, timeout_s, context)
         self._files = _Connection(parts, timeout_s, context)
+        self._more = [_Connection(parts, timeout_s, context) for _ in range(in_flight - 1)]
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._encoder = msgspec.json.Encoder()
         self._fallback: Any = None
         self._timeout_s = timeout_s
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # idle: log_streams returns after its streams
+            self._pool = None
         self._api.close_connection()
         self._files.close_connection()
+        for conn in self._more:
+            conn.close_connection()
         if self._fallback is not None:
             self._fallback.close()
 
@@ -409,7 +423,51 @@ class RestTransport:
 
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
         for body in self.bodies(run_id, chunk):
-            self._send(self._api, "POST", "/api/2.0/mlflow/runs/log-batch", body)
+            self._send(self._api, "POST", _LOG_BATCH, body)
+
+    def log_streams(self, run_id: str, streams: Sequence[Sequence[Chunk]],
+                    stored: set[tuple[int, int]]) -> None:
+        """Send each stream's requests in order on its own connection, at most
+        :attr:`in_flight` streams at once; returns once every request was stored.
+
+        ``stored`` holds ``(stream, request)`` of the requests the server acknowledged; they
+        are skipped, and each newly stored one is added, so a retry with the same set resends
+        only what was not stored. A stream stops at its first failure, the others go on; then
+        the failure raised is one about the whole request (no permission, no run) if any, else
+        a retryable one (what only a resend can cure), else the first refusal.
+        """
+        if len(streams) > self.in_flight:
+            raise ValueError(f"{len(streams)} streams, at most {self.in_flight} in flight")
+        conns = [self._api, *self._more]
+        if len(streams) == 1:
+            self._send_stream(conns[0], run_id, streams[0], 0, stored)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.in_flight - 1, thread_name_prefix="steplog-mlflow-stream")
+        pool = self._pool
+        futures = [pool.submit(self._send_stream, conns[i], run_id, streams[i], i, stored)
+                   for i in range(1, len(streams))]
+        errors: list[BaseException] = []
+        try:
+            self._send_stream(conns[0], run_id, streams[0], 0, stored)
+        except Exception as exc:
+            errors.append(exc)
+        for future in futures:  # each request has its own timeout: this wait is bounded
+            failure = future.exception()
+            if failure is not None:
+                errors.append(failure)
+        if errors:
+            raise _worst(errors)
+
+    def _send_stream(self, conn: _Connection, run_id: str, chunks: Sequence[Chunk], index: int,
+                     stored: set[tuple[int, int]]) -> None:
+        for j, chunk in enumerate(chunks):
+            if (index, j) in stored:
+                continue
+            for body in self.bodies(run_id, chunk):
+                self._send(conn, "POST", _LOG_BATCH, body)
+            stored.add((index, j))
 
     def bodies(self, run_id: str, chunk: Chunk) -> list[bytes]:
         """The ``log-batch`` request bodies for ``chunk``, each at most 1 MB, in order."""
@@ -495,6 +553,17 @@ class RestTransport:
 
     def describe(self) -> str:
         return redact(self.tracking_uri)
+
+
+def _worst(errors: list[BaseException]) -> BaseException:
+    """The failure that decides what happens to a batch of several request streams."""
+    for exc in errors:
+        if isinstance(exc, PermanentError) and exc.whole_batch:
+            return exc
+    for exc in errors:
+        if is_retryable(exc):
+            return exc
+    return errors[0]
 
 
 def _all_finite(metrics: list[Any]) -> bool:

@@ -4,7 +4,9 @@ Two transports, chosen in :meth:`MLflowSink.open` from the tracking URI:
 
 * ``http(s)://`` (a tracking server) with plain credentials: the sink speaks MLflow's REST API
   itself (:mod:`.rest`), in the training process, with msgspec and the standard library's HTTP
-  client: no ``mlflow`` import, one msgspec pass per batch, no retries of its own.
+  client: no ``mlflow`` import, one msgspec pass per batch, no retries of its own. With
+  ``max_in_flight`` K > 1 a write takes up to K * 1000 points and keeps up to K ``log-batch``
+  requests in flight, no two with the same key (:mod:`.streams`); it returns once all are stored.
 * anything else (the embedded ``sqlite:///mlflow.db``, other databases, ``databricks``, plugin
   stores) and servers that need MLflow's own client (an auth plugin, AWS SigV4, a workspace
   header, request-header plugins, an HTTP proxy): ``MlflowClient`` in a sink host process
@@ -44,14 +46,23 @@ from steplog.sinks.mlflow.common import (
     redact,
     tracking_uri_problem,
 )
+from steplog.sinks.mlflow.streams import key_streams, scalars_only
 
-__all__ = ["MLflowSink"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "IN_FLIGHT_ENV", "MLflowSink"]
 
 _NAME = attrgetter("name")
 _JOIN_WAIT_S = 2.0
 """Longest one ``open`` of a rank other than 0 looks for the shared run before it reports
 that the run does not exist yet (the pipeline then retries with backoff)."""
 _JOIN_POLL_S = 0.2
+
+DEFAULT_MAX_IN_FLIGHT = 1
+"""``log-batch`` requests in flight per run when neither ``max_in_flight`` nor
+:data:`IN_FLIGHT_ENV` says otherwise."""
+IN_FLIGHT_ENV = "STEPLOG_MLFLOW_MAX_IN_FLIGHT"
+"""Environment variable giving ``max_in_flight`` when the sink is built without it (also read by
+``steplog sync``)."""
+_MOST_IN_FLIGHT = 64
 
 
 class MLflowSink(Sink):
@@ -71,6 +82,7 @@ class MLflowSink(Sink):
         request_timeout_s: float = 30.0,
         tags: dict[str, str] | None = None,
         registered_model_name: str | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         if not isinstance(experiment_name, str) or not experiment_name:
             raise ValueError("experiment_name must be a non-empty str")
@@ -90,6 +102,16 @@ class MLflowSink(Sink):
             raise ValueError("registered_model_name must be a non-empty str or None")
         self.registered_model_name: str | None = registered_model_name
         """Every saved policy becomes a new version of this registered model."""
+        self.max_in_flight = _in_flight(max_in_flight)
+        """Most ``log-batch`` requests in flight at once for the run, on a tracking server
+        spoken to over REST (MLflow's client in a sink host sends one at a time)."""
+        if self.max_in_flight > 1 and urllib.parse.urlsplit(self.tracking_uri).scheme in (
+                "http", "https"):
+            self.max_batch = MAX_METRICS_PER_REQUEST * self.max_in_flight
+        self._partial: tuple[Sequence[MetricRecord], list[list[Chunk]],
+                             set[tuple[int, int]]] | None = None
+        """The batch whose last write failed part way, its request streams and the requests
+        stored: a retry of that same batch resends only the others."""
         self._token = uuid.uuid4().hex
         self._transport: Transport | None = None
         self._run: RunRef | None = None
@@ -190,18 +212,21 @@ class MLflowSink(Sink):
             "request_timeout_s": self.request_timeout_s,
             "tags": self._user_tags,
             "ranks": self._ranks,
+            "max_in_flight": self.max_in_flight,
         }
 
     @classmethod
     def reattach(cls, target: dict[str, Any]) -> MLflowSink:
         """Writes into the run ``target`` names; one whose creation never succeeded is found by
         its token or created by :meth:`open`. Credentials come from the environment, as for
-        any MLflow client (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``...)."""
+        any MLflow client (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``...); the
+        requests in flight from :data:`IN_FLIGHT_ENV` when set, else as the logger had them."""
+        in_flight = None if os.environ.get(IN_FLIGHT_ENV) else target.get("max_in_flight")
         sink = cls(target["experiment_name"], tracking_uri=target["tracking_uri"],
                    run_name=target.get("run_name"),
                    request_timeout_s=float(target.get("request_timeout_s", 30.0)),
                    registered_model_name=target.get("registered_model_name"),
-                   tags=target.get("tags"))
+                   tags=target.get("tags"), max_in_flight=in_flight)
         sink.prepare()
         sink._reattached = True
         if target.get("ranks"):
@@ -213,7 +238,8 @@ class MLflowSink(Sink):
         if target.get("run_id"):
             sink._run = RunRef(target["run_id"], target["experiment_id"],
                                target["artifact_uri"])
-        sink._transport = make_transport(sink.tracking_uri, sink.request_timeout_s)
+        sink._transport = make_transport(sink.tracking_uri, sink.request_timeout_s,
+                                         sink.max_in_flight)
         return sink
 
     @classmethod
@@ -274,7 +300,8 @@ class MLflowSink(Sink):
         if self._run is not None:
             return
         if self._transport is None:
-            self._transport = make_transport(self.tracking_uri, self.request_timeout_s)
+            self._transport = make_transport(self.tracking_uri, self.request_timeout_s,
+                                             self.max_in_flight)
         transport = self._transport
         exp_id = transport.experiment_id(self.experiment_name)
         ranks = self._ranks
@@ -347,12 +374,32 @@ class MLflowSink(Sink):
         differs from one logged earlier in this run raises :class:`PermanentError` naming it,
         and nothing is sent. A failure part way leaves only what a retry of the same batch
         writes again identically (metric rows are stored once; params with the same value and
-        tags are accepted again).
+        tags are accepted again). With several requests in flight, a retry of the same batch
+        sends only the requests that were not stored.
         """
         if self._run is None or self._transport is None:
             raise RetryableError("the MLflow run is not open yet")
         if not records:
             return
+        log_streams = getattr(self._transport, "log_streams", None)
+        if self.max_in_flight > 1 and log_streams is not None:
+            partial, self._partial = self._partial, None
+            if partial is not None and partial[0] is records:
+                streams, stored = partial[1], partial[2]
+            else:
+                batch = self._check_keys(records)
+                if not scalars_only(batch):
+                    streams, stored = [], set()
+                else:
+                    streams = key_streams(batch, self.max_in_flight)
+                    stored = set()
+            if streams:
+                try:
+                    log_streams(self._run.run_id, streams, stored)
+                except BaseException:
+                    self._partial = (records, streams, stored)
+                    raise
+                return
         chunks = self._plan(records)
         run_id = self._run.run_id
         for chunk in chunks:
@@ -362,11 +409,8 @@ class MLflowSink(Sink):
             if chunk.params:
                 self._params.update(chunk.params)
 
-    def _plan(self, records: Sequence[MetricRecord]) -> list[Chunk]:
-        """Validate ``records`` and cut them into requests, keeping call order between requests.
-
-        Metrics stay slices of the batch's blocks (no object per scalar): the transport encodes
-        each request's metrics from them in one pass."""
+    def _check_keys(self, records: Sequence[MetricRecord]) -> Batch:
+        """``records`` as a batch; :class:`PermanentError` naming a key MLflow refuses."""
         batch = Batch.of(records)
         unknown = batch.names() - self._good_keys
         for key in unknown:
@@ -374,7 +418,14 @@ class MLflowSink(Sink):
             if problem is not None:
                 raise PermanentError(problem)
         self._good_keys |= unknown
+        return batch
 
+    def _plan(self, records: Sequence[MetricRecord]) -> list[Chunk]:
+        """Validate ``records`` and cut them into requests, keeping call order between requests.
+
+        Metrics stay slices of the batch's blocks (no object per scalar): the transport encodes
+        each request's metrics from them in one pass."""
+        batch = self._check_keys(records)
         n = len(batch)
         if all(type(p) is Scalars or type(p) is Scalar for p in batch.parts):  # the common case
             step = MAX_METRICS_PER_REQUEST
@@ -497,13 +548,32 @@ def _param_str(value: Any) -> str:
     return str(value)[:MAX_PARAM_VALUE_LENGTH]
 
 
-def make_transport(tracking_uri: str, timeout_s: float) -> Transport:
+def _in_flight(value: int | None) -> int:
+    """``max_in_flight``, else :data:`IN_FLIGHT_ENV`, else the default; checked."""
+    what = "max_in_flight"
+    if value is None:
+        text = os.environ.get(IN_FLIGHT_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_IN_FLIGHT
+        what = IN_FLIGHT_ENV
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{IN_FLIGHT_ENV}={text!r} is not a whole number") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_in_flight must be an int, got {type(value).__name__}")
+    if not 1 <= value <= _MOST_IN_FLIGHT:
+        raise ValueError(f"{what} must be between 1 and {_MOST_IN_FLIGHT}, got {value}")
+    return value
+
+
+def make_transport(tracking_uri: str, timeout_s: float, in_flight: int = 1) -> Transport:
     """REST in this process when MLflow's client is not needed, else MlflowClient in a host."""
     from steplog.sinks.mlflow.rest import RestTransport, needs_mlflow_client
 
     reason = needs_mlflow_client(tracking_uri)
     if reason is None:
-        return RestTransport(tracking_uri, timeout_s)
+        return RestTransport(tracking_uri, timeout_s, in_flight)
     from steplog.sinks.mlflow.client import HostTransport
 
     return HostTransport(tracking_uri, timeout_s)
