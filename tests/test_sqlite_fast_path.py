@@ -353,7 +353,7 @@ def count_rows(db: Path, run_id: str) -> tuple[int, int]:
 
 def test_a_host_killed_mid_transaction_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
-    n = 300_000
+    n = 200_000
     logger = MLFlowLogger("kill", tracking_uri=f"sqlite:///{db}")
     assert logger.flush(120)
     kills_in_transaction = 0
@@ -397,7 +397,7 @@ def test_sync_of_a_killed_process_journal_into_a_sqlite_store_stores_each_point_
         for i in range(10_000):
             lg.log_scalar("loss", float(i), i)
         assert lg.flush(120)
-        for i in range(10_000, 400_000):
+        for i in range(10_000, 150_000):
             lg.log_scalar("loss", float(i), i)
         pathlib.Path({str(flushed)!r}).write_text(str(i))
         time.sleep(60)
@@ -417,16 +417,18 @@ def test_sync_of_a_killed_process_journal_into_a_sqlite_store_stores_each_point_
     run_id = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
         [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("sync-kill9")
          .experiment_id])[0].info.run_id
-    assert count_rows(db, run_id)[0] < 400_000  # the kill cut delivery short
+    assert count_rows(db, run_id)[0] < 150_000  # the kill cut delivery short
     assert main(["sync", str(runs)]) == 0
     assert main(["sync", str(runs)]) == 0  # a second sync finds nothing left to send
     assert "0 stored, 0 still kept" in capsys.readouterr().out
-    assert count_rows(db, run_id) == (400_000, 400_000)
+    assert count_rows(db, run_id) == (150_000, 150_000)
 
 
-def test_an_mlflow_reader_polling_during_a_full_rate_run_never_errors(tmp_path: Path) -> None:
+def test_an_mlflow_reader_and_writer_polling_during_a_full_rate_run_never_error(
+    tmp_path: Path,
+) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    n = 300_000
+    n = 150_000
     logger = MLFlowLogger("readers", tracking_uri=uri, options=Options())
     assert logger.flush(120)
     run_id = str(logger.run_id)
@@ -443,6 +445,7 @@ def test_an_mlflow_reader_polling_during_a_full_rate_run_never_errors(tmp_path: 
                 run = reader.get_run(run_id)
                 points = reader.get_metric_history(run_id, "loss")
                 reader.search_runs([run.info.experiment_id], order_by=["metrics.loss DESC"])
+                reader.set_tag(run_id, "poll", str(len(seen)))  # a second writer
             except BaseException as exc:
                 errors.append(exc)
                 return
