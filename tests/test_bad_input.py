@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +89,25 @@ def test_an_int_too_large_for_a_float_raises_value_error_at_the_call() -> None:
         logger.log_scalar("a", 10**400)
     with pytest.raises(ValueError, match="too large"):
         logger.log_metrics({"a": 1.5, "b": 10**400})
+
+
+@pytest.mark.parametrize(("metrics", "error", "key"), [
+    ({"a": 10**400, "b": -(10**400), "c": 1.0}, ValueError, "'a'"),  # sums to a plain float
+    ({"c": 1.0, "b": -(10**400)}, ValueError, "'b'"),
+    ({"c": 1.0, "s": "1.5"}, TypeError, "'s'"),
+    ({"c": 1, "n": None}, TypeError, "'n'"),
+])
+def test_a_refused_metrics_dict_raises_at_the_call_naming_the_key_and_logs_nothing_of_it(
+    metrics: dict[str, object], error: type[Exception], key: str, tmp_path: Path
+) -> None:
+    logger = FileLogger(tmp_path)
+    with pytest.raises(error, match=key):
+        logger.log_metrics(metrics, 0)  # type: ignore[arg-type]
+    logger.log_metrics({"c": 2.0}, 1)
+    result = logger.close(30)
+    assert result and not result.losses
+    rows = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["value"], r["step"]) for r in rows] == [("c", 2.0, 1)]
 
 
 @pytest.mark.parametrize("step", [2**63, -(2**63) - 1, 10**30])

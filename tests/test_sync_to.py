@@ -107,6 +107,43 @@ def test_sync_to_run_twice_makes_one_run_and_stores_nothing_twice(
     assert steps(mlflow_server, run["info"]["run_id"]) == list(range(1000))
 
 
+def test_a_second_sync_of_a_run_the_first_delivered_and_removed_exits_0_saying_nothing_is_left(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiment = unique("twice-removed")
+    run_dir = journal_of_a_dead_server(tmp_path / "runs", experiment, 1000)
+    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
+    assert not run_dir.exists()  # delivered whole: removed
+    capsys.readouterr()
+    assert main(["sync", str(run_dir)]) == 0  # a retry loop, a cron job
+    out = capsys.readouterr().out
+    assert f"{run_dir.name}: delivered whole by an earlier steplog sync" in out
+    assert "nothing left to deliver" in out and mlflow_server.url in out
+    (run,) = runs_of(mlflow_server, experiment)
+    assert steps(mlflow_server, run["info"]["run_id"]) == list(range(1000))
+
+
+def test_show_of_a_run_a_sync_delivered_and_removed_says_where_its_records_went(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = journal_of_a_dead_server(tmp_path / "runs", unique("show-removed"), 10)
+    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
+    capsys.readouterr()
+    assert main(["show", str(run_dir)]) == 2  # nothing left here to show
+    err = capsys.readouterr().err
+    assert "was delivered whole by steplog sync at" in err and mlflow_server.url in err
+
+
+def test_a_run_directory_that_never_existed_beside_a_delivered_one_is_still_an_error(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = journal_of_a_dead_server(tmp_path / "runs", unique("never"), 10)
+    assert main(["sync", str(run_dir), "--to", mlflow_server.url]) == 0
+    capsys.readouterr()
+    assert main(["sync", str(run_dir.with_name(run_dir.name + "x"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def interrupted_move(server: MlflowServer, run_dir: Path, proxy: FaultProxy) -> SinkReplay:
     """A ``--to proxy`` sync that the network cuts off after its first 2,000 records."""
 

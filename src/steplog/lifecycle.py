@@ -11,7 +11,9 @@ States (diagram and guarantees in ``docs/lifecycle.md``)::
   waits for the close, within its own deadline.
 * ``CLOSED``: the close result is fixed; ``close`` returns it again; logging raises.
 * ``INERT``: a forked child's copy: calls validate their arguments and record nothing, the
-  parent alone delivers what was queued before the fork.
+  parent alone delivers what was queued before the fork. (The logger of a rank that does not
+  log under the rank policy is inert from the start, without a lifecycle: see
+  :mod:`steplog.ranks`.)
 
 Process hooks, installed when the first logger with a sink is built:
 
@@ -58,9 +60,13 @@ class State(enum.Enum):
     """Where a logger is in its life."""
 
     OPEN = "open"
+    """``log_*`` calls are validated, captured and queued."""
     CLOSING = "closing"
+    """A close runs: ``log_*`` calls raise ``LoggerClosedError``."""
     CLOSED = "closed"
+    """The close result is fixed; ``close`` returns it again and ``log_*`` calls raise."""
     INERT = "inert"
+    """A forked child's copy: calls are validated and nothing is recorded."""
 
 
 class Helper(Protocol):

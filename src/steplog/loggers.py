@@ -8,28 +8,33 @@ when the queue is full). Delivery happens on the logger's worker threads.
 from __future__ import annotations
 
 import collections
-import io
+import dataclasses
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, SupportsFloat, TypeVar
 
 import msgspec
 
-from steplog.capture import (
-    capture_param,
-    capture_step,
-    capture_value,
+from steplog.arguments import (
+    artifact_of,
+    capture_metrics,
+    check_name,
+    directory_of,
+    figure_of,
+    file_of,
 )
+from steplog.capture import capture_param, capture_step, capture_value
 from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
 from steplog.errors import LoggerClosedError
 from steplog.lifecycle import Lifecycle, State
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
+from steplog.ranks import RankPlan, inert_class
+from steplog.ranks import plan as plan_ranks
 from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
@@ -57,6 +62,18 @@ class Logger:
     """
 
     _registry: ClassVar[dict[str, type[Logger]]] = {}
+    _rank_plan: RankPlan
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Logger:
+        # The rank policy (steplog.ranks): a rank that does not log gets an inert logger,
+        # built without running any of this class's constructors.
+        rank_plan = plan_ranks(getattr(kwargs.get("options"), "ranks", None))
+        if not rank_plan.logs:
+            inert: Logger = object.__new__(inert_class(cls, rank_plan))
+            return inert
+        logger = object.__new__(cls)
+        logger._rank_plan = rank_plan
+        return logger
 
     def __init__(
         self,
@@ -70,9 +87,14 @@ class Logger:
         self.logging_freq = logging_freq
         self.last_logging_iteration = 0
         self.options = options or Options()
+        ranks = self._rank_plan
+        if ranks.splits:  # each rank journals in its own directory
+            self.options = dataclasses.replace(
+                self.options, runs_dir=ranks.runs_dir(self.options.runs_dir))
         self.exit_timeout_s = self.options.exit_timeout_s
         self._sinks = tuple(sinks)
         for sink in self._sinks:
+            ranks.adapt(sink)
             sink.prepare()
         self._names: set[str] = set()
         self._saves: dict[str, int] = {}
@@ -121,6 +143,11 @@ class Logger:
         return False
 
     # -- hot path --------------------------------------------------------------------------
+    # One short function per call, no Python call below it in the common case (a float, a known
+    # name, an int step, room in the queue): a few type checks, a set lookup, a length check and
+    # a deque append, ~1.5x a bare deque.append of a tuple (~135 ns) for log_scalar and ~400 ns
+    # for a 10-key log_metrics (benchmarks/bench_hot_path.py, docs/benchmarks.md). A new name,
+    # a tensor, a full queue or a closing logger takes a slower branch.
     def log_scalar(self, name: str, value: SupportsFloat, iteration: int | None = None) -> None:
         """Queue one point of ``name``. ``iteration=None`` uses the number of earlier calls for
         ``name`` (0, 1, 2, ...). Raises ``TypeError`` for a non-numeric value."""
@@ -144,16 +171,18 @@ class Logger:
         self, metrics: Mapping[str, SupportsFloat], iteration: int | None = None
     ) -> None:
         """Queue one point per key, all at ``iteration`` (or each at its own automatic step).
-        Raises ``TypeError`` (and queues nothing) if any value is not numeric."""
+        Raises ``TypeError`` for a value that is not numeric, ``ValueError`` for an int too
+        large for a float, naming the key; then nothing of the call is queued."""
         try:
             values = metrics.copy()  # type: ignore[attr-defined]
-            # One C-level pass: a sum of plain floats and ints is a float; anything else
-            # (strings, tensors, numpy scalars, None, an empty dict) takes the careful path.
-            plain = type(sum(values.values())) is float
+            # One C-level pass: a sum of plain floats and ints started at 0.0 is a float, and
+            # adding an int too large for a float to a float raises; anything else (strings,
+            # tensors, numpy scalars, None) and an empty dict take the careful path.
+            plain = type(sum(values.values(), 0.0)) is float and len(values) > 0
         except Exception:
             plain = False
         if not plain:
-            values = _capture_metrics(metrics)
+            values = capture_metrics(metrics)
             if not values:
                 return
         if not self._names.issuperset(values):
@@ -173,13 +202,7 @@ class Logger:
             self._late(item)
 
     def _new_name(self, name: object) -> None:
-        if type(name) is not str:
-            raise TypeError(f"a metric name must be a str, got {type(name).__name__}")
-        if not name or name.isspace():
-            raise ValueError("a metric name must not be empty")
-        for sink in self._sinks:
-            sink.check_name(name)
-        self._names.add(name)
+        self._names.add(check_name(name, self._sinks))
 
     def _late(self, item: object) -> None:
         """A record appended just after the logger stopped accepting: take it back and raise,
@@ -250,51 +273,21 @@ class Logger:
         name). Raises ``FileNotFoundError`` now if it does not exist, ``ValueError`` for a name
         that would leave the run directory. The file is read by the worker: do not change it
         until :meth:`flush` returns."""
-        src = _existing(path)
-        dest = safe_relpath(name if name is not None else src.name)
-        if step is not None:
-            step = capture_step(step)
-        self._upload(
-            Artifact(
-                name=dest,
-                timestamp=now_ms(),
-                source=str(src),
-                kind=type or "artifact",
-                step=step,
-                metadata=capture_param(metadata) if metadata is not None else None,
-                aliases=list(aliases) if aliases is not None else None,
-            )
-        )
+        self._upload(artifact_of(path, name, type or "artifact", step, metadata, aliases))
 
     def log_file(self, path: str | os.PathLike[str], name: str, move: bool = False) -> None:
         """Queue ``path`` to be stored as ``<name>/<base name of path>``; ``move=True`` lets the
         worker move the file instead of copying it."""
-        src = _existing(path)
-        dest = safe_relpath(f"{name}/{src.name}")
-        self._upload(Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="file",
-                              move=bool(move)))
+        self._upload(file_of(path, name, move))
 
     def log_directory(self, dir: str | os.PathLike[str], path: str | None = None) -> None:
         """Queue a directory tree to be stored under ``path`` (default: the directory's name)."""
-        src = _existing(dir)
-        if not src.is_dir():
-            raise NotADirectoryError(f"not a directory: {src}")
-        dest = safe_relpath(path if path is not None else src.name)
-        self._upload(Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="directory"))
+        self._upload(directory_of(dir, path))
 
     def log_figure(self, fig: Any, name: str, iteration: int | None = None) -> None:
         """Render a matplotlib figure to PNG now (the figure may change or close right after)
         and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it)."""
-        if not hasattr(fig, "savefig"):
-            raise TypeError(f"expected a matplotlib figure, got {type(fig).__name__}")
-        base, ext = os.path.splitext(safe_relpath(name))
-        if iteration is not None:
-            iteration = capture_step(iteration)
-            base = f"{base}_{iteration}"
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        self._upload(Artifact(name=base + (ext or ".png"), timestamp=now_ms(), data=buf.getvalue(),
-                              kind="figure", step=iteration))
+        self._upload(figure_of(fig, name, iteration))
 
     def save_policy(
         self,
@@ -425,19 +418,6 @@ class Logger:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         self.close(status=status)
 
-def _capture_metrics(metrics: object) -> dict[str, Any]:
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping of name to number, got "
-                        f"{type(metrics).__name__}")
-    return {k: capture_value(v) for k, v in metrics.items()}
-
-
-def _existing(path: str | os.PathLike[str]) -> Path:
-    p = Path(os.fspath(path)).absolute()
-    if not p.exists():
-        raise FileNotFoundError(f"no such file or directory: {p}")
-    return p
-
 
 @Logger.register("file")
 class FileLogger(Logger):
@@ -495,7 +475,7 @@ class MLFlowLogger(Logger):
                                registered_model_name=registered_model_name)
         # Check the optional dependency before any thread starts.
         sampler = None
-        if log_system_metrics:
+        if log_system_metrics and self._rank_plan.samples_system:  # one sampler per node
             sampler = SystemSampler(self.log_metrics, system_metrics_interval_s)
         super().__init__(logging_freq, sinks=[self.sink], options=options)
         if sampler is not None:
@@ -524,7 +504,7 @@ class ClearMLLogger(Logger):
     without it, construction raises ``ValueError`` naming the fixes; a server that does not
     answer within ``connect_timeout_s`` makes the run an offline session, and the close result
     is falsy with the command that uploads it. ``tags`` are Task tags; ``task_init_kwargs``
-    override steplog's ``Task.init`` arguments (see :mod:`steplog.sinks.clearml`).
+    override steplog's ``Task.init`` arguments (see :mod:`steplog.sinks.clearml.sink`).
 
     A run on a ClearML server journals its metric records (:attr:`run_dir`) and
     ``steplog sync`` sends what the server did not store into the same Task; an offline session

@@ -15,7 +15,7 @@ import functools
 import itertools
 import operator
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
 import msgspec
@@ -207,6 +207,22 @@ class Batch(Sequence[MetricRecord]):
             pos += n
         return Batch(out)
 
+    def renamed(self, rename: Callable[[str], str]) -> Batch:
+        """The same records with every scalar's name passed through ``rename`` (params and tags
+        unchanged)."""
+        parts: list[Part] = []
+        for part in self.parts:
+            if type(part) is Scalars:
+                rows = part.rows
+                names = map(rename, map(_NAME, rows))
+                parts.append(Scalars(list(zip(names, map(_VALUE, rows), map(_STEP, rows),
+                                              strict=True)), part.timestamp, part.finite))
+            elif type(part) is Scalar:
+                parts.append(Scalar(rename(part.name), part.value, part.step, part.timestamp))
+            else:
+                parts.append(part)
+        return Batch(parts)
+
     def extend(self, other: Batch) -> None:
         """Append the records of ``other``."""
         self.parts += other.parts
@@ -226,12 +242,14 @@ class Batch(Sequence[MetricRecord]):
         return f"Batch({len(self)} records in {len(self.parts)} parts)"
 
 
-def scalar_objects(parts: Sequence[Part], key: str = "name") -> tuple[list[Any], bool, bool]:
+def scalar_objects(parts: Sequence[Part], key: str = "name",
+                   rename: Callable[[str], str] | None = None) -> tuple[list[Any], bool, bool]:
     """The scalars of a batch's ``parts`` as structs that msgspec encodes as
     ``{key: .., "value": .., "step": .., "timestamp": ..}`` objects, in order, built by one
-    C-level pass per block (see :func:`stamped_type`); whether every value is known to be
-    finite; and whether the parts also hold params or tags."""
-    if len(parts) == 1 and type(parts[0]) is Scalars:  # the common case
+    C-level pass per block (see :func:`stamped_type`), each name passed through ``rename``
+    when given; whether every value is known to be finite; and whether the parts also hold
+    params or tags."""
+    if rename is None and len(parts) == 1 and type(parts[0]) is Scalars:  # the common case
         block = parts[0]
         return list(itertools.starmap(stamped_type(block.timestamp, key), block.rows)), \
             block.finite, False
@@ -240,10 +258,17 @@ def scalar_objects(parts: Sequence[Part], key: str = "name") -> tuple[list[Any],
     settings = False
     for part in parts:
         if isinstance(part, Scalars):
-            objects += itertools.starmap(stamped_type(part.timestamp, key), part.rows)
+            stamped = stamped_type(part.timestamp, key)
+            rows = part.rows
+            if rename is None:
+                objects += itertools.starmap(stamped, rows)
+            else:  # no new row tuples: the renamed names go straight into the structs
+                objects += map(stamped, map(rename, map(_NAME, rows)), map(_VALUE, rows),
+                               map(_STEP, rows))
             finite = finite and part.finite
         elif isinstance(part, Scalar):
-            objects.append(stamped_type(part.timestamp, key)(part.name, part.value, part.step))
+            name = part.name if rename is None else rename(part.name)
+            objects.append(stamped_type(part.timestamp, key)(name, part.value, part.step))
             finite = finite and _is_finite(part.value)
         else:
             settings = True

@@ -35,7 +35,7 @@ from steplog.moves import MOVED_FROM, follow, move_run
 from steplog.paths import replace_json
 from steplog.records import Batch
 from steplog.retry import RetryPolicy, call_with_retry, is_retryable
-from steplog.runlog import remove_delivered
+from steplog.runlog import note_delivered, remove_delivered
 from steplog.sinks.base import RunStatus, Sink
 
 __all__ = ["SinkReplay", "find_runs", "replay_run"]
@@ -126,8 +126,18 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
                 with contextlib.suppress(Exception):
                     sink.release()
         if all(journal.cursor(c) >= journal.last_seq for c in journal.consumers):
+            note_delivered(run, {r.consumer: r.destination or _destination(info)
+                                 for r, info in zip(results, manifest.get("sinks", {}).values(),
+                                                    strict=True)})
             remove_delivered(run)  # while held: no other sync opens it meanwhile
     return results
+
+
+def _destination(info: dict[str, Any]) -> str:
+    """Where a sink of ``run.json`` writes, for the ledger of delivered runs."""
+    target = info.get("target") or {}
+    where = target.get("tracking_uri") or target.get("api_host") or target.get("output_dir")
+    return f"{info.get('kind', '?')} {where or '?'}"
 
 
 def _status(manifest: dict[str, Any]) -> RunStatus | None:

@@ -95,6 +95,9 @@ class FlushResult(msgspec.Struct, frozen=True):
     failed: int = 0
     dropped: int = 0
     losses: tuple[Loss, ...] = ()
+    inactive: str | None = None
+    """Why this logger records nothing (a rank that does not log under the rank policy,
+    see :mod:`steplog.ranks`); ``None`` for a logger that logs."""
 
     def __bool__(self) -> bool:
         return self.ok
@@ -122,6 +125,9 @@ class CloseResult(msgspec.Struct, frozen=True):
     losses: tuple[Loss, ...] = ()
     sinks: dict[str, SinkStats] = msgspec.field(default_factory=dict)
     sync: str | None = None
+    inactive: str | None = None
+    """Why this logger recorded nothing (a rank that does not log under the rank policy,
+    see :mod:`steplog.ranks`); ``None`` for a logger that logs."""
 
     def __bool__(self) -> bool:
         return self.ok

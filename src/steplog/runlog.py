@@ -28,13 +28,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from steplog.frames import encode_batch
 from steplog.journal import Durability, Journal
 from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
-__all__ = ["RunJournal", "consumer_name", "remove_delivered"]
+__all__ = ["DELIVERED_LEDGER", "RunJournal", "consumer_name", "delivered_entry",
+           "note_delivered", "remove_delivered"]
 
 _ACK_INTERVAL_S = 1.0
 
@@ -42,6 +44,42 @@ _ACK_INTERVAL_S = 1.0
 def consumer_name(label: str) -> str:
     """The journal consumer of a sink label (``mlflow#1`` -> ``mlflow-1``)."""
     return label.replace("#", "-")
+
+
+DELIVERED_LEDGER = "delivered.jsonl"
+"""The file beside run directories that ``steplog sync`` delivered whole and removed: one JSON
+line per run (its name, when, and where each sink's records went), so that a later sync of the
+same path can say nothing is left instead of that the path does not exist."""
+
+
+def note_delivered(run_dir: Path, destinations: dict[str, str]) -> None:
+    """Append ``run_dir``'s line to the ledger in its parent (best effort: a ledger that cannot
+    be written only makes a later sync of the removed path report it as missing)."""
+    line = json.dumps({"run": run_dir.name, "delivered_at": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sinks": destinations}) + "\n"
+    with contextlib.suppress(OSError):
+        fd = os.open(run_dir.parent / DELIVERED_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                     0o600)
+        try:
+            os.write(fd, line.encode())  # one short O_APPEND write: lines never interleave
+        finally:
+            os.close(fd)
+
+
+def delivered_entry(run_dir: Path) -> dict[str, Any] | None:
+    """The ledger's last line for ``run_dir`` (see :data:`DELIVERED_LEDGER`), or ``None``."""
+    try:
+        lines = (run_dir.parent / DELIVERED_LEDGER).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(entry, dict) and entry.get("run") == run_dir.name:
+            return entry
+    return None
 
 
 def remove_delivered(run_dir: Path) -> None:

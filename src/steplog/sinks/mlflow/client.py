@@ -26,12 +26,12 @@ from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     MAX_METRICS_PER_REQUEST,
     RETRYABLE_STATUS,
-    RUN_TOKEN_TAG,
     VERSION_TOKEN_TAG,
     Chunk,
     RunRef,
     about_the_request,
     filter_quote,
+    token_filter,
 )
 from steplog.sinks.mlflow.new_store import create_sqlite_store
 from steplog.sinks.mlflow.sqlite_fast import FastPath, open_fast_path
@@ -66,9 +66,10 @@ class HostTransport:
                                      start_ms, returns=RunRef)
         return ref
 
-    def find_run(self, experiment_id: str, token: str) -> RunRef | None:
+    def find_run(self, experiment_id: str, token: str,
+                 running_only: bool = False) -> RunRef | None:
         ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
-                                            returns=RunRef | None)
+                                            running_only, returns=RunRef | None)
         return ref
 
     def metrics_path(self, run_id: str) -> str | None:
@@ -85,7 +86,8 @@ class HostTransport:
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
         # The metrics travel as one journal frame (msgpack of whole blocks, ~15 ns per scalar
         # here): the host builds the records, on its own core.
-        frame = encode_batch(Batch.of(chunk.metrics))
+        batch = Batch.of(chunk.metrics)
+        frame = encode_batch(batch if chunk.rename is None else batch.renamed(chunk.rename))
         self.host.call("api", "log_frame", run_id, frame, chunk.params, chunk.tags)
 
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None:
@@ -187,10 +189,12 @@ class ClientTransport:
         self._runs.add(run.info.run_id)
         return RunRef(run.info.run_id, experiment_id, run.info.artifact_uri)
 
-    def find_run(self, experiment_id: str, token: str) -> RunRef | None:
+    def find_run(self, experiment_id: str, token: str,
+                 running_only: bool = False) -> RunRef | None:
         with _mlflow_errors():
             runs = self.client.search_runs(
-                [experiment_id], filter_string=f"tags.`{RUN_TOKEN_TAG}` = '{token}'", max_results=1
+                [experiment_id], filter_string=token_filter(token, running_only),
+                max_results=1, order_by=["attributes.start_time DESC"],
             )
         if not runs:
             return None

@@ -7,7 +7,7 @@ import os
 import posixpath
 import re
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +35,7 @@ __all__ = [
     "filter_quote",
     "key_problem",
     "redact",
+    "token_filter",
     "tracking_uri_problem",
 ]
 
@@ -143,6 +144,9 @@ class Chunk:
     from its blocks), a list of records in the sink host."""
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    rename: Callable[[str], str] | None = None
+    """The name each metric is stored under (a rank's prefix in a shared run), applied when the
+    request is encoded; ``None``: its own name."""
 
     def settings_room(self) -> bool:
         n = len(self.params) + len(self.tags)
@@ -167,10 +171,11 @@ class Chunk:
         settings = [(k, v, True) for k, v in self.params.items()]
         settings += [(k, v, False) for k, v in self.tags.items()]
         if self.metrics and settings:
-            return Chunk([], self.params, self.tags), Chunk(self.metrics)
+            return Chunk([], self.params, self.tags), Chunk(self.metrics, rename=self.rename)
         if len(self.metrics) > 1:
             mid = len(self.metrics) // 2
-            return Chunk(self.metrics[:mid]), Chunk(self.metrics[mid:])
+            return (Chunk(self.metrics[:mid], rename=self.rename),
+                    Chunk(self.metrics[mid:], rename=self.rename))
         if len(settings) < 2:
             raise PermanentError("a single entry exceeds MLflow's 1 MB request limit")
         first, second = Chunk(), Chunk()
@@ -195,7 +200,10 @@ class Transport(Protocol):
     def create_run(
         self, experiment_id: str, run_name: str | None, tags: dict[str, str], start_ms: int
     ) -> RunRef: ...
-    def find_run(self, experiment_id: str, token: str) -> RunRef | None: ...
+    def find_run(
+        self, experiment_id: str, token: str, running_only: bool = False
+    ) -> RunRef | None:
+        """The newest run tagged with ``token`` (``running_only``: still RUNNING), if any."""
     def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
     def register_version(
@@ -203,6 +211,12 @@ class Transport(Protocol):
     ) -> str: ...
     def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None: ...
     def close(self) -> None: ...
+
+
+def token_filter(token: str, running_only: bool = False) -> str:
+    """The search filter of the runs tagged with ``token`` (and still RUNNING)."""
+    text = f"tags.`{RUN_TOKEN_TAG}` = '{filter_quote(token)}'"
+    return f"{text} and attributes.status = 'RUNNING'" if running_only else text
 
 
 def filter_quote(text: str) -> str:

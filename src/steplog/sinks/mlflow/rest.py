@@ -42,13 +42,13 @@ from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     MAX_REQUEST_BYTES,
     RETRYABLE_STATUS,
-    RUN_TOKEN_TAG,
     VERSION_TOKEN_TAG,
     Chunk,
     RunRef,
     about_the_request,
     filter_quote,
     redact,
+    token_filter,
 )
 
 __all__ = ["RestTransport", "default_run_tags", "needs_mlflow_client"]
@@ -391,12 +391,14 @@ class RestTransport:
         info = self._call("runs/create", self._encoder.encode(body), resend=False)["run"]["info"]
         return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
 
-    def find_run(self, experiment_id: str, token: str) -> RunRef | None:
+    def find_run(self, experiment_id: str, token: str,
+                 running_only: bool = False) -> RunRef | None:
         body = self._encoder.encode(
             {
                 "experiment_ids": [experiment_id],
-                "filter": f"tags.`{RUN_TOKEN_TAG}` = '{token}'",
+                "filter": token_filter(token, running_only),
                 "max_results": 1,
+                "order_by": ["attributes.start_time DESC"],
             }
         )
         runs = self._call("runs/search", body).get("runs", [])
@@ -426,7 +428,8 @@ class RestTransport:
         mis-stored by MLflow 3.17 as a 0.0 point.)
         """
         enc = self._encoder.encode
-        lines, finite, _ = scalar_objects(Batch.of(chunk.metrics).parts, key="key")
+        lines, finite, _ = scalar_objects(Batch.of(chunk.metrics).parts, key="key",
+                                          rename=chunk.rename)
         try:
             if finite or _all_finite(lines):
                 metrics = enc(lines)

@@ -17,7 +17,9 @@ stores +/-infinity as +/-``sys.float_info.max``.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 import urllib.parse
 import uuid
 from collections.abc import Sequence
@@ -53,6 +55,10 @@ class _FastTransport(Protocol):
     def log_metrics(self, run_id: str, batch: Batch) -> None: ...
 
 _NAME = attrgetter("name")
+_JOIN_WAIT_S = 2.0
+"""Longest one ``open`` of a rank other than 0 looks for the shared run before it reports
+that the run does not exist yet (the pipeline then retries with backoff)."""
+_JOIN_POLL_S = 0.2
 
 
 class MLflowSink(Sink):
@@ -82,14 +88,14 @@ class MLflowSink(Sink):
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         )
         self.run_name = run_name
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s: float = request_timeout_s
         """Longest wait to connect, or for the server's next bytes, per HTTP request (s)."""
         self._user_tags = {str(k): str(v) for k, v in (tags or {}).items()}  # as MLflow
         if registered_model_name is not None and (
             not isinstance(registered_model_name, str) or not registered_model_name.strip()
         ):
             raise ValueError("registered_model_name must be a non-empty str or None")
-        self.registered_model_name = registered_model_name
+        self.registered_model_name: str | None = registered_model_name
         """Every saved policy becomes a new version of this registered model."""
         self._token = uuid.uuid4().hex
         self._transport: Transport | None = None
@@ -108,6 +114,44 @@ class MLflowSink(Sink):
             # One host call and one transaction per 10,000 points on the fast path; chunks of
             # 1000 (MLflow's request limit) otherwise, as before.
             self.max_batch = SQLITE_MAX_BATCH
+        self._ranks: dict[str, Any] | None = None
+        """This rank's place under the ``"all"``/``"own"`` rank policy (see :meth:`join_ranks`)."""
+        self._keys: _RankKeys | None = None
+        """Under ``"all"``: metric name -> ``rank<R>/<name>``."""
+        self._reattached = False
+
+    def join_ranks(self, policy: str, rank: int, world_size: int, group: str) -> None:
+        """Log as rank ``rank`` of ``world_size`` of the job ``group`` (see
+        :mod:`steplog.ranks`); called before the run is opened.
+
+        ``"all"``: the run is shared by every rank of the job: rank 0 creates it, tagged with a
+        token derived from ``group``, the experiment and the run name; another rank finds it by
+        that token and writes its metrics as ``rank<R>/<name>`` and its files under ``rank<R>/``
+        (params and tags unprefixed); only rank 0 ends it, each rank sets the tag
+        ``steplog.rank<R>.status`` at its close.
+        ``"own"``: the rank's own run, named ``<run_name>-rank<R>`` (``rank<R>``). Both tag the
+        run with ``steplog.group``, ``steplog.ranks`` and ``steplog.world_size``."""
+        if policy not in ("all", "own"):
+            raise ValueError(f"policy must be 'all' or 'own', got {policy!r}")
+        self._ranks = {"policy": policy, "rank": rank, "world_size": world_size, "group": group}
+        self._user_tags.update({"steplog.group": group, "steplog.ranks": policy,
+                                "steplog.world_size": str(world_size)})
+        if policy == "own":
+            self._user_tags["steplog.rank"] = str(rank)
+            self.run_name = f"{self.run_name}-rank{rank}" if self.run_name else f"rank{rank}"
+        else:
+            shared = "\0".join((group, self.experiment_name, self.run_name or ""))
+            self._token = hashlib.sha256(shared.encode()).hexdigest()[:32]
+        self._use_ranks()
+
+    def _use_ranks(self) -> None:
+        ranks = self._ranks
+        self._keys = (_RankKeys(f"rank{ranks['rank']}/")
+                      if ranks is not None and ranks["policy"] == "all" else None)
+
+    @property
+    def _shared(self) -> bool:
+        return self._ranks is not None and self._ranks["policy"] == "all"
 
     @property
     def run_id(self) -> str | None:
@@ -154,6 +198,7 @@ class MLflowSink(Sink):
             "registered_model_name": self.registered_model_name,
             "request_timeout_s": self.request_timeout_s,
             "tags": self._user_tags,
+            "ranks": self._ranks,
         }
 
     @classmethod
@@ -167,6 +212,10 @@ class MLflowSink(Sink):
                    registered_model_name=target.get("registered_model_name"),
                    tags=target.get("tags"))
         sink.prepare()
+        sink._reattached = True
+        if target.get("ranks"):
+            sink._ranks = dict(target["ranks"])
+            sink._use_ranks()
         if target.get("run_token"):
             sink._token = target["run_token"]
             sink._create_tried = True  # look for the run before creating one
@@ -200,10 +249,15 @@ class MLflowSink(Sink):
             origin += f" experiment {target.get('experiment_name')!r} (its run never existed)"
         tags = {str(k): str(v) for k, v in (target.get("tags") or {}).items()}
         tags[MOVED_FROM_TAG] = origin
+        token = uuid.uuid4().hex
+        if (target.get("ranks") or {}).get("policy") == "all" and target.get("run_token"):
+            # Every rank's journal of a shared run moves into one new shared run.
+            moved = f"{target['run_token']}\0{portable_uri(tracking_uri)}"
+            token = hashlib.sha256(moved.encode()).hexdigest()[:32]
         return {
             **target,
             "tracking_uri": portable_uri(tracking_uri),
-            "run_token": uuid.uuid4().hex,
+            "run_token": token,
             "run_id": None,
             "experiment_id": None,
             "artifact_uri": None,
@@ -232,8 +286,15 @@ class MLflowSink(Sink):
             self._transport = make_transport(self.tracking_uri, self.request_timeout_s)
         transport = self._transport
         exp_id = transport.experiment_id(self.experiment_name)
-        if self._create_tried:
-            found = transport.find_run(exp_id, self._token)
+        ranks = self._ranks
+        if ranks is not None and ranks["policy"] == "all" and (
+                self._reattached or ranks["rank"] != 0):
+            self._run = self._find_shared(transport, exp_id)
+            if self._run is not None:
+                return
+            # A sync creates the shared run that rank 0 never created (a later one finds it).
+        elif self._create_tried:
+            found = transport.find_run(exp_id, self._token, running_only=self._shared)
             if found is not None:
                 self._run = found
                 return
@@ -242,12 +303,37 @@ class MLflowSink(Sink):
         self._create_tried = True
         self._run = transport.create_run(exp_id, self.run_name, tags, now_ms())
 
+    def _find_shared(self, transport: Transport, exp_id: str) -> RunRef | None:
+        """The shared run of this job, ``None`` for a sync when it does not exist; in a
+        training process ``RetryableError`` when rank 0 has not created it yet."""
+        if self._reattached:  # also once rank 0 ended it
+            return transport.find_run(exp_id, self._token)
+        deadline = time.monotonic() + _JOIN_WAIT_S
+        while True:
+            found = transport.find_run(exp_id, self._token, running_only=True)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                raise RetryableError(
+                    f"the run shared by the ranks (experiment {self.experiment_name!r}) does "
+                    "not exist yet: rank 0 creates it when its logger starts; until then this "
+                    "rank's records wait in its journal")
+            time.sleep(_JOIN_POLL_S)
+
     def close(self, status: RunStatus) -> None:
         """The run is ended with ``status`` and the connections are closed (no-op if never
-        opened; safe to call again after a failure)."""
+        opened; safe to call again after a failure). A shared run (rank policy ``"all"``)
+        gets this rank's status as the tag ``steplog.rank<R>.status``, and is ended by rank 0
+        only."""
         if self._transport is None:
             return
-        if self._run is not None:
+        ranks = self._ranks
+        if self._run is not None and ranks is not None and ranks["policy"] == "all":
+            tag: dict[str, str] = {f"steplog.rank{ranks['rank']}.status": status}
+            self._transport.log_batch(self._run.run_id, Chunk(_scalars(Batch()), tags=tag))
+            if ranks["rank"] == 0:
+                self._transport.end_run(self._run.run_id, status, now_ms())
+        elif self._run is not None:
             self._transport.end_run(self._run.run_id, status, now_ms())
         self._transport.close()
         self._transport = None
@@ -256,7 +342,7 @@ class MLflowSink(Sink):
 
     def check_name(self, name: str) -> None:
         """Raise ``ValueError`` if MLflow refuses ``name`` as a key (length, characters, path)."""
-        problem = key_problem(name)
+        problem = key_problem(self._keys[name] if self._keys is not None else name)
         if problem is not None:
             raise ValueError(problem)
         self._good_keys.add(name)
@@ -280,10 +366,14 @@ class MLflowSink(Sink):
         batch = Batch.of(records)
         if self._fast and all(type(p) is Scalars or type(p) is Scalar for p in batch.parts):
             self._check_keys(batch)
+            if self._keys is not None:  # a shared run: stored as rank<R>/<name>
+                batch = batch.renamed(self._keys.__getitem__)
             cast("_FastTransport", self._transport).log_metrics(run_id, batch)
             return
         chunks = self._plan(batch)
         for chunk in chunks:
+            if self._keys is not None:  # a shared run: stored as rank<R>/<name>
+                chunk.rename = self._keys.__getitem__
             self._transport.log_batch(run_id, chunk)
             if chunk.params:
                 self._params.update(chunk.params)
@@ -345,7 +435,7 @@ class MLflowSink(Sink):
     def _check_keys(self, batch: Batch) -> None:
         unknown = batch.names() - self._good_keys
         for key in unknown:
-            problem = key_problem(key)
+            problem = key_problem(self._keys[key] if self._keys is not None else key)
             if problem is not None:
                 raise PermanentError(problem)
         self._good_keys |= unknown
@@ -387,6 +477,8 @@ class MLflowSink(Sink):
             path = "" if is_dir and artifact.name in ("", ".") else safe_relpath(artifact.name)
         except (TypeError, ValueError) as exc:
             raise PermanentError(str(exc)) from exc
+        if self._keys is not None:  # a shared run: each rank's files in its own folder
+            path = f"{self._keys.prefix}{path}" if path else self._keys.prefix.rstrip("/")
         policy = artifact.kind == "policy" and is_dir
         if policy:
             path = f"{path}/step_{artifact.step or 0}"  # one artifact folder per snapshot
@@ -405,6 +497,18 @@ class MLflowSink(Sink):
                     f"model {self.registered_model_name!r} failed: {exc}"
                 ) from exc
         self._uploaded.discard(key)
+
+
+class _RankKeys(dict[str, str]):
+    """Metric name -> the name with this rank's prefix (built once per name)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, name: str) -> str:
+        key = self[name] = self.prefix + name
+        return key
 
 
 def _scalars(batch: Batch) -> Sequence[Scalar]:

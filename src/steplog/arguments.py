@@ -1,0 +1,126 @@
+"""What a ``log_*`` call checks and captures, on the caller's thread, before it queues anything.
+
+Values are captured by :mod:`steplog.capture`; this module checks a call's other arguments
+(metric names, mappings, paths) and captures files and figures as
+:class:`~steplog.records.Artifact` records.
+
+Guarantees: bad input raises here, at the call, with a clear ``TypeError``, ``ValueError``,
+``FileNotFoundError`` or ``NotADirectoryError``, and nothing of that call is queued; what these
+functions return no longer depends on the caller's objects (a path is made absolute and checked
+now, a figure is rendered to PNG now, metadata is deep-copied now).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from steplog.capture import capture_param, capture_step, capture_value
+from steplog.paths import safe_relpath
+from steplog.records import Artifact, now_ms
+from steplog.sinks.base import Sink
+
+__all__ = [
+    "artifact_of",
+    "capture_metrics",
+    "check_name",
+    "directory_of",
+    "existing_path",
+    "figure_of",
+    "file_of",
+]
+
+
+def check_name(name: object, sinks: Sequence[Sink]) -> str:
+    """``name``, when it is a metric name every sink accepts (a non-blank ``str``); raises
+    otherwise."""
+    if type(name) is not str:
+        raise TypeError(f"a metric name must be a str, got {type(name).__name__}")
+    if not name or name.isspace():
+        raise ValueError("a metric name must not be empty")
+    for sink in sinks:
+        sink.check_name(name)
+    return name
+
+
+def capture_metrics(metrics: object) -> dict[str, Any]:
+    """A private copy of a ``log_metrics`` mapping, each value captured (``TypeError`` for a
+    value that is not a number, ``ValueError`` for an int too large for a float; the message
+    names the key)."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name to number, got "
+                        f"{type(metrics).__name__}")
+    values: dict[str, Any] = {}
+    for k, v in metrics.items():
+        try:
+            values[k] = capture_value(v)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"metric {k!r}: {exc}") from None
+    return values
+
+
+def existing_path(path: str | os.PathLike[str]) -> Path:
+    """``path``, absolute; ``FileNotFoundError`` when nothing is there."""
+    p = Path(os.fspath(path)).absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or directory: {p}")
+    return p
+
+
+def artifact_of(
+    path: str | os.PathLike[str],
+    name: str | None,
+    kind: str,
+    step: int | None,
+    metadata: dict[str, Any] | None,
+    aliases: list[str] | None,
+) -> Artifact:
+    """The record of ``log_artifact``: ``path`` stored as ``name`` (default: its base name)."""
+    src = existing_path(path)
+    dest = safe_relpath(name if name is not None else src.name)
+    if step is not None:
+        step = capture_step(step)
+    return Artifact(
+        name=dest,
+        timestamp=now_ms(),
+        source=str(src),
+        kind=kind,
+        step=step,
+        metadata=capture_param(metadata) if metadata is not None else None,
+        aliases=list(aliases) if aliases is not None else None,
+    )
+
+
+def file_of(path: str | os.PathLike[str], name: str, move: bool) -> Artifact:
+    """The record of ``log_file``: ``path`` stored as ``<name>/<base name of path>``."""
+    src = existing_path(path)
+    dest = safe_relpath(f"{name}/{src.name}")
+    return Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="file", move=bool(move))
+
+
+def directory_of(dir: str | os.PathLike[str], path: str | None) -> Artifact:
+    """The record of ``log_directory``: the tree ``dir`` stored under ``path`` (default: its
+    name)."""
+    src = existing_path(dir)
+    if not src.is_dir():
+        raise NotADirectoryError(f"not a directory: {src}")
+    dest = safe_relpath(path if path is not None else src.name)
+    return Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="directory")
+
+
+def figure_of(fig: Any, name: str, iteration: int | None) -> Artifact:
+    """The record of ``log_figure``: the matplotlib figure rendered to PNG now, named ``name``
+    (``.png`` added if missing; ``_<iteration>`` before it)."""
+    if not hasattr(fig, "savefig"):
+        raise TypeError(f"expected a matplotlib figure, got {type(fig).__name__}")
+    base, ext = os.path.splitext(safe_relpath(name))
+    if iteration is not None:
+        iteration = capture_step(iteration)
+        base = f"{base}_{iteration}"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Artifact(name=base + (ext or ".png"), timestamp=now_ms(), data=buf.getvalue(),
+                    kind="figure", step=iteration)

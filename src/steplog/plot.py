@@ -1,0 +1,87 @@
+"""``steplog plot``: learning curves with matplotlib (imported here only, with the Agg backend),
+one panel per metric group (the part of a name before its first ``/``), every run overlaid."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from steplog.readback import RunData
+
+__all__ = ["groups", "plot_runs", "smooth"]
+
+
+def groups(runs: Sequence[RunData], pattern: str | None = None) -> dict[str, list[str]]:
+    """Metric names per group, sorted, keeping those matching the glob ``pattern`` (all when
+    ``None``)."""
+    out: dict[str, set[str]] = {}
+    for run in runs:
+        for name in run.series:
+            if pattern is None or fnmatch.fnmatchcase(name, pattern):
+                out.setdefault(name.split("/", 1)[0], set()).add(name)
+    return {g: sorted(names) for g, names in sorted(out.items())}
+
+
+def smooth(values: Sequence[float], k: int) -> list[float]:
+    """The trailing mean over the last ``k`` points at each point (NaN and infinities skipped)."""
+    if k <= 1:
+        return list(values)
+    out: list[float] = []
+    window: list[float] = []
+    total = 0.0
+    for v in values:
+        if math.isfinite(v):
+            window.append(v)
+            total += v
+            if len(window) > k:
+                total -= window.pop(0)
+        out.append(total / len(window) if window else math.nan)
+    return out
+
+
+def plot_runs(runs: Sequence[RunData], output: Path, *, pattern: str | None = None,
+              smooth_k: int = 1) -> Any:
+    """Draw every metric of ``runs`` (matching ``pattern``) into ``output`` (PNG) and return the
+    matplotlib figure (closed). Raises ``ValueError`` when no metric matches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = groups(runs, pattern)
+    if not panels:
+        raise ValueError("no metric to plot" + (f" matches {pattern!r}" if pattern else ""))
+    cols = 1 if len(panels) == 1 else 2
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 3.6 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, (group, names) in zip(axes.flat, panels.items(), strict=False):
+        for r, run in enumerate(runs):
+            for n, name in enumerate(names):
+                s = run.series.get(name)
+                if s is None:
+                    continue
+                label = name if len(runs) == 1 else f"{run.label}: {name}"
+                color = colors[(n if len(runs) == 1 else r) % len(colors)]
+                style = styles[(n if len(runs) > 1 else 0) % len(styles)]
+                if smooth_k > 1:  # the raw points faint behind their smoothed curve
+                    ax.plot(s.steps, s.values, color=color, alpha=0.2, linewidth=0.8)
+                ax.plot(s.steps, smooth(s.values, smooth_k), color=color, linestyle=style,
+                        linewidth=1.5, label=label)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    title = runs[0].label if len(runs) == 1 else f"{len(runs)} runs"
+    fig.suptitle(title + (f" (trailing mean of {smooth_k})" if smooth_k > 1 else ""))
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return fig

@@ -1,0 +1,305 @@
+"""The rank policy: which ranks of a distributed job log, and into which runs.
+
+A process started by ``torchrun`` (or any launcher that sets the same variables) knows its place
+from ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Without ``RANK`` the process is not one of
+several ranks, and every policy logs as a single process does. With it, the policy chosen by
+``Options(ranks=...)``, else ``$STEPLOG_RANKS``, else ``"zero"``, decides:
+
+* ``"zero"``: rank 0 logs; every other rank gets an inert logger (:class:`InertLogger`) whose
+  ``log_*`` calls return at once and which opens no sink, journal, host or connection.
+* ``"all"``: every rank logs into one shared run, its metrics named ``rank<R>/<name>``; rank 0
+  creates the run, the others find it by a token derived from the job's identity
+  (:func:`job_identity`) and the run's names. Parameters and tags are the run's, unprefixed.
+* ``"own"``: every rank logs its own run, tagged with the job's group id so they are found
+  together.
+
+Under ``"all"`` and ``"own"`` each rank journals in ``<runs_dir>/rank<R>/``, so the journals
+of two ranks never share a directory, and only ``LOCAL_RANK`` 0 samples system metrics (one
+sampler per node). No rank waits for another: a rank whose shared run does not exist yet keeps
+its records in its journal and delivers them once rank 0 created it (or ``steplog sync`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+
+from steplog.results import CloseResult, FlushResult, Stats
+
+if TYPE_CHECKING:
+    from steplog.lifecycle import State
+    from steplog.sinks.base import Sink
+
+__all__ = [
+    "ENV",
+    "GROUP_ENV",
+    "POLICIES",
+    "InertLogger",
+    "RankPlan",
+    "RankPolicy",
+    "check_policy",
+    "inert_class",
+    "job_identity",
+    "plan",
+]
+
+RankPolicy = Literal["zero", "all", "own"]
+"""Which ranks log: rank 0 only, all into one run, or each into its own run."""
+
+POLICIES: tuple[RankPolicy, ...] = ("zero", "all", "own")
+ENV = "STEPLOG_RANKS"
+"""The environment variable naming the policy when ``Options.ranks`` is ``None``."""
+GROUP_ENV = "STEPLOG_GROUP"
+"""An explicit job identity shared by the ranks (overrides the launcher's variables)."""
+
+_IDENTITY_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
+                  "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
+"""What tells one launch of a job from another, as every rank of it sees it."""
+
+
+def check_policy(value: object, where: str = "ranks") -> RankPolicy:
+    """``value`` as a policy, or ``ValueError`` naming ``where`` it came from."""
+    if value == "zero" or value == "all" or value == "own":
+        return value
+    raise ValueError(f"{where} must be one of 'zero', 'all', 'own', got {value!r}")
+
+
+def _int_env(environ: Mapping[str, str], name: str, lowest: int) -> int | None:
+    text = environ.get(name)
+    if text is None or text.strip() == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {text!r}") from None
+    if value < lowest:
+        raise ValueError(f"${name} must be >= {lowest}, got {value}")
+    return value
+
+
+def job_identity(environ: Mapping[str, str]) -> str | None:
+    """A 16-hex-digit id that every rank of one launch computes alike: from ``$STEPLOG_GROUP``
+    when set, else from the launcher's variables (torchrun's run id and restart count, SLURM's
+    job and step, ``MASTER_ADDR``/``MASTER_PORT``) and ``WORLD_SIZE``. ``None`` when none of
+    them is set."""
+    explicit = environ.get(GROUP_ENV, "").strip()
+    if explicit:
+        parts = [GROUP_ENV, explicit]
+    else:
+        parts = [f"{name}={environ[name]}" for name in _IDENTITY_VARS if environ.get(name)]
+        if not parts:
+            return None
+        parts.append(f"WORLD_SIZE={environ.get('WORLD_SIZE', '')}")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    """What the rank policy means for this process."""
+
+    policy: RankPolicy
+    distributed: bool
+    """Whether ``RANK`` is set (else every policy logs as a single process)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    group: str | None = None
+    """The job's identity (:func:`job_identity`) under ``"all"`` and ``"own"``."""
+
+    @property
+    def logs(self) -> bool:
+        """Whether this process's loggers record anything."""
+        return not self.distributed or self.policy != "zero" or self.rank == 0
+
+    @property
+    def splits(self) -> bool:
+        """Whether ranks log side by side (``"all"``/``"own"`` in a distributed job)."""
+        return self.distributed and self.policy != "zero"
+
+    @property
+    def samples_system(self) -> bool:
+        """Whether this process samples system metrics: one rank per node (``LOCAL_RANK`` 0)."""
+        return not self.distributed or self.local_rank == 0
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world_size} (ranks={self.policy!r})"
+
+    def runs_dir(self, runs_dir: str) -> str:
+        """Where this rank's run directories go: ``<runs_dir>/rank<R>`` when ranks log side by
+        side, so that two ranks' journals never share a directory."""
+        return os.path.join(runs_dir, f"rank{self.rank}") if self.splits else runs_dir
+
+    def adapt(self, sink: Sink) -> None:
+        """Point ``sink`` at this rank's share of the job (before its ``prepare``): the shared
+        or own MLflow run, ``<output_dir>/rank<R>`` for files, a ClearML Task per rank. A sink
+        of another kind is left as it is. ``ValueError`` for ``"all"`` with ClearML, which
+        has no shared Task."""
+        if not self.splits:
+            return
+        assert self.group is not None
+        kind = sink.kind
+        if kind == "mlflow":
+            join: Callable[..., None] = sink.join_ranks  # type: ignore[attr-defined]
+            join(self.policy, self.rank, self.world_size, self.group)
+        elif kind == "file":
+            out: Path = sink.output_dir  # type: ignore[attr-defined]
+            sink.output_dir = out / f"rank{self.rank}"  # type: ignore[attr-defined]
+        elif kind == "clearml":
+            if self.policy == "all":
+                raise ValueError("ranks='all' logs every rank into one shared run, which "
+                                 "ClearML Tasks do not support; use ranks='own' (a Task per "
+                                 "rank, tagged with the job's group) or 'zero'")
+            tags = list(sink.tags or [])  # type: ignore[attr-defined]
+            sink.tags = [*tags, f"steplog.group:{self.group}",  # type: ignore[attr-defined]
+                         f"rank{self.rank}"]
+            sink.task_name = f"{sink.task_name} rank{self.rank}"  # type: ignore[attr-defined]
+
+
+def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPlan:
+    """This process's plan: the policy ``option`` (``Options.ranks``), else ``$STEPLOG_RANKS``,
+    else ``"zero"``, applied to ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``. ``ValueError`` for an
+    unknown policy, malformed variables, or ``"all"``/``"own"`` in a job without an identity
+    the ranks share (see :func:`job_identity`)."""
+    env = os.environ if environ is None else environ
+    if option is not None:
+        policy = check_policy(option)
+    else:
+        text = env.get(ENV, "").strip()
+        policy = check_policy(text, f"${ENV}") if text else "zero"
+    rank = _int_env(env, "RANK", 0)
+    if rank is None:
+        return RankPlan(policy, distributed=False)
+    world_size = _int_env(env, "WORLD_SIZE", 1)
+    if world_size is None:
+        raise ValueError("$RANK is set but $WORLD_SIZE is not; a launcher such as torchrun "
+                         "sets both")
+    if rank >= world_size:
+        raise ValueError(f"$RANK ({rank}) must be below $WORLD_SIZE ({world_size})")
+    local_rank = _int_env(env, "LOCAL_RANK", 0)
+    group = None
+    if policy != "zero":
+        group = job_identity(env)
+        if group is None:
+            raise ValueError(
+                f"ranks={policy!r} needs an identity every rank of the job shares, and none of "
+                f"${GROUP_ENV}, {', '.join('$' + v for v in _IDENTITY_VARS)} is set; set "
+                f"{GROUP_ENV} to a name unique to this launch")
+    return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
+                    world_size, group)
+
+
+# -- the inert logger ---------------------------------------------------------------------------
+
+_KEPT_ARGUMENTS = ("logging_freq", "experiment_name", "run_name", "output_dir", "project_name",
+                   "task_name")
+"""Constructor arguments an inert logger keeps as attributes, as the real one does."""
+
+
+class InertLogger:
+    """Mixed before a logger class for a rank that does not log: every ``log_*``/``save_*``
+    call returns at once (no validation, no capture), ``flush``/``close`` return truthy results
+    whose ``inactive`` says why nothing was logged, and no sink, journal, thread, host or
+    connection is ever made. :meth:`should_log` answers as on rank 0, so code that runs
+    collective operations under it stays in step across ranks."""
+
+    _inert_reason = ""
+    logging_freq = 1
+    last_logging_iteration = 0
+    run_id = None
+    run_dir = None
+    task = None
+    offline_session = None
+    sink = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A wrong call raises TypeError, as the real constructor would.
+        real: Any = type(self).__mro__[2]  # the logger class this one stands in for
+        bound = inspect.signature(real.__init__).bind(self, *args, **kwargs)
+        for name in _KEPT_ARGUMENTS:
+            if name in bound.arguments:
+                setattr(self, name, bound.arguments[name])
+        if "output_dir" in bound.arguments:
+            self.output_dir = os.fspath(bound.arguments["output_dir"])
+        self.options = bound.arguments.get("options")
+
+    def log_scalar(self, name: str, value: Any, iteration: int | None = None) -> None:
+        return None
+
+    def log_metrics(self, metrics: Any, iteration: int | None = None) -> None:
+        return None
+
+    def log_parameters(self, params: Any) -> None:
+        return None
+
+    def log_tags(self, tags: Any) -> None:
+        return None
+
+    def log_artifact(self, path: Any, **kwargs: Any) -> None:
+        return None
+
+    def log_file(self, path: Any, name: str, move: bool = False) -> None:
+        return None
+
+    def log_directory(self, dir: Any, path: str | None = None) -> None:
+        return None
+
+    def log_figure(self, fig: Any, name: str, iteration: int | None = None) -> None:
+        return None
+
+    def save_policy(self, policy: Any, name: str = "policy", **kwargs: Any) -> None:
+        return None
+
+    def save_agent(self, agent: Any, name: str = "agent.pth") -> None:
+        return None
+
+    def should_log(self, iteration: int) -> bool:
+        iteration += 1
+        if iteration // self.logging_freq > self.last_logging_iteration // self.logging_freq:
+            self.last_logging_iteration = iteration
+            return True
+        return False
+
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        return FlushResult(ok=True, pending=0, elapsed_s=0.0, inactive=self._inert_reason)
+
+    def close(self, timeout: float | None = None, status: str = "FINISHED") -> CloseResult:
+        return CloseResult(ok=True, delivered=0, undelivered=0, dropped=0, rejected=0,
+                           elapsed_s=0.0, timed_out=False, inactive=self._inert_reason)
+
+    @property
+    def state(self) -> State:
+        from steplog.lifecycle import State
+
+        return State.INERT
+
+    def stats(self) -> Stats:
+        return Stats(enqueued=0, delivered=0, dropped=0, rejected=0, failed=0, retried=0,
+                     queue_depth=0, lag_s=0.0, sinks={})
+
+    def __enter__(self) -> InertLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+T = TypeVar("T")
+_inert_classes: dict[tuple[type[Any], str], type[Any]] = {}
+
+
+def inert_class(cls: type[T], rank_plan: RankPlan) -> type[T]:
+    """``cls`` with :class:`InertLogger` before it (one class per logger class and plan)."""
+    reason = (f"nothing is logged on {rank_plan.describe()}: only rank 0 logs; set "
+              f"Options(ranks='all'|'own') or {ENV} to log from every rank")
+    key = (cls, reason)
+    inert = _inert_classes.get(key)
+    if inert is None:
+        inert = type(f"Inert{cls.__name__}", (InertLogger, cls),
+                     {"_inert_reason": reason, "__module__": cls.__module__})
+        _inert_classes[key] = inert
+    return cast("type[T]", inert)

@@ -1,0 +1,218 @@
+"""Read logged runs back for ``steplog show`` and ``steplog plot``: a file run, a journal run
+directory, a directory holding such runs (a ``steplog demo`` directory), or an MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunData", "Series", "find_runs"]
+
+
+@dataclass
+class Series:
+    """The points of one metric, in the order they were logged."""
+
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunData:
+    """What a run holds: its parameters, every metric's points, its status, and (for a journal
+    run directory) what its sinks still lack."""
+
+    label: str
+    """A short name for legends and headings."""
+    where: str
+    kind: str
+    status: str
+    params: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Series] = field(default_factory=dict)
+    sinks: list[str] = field(default_factory=list)
+    """For a journal run directory: one line per sink (its destination, its run, how far it
+    got through the journal, how many records it lacks)."""
+    undelivered: list[str] = field(default_factory=list)
+    """One line per sink that lacks records, and per kept upload."""
+    sync: str | None = None
+    """The command that delivers what is undelivered."""
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, step: int, value: float) -> None:
+        s = self.series.get(name)
+        if s is None:
+            s = self.series[name] = Series()
+        s.steps.append(step)
+        s.values.append(value)
+
+
+def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
+    """The runs ``spec`` names: a path (a file run, a journal run directory, or a directory of
+    such runs, oldest first), or with ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, for a spec
+    that is not a path) an MLflow run id or ``experiment/run name``. Raises ``ValueError`` with
+    what was looked for when nothing matches."""
+    path = Path(spec)
+    if tracking_uri is None and path.exists():
+        return _from_path(path)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        from steplog.runlog import delivered_entry
+
+        entry = delivered_entry(path)
+        if entry is not None:
+            sinks = ", ".join(f"{c} -> {d}" for c, d in (entry.get("sinks") or {}).items())
+            raise ValueError(f"{spec} was delivered whole by steplog sync at "
+                             f"{entry.get('delivered_at', '?')} and removed; its records are "
+                             f"in {sinks or 'its sinks'}")
+        raise ValueError(f"{spec} does not exist (for an MLflow run, give --tracking-uri)")
+    return [_mlflow_run(spec, uri)]
+
+
+def _from_path(path: Path) -> list[RunData]:
+    if _is_journal_run(path):
+        return [_journal_run(path)]
+    if _is_file_run(path):
+        return [_file_run(path)]
+    if path.is_dir():
+        runs = [_file_run(p) for p in sorted(path.iterdir()) if _is_file_run(p)]
+        from steplog.replay import find_runs as journal_runs
+
+        runs += [_journal_run(p) for p in journal_runs(path)]
+        if runs:
+            return runs
+    raise ValueError(f"{path} is not a steplog run: no scalars.jsonl (a file run), no run.json "
+                     "with a journal/ (a journal run directory), and no such run in it")
+
+
+def _is_file_run(path: Path) -> bool:
+    return (path / "scalars.jsonl").is_file() or (path / "scalars.json").is_file()
+
+
+def _is_journal_run(path: Path) -> bool:
+    return (path / "run.json").is_file() and (path / "journal").is_dir()
+
+
+def _file_run(path: Path) -> RunData:
+    status = "RUNNING or killed (no run.json)"
+    if (path / "run.json").is_file():
+        status = str(json.loads((path / "run.json").read_text()).get("status", "?"))
+    run = RunData(path.name, str(path), "file run", status)
+    if (path / "parameters.json").is_file():
+        run.params = json.loads((path / "parameters.json").read_text())
+    if (path / "scalars.jsonl").is_file():
+        with open(path / "scalars.jsonl", "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a line cut short by a crash
+                row = json.loads(line)
+                run.add(row["name"], row["step"], row["value"])
+    else:  # the seed FileLogger's format only
+        for name, points in json.loads((path / "scalars.json").read_text()).items():
+            for step, value in points:
+                run.add(name, step, value)
+    return run
+
+
+def _journal_run(path: Path) -> RunData:
+    """What a journal run directory still holds (records every sink acknowledged may be gone
+    already), and what each sink lacks."""
+    from steplog.frames import count_records, decode_batch
+    from steplog.journal import Journal, JournalLockedError
+    from steplog.kept import find_kept
+    from steplog.paths import sync_command
+    from steplog.records import Param, Scalar
+
+    manifest = json.loads((path / "run.json").read_text())
+    status = manifest.get("status")
+    run = RunData(path.name, str(path), "journal run directory",
+                  f"closed with {status}" if status else "no close (killed?)")
+    try:
+        journal = Journal.open(path / "journal")
+    except JournalLockedError:
+        run.status = "RUNNING (its logger holds the journal)"
+        return run
+    with journal:
+        summary = journal.describe()
+        run.notes.append(f"journal: {summary.frames} frames, {summary.bytes:,} bytes; the "
+                         "metrics below are the records it still holds")
+        for _, payload in journal.read(0):
+            for record in decode_batch(payload):
+                if type(record) is Scalar:
+                    run.add(record.name, record.step, record.value)
+                elif type(record) is Param:
+                    run.params[record.name] = record.value
+        for consumer, info in manifest.get("sinks", {}).items():
+            lacking = sum(count_records(p) for _, p in journal.pending(consumer))
+            cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
+            where, run_name = _destination(info.get("target") or {})
+            moved = ""
+            if info.get("moved_from"):
+                origin = info["moved_from"]
+                moved = (f" (moved from {origin.get('tracking_uri') or '?'} run "
+                         f"{origin.get('run_id') or 'never created'})")
+            run.sinks.append(f"{consumer}: {where} {run_name}{moved}: stored up to frame "
+                             f"{cursor}; lacks {lacking} records")
+            if lacking:
+                run.undelivered.append(f"{lacking} records for {consumer}")
+    run.undelivered += [f"upload {k.artifact.name} -> {k.sink}: {k.reason}"
+                        for k in find_kept(path)]
+    if run.undelivered:
+        run.sync = sync_command(path)
+    return run
+
+
+def _destination(target: dict[str, Any]) -> tuple[str, str]:
+    """Where a journaled sink writes (a server, a directory) and its run."""
+    if "task_id" in target:  # ClearML
+        return (target.get("api_host") or "?",
+                f"task {target.get('task_id') or 'not created yet'}")
+    return (target.get("tracking_uri") or target.get("output_dir") or "?",
+            f"run {target.get('run_id') or 'not created yet'}")
+
+
+def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
+    from steplog.sinks.mlflow.common import redact
+
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise ValueError("reading an MLflow run needs mlflow: pip install 'steplog[mlflow]'"
+                         ) from None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    info = _mlflow_lookup(client, spec)
+    if info is None:
+        raise ValueError(f"no MLflow run {spec!r} at {redact(tracking_uri)} (give a run id or "
+                         "experiment/run name)")
+    name = info.info.run_name or info.info.run_id
+    run = RunData(name, f"{redact(tracking_uri)} run {info.info.run_id}", "MLflow run",
+                  info.info.status, params=dict(info.data.params))
+    for key in sorted(info.data.metrics):
+        for m in client.get_metric_history(info.info.run_id, key):
+            run.add(key, m.step, m.value)
+    for s in run.series.values():  # MLflow returns a history in no promised order
+        order = sorted(range(len(s.steps)), key=s.steps.__getitem__)
+        s.steps = [s.steps[i] for i in order]
+        s.values = [s.values[i] for i in order]
+    return run
+
+
+def _mlflow_lookup(client: Any, spec: str) -> Any:
+    """The run with id ``spec``, else the latest run named after the last ``/`` of ``spec`` in
+    the experiment named before it."""
+    experiment, _, name = spec.rpartition("/")
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        quoted = name.replace("'", "\\'")
+        found = client.search_runs([exp.experiment_id],
+                                   filter_string=f"attributes.run_name = '{quoted}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0] if found else None
+    try:
+        return client.get_run(spec)
+    except Exception:
+        return None

@@ -1,0 +1,449 @@
+"""The rank policy: which ranks of a distributed job log, and into which runs.
+
+Unit tests resolve the policy from Options and the environment; the multi-process tests start
+four ranks as torchrun does (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; a gloo
+process group on loopback) logging at full speed into the session's MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlflow_support import MlflowServer, free_port
+from steplog import (
+    ClearMLLogger,
+    FileLogger,
+    Logger,
+    MLFlowLogger,
+    Options,
+    State,
+)
+from steplog.ranks import job_identity, plan
+
+WORKER = Path(__file__).with_name("rank_worker.py")
+WORLD = 4
+RECORDS = 600
+"""Steps each logging rank logs per logger (three keys each)."""
+KEYS = {"loss": 0.0, "acc": 0.25, "lr": 0.5}
+"""Each key's value at step i on rank r: r * 1e6 + i + offset."""
+
+TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No rank variables from the test process's own environment."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
+                 "SLURM_STEP_ID", "STEPLOG_RANKS", "STEPLOG_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def as_rank(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    for name, value in {**TORCHRUN, **env}.items():
+        monkeypatch.setenv(name, value)
+
+
+# -- resolving the policy -------------------------------------------------------------------------
+
+
+def test_without_rank_variables_every_policy_logs_as_one_process(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    for policy in ("zero", "all", "own"):
+        p = plan(policy)
+        assert (p.distributed, p.logs, p.splits, p.samples_system) == (False, True, False, True)
+
+
+def test_the_default_policy_is_zero_and_only_rank_0_logs(clean_env: pytest.MonkeyPatch) -> None:
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0")
+    assert plan(None).policy == "zero" and plan(None).logs
+    as_rank(clean_env, RANK="3", LOCAL_RANK="3")
+    assert plan(None).policy == "zero" and not plan(None).logs
+
+
+def test_steplog_ranks_chooses_the_policy(clean_env: pytest.MonkeyPatch) -> None:
+    as_rank(clean_env, STEPLOG_RANKS=" own ")
+    p = plan(None)
+    assert (p.policy, p.rank, p.local_rank, p.world_size, p.logs) == ("own", 1, 1, 4, True)
+
+
+def test_an_explicit_option_wins_over_steplog_ranks(clean_env: pytest.MonkeyPatch) -> None:
+    as_rank(clean_env, STEPLOG_RANKS="all")
+    assert plan("zero").policy == "zero"
+    lg = Logger(options=Options(ranks="zero"))
+    assert lg.state is State.INERT
+
+
+def test_an_unknown_option_is_refused_when_options_are_built() -> None:
+    with pytest.raises(ValueError, match="ranks must be one of 'zero', 'all', 'own', got 'every'"):
+        Options(ranks="every")  # type: ignore[arg-type]
+
+
+def test_an_unknown_steplog_ranks_is_refused_when_a_logger_is_built(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    clean_env.setenv("STEPLOG_RANKS", "everyone")
+    with pytest.raises(ValueError, match=r"\$STEPLOG_RANKS must be one of .* got 'everyone'"):
+        FileLogger(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "one"}, r"\$RANK must be an integer, got 'one'"),
+    ({"RANK": "-1"}, r"\$RANK must be >= 0"),
+    ({"RANK": "4"}, r"\$RANK \(4\) must be below \$WORLD_SIZE \(4\)"),
+    ({"WORLD_SIZE": "0"}, r"\$WORLD_SIZE must be >= 1"),
+    ({"LOCAL_RANK": "x"}, r"\$LOCAL_RANK must be an integer"),
+])
+def test_malformed_rank_variables_are_refused_with_the_variable_named(
+    clean_env: pytest.MonkeyPatch, env: dict[str, str], message: str,
+) -> None:
+    as_rank(clean_env, **env)
+    with pytest.raises(ValueError, match=message):
+        Logger()
+
+
+def test_rank_without_world_size_is_refused(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=r"\$RANK is set but \$WORLD_SIZE is not"):
+        plan(None)
+
+
+def test_all_and_own_need_an_identity_the_ranks_share(clean_env: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        clean_env.setenv(name, TORCHRUN[name])
+    with pytest.raises(ValueError, match="set STEPLOG_GROUP"):
+        plan("all")
+    assert plan("zero").group is None
+    clean_env.setenv("STEPLOG_GROUP", "job-7")
+    assert plan("own").group == job_identity({"STEPLOG_GROUP": "job-7"})
+
+
+def test_the_job_identity_is_the_same_on_every_rank_and_differs_between_launches() -> None:
+    base = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "8",
+            "TORCHELASTIC_RUN_ID": "abc"}
+    same = {job_identity({**base, "RANK": str(r), "LOCAL_RANK": str(r % 4)}) for r in range(8)}
+    assert len(same) == 1
+    assert job_identity({**base, "TORCHELASTIC_RUN_ID": "abd"}) not in same
+    assert job_identity({**base, "TORCHELASTIC_RESTART_COUNT": "1"}) not in same
+    assert job_identity({**base, "MASTER_PORT": "29501"}) not in same
+
+
+# -- what each rank gets ------------------------------------------------------------------------
+
+
+def test_a_rank_that_does_not_log_gets_an_inert_logger_that_opens_nothing(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    as_rank(clean_env, STEPLOG_RUNS_DIR=str(tmp_path / "runs"))
+    threads = threading.active_count()
+    lg = MLFlowLogger("never", tracking_uri="http://127.0.0.1:9", logging_freq=2,
+                      log_system_metrics=True)
+    files = FileLogger(tmp_path / "out")
+    assert isinstance(lg, MLFlowLogger) and isinstance(files, FileLogger)
+    assert lg.state is State.INERT and lg.run_id is None and lg.run_dir is None
+    assert (lg.experiment_name, lg.logging_freq) == ("never", 2)
+    assert [lg.should_log(i) for i in range(4)] == [False, True, False, True]  # as on rank 0
+    lg.log_scalar("loss", 1.0, 0)
+    lg.log_metrics({"a": 1.0})
+    lg.log_parameters({"lr": 0.1})
+    lg.log_artifact(tmp_path / "missing.txt")  # not even checked
+    flushed, closed = lg.flush(), lg.close()
+    assert flushed and closed and closed.delivered == 0
+    assert closed.inactive is not None and "rank 1 of 4" in closed.inactive
+    assert flushed.inactive == closed.inactive
+    assert lg.stats().enqueued == 0
+    assert threading.active_count() == threads
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_under_own_and_all_files_go_to_a_folder_per_rank(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    as_rank(clean_env, RANK="3", LOCAL_RANK="1")
+    for policy in ("own", "all"):
+        out = tmp_path / policy
+        lg = FileLogger(out, options=Options(ranks=policy))
+        lg.log_scalar("loss", 1.0, 0)
+        assert lg.close()
+        assert [p.name for p in out.iterdir()] == ["rank3"]
+
+
+def test_under_own_each_rank_has_its_own_clearml_task_tagged_with_the_group(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    clean_env.setenv("CLEARML_OFFLINE_MODE", "1")
+    clean_env.setenv("CLEARML_CACHE_DIR", str(tmp_path / "cache"))
+    clean_env.setenv("HOME", str(tmp_path / "home"))
+    as_rank(clean_env, RANK="2", LOCAL_RANK="2")
+    lg = ClearMLLogger("steplog-tests", "run", tags=["ppo"], options=Options(ranks="own"))
+    try:
+        assert lg.task.name == "run rank2"
+        group = plan("own").group
+        assert set(lg.task.get_tags()) == {"ppo", f"steplog.group:{group}", "rank2"}
+    finally:
+        assert lg.close()
+
+
+def test_all_with_clearml_is_refused_at_construction(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    as_rank(clean_env)
+    with pytest.raises(ValueError, match="ClearML Tasks do not support"):
+        ClearMLLogger("p", "t", offline=True, options=Options(ranks="all"))
+
+
+def test_under_all_a_name_too_long_with_its_rank_prefix_is_refused_at_the_call(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0")
+    lg = MLFlowLogger(f"ranks-long-{time.time_ns()}", tracking_uri=mlflow_server.url,
+                      options=Options(ranks="all"))
+    try:
+        lg.log_scalar("x" * 244, 1.0, 0)  # rank0/ + 244 = 250 characters: allowed
+        with pytest.raises(ValueError, match="has 251 characters"):
+            lg.log_scalar("x" * 245, 1.0, 0)
+    finally:
+        assert lg.close(30)
+
+
+def test_only_local_rank_0_samples_system_metrics(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    def samplers() -> int:
+        return sum(t.name == "steplog-system" for t in threading.enumerate())
+
+    before = samplers()
+    for local_rank, expected in (("1", 0), ("0", 1)):
+        as_rank(clean_env, RANK=local_rank, LOCAL_RANK=local_rank)
+        lg = MLFlowLogger(f"ranks-system-{time.time_ns()}", tracking_uri=mlflow_server.url,
+                          log_system_metrics=True, options=Options(ranks="own"))
+        try:
+            assert samplers() - before == expected
+        finally:
+            assert lg.close(30)
+
+
+def test_a_rank_whose_logger_starts_before_rank_0s_joins_the_shared_run_once_it_exists(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Both ranks in this process, rank 1 first, through the sink host (a sqlite store).
+    clean_env.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    loggers = {}
+    for rank in (1, 0):
+        as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        loggers[rank] = MLFlowLogger("shared", tracking_uri=uri, run_name="early",
+                                     options=Options(ranks="all"))
+    for rank, lg in loggers.items():
+        for i in range(5):
+            lg.log_scalar("loss", rank * 10.0 + i, i)
+    assert all(lg.close(120) for lg in loggers.values())
+    assert loggers[0].run_id == loggers[1].run_id is not None
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for rank in (0, 1):
+        history = client.get_metric_history(loggers[0].run_id, f"rank{rank}/loss")
+        assert [(m.step, m.value) for m in history] == [(i, rank * 10.0 + i) for i in range(5)]
+    run = client.get_run(loggers[0].run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["steplog.rank1.status"] == "FINISHED"
+
+
+def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:
+    from steplog.sinks.mlflow import MLflowSink
+
+    targets = []
+    for rank in (1, 2):
+        sink = MLflowSink("e", tracking_uri="http://127.0.0.1:9", run_name="r")
+        sink.join_ranks("all", rank, 4, "group")
+        targets.append(sink.target())
+    assert targets[0]["run_token"] == targets[1]["run_token"]  # the shared run's token
+    moved = [MLflowSink.redirected(t, "http://127.0.0.1:10") for t in targets]
+    assert moved[0]["run_token"] == moved[1]["run_token"] != targets[0]["run_token"]
+    elsewhere = MLflowSink.redirected(targets[0], "http://127.0.0.1:11")
+    assert elsewhere["run_token"] != moved[0]["run_token"]
+
+
+# -- four ranks, one MLflow server ---------------------------------------------------------------
+
+
+class Launch:
+    """Four rank processes of one job, started as torchrun starts them."""
+
+    def __init__(self, server: MlflowServer, root: Path, mode: str, tag: str) -> None:
+        self.tag = tag
+        self.out = root / "out"
+        self.runs = root / "runs"
+        self.out.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("STEPLOG_RANKS", "STEPLOG_GROUP", "TORCHELASTIC_RUN_ID")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                   WORLD_SIZE=str(WORLD), STEPLOG_RUNS_DIR=str(self.runs))
+        self.procs = []
+        for rank in range(WORLD):
+            with open(self.out / f"rank{rank}.err", "w") as err:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, str(WORKER), server.url, str(self.out), mode,
+                     str(RECORDS), tag],
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
+
+    def wait(self, ranks: range | list[int], timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for rank in ranks:
+            proc = self.procs[rank]
+            try:
+                rc = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = None
+            assert rc == 0, f"rank {rank}: {rc}\n{self.stderr(rank)}"
+
+    def stderr(self, rank: int) -> str:
+        return (self.out / f"rank{rank}.err").read_text()[-3000:]
+
+    def report(self, rank: int) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads((self.out / f"rank{rank}.json").read_text())
+        return result
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def runs_of(server: MlflowServer, experiment: str) -> list[dict[str, Any]]:
+    exp = server.api("experiments/get-by-name", experiment_name=experiment)["experiment"]
+    found = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                       "max_results": 100})
+    runs: list[dict[str, Any]] = found.get("runs", [])
+    return runs
+
+
+def tags_of(run: dict[str, Any]) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def assert_every_record_once_in_order(server: MlflowServer, run_id: str, rank: int,
+                                      prefix: str = "") -> None:
+    for key, offset in KEYS.items():
+        history = server.metric_history(run_id, prefix + key)
+        assert [m["step"] for m in history] == list(range(RECORDS)), (rank, key)
+        assert [m["value"] for m in history] == [rank * 1e6 + i + offset
+                                                 for i in range(RECORDS)], (rank, key)
+
+
+@pytest.fixture(scope="module")
+def policies(mlflow_server: MlflowServer,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
+    """Four ranks that each logged under ``zero``, ``all`` and ``own`` in turn."""
+    launch = Launch(mlflow_server, tmp_path_factory.mktemp("ranks"), "policies",
+                    f"ranks-{os.getpid()}-{time.time_ns()}")
+    try:
+        launch.wait(range(WORLD))
+        yield launch
+    finally:
+        launch.stop()
+
+
+def test_zero_only_rank_0_logs_and_the_other_ranks_create_nothing(
+    policies: Launch, mlflow_server: MlflowServer,
+) -> None:
+    tag = policies.tag
+    (run,) = runs_of(mlflow_server, f"{tag}-zero")
+    assert policies.report(0)["zero"]["ok"]
+    assert_every_record_once_in_order(mlflow_server, run["info"]["run_id"], 0)
+    for rank in range(1, WORLD):
+        zero = policies.report(rank)["zero"]
+        assert zero["type"] == "InertMLFlowLogger" and zero["state"] == "inert"
+        assert zero["ok"] and zero["inactive"] and zero["threads_started"] == 0
+        assert zero["run_id"] is None and zero["run_dir"] is None
+
+
+def test_all_every_rank_logs_into_one_shared_run_under_its_rank_prefix(
+    policies: Launch, mlflow_server: MlflowServer,
+) -> None:
+    tag = policies.tag
+    (run,) = runs_of(mlflow_server, f"{tag}-all")
+    run_id = run["info"]["run_id"]
+    reports = [policies.report(rank)["all"] for rank in range(WORLD)]
+    assert all(r["ok"] and r["run_id"] == run_id for r in reports)
+    for rank in range(WORLD):
+        assert_every_record_once_in_order(mlflow_server, run_id, rank, f"rank{rank}/")
+    tags = tags_of(run)
+    assert tags["steplog.ranks"] == "all" and tags["steplog.world_size"] == str(WORLD)
+    assert {tags[f"steplog.rank{r}.status"] for r in range(WORLD)} == {"FINISHED"}
+    assert run["info"]["status"] == "FINISHED"
+    files = {f["path"] for f in mlflow_server.artifacts(run_id)}
+    assert files == {f"rank{r}/note.txt" for r in range(WORLD)}
+    dirs = [Path(r["run_dir"]) for r in reports]
+    assert [d.parent.name for d in dirs] == [f"rank{r}" for r in range(WORLD)]
+
+
+def test_own_each_rank_logs_its_own_run_found_by_the_group_tag(
+    policies: Launch, mlflow_server: MlflowServer,
+) -> None:
+    tag = policies.tag
+    runs = runs_of(mlflow_server, f"{tag}-own")
+    groups = {tags_of(run)["steplog.group"] for run in runs}
+    assert len(runs) == WORLD and len(groups) == 1
+    by_rank = {int(tags_of(run)["steplog.rank"]): run for run in runs}
+    assert sorted(by_rank) == list(range(WORLD))
+    for rank, run in by_rank.items():
+        assert run["info"]["run_name"] == f"{tag}-rank{rank}"
+        assert run["info"]["status"] == "FINISHED"
+        assert policies.report(rank)["own"]["run_id"] == run["info"]["run_id"]
+        assert_every_record_once_in_order(mlflow_server, run["info"]["run_id"], rank)
+
+
+def test_kill_9_of_one_rank_loses_nothing_of_the_others_and_sync_delivers_its_own(
+    mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    tag = f"ranks-kill-{os.getpid()}-{time.time_ns()}"
+    launch = Launch(mlflow_server, tmp_path, "kill", tag)
+    try:
+        deadline = time.monotonic() + 120
+        while not (launch.out / "flushed2").exists() and time.monotonic() < deadline:
+            assert launch.procs[2].poll() is None, launch.stderr(2)
+            time.sleep(0.05)
+        os.killpg(launch.procs[2].pid, signal.SIGKILL)
+        launch.procs[2].wait(10)
+        (launch.out / "killed").write_text("")
+        launch.wait([0, 1, 3])
+        survivors = {rank: launch.report(rank) for rank in (0, 1, 3)}
+    finally:
+        launch.stop()
+    assert all(r[p]["ok"] for r in survivors.values() for p in ("all", "own"))
+    (shared,) = runs_of(mlflow_server, f"{tag}-all")
+    own = {int(tags_of(r)["steplog.rank"]): r["info"]["run_id"]
+           for r in runs_of(mlflow_server, f"{tag}-own")}
+    for rank in (0, 1, 3):
+        assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], rank,
+                                          f"rank{rank}/")
+        assert_every_record_once_in_order(mlflow_server, own[rank], rank)
+    # The killed rank's journals (one per logger, under runs/rank2) hold what it did not deliver.
+    killed = json.loads((launch.out / "rank2.json").read_text())
+    assert all(Path(d).parent == launch.runs / "rank2" for d in killed.values())
+    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync", str(launch.runs / "rank2")],
+                          capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    assert_every_record_once_in_order(mlflow_server, shared["info"]["run_id"], 2, "rank2/")
+    assert_every_record_once_in_order(mlflow_server, own[2], 2)
+    assert shared["info"]["status"] == "FINISHED"  # rank 0 ended it, whatever rank 2 did

@@ -1,0 +1,185 @@
+"""``steplog show`` and ``steplog plot`` read every kind of run back: a file run, a directory of
+runs, a journal run directory, an MLflow run; plots have one panel per metric group."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlflow_support import free_port
+from steplog import FileLogger, MLFlowLogger, Options, RetryPolicy
+from steplog.cli import main
+from steplog.plot import plot_runs
+from steplog.readback import find_runs
+
+QUICK = RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0)
+
+
+def file_run(path: Path, scale: float = 1.0, steps: int = 50) -> Path:
+    logger = FileLogger(path)
+    logger.log_parameters({"lr": 0.1 * scale, "algo": "PPO"})
+    for i in range(steps):
+        logger.log_metrics({"loss/policy": scale / (i + 1), "loss/value": 2 * scale / (i + 1),
+                            "return/mean": scale * i, "lr": 0.1}, i)
+    assert logger.close(30)
+    return path
+
+
+def shown(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["show", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_show_gives_a_file_runs_status_parameters_and_count_last_min_max_per_metric(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = shown(capsys, str(file_run(tmp_path / "run")))
+    assert "status: FINISHED" in out and "algo=PPO" in out and "lr=0.1" in out
+    (row,) = [line.split() for line in out.splitlines() if "return/mean" in line]
+    assert row == ["return/mean", "50", "49", "49", "0", "49"]  # count, step, last, min, max
+
+
+def test_show_of_a_directory_of_runs_shows_each_of_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file_run(tmp_path / "demo" / "a")
+    file_run(tmp_path / "demo" / "b", scale=2.0)
+    out = shown(capsys, str(tmp_path / "demo"))
+    assert f"file run {tmp_path / 'demo' / 'a'}" in out
+    assert f"file run {tmp_path / 'demo' / 'b'}" in out
+    assert "lr=0.2" in out
+
+
+def test_show_of_a_journal_run_directory_says_what_each_sink_lacks_and_how_to_deliver_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = MLFlowLogger("show-journal", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=Options(drain_interval_s=0.01, retry=QUICK,
+                                          runs_dir=str(tmp_path / "runs")))
+    logger.log_parameters({"lr": 0.1})
+    for i in range(300):
+        logger.log_scalar("loss", 1.0 / (i + 1), i)
+    result = logger.close(3)
+    assert not result and result.sync is not None
+    run_dir = result.sync.split(" ", 2)[2]
+    deadline = time.monotonic() + 30
+    while "RUNNING" in (out := shown(capsys, run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the worker still holds the journal
+    assert "journal run directory" in out and "status: closed with FINISHED" in out
+    assert "lr=0.1" in out
+    assert re.search(r"mlflow: http://127.0.0.1:\d+ run not created yet: stored up to frame 0; "
+                     r"lacks 301 records", out)  # 300 points and the param
+    assert "undelivered:\n    301 records for mlflow" in out
+    assert f"deliver it with: steplog sync {run_dir}" in out
+    (row,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["loss"]]
+    assert row[1:3] == ["300", "299"]
+
+
+def test_show_of_an_mlflow_run_by_id_and_by_experiment_and_run_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger("show-mlflow", tracking_uri=uri, run_name="ppo-7")
+    logger.log_parameters({"gamma": 0.99})
+    for i in range(20):
+        logger.log_scalar("return/mean", float(i), i)
+    assert logger.close(60)
+    run_id = logger.run_id  # type: ignore[attr-defined]
+    by_name = shown(capsys, "show-mlflow/ppo-7", "--tracking-uri", uri)
+    assert f"MLflow run {uri} run {run_id}" in by_name
+    assert "status: FINISHED" in by_name and "gamma=0.99" in by_name
+    (row,) = [line.split() for line in by_name.splitlines() if "return/mean" in line]
+    assert row == ["return/mean", "20", "19", "19", "0", "19"]
+    assert shown(capsys, run_id, "--tracking-uri", uri) == by_name
+
+
+def test_show_of_a_path_that_holds_no_run_fails_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", str(tmp_path)]) == 2
+    assert "is not a steplog run" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_plot_draws_one_panel_per_metric_group_with_every_run_overlaid(tmp_path: Path) -> None:
+    runs = find_runs(str(file_run(tmp_path / "a"))) + find_runs(str(file_run(tmp_path / "b", 2)))
+    fig = plot_runs(runs, tmp_path / "p.png")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["loss", "lr", "return"]
+    assert [len(ax.get_lines()) for ax in panels] == [4, 2, 2]  # runs x metrics of the group
+    assert {t.get_text() for t in panels[0].get_legend().get_texts()} == {
+        "a: loss/policy", "a: loss/value", "b: loss/policy", "b: loss/value"}
+
+
+def test_plot_keeps_only_the_metrics_matching_the_pattern(tmp_path: Path) -> None:
+    runs = find_runs(str(file_run(tmp_path / "a")))
+    fig = plot_runs(runs, tmp_path / "p.png", pattern="loss/*", smooth_k=5)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["loss"]
+    assert len(panels[0].get_lines()) == 4  # raw and smoothed, per metric
+
+
+def test_plot_writes_a_png_that_is_not_blank(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import matplotlib.image
+
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(file_run(tmp_path / "a")), "-o", str(png), "--smooth", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(png)
+    assert png.stat().st_size > 20_000
+    pixels = matplotlib.image.imread(png)
+    height, width = pixels.shape[:2]
+    assert width >= 1200 and height >= 700  # two columns, two rows of panels
+    ink = (pixels[:, :, :3].sum(axis=2) < 2.9).mean()  # pixels that are not white
+    assert 0.01 < ink < 0.5
+
+
+def test_plot_without_an_output_writes_an_image_and_prints_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plot", str(file_run(tmp_path / "a"))]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    try:
+        assert path.suffix == ".png" and path.stat().st_size > 10_000
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_plot_of_metrics_that_match_nothing_fails_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plot", str(file_run(tmp_path / "a")), "--metrics", "nope/*"]) == 2
+    assert "no metric to plot matches 'nope/*'" in capsys.readouterr().err
+
+
+def test_only_the_plot_command_imports_matplotlib(tmp_path: Path) -> None:
+    run = file_run(tmp_path / "a")
+    proc = subprocess.run([sys.executable, "-c", f"""if True:
+        import sys
+        from steplog.cli import main
+        assert main(["show", {str(run)!r}]) == 0
+        assert "matplotlib" not in sys.modules
+        assert main(["plot", {str(run)!r}, "-o", {str(tmp_path / "p.png")!r}]) == 0
+        assert "matplotlib" in sys.modules
+    """], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["show"], ["plot"], ["sync"]])
+def test_help_is_plain_text_and_names_every_options_default(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text and ":class:" not in text
+    options = text.split("options:", 1)[1]
+    entries = [e for e in options.split("\n  -")[1:] if not e.startswith("h, --help")]
+    assert all("(default" in " ".join(e.split()) for e in entries), entries
