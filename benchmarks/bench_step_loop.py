@@ -9,7 +9,9 @@ a real job): a one-thread torch step loop (an MLP forward and backward plus an S
   once batches of 10,000 scalars keep coming);
 * ``file-thread``: ``FileLogger(offload="never")``: the worker thread always encodes and writes;
 * ``mlflow-embedded``: ``MLFlowLogger`` on the embedded default store (``sqlite:///``), which
-  runs MLflow's client in steplog's sink host process;
+  runs MLflow's client in steplog's sink host process (metric points by its sqlite fast path);
+* ``mlflow-embedded-log-batch``: the same with ``STEPLOG_MLFLOW_FAST_PATH=0`` (every metric
+  through MLflow's ``log_batch`` in the host);
 * ``mlflow-http``: ``MLFlowLogger`` against an ``mlflow server`` started by this benchmark;
 * ``clearml``: ``ClearMLLogger`` in ClearML offline mode (no ClearML server can run here);
 * ``clearml-sdk``: what the seed's synchronous ClearMLLogger did: ``Task.init`` with ClearML's
@@ -29,8 +31,8 @@ figure is the median over the rounds (per second, and for the whole run).
 started only when an MLflow contender runs.
 
     python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10] [--repeat 1]
-        [--contenders none file file-thread mlflow-embedded mlflow-http clearml clearml-sdk
-                      none-again]
+        [--contenders none file file-thread mlflow-embedded mlflow-embedded-log-batch
+                      mlflow-http clearml clearml-sdk none-again]
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-CONTENDERS = ("none", "file", "file-thread", "mlflow-embedded", "mlflow-http", "clearml",
-              "clearml-sdk", "none-again")
+CONTENDERS = ("none", "file", "file-thread", "mlflow-embedded", "mlflow-embedded-log-batch",
+              "mlflow-http", "clearml", "clearml-sdk", "none-again")
 """``none-again`` repeats the baseline last: its difference from ``none`` is the machine's noise."""
 
 
@@ -90,6 +92,9 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
     elif contender == "file-thread":
         logger = steplog.FileLogger(os.path.join(workdir, "run"), offload="never")
     elif contender == "mlflow-embedded":
+        logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
+    elif contender == "mlflow-embedded-log-batch":  # the sqlite fast path turned off
+        os.environ["STEPLOG_MLFLOW_FAST_PATH"] = "0"
         logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
     elif contender == "mlflow-http":
         logger = steplog.MLFlowLogger("bench-step", tracking_uri=url)

@@ -40,6 +40,9 @@ class SinkStats(msgspec.Struct):
     pending: int = 0
     spilled: int = 0
     """Of the pending records, those held only in the journal now (``full_policy="spill"``)."""
+    info: dict[str, str] = msgspec.field(default_factory=dict)
+    """What the sink says about how it stores records (:meth:`Sink.info`), e.g. the MLflow
+    sink's ``metrics_path`` and, when its sqlite fast path is off, ``fast_path_off``."""
 
 
 class Stats(msgspec.Struct):

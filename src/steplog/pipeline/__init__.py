@@ -324,7 +324,7 @@ class Pipeline(Drain):
             pending = metrics_pending + r.uploads.pending
             with r._count_lock:
                 sinks[r.label] = msgspec.structs.replace(r.stats, pending=pending,
-                                                         spilled=spilled)
+                                                         spilled=spilled, info=r.sink.info())
             for lane in r.lanes:
                 if lane.pending and (oldest is None or lane.oldest_ms < oldest):
                     oldest = lane.oldest_ms

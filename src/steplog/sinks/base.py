@@ -91,5 +91,10 @@ class Sink(abc.ABC):
         """A sink that uploads into the run :meth:`target` described (no new run)."""
         raise ValueError(f"the {cls.kind} sink cannot upload into an earlier run")
 
+    def info(self) -> dict[str, str]:
+        """Facts about how the sink stores records now, shown in ``stats()`` (e.g. which path
+        its metrics take and why); read from the caller's thread, so it must be cheap."""
+        return {}
+
     def release(self) -> None:  # noqa: B027 - optional hook
         """Close connections of a reattached sink, leaving its run as it is."""

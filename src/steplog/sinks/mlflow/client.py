@@ -24,6 +24,7 @@ from steplog.paths import link_or_copy
 from steplog.records import Artifact, Batch, Scalar
 from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
+    MAX_METRICS_PER_REQUEST,
     RETRYABLE_STATUS,
     VERSION_TOKEN_TAG,
     Chunk,
@@ -33,6 +34,7 @@ from steplog.sinks.mlflow.common import (
     token_filter,
 )
 from steplog.sinks.mlflow.new_store import create_sqlite_store
+from steplog.sinks.mlflow.sqlite_fast import FastPath, open_fast_path
 
 __all__ = ["ClientTransport", "HostTransport"]
 
@@ -70,6 +72,17 @@ class HostTransport:
                                             running_only, since_ms, returns=RunRef | None)
         return ref
 
+    def metrics_path(self, run_id: str) -> str | None:
+        """``None`` when the host writes this run's metric points into the sqlite store's
+        tables itself (:mod:`.sqlite_fast`), else why they go through ``log_batch``."""
+        reason: str | None = self.host.call("api", "metrics_path", run_id)
+        return reason
+
+    def log_metrics(self, run_id: str, batch: Batch) -> None:
+        """Every scalar of ``batch`` (no params or tags), in one host call: for a run on the
+        fast path, which has no per-request limit."""
+        self.host.call("api", "log_frame", run_id, encode_batch(batch), {}, {})
+
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
         # The metrics travel as one journal frame (msgpack of whole blocks, ~15 ns per scalar
         # here): the host builds the records, on its own core.
@@ -103,13 +116,41 @@ class ClientTransport:
         from mlflow import MlflowClient
 
         create_sqlite_store(tracking_uri)
+        self.tracking_uri = tracking_uri
         with _mlflow_errors():  # e.g. a ./mlruns file store MLflow 3.7+ refuses
             self.client = MlflowClient(tracking_uri=tracking_uri)
         self._runs: set[str] = set()
         """Runs this client created or wrote to."""
+        self._fast: FastPath | str | None = None
+        """The fast path into a sqlite store, or why there is none (None: not checked yet)."""
+        self._fast_runs: dict[str, str | None] = {}
+        """Per run: None when its points take the fast path, else why not."""
 
     def close(self) -> None:
-        """Nothing to release: the client holds no connection of its own."""
+        """The fast path's connection is closed (the client holds none of its own)."""
+        if isinstance(self._fast, FastPath):
+            self._fast.close()
+
+    def metrics_path(self, run_id: str) -> str | None:
+        """None when this run's metric points are written by the fast path, else why they go
+        through ``log_batch``: the gate is checked when the store is first opened here, the
+        run's state when the run is first seen."""
+        if run_id in self._fast_runs:
+            return self._fast_runs[run_id]
+        if self._fast is None:
+            self._fast = open_fast_path(self.tracking_uri)
+        fast = self._fast
+        if isinstance(fast, str):
+            reason: str | None = fast
+        else:
+            try:
+                reason = fast.run_problem(run_id)
+            except Exception as exc:
+                reason = f"the run could not be read from the store: {exc}"
+            if reason is not None:
+                reason = f"the run is not writable: {reason}"
+        self._fast_runs[run_id] = reason
+        return reason
 
     def run_tags(self, user_tags: dict[str, str]) -> dict[str, str]:
         """MLflow's context tags (user, source, git, and those of context plugins), then
@@ -161,9 +202,23 @@ class ClientTransport:
 
     def log_frame(self, run_id: str, frame: bytes, params: dict[str, str],
                   tags: dict[str, str]) -> None:
-        """:meth:`log_batch` of the scalars encoded in ``frame`` (:func:`encode_batch`)."""
-        metrics = [r for r in decode_batch(frame) if type(r) is Scalar]
-        self.log_batch(run_id, Chunk(metrics, params, tags))
+        """:meth:`log_batch` of the scalars encoded in ``frame`` (:func:`encode_batch`), its
+        metric points written by the fast path when the run takes it (params first and tags
+        last through ``MlflowClient``, as ``log_batch`` applies them)."""
+        batch = decode_batch(frame)
+        fast = self._fast
+        if self.metrics_path(run_id) is None and isinstance(fast, FastPath):
+            self._runs.add(run_id)
+            if params:
+                self.log_batch(run_id, Chunk([], params, {}))
+            fast.write(run_id, batch)
+            if tags:
+                self.log_batch(run_id, Chunk([], {}, tags))
+            return
+        metrics = [r for r in batch if type(r) is Scalar]
+        for i in range(0, max(1, len(metrics)), MAX_METRICS_PER_REQUEST):
+            self.log_batch(run_id, Chunk(metrics[i:i + MAX_METRICS_PER_REQUEST],
+                                         params if i == 0 else {}, tags if i == 0 else {}))
 
     def log_batch(self, run_id: str, chunk: Chunk) -> None:
         from mlflow.entities import Metric, RunTag

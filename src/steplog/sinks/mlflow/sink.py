@@ -26,7 +26,7 @@ import urllib.parse
 import uuid
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 
 from steplog.errors import PermanentError, RetryableError
 from steplog.paths import safe_relpath
@@ -48,7 +48,15 @@ from steplog.sinks.mlflow.common import (
 )
 from steplog.sinks.mlflow.streams import key_streams, scalars_only
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT", "IN_FLIGHT_ENV", "MLflowSink"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "IN_FLIGHT_ENV", "SQLITE_MAX_BATCH", "MLflowSink"]
+
+SQLITE_MAX_BATCH = 10_000
+"""Most records per write into a ``sqlite:`` store."""
+
+
+class _FastTransport(Protocol):
+    def log_metrics(self, run_id: str, batch: Batch) -> None: ...
+
 
 _NAME = attrgetter("name")
 _JOIN_WAIT_S = 2.0
@@ -121,6 +129,14 @@ class MLflowSink(Sink):
         self._good_keys: set[str] = set()
         self._uploaded: set[tuple[str, int]] = set()
         """Artifacts stored whose model version is not registered yet (a retry skips them)."""
+        self._fast: bool | None = None
+        """Whether the sink host writes this run's metric points into the sqlite store itself
+        (None: not asked yet)."""
+        self._info: dict[str, str] = {}
+        if self.tracking_uri.startswith("sqlite:"):
+            # One host call and one transaction per 10,000 points on the fast path; chunks of
+            # 1000 (MLflow's request limit) otherwise, as before.
+            self.max_batch = SQLITE_MAX_BATCH
         self._ranks: dict[str, Any] | None = None
         """This rank's place under the ``"all"``/``"own"`` rank policy (see :meth:`join_ranks`)."""
         self._keys: _RankKeys | None = None
@@ -381,6 +397,17 @@ class MLflowSink(Sink):
             raise RetryableError("the MLflow run is not open yet")
         if not records:
             return
+        run_id = self._run.run_id
+        if self._fast is None:
+            self._probe_fast_path(run_id)
+        if self._fast:
+            batch = Batch.of(records)
+            if all(type(p) is Scalars or type(p) is Scalar for p in batch.parts):
+                self._check_keys(batch)
+                if self._keys is not None:  # a shared run: stored as rank<R>/<name>
+                    batch = batch.renamed(self._keys.__getitem__)
+                cast("_FastTransport", self._transport).log_metrics(run_id, batch)
+                return
         log_streams = getattr(self._transport, "log_streams", None)
         if self.max_in_flight > 1 and log_streams is not None:
             partial, self._partial = self._partial, None
@@ -395,13 +422,12 @@ class MLflowSink(Sink):
                     stored = set()
             if streams:
                 try:
-                    log_streams(self._run.run_id, streams, stored)
+                    log_streams(run_id, streams, stored)
                 except BaseException:
                     self._partial = (records, streams, stored)
                     raise
                 return
         chunks = self._plan(records)
-        run_id = self._run.run_id
         for chunk in chunks:
             if self._keys is not None:  # a shared run: stored as rank<R>/<name>
                 chunk.rename = self._keys.__getitem__
@@ -472,6 +498,26 @@ class MLflowSink(Sink):
         if cur:
             chunks.append(cur)
         return chunks
+
+    def _probe_fast_path(self, run_id: str) -> None:
+        """Ask the sink host whether it writes this run's points into the sqlite store
+        itself, and why not (for :meth:`info`)."""
+        probe = getattr(self._transport, "metrics_path", None)
+        if not callable(probe):
+            self._fast = False  # REST: MLflow's server stores them
+            return
+        reason = probe(run_id)
+        self._fast = reason is None
+        if reason is None:
+            self._info = {"metrics_path": "sqlite fast path"}
+        else:
+            self._info = {"metrics_path": "log_batch", "fast_path_off": str(reason)}
+
+    def info(self) -> dict[str, str]:
+        """How metric points are stored: ``metrics_path`` is ``"sqlite fast path"`` or
+        ``"log_batch"`` (then ``fast_path_off`` says why) once the first batch was written
+        through MLflow's client in a sink host; empty otherwise."""
+        return dict(self._info)
 
     # -- upload lane -------------------------------------------------------------------------
 

@@ -1,0 +1,309 @@
+"""Metric points written straight into an MLflow sqlite store's tables, as MLflow writes them.
+
+MLflow's SQLAlchemy store spends about 90 us of CPU per metric (an ORM object each, validation
+twice, the unit-of-work flush, the latest-metrics compare in Python). For a ``sqlite:`` store
+whose schema is one this code was tested against, the sink host writes metric points itself:
+one ``INSERT OR IGNORE`` ``executemany`` per block of scalars into ``metrics`` (the block's rows
+go to sqlite as they were decoded; NaN, infinity and the flag are computed in SQL), then one
+upsert per key into ``latest_metrics`` with MLflow's rule, in transactions of bounded length.
+Experiments, runs, params, tags and run status still go through ``MlflowClient``.
+
+What is stored is what MLflow 3.17's ``log_batch`` stores (``SqlAlchemyStore._log_metrics``):
+
+* a row ``(key, value, timestamp, step, is_nan, run_uuid)`` per point, identical rows once;
+  NaN is stored as ``0`` with ``is_nan`` = 1; +-infinity as +-1.7976931348623157e308;
+* ``latest_metrics`` of a key is replaced only by a point whose ``(step, timestamp, value)``
+  (the stored value) is strictly greater; of equal points the first logged is kept;
+* refused like MLflow: a key MLflow's rules refuse, a negative timestamp (the batch is refused
+  and the pipeline isolates the bad record), a run that is not active or does not exist (the
+  whole request, with MLflow's message).
+
+The gate (:func:`open_fast_path`), checked when the store is opened: the ``alembic_version`` is
+one of :data:`TESTED_REVISIONS`; ``metrics`` and ``latest_metrics`` have exactly the columns,
+types, NOT NULL flags and primary keys of those revisions; the run is active. steplog's scalars
+carry no model id (MLflow also writes a point with one to ``logged_model_metrics``). Anything
+else, or ``STEPLOG_MLFLOW_FAST_PATH=0``, leaves every metric to ``log_batch``; the reason is
+reported in the sink's ``stats()`` info.
+
+The store's journal mode and ``synchronous`` setting are left as they are (see
+docs/mlflow-fast-path.md): a transaction holds sqlite's write lock for at most about
+:data:`TRANSACTION_BUDGET_S` plus its commit, so readers (``mlflow ui``, ``MlflowClient``) see
+new points within a fraction of a second and other writers wait far less than MLflow's 20 s busy
+timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from operator import itemgetter
+from typing import Any
+
+from steplog.errors import PermanentError, RetryableError
+from steplog.records import Batch, Scalar, Scalars
+from steplog.sinks.mlflow.common import key_problem
+from steplog.sinks.mlflow.new_store import sqlite_path
+
+__all__ = [
+    "DISABLE_ENV",
+    "TESTED_REVISIONS",
+    "TRANSACTION_BUDGET_S",
+    "FastPath",
+    "open_fast_path",
+]
+
+TESTED_REVISIONS = frozenset({"dc11669786a5"})
+"""MLflow schema revisions (``alembic_version``) whose metric tables this module writes:
+MLflow 3.17's head."""
+
+DISABLE_ENV = "STEPLOG_MLFLOW_FAST_PATH"
+"""Set to ``0`` to send every metric through MLflow's ``log_batch``."""
+
+TRANSACTION_BUDGET_S = 0.04
+"""A transaction is committed once its inserts took this long (then its commit follows)."""
+
+_PIECE = 500
+"""Rows per ``executemany`` call: the unit in which a transaction's length is measured."""
+
+BUSY_TIMEOUT_MS = 20_000
+"""How long a write waits for another writer's lock (MLflow's own setting)."""
+
+# (name, declared type, NOT NULL, position in the primary key) of each column, as MLflow 3.17's
+# migrations create them.
+_METRICS_COLUMNS = frozenset({
+    ("key", "VARCHAR(250)", 1, 1),
+    ("value", "FLOAT", 1, 5),
+    ("timestamp", "BIGINT", 1, 2),
+    ("run_uuid", "VARCHAR(32)", 1, 4),
+    ("step", "BIGINT", 1, 3),
+    ("is_nan", "BOOLEAN", 1, 6),
+})  # fmt: skip
+_LATEST_COLUMNS = frozenset({
+    ("key", "VARCHAR(250)", 1, 1),
+    ("value", "FLOAT", 1, 0),
+    ("timestamp", "BIGINT", 0, 0),
+    ("step", "BIGINT", 1, 0),
+    ("is_nan", "BOOLEAN", 1, 0),
+    ("run_uuid", "VARCHAR(32)", 1, 2),
+})  # fmt: skip
+
+_STEP_INDEX = "index_metrics_run_uuid_key_step"
+
+_MAX = "1.7976931348623157e308"
+# A NaN bound by sqlite3 arrives as NULL (sqlite has no NaN); +-inf arrive as +-inf.
+_VALUE = (f"CASE WHEN ?2 IS NULL THEN 0 WHEN ?2 > {_MAX} THEN {_MAX} "
+          f"WHEN ?2 < -{_MAX} THEN -{_MAX} ELSE ?2 END")
+_INSERT_BLOCK = ("INSERT OR IGNORE INTO metrics (key, value, timestamp, step, is_nan, run_uuid) "
+                 "VALUES (?1, " + _VALUE + ", {ts}, ?3, ?2 IS NULL, {run})")
+"""Rows ``(key, value, step)`` of one block; its timestamp and the run are literals, so the
+block's rows are bound as decoded, without a tuple per row."""
+_INSERT_ONE = ("INSERT OR IGNORE INTO metrics (key, value, timestamp, step, is_nan, run_uuid) "
+               "VALUES (?1, " + _VALUE + ", ?4, ?3, ?2 IS NULL, ?5)")
+# The newest point of a key among the rows this transaction inserted (rowids above the highest
+# one before it; identical rows ignored as already stored are never newer than the stored latest
+# point, so they change nothing); of equal points the first inserted, as MLflow keeps the first
+# of equal points in call order. MLflow's (run_uuid, key, step) index finds the highest steps
+# first: a few index steps per key when new points have the highest steps.
+_UPSERT_LATEST = """
+INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
+SELECT key, value, timestamp, step, is_nan, run_uuid
+FROM metrics INDEXED BY index_metrics_run_uuid_key_step
+WHERE run_uuid = ?2 AND key = ?1 AND rowid > ?3
+ORDER BY step DESC, timestamp DESC, value DESC, rowid LIMIT 1
+ON CONFLICT (key, run_uuid) DO UPDATE SET
+  value = excluded.value, timestamp = excluded.timestamp, step = excluded.step,
+  is_nan = excluded.is_nan
+WHERE (excluded.step, excluded.timestamp, excluded.value)
+    > (latest_metrics.step, latest_metrics.timestamp, latest_metrics.value)
+"""
+
+_NAME = itemgetter(0)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def fast_path_disabled() -> str | None:
+    """Why the environment turns the fast path off, if it does."""
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    return None
+
+
+def open_fast_path(tracking_uri: str) -> FastPath | str:
+    """A :class:`FastPath` into the store ``tracking_uri`` names when the gate's store checks
+    pass (the run is checked by :meth:`FastPath.run_problem`), else why not."""
+    off = fast_path_disabled()
+    if off is not None:
+        return off
+    if not tracking_uri.startswith("sqlite:"):
+        return "not a sqlite store"
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return "a sqlite URI with options, a host or an in-memory database"
+    if not os.path.isfile(path):
+        return f"no store file at {path}"
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        return f"the store could not be opened: {exc}"
+    try:
+        problem = schema_problem(conn)
+    except sqlite3.Error as exc:
+        problem = f"the store's schema could not be read: {exc}"
+    if problem is not None:
+        conn.close()
+        return problem
+    # This connection's page cache only (not stored in the file): with many keys, inserts land
+    # at many places of the primary-key index.
+    conn.execute("PRAGMA cache_size = -65536")
+    return FastPath(conn)
+
+
+def schema_problem(conn: sqlite3.Connection) -> str | None:
+    """Why the store behind ``conn`` is not one whose metric tables this module writes."""
+    try:
+        revisions = [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")]
+    except sqlite3.OperationalError:
+        return "the store has no alembic_version table"
+    if len(revisions) != 1 or revisions[0] not in TESTED_REVISIONS:
+        return (f"schema revision {', '.join(map(str, revisions)) or 'none'} is not one this "
+                f"steplog was tested against ({', '.join(sorted(TESTED_REVISIONS))})")
+    for table, expected in (("metrics", _METRICS_COLUMNS), ("latest_metrics", _LATEST_COLUMNS)):
+        found = frozenset((name, str(kind).upper(), int(notnull), int(pk))
+                          for _cid, name, kind, notnull, _default, pk
+                          in conn.execute(f"PRAGMA table_info({table})"))
+        if found != expected:
+            return (f"table {table} differs from MLflow's at the tested revision (columns, "
+                    "types or primary key)")
+    try:
+        conn.execute("SELECT rowid FROM metrics LIMIT 0")
+    except sqlite3.OperationalError:
+        return "table metrics has no rowid"
+    index = [r[2] for r in conn.execute(f"PRAGMA index_info({_quote(_STEP_INDEX)})")]
+    if index != ["run_uuid", "key", "step"]:
+        return f"index {_STEP_INDEX} of table metrics is missing or differs from MLflow's"
+    return None
+
+
+class FastPath:
+    """Writes scalars into one store's ``metrics`` and ``latest_metrics`` (see the module).
+    One writer at a time: the sink host calls it from its metrics channel only."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._good_keys: set[str] = set()
+        self.rows = 0
+        """Points written (new rows and identical ones ignored)."""
+        self.transactions = 0
+        self.longest_transaction_s = 0.0
+        """The longest time one transaction held the store's write lock (s)."""
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def run_problem(self, run_id: str) -> str | None:
+        """Why points of ``run_id`` cannot be written now (MLflow's refusal), or None."""
+        row = self._conn.execute("SELECT lifecycle_stage FROM runs WHERE run_uuid = ?",
+                                 (run_id,)).fetchone()
+        if row is None:
+            return f"Run with id={run_id} not found"
+        if row[0] != "active":
+            return (f"The run {run_id} must be in the 'active' state. "
+                    f"Current state is {row[0]}.")
+        return None
+
+    def write(self, run_id: str, batch: Batch) -> None:
+        """Store the scalars of ``batch`` (params and tags are skipped: the caller sends them)
+        for ``run_id``, as MLflow's ``log_batch`` would. Raises :class:`PermanentError` for what
+        MLflow refuses (nothing of the batch is stored then), :class:`RetryableError` when the
+        store stays locked or fails; a failed transaction is rolled back, and earlier ones of
+        the batch are stored, so a retry of the whole batch stores nothing twice."""
+        pieces = self._pieces(run_id, batch)
+        if not pieces:
+            return
+        try:
+            self._store(run_id, pieces)
+        except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk I/O
+            raise RetryableError(f"sqlite store: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise PermanentError(f"sqlite store: {exc}") from exc
+
+    def _pieces(self, run_id: str, batch: Batch) -> list[tuple[str, list[Any], set[str]]]:
+        """The batch's scalars, checked, as (statement, rows, their keys) pieces in call
+        order."""
+        run = _quote(run_id)
+        keys: set[str] = set()
+        pieces: list[tuple[str, list[Any], set[str]]] = []
+        singles: list[tuple[str, float, int, int, str]] = []
+        for part in batch.parts:
+            if type(part) is Scalar:
+                if part.timestamp < 0:
+                    raise PermanentError(_bad_timestamp(part.timestamp))
+                keys.add(part.name)
+                singles.append((part.name, part.value, part.step, part.timestamp, run_id))
+                continue
+            if singles:
+                pieces.append((_INSERT_ONE, singles, set(map(_NAME, singles))))
+                singles = []
+            if type(part) is not Scalars or not part.rows:
+                continue
+            if part.timestamp < 0:
+                raise PermanentError(_bad_timestamp(part.timestamp))
+            rows = part.rows
+            sql = _INSERT_BLOCK.format(ts=int(part.timestamp), run=run)
+            for i in range(0, len(rows), _PIECE):
+                piece = rows[i:i + _PIECE] if len(rows) > _PIECE else rows
+                piece_keys = set(map(_NAME, piece))
+                keys |= piece_keys
+                pieces.append((sql, piece, piece_keys))
+        if singles:
+            pieces.append((_INSERT_ONE, singles, set(map(_NAME, singles))))
+        for key in keys - self._good_keys:
+            problem = key_problem(key)
+            if problem is not None:
+                raise PermanentError(problem)
+            self._good_keys.add(key)
+        return pieces
+
+    def _store(self, run_id: str, pieces: list[tuple[str, list[Any], set[str]]]) -> None:
+        conn = self._conn
+        i = 0
+        while i < len(pieces):
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                problem = self.run_problem(run_id)
+                if problem is not None:
+                    raise PermanentError(problem, whole_batch=True)
+                (before,) = conn.execute("SELECT max(rowid) FROM metrics").fetchone()
+                written = 0
+                keys: set[str] = set()
+                while i < len(pieces):
+                    sql, rows, piece_keys = pieces[i]
+                    conn.executemany(sql, rows)
+                    written += len(rows)
+                    keys |= piece_keys
+                    i += 1
+                    if time.perf_counter() - started >= TRANSACTION_BUDGET_S:
+                        break
+                before = before or 0
+                conn.executemany(_UPSERT_LATEST,
+                                 [(key, run_id, before) for key in sorted(keys)])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.rows += written
+            self.transactions += 1
+            self.longest_transaction_s = max(self.longest_transaction_s,
+                                             time.perf_counter() - started)
+
+
+def _bad_timestamp(timestamp: int) -> str:
+    return (f"Invalid value {timestamp} for parameter 'timestamp': Timestamp must be a "
+            "nonnegative long (64-bit integer)")
