@@ -17,26 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from journal_support import journaled
 from mlflow_support import MlflowServer, free_port
 from steplog import MLFlowLogger, Options, RetryPolicy
 from steplog.cli import main
-from steplog.frames import decode_batch
 from steplog.journal import Journal
-from steplog.records import Scalar, Scalars
+from steplog.records import Scalars
 from steplog.runlog import RunJournal
 from steplog.sinks.mlflow import MLflowSink
 
 QUICK = RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0)
-
-
-def journaled(runs: Path) -> list[Scalar]:
-    """Every scalar the journals under ``runs`` hold."""
-    out: list[Scalar] = []
-    for journal_dir in runs.rglob("journal"):
-        with Journal.open(journal_dir) as journal:
-            for _, payload in journal.read():
-                out.extend(r for r in decode_batch(payload) if isinstance(r, Scalar))
-    return out
 
 
 def run_ids(runs: Path) -> set[str]:
