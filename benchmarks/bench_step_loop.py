@@ -27,10 +27,17 @@ the overhead against ``none``, per second and for the whole run.
 With ``--repeat R`` every contender runs R times, the order rotating between rounds, and each
 figure is the median over the rounds (per second, and for the whole run).
 
+With ``--alternate PHASE_S`` each contender's process instead turns its logging on and off
+in phases of PHASE_S seconds (the logger open throughout) and prints on / off of the step time
+and of the training thread's CPU per step: the same process, memory layout and CPU on both
+sides, so the differences between processes (a few percent here) drop out; ``none`` shows the
+method's own spread.
+
 ``--contenders`` runs a subset (``none`` always runs, as the baseline); the MLflow server is
 started only when an MLflow contender runs.
 
     python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10] [--repeat 1]
+        [--alternate PHASE_S]
         [--contenders none file file-thread mlflow-embedded mlflow-embedded-log-batch
                       mlflow-http clearml clearml-sdk none-again]
 """
@@ -78,15 +85,35 @@ def training_step() -> Callable[[], float]:
     return step
 
 
-def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -> None:
-    """One contender in this process: print the per-second mean step times (ms) as JSON."""
-    train = training_step()
-    names = [f"train/m{k}" for k in range(scalars)]
-    if contender != "none":
-        import steplog
+Contender = tuple[Callable[[float, int], None] | None, Callable[[int], bool]]
+"""A contender's per-step logging (``None`` for no logging) and its ending: ``end(steps)``
+closes it and says whether every record of the ``steps`` logged steps arrived."""
 
-    start = time.perf_counter()
-    logger = None
+
+def open_contender(contender: str, names: list[str], url: str, workdir: str) -> Contender:
+    """Build the contender's logger (or the ClearML SDK's task) as at the top of a training
+    script."""
+    if contender == "none":
+        return None, lambda steps: True
+    if contender == "clearml-sdk":
+        from clearml import Task
+
+        task = Task.init(project_name="bench-step", task_name="sdk")
+        report = task.get_logger().report_scalar
+        pairs = [tuple(n.split("/", 1)) for n in names]
+
+        def report_step(value: float, step: int) -> None:
+            for title, series in pairs:
+                report(title, series, value, iteration=step)
+
+        def end_task(steps: int) -> bool:
+            task.close()
+            return True
+
+        return report_step, end_task
+    import steplog
+
+    logger: steplog.Logger
     if contender == "file":
         logger = steplog.FileLogger(os.path.join(workdir, "run"))
     elif contender == "file-thread":
@@ -100,42 +127,89 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
         logger = steplog.MLFlowLogger("bench-step", tracking_uri=url)
     elif contender == "clearml":
         logger = steplog.ClearMLLogger("bench-step", "steplog")
-    report = None
-    if contender == "clearml-sdk":
-        from clearml import Task
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+    log_scalar = logger.log_scalar
 
-        task = Task.init(project_name="bench-step", task_name="sdk")
-        report = task.get_logger().report_scalar
-        pairs = [tuple(n.split("/", 1)) for n in names]
+    def log_step(value: float, step: int) -> None:
+        for name in names:
+            log_scalar(name, value, step)
+
+    def end(steps: int) -> bool:
+        result = logger.close(300)
+        return bool(result) and result.delivered == steps * len(names)
+
+    return log_step, end
+
+
+def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -> None:
+    """One contender in this process: print the per-second mean step times (ms) as JSON."""
+    train = training_step()
+    names = [f"train/m{k}" for k in range(scalars)]
+    if contender != "none":
+        import steplog  # noqa: F401  (imported before the loop, as at the top of a script)
+
+    start = time.perf_counter()
+    log_step, end = open_contender(contender, names, url, workdir)
     buckets: list[list[float]] = [[] for _ in range(int(seconds) + 1)]
     step = 0
     now = time.perf_counter()
     while now - start < seconds:
         t0 = now
         value = train()
-        if logger is not None:
-            for name in names:
-                logger.log_scalar(name, value, step)
-        elif report is not None:
-            for title, series in pairs:
-                report(title, series, value, iteration=step)
+        if log_step is not None:
+            log_step(value, step)
         step += 1
         now = time.perf_counter()
         buckets[int(t0 - start)].append(now - t0)
-    ok = True
-    if logger is not None:
-        result = logger.close(300)
-        ok = bool(result) and result.delivered == step * scalars
-    if report is not None:
-        task.close()
+    ok = end(step)
     per_second = [1000 * statistics.fmean(b) for b in buckets if b]
     print(json.dumps({"per_second_ms": per_second, "steps": step, "ok": ok}))
 
 
-def run_contender(contender: str, scalars: int, seconds: float, url: str) -> dict[str, object]:
+def alternate(contender: str, scalars: int, seconds: float, phase: float, url: str,
+              workdir: str) -> None:
+    """One contender in this process, its logging on and off in alternating phases of
+    ``phase`` seconds (on-off, off-on, ...) after a 2 s warm-up with it on; print, per phase,
+    the mean wall time and the training thread's CPU time per step (ms) as JSON. The logger
+    stays open throughout, so both kinds of phase run in the same process, memory layout and
+    CPU; with ``none`` both kinds log nothing, which shows the method's own spread."""
+    train = training_step()
+    names = [f"train/m{k}" for k in range(scalars)]
+    log_step, end = open_contender(contender, names, url, workdir)
+    step = logged = 0
+
+    def run_phase(on: bool, length: float) -> tuple[float, float]:
+        nonlocal step, logged
+        log = log_step if on else None
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        first = step
+        while time.perf_counter() - t0 < length:
+            value = train()
+            if log is not None:
+                log(value, logged)
+                logged += 1
+            step += 1
+        wall = time.perf_counter() - t0
+        return 1000 * wall / (step - first), 1000 * (time.thread_time() - c0) / (step - first)
+
+    run_phase(True, 2.0)
+    on: list[tuple[float, float]] = []
+    off: list[tuple[float, float]] = []
+    for pair in range(max(1, int(seconds / (2 * phase)))):
+        for kind in ((True, False) if pair % 2 == 0 else (False, True)):
+            (on if kind else off).append(run_phase(kind, phase))
+    print(json.dumps({"on": on, "off": off, "steps": step, "ok": end(logged)}))
+
+
+def run_contender(contender: str, scalars: int, seconds: float, url: str,
+                  phase: float | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="steplog-bench-") as workdir:
         cmd = [sys.executable, __file__, "--contender", contender, "--scalars", str(scalars),
                "--seconds", str(seconds), "--url", url, "--workdir", workdir]
+        if phase is not None:
+            cmd += ["--alternate", str(phase)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
         env.update(CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=os.path.join(workdir, "clearml"),
                    HOME=workdir)
@@ -156,9 +230,16 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--url", default="")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--alternate", type=float, metavar="PHASE_S",
+                        help="in each contender's process, turn its logging on and off in "
+                             "phases of PHASE_S seconds over --seconds, and compare them")
     args = parser.parse_args()
     if args.contender:
-        loop(args.contender, args.scalars[0], args.seconds, args.url, args.workdir)
+        if args.alternate:
+            alternate(args.contender, args.scalars[0], args.seconds, args.alternate, args.url,
+                      args.workdir)
+        else:
+            loop(args.contender, args.scalars[0], args.seconds, args.url, args.workdir)
         return
 
     from mlflow_support import MlflowServer
@@ -177,9 +258,12 @@ def main() -> None:
                     order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
                     for c in order:
                         runs[c].append(run_contender(c.replace("-again", ""), k, args.seconds,
-                                                     server.url if server else ""))
-                results = {c: _median_run(rs) for c, rs in runs.items()}
-                report(k, results)
+                                                     server.url if server else "",
+                                                     args.alternate))
+                if args.alternate:
+                    report_alternating(k, args.alternate, runs)
+                else:
+                    report(k, {c: _median_run(rs) for c, rs in runs.items()})
         finally:
             if server is not None:
                 server.stop()
@@ -232,6 +316,28 @@ def report(scalars: int, results: dict[str, dict[str, object]]) -> None:
         worst = max(100 * (per[s] / base[s] - 1) for s in range(min(seconds, len(per))))
         print(f"worst second of {c}: {worst:+.1f}%", end="; ")
     print("targets: every second <= 3%, the run <= 1%")
+
+
+def report_alternating(scalars: int, phase: float,
+                       runs: dict[str, list[dict[str, object]]]) -> None:
+    """Per contender: logging on over off, of the wall time per step and of the training
+    thread's CPU per step, each the median over the process's phases, then the median over
+    processes (the range over processes in brackets)."""
+    print(f"\n{scalars} scalars per step, logging on vs off in the same process, phases of "
+          f"{phase:g} s: step time on / off - 1")
+    print(f"{'contender':<28}{'wall per step':>28}{'training thread CPU':>28}{'delivered':>11}")
+    for c, rs in runs.items():
+        walls, cpus = [], []
+        for r in rs:
+            on, off = r["on"], r["off"]
+            assert isinstance(on, list) and isinstance(off, list)
+            walls.append(statistics.median(x[0] for x in on) / statistics.median(x[0] for x in off))
+            cpus.append(statistics.median(x[1] for x in on) / statistics.median(x[1] for x in off))
+        cells = [f"{100 * (statistics.median(v) - 1):+.2f}% "
+                 f"[{100 * (min(v) - 1):+.2f}, {100 * (max(v) - 1):+.2f}]" for v in (walls, cpus)]
+        ok = "ok" if all(bool(r["ok"]) for r in rs) else "LOST"
+        print(f"{c:<28}{cells[0]:>28}{cells[1]:>28}{ok:>11}")
+    print("none: both kinds of phase log nothing (the method's own spread)")
 
 
 if __name__ == "__main__":
