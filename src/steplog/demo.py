@@ -68,6 +68,21 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_noted() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM appended to the yielded list instead of raised: the loop stops
+    between calls, so no signal interrupts a store's transaction half-way (an interrupted
+    SQLAlchemy session can keep the sqlite write lock that ending the run then waits for)."""
+    noted: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: noted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class _Timing:
     """Wall time of whole updates (collecting episodes, the gradient step, logging) and of the
@@ -303,16 +318,15 @@ def run_demo(cfg: DemoConfig) -> int:
     if timing.updates:
         seed: _Timing | None = None
         if not interrupted and cfg.seed_pattern_updates > 0:
-            with _sigterm_raises():
+            with _signals_noted() as noted:
                 try:
                     os.chdir(root)  # the experiment's artifacts under the demo directory too
-                    seed = _seed_pattern(cfg, trainer, tracking_uri, run_name)
-                except KeyboardInterrupt:
-                    interrupted, code = "SIGINT", 130
-                except _Stopped:
-                    interrupted, code = "SIGTERM", 143
+                    seed = _seed_pattern(cfg, trainer, tracking_uri, run_name, noted)
                 finally:
                     os.chdir(home)
+            if noted:
+                interrupted, code = (("SIGINT", 130) if noted[0] == signal.SIGINT
+                                     else ("SIGTERM", 143))
             if interrupted:
                 print(f"steplog demo: {interrupted}: the comparison with the seed's pattern "
                       "stopped", file=sys.stderr)
@@ -368,9 +382,10 @@ def _print_timing(timing: _Timing, seed: _Timing | None) -> None:
 
 
 def _seed_pattern(cfg: DemoConfig, trainer: _Trainer, tracking_uri: str,
-                  run_name: str) -> _Timing | None:
+                  run_name: str, stop: list[int]) -> _Timing | None:
     """A short stretch of the same loop logging as the seed's MLFlowLogger does: one
-    synchronous ``mlflow.log_metric`` call per scalar, into the same store."""
+    synchronous ``mlflow.log_metric`` call per scalar, into the same store. Stops after the
+    update during which ``stop`` became non-empty and ends the run KILLED."""
     try:
         import mlflow
     except ImportError:
@@ -386,18 +401,18 @@ def _seed_pattern(cfg: DemoConfig, trainer: _Trainer, tracking_uri: str,
             mlflow.log_metric("return/episode", ret, step=env_steps)
             timing.logging_s += time.perf_counter() - t
 
-        try:
-            for _ in range(cfg.seed_pattern_updates):
-                start = time.perf_counter()
-                scalars = trainer.update(on_episode)
-                t = time.perf_counter()
-                for name, value in scalars.items():
-                    mlflow.log_metric(name, float(value), step=trainer.env_steps)
-                end = time.perf_counter()
-                timing.logging_s += end - t
-                timing.loop_s += end - start
-                timing.updates += 1
-        except (KeyboardInterrupt, _Stopped):
-            mlflow.end_run("KILLED")  # ended here: leaving the block would end it FAILED
-            raise
+        for _ in range(cfg.seed_pattern_updates):
+            if stop:
+                break
+            start = time.perf_counter()
+            scalars = trainer.update(on_episode)
+            t = time.perf_counter()
+            for name, value in scalars.items():
+                mlflow.log_metric(name, float(value), step=trainer.env_steps)
+            end = time.perf_counter()
+            timing.logging_s += end - t
+            timing.loop_s += end - start
+            timing.updates += 1
+        if stop:
+            mlflow.end_run("KILLED")  # ended here: leaving the block would end it FINISHED
     return timing
