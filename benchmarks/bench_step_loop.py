@@ -33,11 +33,19 @@ and of the training thread's CPU per step: the same process, memory layout and C
 sides, so the differences between processes (a few percent here) drop out; ``none`` shows the
 method's own spread.
 
+With ``--threads`` each contender's process instead runs the loop with logging on for
+``--seconds`` (after a 2 s warm-up) and prints, for each of its threads (named as in
+``threading``), the CPU time per second of loop (``/proc/self/task/*/schedstat``) and the
+voluntary context switches per second: a training thread that has to wait for the GIL (or a
+lock) while a worker thread holds it switches out, so its switches against ``none``'s count
+the hand-overs that logging costs the loop; the worker threads' CPU is also given per record.
+``--drain-interval S`` sets ``Options(drain_interval_s=S)`` on steplog's loggers.
+
 ``--contenders`` runs a subset (``none`` always runs, as the baseline); the MLflow server is
 started only when an MLflow contender runs.
 
     python benchmarks/bench_step_loop.py [--seconds 20] [--scalars 2 10] [--repeat 1]
-        [--alternate PHASE_S]
+        [--alternate PHASE_S | --threads] [--drain-interval S]
         [--contenders none file file-thread mlflow-embedded mlflow-embedded-log-batch
                       mlflow-http clearml clearml-sdk none-again]
 """
@@ -51,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +101,7 @@ closes it and says whether every record of the ``steps`` logged steps arrived.""
 
 def open_contender(contender: str, names: list[str], url: str, workdir: str) -> Contender:
     """Build the contender's logger (or the ClearML SDK's task) as at the top of a training
-    script."""
+    script (with ``Options(drain_interval_s=...)`` when ``$BENCH_DRAIN_INTERVAL_S`` is set)."""
     if contender == "none":
         return None, lambda steps: True
     if contender == "clearml-sdk":
@@ -113,20 +122,25 @@ def open_contender(contender: str, names: list[str], url: str, workdir: str) -> 
         return report_step, end_task
     import steplog
 
+    interval = os.environ.get("BENCH_DRAIN_INTERVAL_S")
+    options = steplog.Options(drain_interval_s=float(interval)) if interval else None
     logger: steplog.Logger
     if contender == "file":
-        logger = steplog.FileLogger(os.path.join(workdir, "run"))
+        logger = steplog.FileLogger(os.path.join(workdir, "run"), options=options)
     elif contender == "file-thread":
-        logger = steplog.FileLogger(os.path.join(workdir, "run"), offload="never")
+        logger = steplog.FileLogger(os.path.join(workdir, "run"), offload="never",
+                                    options=options)
     elif contender == "mlflow-embedded":
-        logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
+        logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db",
+                                      options=options)
     elif contender == "mlflow-embedded-log-batch":  # the sqlite fast path turned off
         os.environ["STEPLOG_MLFLOW_FAST_PATH"] = "0"
-        logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db")
+        logger = steplog.MLFlowLogger("bench-step", tracking_uri=f"sqlite:///{workdir}/m.db",
+                                      options=options)
     elif contender == "mlflow-http":
-        logger = steplog.MLFlowLogger("bench-step", tracking_uri=url)
+        logger = steplog.MLFlowLogger("bench-step", tracking_uri=url, options=options)
     elif contender == "clearml":
-        logger = steplog.ClearMLLogger("bench-step", "steplog")
+        logger = steplog.ClearMLLogger("bench-step", "steplog", options=options)
     else:
         raise ValueError(f"unknown contender {contender!r}")
     log_scalar = logger.log_scalar
@@ -203,14 +217,70 @@ def alternate(contender: str, scalars: int, seconds: float, phase: float, url: s
     print(json.dumps({"on": on, "off": off, "steps": step, "ok": end(logged)}))
 
 
+def _thread_counters() -> dict[str, tuple[int, int]]:
+    """Per thread of this process: (CPU ns, voluntary context switches), keyed by the thread's
+    ``threading`` name (``other:<tid>`` for threads Python did not start, such as torch's)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, tuple[int, int]] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                cpu = int(f.read().split()[0])
+            with open(f"/proc/self/task/{tid}/status") as f:
+                switches = next(int(line.split()[1]) for line in f
+                                if line.startswith("voluntary_ctxt_switches"))
+        except (OSError, StopIteration):  # the thread ended meanwhile
+            continue
+        out[names.get(int(tid), f"other:{tid}")] = (cpu, switches)
+    return out
+
+
+def threads(contender: str, scalars: int, seconds: float, url: str, workdir: str) -> None:
+    """One contender in this process with logging on throughout: after a 2 s warm-up, print
+    each thread's CPU (ms per second of loop) and voluntary context switches per second over
+    ``seconds``, and the records logged per second, as JSON."""
+    train = training_step()
+    names = [f"train/m{k}" for k in range(scalars)]
+    log_step, end = open_contender(contender, names, url, workdir)
+    step = 0
+
+    def run(length: float) -> None:
+        nonlocal step
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < length:
+            value = train()
+            if log_step is not None:
+                log_step(value, step)
+            step += 1
+
+    run(2.0)
+    first, before = step, _thread_counters()
+    t0 = time.perf_counter()
+    run(seconds)
+    elapsed = time.perf_counter() - t0
+    after = _thread_counters()
+    per_thread = {
+        name: [(cpu - before[name][0]) / 1e6 / elapsed, (sw - before[name][1]) / elapsed]
+        for name, (cpu, sw) in after.items() if name in before
+    }
+    records = (step - first) * scalars if log_step is not None else 0
+    print(json.dumps({"threads": per_thread, "records_per_s": records / elapsed,
+                      "step_ms": 1000 * elapsed / (step - first), "ok": end(step)}))
+
+
 def run_contender(contender: str, scalars: int, seconds: float, url: str,
-                  phase: float | None = None) -> dict[str, object]:
+                  phase: float | None = None, mode_threads: bool = False,
+                  drain_interval: float | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="steplog-bench-") as workdir:
         cmd = [sys.executable, __file__, "--contender", contender, "--scalars", str(scalars),
                "--seconds", str(seconds), "--url", url, "--workdir", workdir]
         if phase is not None:
             cmd += ["--alternate", str(phase)]
+        if mode_threads:
+            cmd += ["--threads"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+        if drain_interval is not None:
+            env["BENCH_DRAIN_INTERVAL_S"] = str(drain_interval)
         env.update(CLEARML_OFFLINE_MODE="1", CLEARML_CACHE_DIR=os.path.join(workdir, "clearml"),
                    HOME=workdir)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600,
@@ -233,9 +303,15 @@ def main() -> None:
     parser.add_argument("--alternate", type=float, metavar="PHASE_S",
                         help="in each contender's process, turn its logging on and off in "
                              "phases of PHASE_S seconds over --seconds, and compare them")
+    parser.add_argument("--threads", action="store_true",
+                        help="report each thread's CPU and voluntary context switches")
+    parser.add_argument("--drain-interval", type=float, metavar="S",
+                        help="Options(drain_interval_s=S) for steplog's loggers")
     args = parser.parse_args()
     if args.contender:
-        if args.alternate:
+        if args.threads:
+            threads(args.contender, args.scalars[0], args.seconds, args.url, args.workdir)
+        elif args.alternate:
             alternate(args.contender, args.scalars[0], args.seconds, args.alternate, args.url,
                       args.workdir)
         else:
@@ -259,8 +335,11 @@ def main() -> None:
                     for c in order:
                         runs[c].append(run_contender(c.replace("-again", ""), k, args.seconds,
                                                      server.url if server else "",
-                                                     args.alternate))
-                if args.alternate:
+                                                     args.alternate, args.threads,
+                                                     args.drain_interval))
+                if args.threads:
+                    report_threads(k, runs)
+                elif args.alternate:
                     report_alternating(k, args.alternate, runs)
                 else:
                     report(k, {c: _median_run(rs) for c, rs in runs.items()})
@@ -338,6 +417,32 @@ def report_alternating(scalars: int, phase: float,
         ok = "ok" if all(bool(r["ok"]) for r in rs) else "LOST"
         print(f"{c:<28}{cells[0]:>28}{cells[1]:>28}{ok:>11}")
     print("none: both kinds of phase log nothing (the method's own spread)")
+
+
+def report_threads(scalars: int, runs: dict[str, list[dict[str, object]]]) -> None:
+    """Per contender and thread: CPU ms per second of loop, voluntary switches per second and
+    (worker threads) CPU ns per record, each the median over processes."""
+    print(f"\n{scalars} scalars per step, logging on throughout: each thread's CPU and "
+          "voluntary context switches per second of loop (medians over processes)")
+    print(f"{'contender':<26}{'thread':<30}{'CPU ms/s':>10}{'switches/s':>12}"
+          f"{'ns/record':>11}")
+    for c, rs in runs.items():
+        rate = statistics.median(float(str(r["records_per_s"])) for r in rs)
+        step = statistics.median(float(str(r["step_ms"])) for r in rs)
+        ok = "ok" if all(bool(r["ok"]) for r in rs) else "LOST"
+        print(f"{c:<26}{f'({rate:,.0f} records/s, step {step:.3f} ms, {ok})':<30}")
+        tables = [r["threads"] for r in rs]
+        names: list[str] = []
+        for t in tables:
+            assert isinstance(t, dict)
+            names += [n for n in t if n not in names and not n.startswith("other:")]
+        for name in names:
+            values = [t[name] for t in tables if isinstance(t, dict) and name in t]
+            cpu = statistics.median(v[0] for v in values)
+            switches = statistics.median(v[1] for v in values)
+            per_record = (f"{1e6 * cpu / rate:>11.0f}" if rate and name != "MainThread"
+                          else f"{'':>11}")
+            print(f"{'':<26}{name:<30}{cpu:>10.1f}{switches:>12.0f}{per_record}")
 
 
 if __name__ == "__main__":
