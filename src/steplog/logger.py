@@ -1,0 +1,466 @@
+"""``Logger``: the API every steplog logger shares (the seed's ``Logger``), over the pipeline.
+
+Every ``log_*``/``save_*`` call validates its arguments, captures the values as they are at the
+call, and enqueues them; it never waits on a sink (except under the ``block`` queue-full policy
+when the queue is full). Delivery happens on the logger's worker threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, ClassVar, SupportsFloat, TypeVar
+
+import msgspec
+
+from steplog.arguments import (
+    artifact_of,
+    capture_metrics,
+    check_name,
+    data_of,
+    directory_of,
+    figure_of,
+    file_of,
+)
+from steplog.capture import capture_param, capture_step, capture_value
+from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
+from steplog.errors import LoggerClosedError
+from steplog.images import encode_png
+from steplog.lifecycle import Lifecycle, State
+from steplog.paths import safe_relpath
+from steplog.pipeline import MetricsItem, Options, UploadRequest
+from steplog.ranks import RankPlan, inert_class
+from steplog.ranks import plan as plan_ranks
+from steplog.records import Artifact, Param, Tag, now_ms
+from steplog.results import CloseResult, FlushResult, Stats
+from steplog.sinks.base import RunStatus, Sink
+
+__all__ = ["Logger"]
+
+L = TypeVar("L", bound="type[Logger]")
+
+
+
+class Logger:
+    """Base logger. With no sinks it validates every call and records nothing (a no-op default).
+
+    Args:
+        logging_freq: the interval :meth:`should_log` uses; the loop decides whether to honour it.
+        sinks: where records go; all of them receive every record through one queue.
+        options: queue size, queue-full policy, drain interval, retries, deadlines.
+
+    Raises at construction when a sink's destination can never work (an unwritable directory, a
+    tracking URI MLflow cannot use).
+    """
+
+    _registry: ClassVar[dict[str, type[Logger]]] = {}
+    _rank_plan: RankPlan
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Logger:
+        # The rank policy (steplog.ranks): a rank that does not log gets an inert logger,
+        # built without running any of this class's constructors.
+        rank_plan = plan_ranks(getattr(kwargs.get("options"), "ranks", None))
+        if not rank_plan.logs:
+            inert: Logger = object.__new__(inert_class(cls, rank_plan))
+            return inert
+        logger = object.__new__(cls)
+        logger._rank_plan = rank_plan
+        return logger
+
+    def __init__(
+        self,
+        logging_freq: int = 1,
+        *,
+        sinks: Sequence[Sink] = (),
+        options: Options | None = None,
+    ) -> None:
+        if type(logging_freq) is not int or logging_freq < 1:
+            raise ValueError(f"logging_freq must be an int >= 1, got {logging_freq!r}")
+        self.logging_freq = logging_freq
+        self.last_logging_iteration = 0
+        self.options = options or Options()
+        ranks = self._rank_plan
+        if ranks.splits:  # each rank journals in its own directory
+            self.options = dataclasses.replace(
+                self.options, runs_dir=ranks.runs_dir(self.options.runs_dir))
+        self.exit_timeout_s = self.options.exit_timeout_s
+        self._sinks = tuple(sinks)
+        for sink in self._sinks:
+            ranks.adapt(sink)
+            sink.prepare()
+        self._names: set[str] = set()
+        self._saves: dict[str, int] = {}
+        self._saves_lock = threading.Lock()
+        self._checkpoints = CheckpointMemory(self.options.checkpoint_memory_bytes,
+                                             self.options.checkpoint_policy)
+        # The hot path appends to the pipeline's queue while it has room; once the logger stops
+        # accepting (or an alarm waits), its lifecycle sets _cap to 0 so that every call goes
+        # through _put, which asks the lifecycle (the one "accepting" check).
+        self._life = Lifecycle(self._sinks, self.options, weakref.WeakMethod(self._close_gate))
+        pipeline = self._life.pipeline
+        self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
+        self._cap = pipeline.capacity if pipeline else 0
+
+    def _close_gate(self, open_: bool) -> None:
+        pipeline = self._life.pipeline
+        self._cap = pipeline.capacity if open_ and pipeline is not None else 0
+
+    # -- registry --------------------------------------------------------------------------
+    @classmethod
+    def register(cls, name: str) -> Callable[[L], L]:
+        """Class decorator: make ``Logger.create(name, ...)`` build the decorated class."""
+
+        def decorator(subclass: L) -> L:
+            cls._registry[name] = subclass
+            return subclass
+
+        return decorator
+
+    @classmethod
+    def create(cls, type_: str, **kwargs: Any) -> Logger:
+        """Build the logger registered under ``type_`` ("file", "mlflow", "blank", or your own)."""
+        if type_ not in cls._registry:
+            known = ", ".join(sorted(cls._registry))
+            raise ValueError(f"unknown logger type {type_!r}; known types: {known}")
+        return cls._registry[type_](**kwargs)
+
+    # -- the seed's helpers ----------------------------------------------------------------
+    def should_log(self, iteration: int) -> bool:
+        """True once per ``logging_freq`` iterations: when ``iteration + 1`` enters a new interval
+        of that length since the last time this returned True."""
+        iteration += 1
+        if iteration // self.logging_freq > self.last_logging_iteration // self.logging_freq:
+            self.last_logging_iteration = iteration
+            return True
+        return False
+
+    # -- hot path --------------------------------------------------------------------------
+    # One short function per call, no Python call below it in the common case (a float, a known
+    # name, an int step, room in the queue): a few type checks, a set lookup, a length check and
+    # a deque append, ~1.5x a bare deque.append of a tuple (~135 ns) for log_scalar and ~400 ns
+    # for a 10-key log_metrics (benchmarks/bench_hot_path.py, docs/benchmarks.md). A new name,
+    # a tensor, a full queue or a closing logger takes a slower branch.
+    def log_scalar(self, name: str, value: SupportsFloat, iteration: int | None = None) -> None:
+        """Queue one point of ``name``. ``iteration=None`` uses the number of earlier calls for
+        ``name`` (0, 1, 2, ...). Raises ``TypeError`` for a non-numeric value."""
+        if type(value) is not float:
+            value = capture_value(value)  # type: ignore[assignment]
+        if name not in self._names:
+            self._new_name(name)
+        # One shift sends steps outside [0, 2**63) (rare) to the careful check of the range.
+        if iteration is not None and (type(iteration) is not int or iteration >> 63):
+            iteration = capture_step(iteration)
+        q = self._q
+        if len(q) >= self._cap:
+            self._put((name, value, iteration))
+            return
+        item = (name, value, iteration)
+        q.append(item)
+        if not self._cap:  # close() started between the check and the append
+            self._late(item)
+
+    def log_metrics(
+        self, metrics: Mapping[str, SupportsFloat], iteration: int | None = None
+    ) -> None:
+        """Queue one point per key, all at ``iteration`` (or each at its own automatic step).
+        Raises ``TypeError`` for a value that is not numeric, ``ValueError`` for an int too
+        large for a float, naming the key; then nothing of the call is queued."""
+        try:
+            values = metrics.copy()  # type: ignore[attr-defined]
+            # One C-level pass: a sum of plain floats and ints started at 0.0 is a float, and
+            # adding an int too large for a float to a float raises; anything else (strings,
+            # tensors, numpy scalars, None) and an empty dict take the careful path.
+            plain = type(sum(values.values(), 0.0)) is float and len(values) > 0
+        except Exception:
+            plain = False
+        if not plain:
+            values = capture_metrics(metrics)
+            if not values:
+                return
+        if not self._names.issuperset(values):
+            for k in values:
+                if k not in self._names:
+                    self._new_name(k)
+        # One shift sends steps outside [0, 2**63) (rare) to the careful check of the range.
+        if iteration is not None and (type(iteration) is not int or iteration >> 63):
+            iteration = capture_step(iteration)
+        q = self._q
+        if len(q) >= self._cap:
+            self._put(MetricsItem(values, iteration))
+            return
+        item = MetricsItem(values, iteration)
+        q.append(item)
+        if not self._cap:  # close() started between the check and the append
+            self._late(item)
+
+    def _new_name(self, name: object) -> None:
+        self._names.add(check_name(name, self._sinks))
+
+    def _late(self, item: object) -> None:
+        """A record appended just after the logger stopped accepting: take it back and raise,
+        unless the worker already took it (then it is delivered like any other). With the logger
+        still open (the gate shut for an alarm), the record was appended before any close
+        changed the state, so it is delivered."""
+        if self._life.accepting:
+            return
+        pipeline = self._life.pipeline
+        if pipeline is not None and pipeline.withdraw(item):
+            raise LoggerClosedError("this logger is closing; the record was not logged")
+
+    def _put(self, item: object) -> None:
+        """The slow path: a full queue, a logger that no longer accepts records, or an alarm
+        to raise (after the call did its work)."""
+        life = self._life
+        pipeline = life.admit()
+        if pipeline is not None and pipeline.put(item) and not self._cap:
+            self._late(item)
+        life.raise_alarm()
+
+    # -- rare records ----------------------------------------------------------------------
+    def log_parameters(self, params: Mapping[str, Any]) -> None:
+        """Queue run parameters; each value is snapshotted now (deep copy, JSON-compatible)."""
+        self._put_settings(params, "params", lambda k, v, ts: Param(k, capture_param(v), ts))
+
+    def log_tags(self, tags: Mapping[str, Any]) -> None:
+        """Queue run tags (values are stored as strings)."""
+        self._put_settings(tags, "tags", lambda k, v, ts: Tag(k, str(v), ts))
+
+    def _put_settings(
+        self, items: Mapping[str, Any], what: str, build: Callable[[str, Any, int], object]
+    ) -> None:
+        """Validate every key and build every record first, so a bad one queues nothing."""
+        if not isinstance(items, Mapping):
+            raise TypeError(f"{what} must be a mapping, got {type(items).__name__}")
+        ts = now_ms()
+        records = []
+        for k, v in items.items():
+            if k not in self._names:
+                self._new_name(k)
+            records.append(build(k, v, ts))
+        pipeline = self._life.admit()
+        if pipeline is None:
+            return
+        queued = [r for r in records if pipeline.put(r)]
+        # close() started during this call: take back what is still queued
+        if not self._cap and not self._life.accepting:
+            back = sum(pipeline.withdraw(r) for r in queued)
+            if back:
+                raise LoggerClosedError(
+                    f"this logger is closing: {back} of the {len(records)} {what} of this call "
+                    "were not logged"
+                )
+        self._life.raise_alarm()
+
+    def log_artifact(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        type: str | None = None,
+        step: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        aliases: list[str] | None = None,
+    ) -> None:
+        """Queue a file (or directory) to store with the run under ``name`` (default: its base
+        name). Raises ``FileNotFoundError`` now if it does not exist, ``ValueError`` for a name
+        that would leave the run directory. The file is read by the worker: do not change it
+        until :meth:`flush` returns."""
+        self._upload(artifact_of(path, name, type or "artifact", step, metadata, aliases))
+
+    def log_file(self, path: str | os.PathLike[str], name: str, move: bool = False) -> None:
+        """Queue ``path`` to be stored as ``<name>/<base name of path>``; ``move=True`` lets the
+        worker move the file instead of copying it."""
+        self._upload(file_of(path, name, move))
+
+    def log_directory(self, dir: str | os.PathLike[str], path: str | None = None) -> None:
+        """Queue a directory tree to be stored under ``path`` (default: the directory's name)."""
+        self._upload(directory_of(dir, path))
+
+    def log_figure(self, fig: Any, name: str, iteration: int | None = None) -> None:
+        """Render a matplotlib figure to PNG now (the figure may change or close right after)
+        and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it)."""
+        self._upload(figure_of(fig, name, iteration))
+
+    def log_text(self, text: str, name: str, iteration: int | None = None) -> None:
+        """Queue ``text`` as the UTF-8 file ``name`` (``.txt`` added if it has no extension;
+        ``_<iteration>`` before it)."""
+        if type(text) is not str:
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self._upload(data_of(text.encode(), name, ".txt", iteration, "text"))
+
+    def log_image(
+        self, image: Any, name: str, iteration: int | None = None, *, dataformats: str = "HWC"
+    ) -> None:
+        """Encode an image array (numpy or torch; ``uint8``, or floats in ``[0, 1]``) to PNG
+        now and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it).
+        ``dataformats`` names its axes (``"HWC"``, ``"CHW"``, ``"HW"``, ...)."""
+        self._upload(data_of(encode_png(image, dataformats), name, ".png", iteration, "image"))
+
+    def save_policy(
+        self,
+        policy: Any,
+        name: str = "policy",
+        *,
+        step: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Snapshot ``policy``'s weights now and queue them as the checkpoint ``name`` at
+        ``step`` (``None``: the number of earlier saves of ``name``).
+
+        A ``torch.nn.Module``, an optimizer, or a dict/list of them, of state_dicts, tensors
+        and plain values is captured as its tensors (CPU tensors copied now, CUDA tensors
+        copied without synchronising the training stream) into host buffers reused from the
+        previous save of ``name``; each sink stores ``model.pth`` (``torch.load(path,
+        weights_only=True)`` gives the state_dict back) and ``meta.json`` (class, step,
+        ``save_to_dict()`` when the object has one, ``metadata``, sizes, sha256). Any other
+        object is deep-copied now and pickled by the worker (load it with
+        ``weights_only=False``). Raises ``TypeError`` when the object cannot be copied and
+        ``TimeoutError`` when the checkpoint memory bound (``Options.checkpoint_memory_bytes``)
+        leaves no room within ``Options.block_timeout_s``.
+        """
+        dest = safe_relpath(name)
+        if step is not None:
+            step = capture_step(step)
+        with self._saves_lock:  # one automatic step per save, in call order
+            auto = self._saves.get(dest, 0)
+            if step is None:
+                step = auto
+            if self._life.admit() is None:  # raises once closed; None: nothing is recorded
+                return
+            snapshot = capture_checkpoint(
+                policy, dest, self._checkpoints, step=step, metadata=metadata,
+                deadline=time.monotonic() + self.options.block_timeout_s,
+            )
+            self._saves[dest] = auto + 1
+            self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
+                                  metadata=capture_param(dict(metadata)) if metadata else None),
+                         snapshot=snapshot)
+
+    def save_agent(self, agent: object, name: str = "agent.pth") -> None:
+        """Snapshot ``agent`` now and queue it as the file ``name``: weights (a module, an
+        optimizer, a dict of them or of plain values) are captured as in :meth:`save_policy`
+        and load with ``weights_only=True``; any other object is deep-copied now (``TypeError``
+        when it cannot be) and pickled by the worker, which rejects one that cannot be
+        serialised, with the reason in the flush and close results."""
+        dest = safe_relpath(name)
+        if self._life.admit() is None:
+            return
+        snapshot = capture_checkpoint(
+            agent, dest, self._checkpoints, step=None, metadata=None,
+            deadline=time.monotonic() + self.options.block_timeout_s,
+        )
+        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"), snapshot=snapshot)
+
+    def _upload(self, artifact: Artifact, snapshot: Snapshot | None = None) -> None:
+        item = UploadRequest(artifact, snapshot)
+        queued = False
+        try:
+            pipeline = self._life.admit()
+            queued = pipeline is not None and pipeline.put(item)
+            if queued and not self._cap:
+                self._late(item)
+        except BaseException:
+            queued = False
+            raise
+        finally:
+            if snapshot is not None and not queued:
+                snapshot.drop()  # never queued (dropped, taken back): free its memory
+        self._life.raise_alarm()
+
+    # -- barriers --------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Wait until every record logged before this call was stored by every sink (truthy
+        result), or ``timeout`` seconds passed, or a record of the run was refused or could not
+        be delivered (falsy, with what is pending and what was lost, and why).
+
+        ``timeout=None`` means ``Options.timeout_s`` (120 s by default); it must be a finite
+        number of seconds >= 0. During a ``close`` in another thread, waits for that close.
+        """
+        return self._life.flush(timeout)
+
+    def close(self, timeout: float | None = None, status: RunStatus = "FINISHED") -> CloseResult:
+        """Deliver what was logged, end every run with ``status`` and stop the worker, within
+        ``timeout`` seconds (``None``: ``Options.timeout_s``). The result is truthy only when
+        every record was stored by every sink and every run ended.
+
+        From the first call on, logging raises :class:`~steplog.errors.LoggerClosedError`.
+        Calling it again returns the first result; a call while another thread closes waits for
+        that close within its own timeout. A sink never sees its run ended while one of its
+        calls is still running: after a timeout, the run is ended when that call returns.
+        """
+        return self._life.close(timeout, status)
+
+    async def aflush(self, timeout: float | None = None) -> FlushResult:
+        """:meth:`flush` for asyncio and trio: the same result, without blocking the event
+        loop. Cancellation stops the wait at once and leaves the logger as it was (records
+        are still delivered; nothing is left waiting). See :mod:`steplog.aio`."""
+        from steplog.aio import aflush
+
+        return await aflush(self, timeout)
+
+    async def aclose(self, timeout: float | None = None,
+                     status: RunStatus = "FINISHED") -> CloseResult:
+        """:meth:`close` for asyncio and trio, without blocking the event loop. When the wait
+        is cancelled or ``timeout`` passes first, the close goes on in the background within
+        its own deadline, and a later ``close()``/``aclose()`` returns its result."""
+        from steplog.aio import aclose
+
+        return await aclose(self, timeout, status)
+
+    async def __aenter__(self) -> Logger:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose(status=_exit_status(exc_type))
+
+    @property
+    def run_dir(self) -> str | None:
+        """The directory of this logger's journal (loggers with a remote sink), where
+        ``steplog sync`` finds what a sink did not store; ``None`` without a journal."""
+        pipeline = self._life.pipeline
+        journal = pipeline.run_journal if pipeline is not None else None
+        return str(journal.run_dir) if journal is not None else None
+
+    @property
+    def state(self) -> State:
+        """Where the logger is in its life: ``OPEN``, ``CLOSING``, ``CLOSED`` or ``INERT``."""
+        return self._life.state
+
+    def stats(self) -> Stats:
+        """Counters of this logger, in records: enqueued, delivered, dropped, rejected, failed,
+        retried, queue depth, lag of the oldest undelivered record, and the same per sink."""
+        stats = self._life.stats()
+        if self._checkpoints.superseded:
+            stats = msgspec.structs.replace(stats, superseded=self._checkpoints.superseded)
+        return stats
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(status=_exit_status(exc_type))
+
+
+def _exit_status(exc_type: type[BaseException] | None) -> RunStatus:
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+
+
+Logger.register("blank")(Logger)
