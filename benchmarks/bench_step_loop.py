@@ -181,6 +181,20 @@ def loop(contender: str, scalars: int, seconds: float, url: str, workdir: str) -
     print(json.dumps({"per_second_ms": per_second, "steps": step, "ok": ok}))
 
 
+def run_for(train: Callable[[], float], log_step: Callable[[float, int], None] | None,
+            length: float, first: int) -> int:
+    """Run training steps for ``length`` seconds, logging each (when ``log_step`` is given) at
+    steps ``first``, ``first + 1``, ...; how many steps ran."""
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < length:
+        value = train()
+        if log_step is not None:
+            log_step(value, first + n)
+        n += 1
+    return n
+
+
 def alternate(contender: str, scalars: int, seconds: float, phase: float, url: str,
               workdir: str) -> None:
     """One contender in this process, its logging on and off in alternating phases of
@@ -195,18 +209,13 @@ def alternate(contender: str, scalars: int, seconds: float, phase: float, url: s
 
     def run_phase(on: bool, length: float) -> tuple[float, float]:
         nonlocal step, logged
-        log = log_step if on else None
         t0 = time.perf_counter()
         c0 = time.thread_time()
-        first = step
-        while time.perf_counter() - t0 < length:
-            value = train()
-            if log is not None:
-                log(value, logged)
-                logged += 1
-            step += 1
+        n = run_for(train, log_step if on else None, length, logged)
         wall = time.perf_counter() - t0
-        return 1000 * wall / (step - first), 1000 * (time.thread_time() - c0) / (step - first)
+        step += n
+        logged += n if on else 0
+        return 1000 * wall / n, 1000 * (time.thread_time() - c0) / n
 
     run_phase(True, 2.0)
     on: list[tuple[float, float]] = []
@@ -242,30 +251,19 @@ def threads(contender: str, scalars: int, seconds: float, url: str, workdir: str
     train = training_step()
     names = [f"train/m{k}" for k in range(scalars)]
     log_step, end = open_contender(contender, names, url, workdir)
-    step = 0
-
-    def run(length: float) -> None:
-        nonlocal step
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < length:
-            value = train()
-            if log_step is not None:
-                log_step(value, step)
-            step += 1
-
-    run(2.0)
-    first, before = step, _thread_counters()
+    warm = run_for(train, log_step, 2.0, 0)
+    before = _thread_counters()
     t0 = time.perf_counter()
-    run(seconds)
+    n = run_for(train, log_step, seconds, warm)
     elapsed = time.perf_counter() - t0
     after = _thread_counters()
     per_thread = {
         name: [(cpu - before[name][0]) / 1e6 / elapsed, (sw - before[name][1]) / elapsed]
         for name, (cpu, sw) in after.items() if name in before
     }
-    records = (step - first) * scalars if log_step is not None else 0
+    records = n * scalars if log_step is not None else 0
     print(json.dumps({"threads": per_thread, "records_per_s": records / elapsed,
-                      "step_ms": 1000 * elapsed / (step - first), "ok": end(step)}))
+                      "step_ms": 1000 * elapsed / n, "ok": end(warm + n)}))
 
 
 def run_contender(contender: str, scalars: int, seconds: float, url: str,
