@@ -325,19 +325,54 @@ def test_points_of_a_deleted_run_are_refused_as_mlflow_refuses_them(
     assert table_rows(uri, run.run_id) == ([], [])
 
 
+@pytest.mark.parametrize(("key", "reason"), [("../up", "normalised"), (".", "own folder")])
 def test_a_key_mlflow_refuses_fails_the_batch_and_stores_nothing_of_it(
-    blank_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    blank_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, reason: str
 ) -> None:
     from steplog.errors import PermanentError
 
     uri = store_copy(blank_store, tmp_path)
     client = transport(uri, True, monkeypatch)
     run = client.create_run(client.experiment_id("bad"), None, {}, 0)
-    bad = Batch([Scalars([("ok", 1.0, 0), ("../up", 2.0, 0)], 5)])
-    with pytest.raises(PermanentError, match="normalised") as caught:
+    bad = Batch([Scalars([("ok", 1.0, 0), (key, 2.0, 0)], 5)])
+    with pytest.raises(PermanentError, match=reason) as caught:
         client.log_frame(run.run_id, encode_batch(bad), {}, {})
     assert not caught.value.whole_batch  # the pipeline isolates the bad record
     assert table_rows(uri, run.run_id) == ([], [])
+
+
+def test_the_latest_value_update_reads_only_the_rows_its_transaction_wrote(
+    blank_store: Path, tmp_path: Path
+) -> None:
+    # A run's whole history under a key is never read again: a write of one point into a run
+    # with millions of them stays as short as the first write.
+    uri = store_copy(blank_store, tmp_path)
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as conn:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_fast._UPSERT_LATEST,
+                                               (0, "0" * 32))]
+    conn.close()
+    assert "SEARCH metrics USING INTEGER PRIMARY KEY (rowid>?)" in plan
+    assert not [step for step in plan if "metrics" in step and "rowid>?" not in step]
+
+
+def test_one_new_point_or_only_repeated_points_after_a_long_history_update_latest_as_mlflow(
+    blank_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    history = Batch([Scalars([("loss", float(i % 7), i) for i in range(5_000)], 1_000)])
+    writes = [Batch([Scalars([("loss", 0.5, 5_000)], 2_000)]),  # one new point, highest step
+              Batch([Scalars([("loss", 9.0, 10)], 2_500)]),  # one new point, an early step
+              history[4_990:],  # only points already stored
+              Batch([Scalar("loss", 0.25, 5_000, 2_000)])]  # same step and time, lower value
+    stored = []
+    for fast in (True, False):
+        uri = store_copy(blank_store, tmp_path / str(fast))
+        client = transport(uri, fast, monkeypatch)
+        run = client.create_run(client.experiment_id("long"), None, {}, 0)
+        for batch in [history, *writes]:
+            client.log_frame(run.run_id, encode_batch(batch), {}, {})
+        stored.append(table_rows(uri, run.run_id))
+    assert stored[0] == stored[1]
+    assert stored[0][1][0][3:5] == (2_000, 5_000)  # the latest point: step 5000 at 2000 ms
 
 
 # -- faults and readers ----------------------------------------------------------------------

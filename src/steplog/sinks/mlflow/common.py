@@ -128,6 +128,8 @@ def key_problem(name: str) -> str | None:
             "'_', '-', '.', '/', ' ' and ':'"
         )
     normal = posixpath.normpath(name)
+    if normal == ".":
+        return f"key {name!r} names the run's own folder; MLflow refuses it"
     if normal != name or normal.startswith(("/", "..")):
         return (
             f"key {name!r} is not a normalised relative path (MLflow would read it as {normal!r})"

@@ -114,17 +114,20 @@ _INSERT_MANY = _COLUMNS + ", ".join(
 The text never changes, so the statement stays compiled in the connection's cache."""
 _INSERT_ONE = _COLUMNS + f"(?1, {_value('?2')}, ?4, ?3, ?2 IS NULL, ?5)"
 """One row ``(key, value, step, timestamp, run)``: single scalars, and a block's last rows."""
-# The newest point of a key among the rows this transaction inserted (rowids above the highest
-# one before it; identical rows ignored as already stored are never newer than the stored latest
-# point, so they change nothing); of equal points the first inserted, as MLflow keeps the first
-# of equal points in call order. MLflow's (run_uuid, key, step) index finds the highest steps
-# first: a few index steps per key when new points have the highest steps.
+# The newest point of each key among the rows this transaction inserted (rowids above the
+# highest one before it, read as a range of the table itself, so the cost follows the rows
+# written, never the run's history; identical rows ignored as already stored are never newer
+# than the stored latest point, so they change nothing); of equal points the first inserted, as
+# MLflow keeps the first of equal points in call order.
 _UPSERT_LATEST = """
 INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
-SELECT key, value, timestamp, step, is_nan, run_uuid
-FROM metrics INDEXED BY index_metrics_run_uuid_key_step
-WHERE run_uuid = ?2 AND key = ?1 AND rowid > ?3
-ORDER BY step DESC, timestamp DESC, value DESC, rowid LIMIT 1
+SELECT key, value, timestamp, step, is_nan, run_uuid FROM (
+  SELECT key, value, timestamp, step, is_nan, run_uuid,
+         row_number() OVER (PARTITION BY key
+                            ORDER BY step DESC, timestamp DESC, value DESC, rowid) AS newest
+  FROM metrics NOT INDEXED
+  WHERE rowid > ?1 AND run_uuid = ?2)
+WHERE newest = 1
 ON CONFLICT (key, run_uuid) DO UPDATE SET
   value = excluded.value, timestamp = excluded.timestamp, step = excluded.step,
   is_nan = excluded.is_nan
@@ -292,20 +295,16 @@ class FastPath:
                     raise PermanentError(problem, whole_batch=True)
                 (before,) = conn.execute("SELECT max(rowid) FROM metrics").fetchone()
                 written = 0
-                keys: set[str] = set()
                 while i < len(pieces):
                     piece = pieces[i]
                     conn.executemany(piece.sql, piece.params)
                     if piece.tail:
                         conn.executemany(_INSERT_ONE, piece.tail)
                     written += piece.rows
-                    keys |= piece.keys
                     i += 1
                     if time.perf_counter() - started >= TRANSACTION_BUDGET_S:
                         break
-                before = before or 0
-                conn.executemany(_UPSERT_LATEST,
-                                 [(key, run_id, before) for key in sorted(keys)])
+                conn.execute(_UPSERT_LATEST, (before or 0, run_id))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
