@@ -147,6 +147,20 @@ def test_srun_without_torchrun_places_the_rank_by_slurms_variables() -> None:
     assert not plan(None, {"SLURM_PROCID": "0"}).distributed
 
 
+def test_a_process_lightnings_launcher_started_without_rank_is_placed_by_its_local_rank(
+) -> None:
+    child = {"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "12910"}
+    p = plan(None, child)
+    assert (p.distributed, p.rank, p.local_rank, p.world_size, p.logs) == (True, 1, 1, 2, False)
+    assert plan(None, {**child, "LOCAL_RANK": "0"}).logs
+    second_node = {**child, "NODE_RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "4"}
+    assert plan(None, {**second_node, "LOCAL_WORLD_SIZE": "2"}).rank == 2
+    assert not plan(None, second_node).logs  # not rank 0, whatever its number
+    with pytest.raises(ValueError, match=r"set \$RANK"):
+        plan("own", {**second_node, "TORCHELASTIC_RUN_ID": "x"})
+
+
 def test_the_launch_floor_is_this_process_start_less_the_allowed_skew() -> None:
     import psutil
 

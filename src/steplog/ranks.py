@@ -199,7 +199,9 @@ class RankPlan:
 def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPlan:
     """This process's plan: the policy ``option`` (``Options.ranks``), else ``$STEPLOG_RANKS``,
     else ``"zero"``, applied to ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``, else (without ``RANK``)
-    to ``srun``'s ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``. ``ValueError`` for an
+    to ``srun``'s ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``, else (without either) to
+    ``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE`` as Lightning's launcher sets them (see
+    :func:`_launched_rank`). ``ValueError`` for an
     unknown policy, malformed variables, or ``"all"``/``"own"`` in a job without an identity
     the ranks share (see :func:`job_identity`)."""
     env = os.environ if environ is None else environ
@@ -213,6 +215,8 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
     if rank is None and env.get("SLURM_PROCID", "").strip() and env.get("SLURM_NTASKS"):
         names = _SLURM_VARS  # started by srun alone, without torchrun
         rank = _int_env(env, names[0], 0)
+    if rank is None and env.get("LOCAL_RANK", "").strip() and env.get("WORLD_SIZE", "").strip():
+        rank = _launched_rank(env, policy)  # Lightning's own launcher sets no RANK
     if rank is None:
         return RankPlan(policy, distributed=False)
     world_size = _int_env(env, names[2], 1)
@@ -232,6 +236,26 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"{GROUP_ENV} to a name unique to this launch")
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
                     world_size, group, launch_floor_ms() if policy == "all" else None)
+
+
+def _launched_rank(env: Mapping[str, str], policy: str) -> int:
+    """The global rank of a process that a launcher started with ``LOCAL_RANK``,
+    ``WORLD_SIZE`` and (several nodes) ``NODE_RANK`` but no ``RANK``, as Lightning's default
+    DDP launcher does: ``NODE_RANK * LOCAL_WORLD_SIZE + LOCAL_RANK``. Without
+    ``LOCAL_WORLD_SIZE`` on a node other than 0, only the ``"zero"`` policy can go on (the
+    process is not rank 0, whatever its number); ``"all"``/``"own"`` raise ``ValueError``."""
+    local = _int_env(env, "LOCAL_RANK", 0) or 0
+    node = _int_env(env, "NODE_RANK", 0) or 0
+    if node == 0:
+        return local
+    per_node = _int_env(env, "LOCAL_WORLD_SIZE", 1)
+    if per_node is not None:
+        return node * per_node + local
+    if policy == "zero":
+        return node + local  # at least 1, below WORLD_SIZE: a rank that does not log
+    raise ValueError(f"ranks={policy!r}: $LOCAL_RANK and $NODE_RANK ({node}) are set but "
+                     "neither $RANK nor $LOCAL_WORLD_SIZE, so this process's global rank is "
+                     "unknown; set $RANK (torchrun does)")
 
 
 # -- the inert logger ---------------------------------------------------------------------------
