@@ -211,6 +211,17 @@ def test_finalize_maps_lightning_statuses_and_refuses_unknown_ones(tmp_path: Pat
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "KILLED"
 
 
+def test_a_fit_stopped_by_ctrl_c_ends_the_run_killed(tmp_path: Path) -> None:
+    # Lightning calls finalize("failed") from inside its KeyboardInterrupt handler.
+    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                           save_dir=tmp_path)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        logger.finalize("failed")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "KILLED"
+
+
 def test_other_ranks_log_nothing_and_build_no_logger(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.pytorch.utilities import rank_zero_only

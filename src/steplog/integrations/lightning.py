@@ -20,6 +20,7 @@ import itertools
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from argparse import Namespace
@@ -248,7 +249,8 @@ class SteplogLogger(LightningLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         """End the run with the trainer's status (``success`` -> ``FINISHED``, ``failed`` ->
-        ``FAILED``, ``aborted``/``interrupted`` -> ``KILLED``), after uploading the last and
+        ``FAILED``, or ``KILLED`` when a ``KeyboardInterrupt`` stopped the trainer,
+        ``aborted``/``interrupted`` -> ``KILLED``), after uploading the last and
         best checkpoints with ``log_model=True``; or only flush (``close_on_finalize=False``).
         An undelivered record is reported in one warning, with the result in :attr:`result`."""
         if status not in STATUSES:
@@ -266,7 +268,10 @@ class SteplogLogger(LightningLogger):
                 warnings.warn(f"steplog: not every record arrived at the end of this stage: "
                               f"{flushed!r}", SteplogWarning, stacklevel=2)
             return
-        self.result = result = logger.close(self._timeout_s, STATUSES[status])
+        end = STATUSES[status]
+        if status == "failed" and isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            end = "KILLED"  # Lightning reports a Ctrl-C as "failed", from inside its handler
+        self.result = result = logger.close(self._timeout_s, end)
         if not result:
             warnings.warn(f"steplog: not every record arrived: {result!r}", SteplogWarning,
                           stacklevel=2)
