@@ -167,6 +167,19 @@ def test_add_text_stores_a_markdown_file_per_step(writer: Any, tmp_path: Path) -
     assert (tmp_path / "run" / "config.md").read_text() == "|a|b|"
 
 
+def test_add_text_without_a_step_never_replaces_an_earlier_text(writer: Any,
+                                                                tmp_path: Path) -> None:
+    writer.add_text("note", "first")
+    with pytest.raises(TypeError, match="text must be a str"):
+        writer.add_text("note", 42)
+    writer.add_text("note", "second")
+    writer.add_text("note", "third")
+    assert writer.close(30)
+    run = tmp_path / "run"
+    assert [(run / f).read_text() for f in ("note.md", "note-2.md", "note-3.md")] == [
+        "first", "second", "third"]
+
+
 def test_add_hparams_stores_parameters_and_the_metrics_as_scalars(writer: Any,
                                                                   tmp_path: Path) -> None:
     writer.add_hparams({"lr": 0.1, "layers": 2, "opt": "adam", "decay": torch.tensor(0.5)},

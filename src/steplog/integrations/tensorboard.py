@@ -92,6 +92,8 @@ class SummaryWriter:
         self.logger = logger
         self._log_scalar = logger.log_scalar
         self._log_metrics = logger.log_metrics
+        self._unstepped_texts: dict[str, int] = {}
+        """Texts added so far without a step, per tag."""
 
     def get_logdir(self) -> str | None:
         """The file run's directory (with a ``logger``: the ``log_dir`` given, or ``None``)."""
@@ -136,11 +138,20 @@ class SummaryWriter:
         global_step: int | None = None,
         walltime: float | None = None,
     ) -> None:
-        """Queue ``text_string`` as the file ``<tag>_<global_step>.md`` (``<tag>.md`` without a
-        step) in the upload lane; TensorBoard renders text as Markdown too."""
+        """Queue ``text_string`` as the file ``<tag>_<global_step>.md`` in the upload lane
+        (without a step: ``<tag>.md``, then ``<tag>-2.md``, ``<tag>-3.md``, ... so that no text
+        replaces an earlier one); TensorBoard renders text as Markdown too."""
         if walltime is not None:
             _no_walltime()
-        self.logger.log_text(text_string, f"{tag}.md", global_step)
+        name = f"{tag}.md"
+        if global_step is None:
+            n = self._unstepped_texts.get(tag, 0) + 1
+            if n > 1:
+                name = f"{tag}-{n}.md"
+            self.logger.log_text(text_string, name)
+            self._unstepped_texts[tag] = n  # counted once the text is queued
+            return
+        self.logger.log_text(text_string, name, global_step)
 
     def add_hparams(
         self,
