@@ -202,6 +202,20 @@ def test_close_on_finalize_false_keeps_the_logger_open_for_the_next_stage(
     assert steplog_logger.close(10)
 
 
+def test_a_stage_after_finalize_closed_the_logger_says_how_to_log_several_stages(
+    tmp_path: Path,
+) -> None:
+    from steplog.errors import LoggerClosedError
+
+    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=False)
+    fit(logger, tmp_path)
+    assert logger.result
+    with pytest.raises(LoggerClosedError, match="close_on_finalize=False"):
+        logger.log_hyperparams({"lr": 0.1})
+    with pytest.raises(LoggerClosedError, match="close_on_finalize=False"):
+        logger.log_metrics({"test_loss": 0.5}, 0)
+
+
 def test_finalize_maps_lightning_statuses_and_refuses_unknown_ones(tmp_path: Path) -> None:
     logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
                            save_dir=tmp_path)

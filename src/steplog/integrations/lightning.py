@@ -35,7 +35,7 @@ from lightning.pytorch.loggers.utilities import _scan_checkpoints
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from steplog.errors import SteplogWarning
+from steplog.errors import LoggerClosedError, SteplogWarning
 from steplog.lifecycle import State
 from steplog.loggers import FileLogger, Logger
 from steplog.records import Artifact, now_ms
@@ -153,13 +153,27 @@ class SteplogLogger(LightningLogger):
             self._logger = FileLogger(os.path.join(self.log_dir, "steplog"))
         return self._logger
 
+    def _open_logger(self) -> Logger:
+        """The steplog logger, for a record of the current stage; ``LoggerClosedError`` saying
+        what to do when ``finalize`` closed it at the end of an earlier stage."""
+        logger = self._logger or self.experiment
+        if self.result is not None and logger.state is State.CLOSED:
+            raise LoggerClosedError(
+                "steplog: SteplogLogger closed its steplog logger when the previous trainer "
+                "stage ended (close_on_finalize=True, the default), so this stage cannot log "
+                "into it; to log several stages (trainer.validate or trainer.test after "
+                "trainer.fit) into one run, build SteplogLogger with close_on_finalize=False "
+                "and close the steplog logger yourself, or give each stage its own "
+                "SteplogLogger")
+        return logger
+
     # -- records ---------------------------------------------------------------------------
     @override
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue every metric at ``step`` (a name MLflow would refuse loses its refused
         characters, with one warning, as with Lightning's MLflow logger)."""
-        logger = self._logger or self.experiment
+        logger = self._open_logger()
         if self._prefix:
             metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
         if self._renamed:
@@ -195,7 +209,7 @@ class SteplogLogger(LightningLogger):
             given = dataclasses.asdict(given)
         flat = _flatten_dict(_convert_params(given))
         if flat:
-            (self._logger or self.experiment).log_parameters(flat)
+            self._open_logger().log_parameters(flat)
 
     # -- checkpoints -----------------------------------------------------------------------
     @override
@@ -212,7 +226,7 @@ class SteplogLogger(LightningLogger):
     def _upload_checkpoints(self, callback: ModelCheckpoint) -> None:
         """Link each new checkpoint file now (the callback is a weak proxy and Lightning may
         remove the file after this call) and queue the link."""
-        logger = self._logger or self.experiment
+        logger = self._open_logger()
         if logger.state is State.INERT:  # a rank that does not log under steplog's policy
             return
         settings = {k: getattr(callback, k) for k in _CALLBACK_SETTINGS if hasattr(callback, k)}
