@@ -14,11 +14,17 @@ which sends every metric through ``MlflowClient.log_batch`` in the same host):
   ``bench_sync.py`` writes it: 10 keys, 5,000 points per frame) into a new store: the host's
   start, every frame read, decoded and written, the run ended, the journal removed.
 
+* **a write after a long history** (``--history N``): a run whose 10 keys already hold ``N``
+  points each (inserted directly into the store), then writes of one new point per key, each
+  through the sink host's object (``log_frame``), as a run logging a value per epoch does late
+  in a long run: milliseconds per write, and the fast path's longest transaction.
+
 The log_batch contender gets fewer points (``--slow-scalars``): at about 10,000 points/s it would
 take minutes; rates are per second either way.
 
     python benchmarks/bench_sqlite_fast_path.py [--scalars 500000] [--slow-scalars 100000]
-        [--sync-scalars 1000000] [--slow-sync-scalars 200000] [--rounds 2]
+        [--sync-scalars 1000000] [--slow-sync-scalars 200000] [--rounds 2] [--skip-sync]
+        [--history 300000] [--history-writes 5]
 """
 
 from __future__ import annotations
@@ -126,6 +132,45 @@ def sync(fast: bool, n: int) -> float:
         return n / elapsed
 
 
+def late_writes(fast: bool, history: int, writes: int) -> tuple[list[float], float | None]:
+    """Milliseconds of each write of one new point per key into a run already holding
+    ``history`` points per key; the fast path's longest transaction (s), ``None`` for
+    log_batch."""
+    from steplog.frames import encode_batch
+    from steplog.records import Batch, Scalars
+    from steplog.sinks.mlflow.client import ClientTransport
+    from steplog.sinks.mlflow.new_store import create_sqlite_store
+
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-fast-") as tmp:
+        db = f"{tmp}/mlflow.db"
+        create_sqlite_store(f"sqlite:///{db}")
+        client = ClientTransport(f"sqlite:///{db}")
+        run = client.create_run(client.experiment_id("bench-late"), "late", {}, 1_000).run_id
+        assert (client.metrics_path(run) is None) == fast
+        with sqlite3.connect(db) as conn:
+            for name in NAMES:
+                conn.executemany("INSERT INTO metrics VALUES (?, 0.1, ?, ?, ?, 0)",
+                                 ((name, 10_000 + i, run, i) for i in range(history)))
+                conn.execute("INSERT INTO latest_metrics VALUES (?, 0.1, ?, ?, 0, ?)",
+                             (name, 10_000 + history - 1, history - 1, run))
+        conn.close()
+        times = []
+        for w in range(writes):
+            batch = Batch([Scalars([(name, 0.2, history + w) for name in NAMES],
+                                   10_000 + history + w)])
+            start = time.perf_counter()
+            client.log_frame(run, encode_batch(batch), {}, {})
+            times.append(1000 * (time.perf_counter() - start))
+        fast_path = client._fast
+        longest = getattr(fast_path, "longest_transaction_s", None) if fast else None
+        with sqlite3.connect(db) as conn:
+            latest = conn.execute("SELECT min(step), max(step) FROM latest_metrics "
+                                  "WHERE run_uuid = ?", (run,)).fetchone()
+        conn.close()
+        assert latest == (history + writes - 1, history + writes - 1), latest
+        return times, longest
+
+
 def contender(fast: bool) -> None:
     if fast:
         os.environ.pop(DISABLE, None)
@@ -141,6 +186,9 @@ def main() -> None:
     parser.add_argument("--slow-sync-scalars", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-sync", action="store_true")
+    parser.add_argument("--history", type=int, default=300_000,
+                        help="points per key already stored before the late writes (0: skip)")
+    parser.add_argument("--history-writes", type=int, default=5)
     args = parser.parse_args()
     runs_dir = tempfile.TemporaryDirectory(prefix="steplog-bench-runs-")
     os.environ["STEPLOG_RUNS_DIR"] = runs_dir.name  # the loggers' journals go there
@@ -162,6 +210,17 @@ def main() -> None:
               f"us/point  sink host {v['host_us']:.2f} us/point")
     ratio = med["fast path"]["rate"] / med["log_batch"]["rate"]
     print(f"  ratio fast path / log_batch: {ratio:.1f}x  (target >= 200,000 points/s)")
+
+    if args.history:
+        print(f"a write of one point per key after {args.history:,} points per key:")
+        for fast in (True, False):
+            contender(fast)
+            times, longest = late_writes(fast, args.history, args.history_writes)
+            extra = "" if longest is None else \
+                f", longest transaction {1000 * longest:.0f} ms"
+            print(f"  {'fast path' if fast else 'log_batch':10s} ms per write: "
+                  f"{', '.join(f'{t:.0f}' for t in times)} (median "
+                  f"{statistics.median(times):.1f}){extra}", flush=True)
 
     if args.skip_sync:
         return

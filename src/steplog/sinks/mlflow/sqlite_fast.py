@@ -39,7 +39,6 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from itertools import chain
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from steplog.errors import PermanentError, RetryableError
@@ -114,28 +113,54 @@ _INSERT_MANY = _COLUMNS + ", ".join(
 The text never changes, so the statement stays compiled in the connection's cache."""
 _INSERT_ONE = _COLUMNS + f"(?1, {_value('?2')}, ?4, ?3, ?2 IS NULL, ?5)"
 """One row ``(key, value, step, timestamp, run)``: single scalars, and a block's last rows."""
-# The newest point of each key among the rows this transaction inserted (rowids above the
-# highest one before it, read as a range of the table itself, so the cost follows the rows
-# written, never the run's history; identical rows ignored as already stored are never newer
-# than the stored latest point, so they change nothing); of equal points the first inserted, as
-# MLflow keeps the first of equal points in call order.
-_UPSERT_LATEST = """
+# One row per key: the newest point of the key that this transaction wrote, found in Python
+# from the rows themselves (see _newest), so the cost follows the rows written, never the run's
+# history. It replaces the stored latest point only when strictly newer, as MLflow does; a row
+# ignored as already stored is never newer than the stored latest point, so it changes nothing.
+_UPSERT_LATEST = f"""
 INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
-SELECT key, value, timestamp, step, is_nan, run_uuid FROM (
-  SELECT key, value, timestamp, step, is_nan, run_uuid,
-         row_number() OVER (PARTITION BY key
-                            ORDER BY step DESC, timestamp DESC, value DESC, rowid) AS newest
-  FROM metrics NOT INDEXED
-  WHERE rowid > ?1 AND run_uuid = ?2)
-WHERE newest = 1
+VALUES (?1, {_value('?2')}, ?3, ?4, ?2 IS NULL, ?5)
 ON CONFLICT (key, run_uuid) DO UPDATE SET
   value = excluded.value, timestamp = excluded.timestamp, step = excluded.step,
   is_nan = excluded.is_nan
 WHERE (excluded.step, excluded.timestamp, excluded.value)
     > (latest_metrics.step, latest_metrics.timestamp, latest_metrics.value)
 """
+_LARGEST = float(_MAX)
 
-_NAME = itemgetter(0)
+Newest = dict[str, tuple[int, int, float, float]]
+"""Per key, its newest point: ``(step, timestamp, value as stored, value as logged)``."""
+
+
+def _as_stored(value: float) -> float:
+    """The value MLflow stores: 0 for NaN, +-inf clamped to the largest float."""
+    if value != value:
+        return 0.0
+    return min(max(value, -_LARGEST), _LARGEST)
+
+
+def _newest_of_block(rows: Sequence[Row], timestamp: int) -> Newest:
+    """Each key's newest point among ``rows`` (one timestamp): the highest step, then the
+    highest stored value; of equal points the first, as MLflow keeps the first in call order."""
+    newest: Newest = {}
+    get = newest.get
+    for key, value, step in rows:
+        cur = get(key)
+        if cur is None or step > cur[0]:
+            newest[key] = (step, timestamp, _as_stored(value), value)
+        elif step == cur[0]:
+            stored = _as_stored(value)
+            if stored > cur[2]:
+                newest[key] = (step, timestamp, stored, value)
+    return newest
+
+
+def _merge_newest(into: Newest, later: Newest) -> None:
+    """Fold ``later`` (points logged after those of ``into``) into ``into``."""
+    for key, point in later.items():
+        cur = into.get(key)
+        if cur is None or point[:3] > cur[:3]:
+            into[key] = point
 
 
 def _quote(text: str) -> str:
@@ -263,8 +288,7 @@ class FastPath:
                 singles.append((part.name, part.value, part.step, part.timestamp, run_id))
                 continue
             if singles:
-                pieces.append(_Piece(_INSERT_ONE, singles, set(map(_NAME, singles)),
-                                     len(singles)))
+                pieces.append(_singles_piece(singles))
                 singles = []
             if type(part) is not Scalars or not part.rows:
                 continue
@@ -272,10 +296,10 @@ class FastPath:
                 raise PermanentError(_bad_timestamp(part.timestamp))
             for i in range(0, len(part.rows), _PIECE):
                 piece = _block_piece(part.rows[i:i + _PIECE], part.timestamp, run_id)
-                keys |= piece.keys
+                keys.update(piece.newest)
                 pieces.append(piece)
         if singles:
-            pieces.append(_Piece(_INSERT_ONE, singles, set(map(_NAME, singles)), len(singles)))
+            pieces.append(_singles_piece(singles))
         for key in keys - self._good_keys:
             problem = key_problem(key)
             if problem is not None:
@@ -293,10 +317,11 @@ class FastPath:
                 problem = self.run_problem(run_id)
                 if problem is not None:
                     raise PermanentError(problem, whole_batch=True)
-                (before,) = conn.execute("SELECT max(rowid) FROM metrics").fetchone()
                 written = 0
+                newest: Newest = {}
                 while i < len(pieces):
                     piece = pieces[i]
+                    _merge_newest(newest, piece.newest)
                     conn.executemany(piece.sql, piece.params)
                     if piece.tail:
                         conn.executemany(_INSERT_ONE, piece.tail)
@@ -304,7 +329,9 @@ class FastPath:
                     i += 1
                     if time.perf_counter() - started >= TRANSACTION_BUDGET_S:
                         break
-                conn.execute(_UPSERT_LATEST, (before or 0, run_id))
+                conn.executemany(_UPSERT_LATEST, [
+                    (key, point[3], point[1], point[0], run_id)
+                    for key, point in sorted(newest.items())])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -321,7 +348,7 @@ class _Piece(NamedTuple):
 
     sql: str
     params: Sequence[Sequence[Any]]
-    keys: set[str]
+    newest: Newest
     rows: int
     tail: Sequence[Sequence[Any]] = ()
 
@@ -335,7 +362,15 @@ def _block_piece(rows: list[Row], timestamp: int, run_id: str) -> _Piece:
     head = [timestamp, run_id]
     params = [head + flat[i:i + width] for i in range(0, len(flat), width)]
     tail = [(key, value, step, timestamp, run_id) for key, value, step in rows[whole:]]
-    return _Piece(_INSERT_MANY, params, set(map(_NAME, rows)), len(rows), tail)
+    return _Piece(_INSERT_MANY, params, _newest_of_block(rows, timestamp), len(rows), tail)
+
+
+def _singles_piece(singles: list[tuple[str, float, int, int, str]]) -> _Piece:
+    """Single scalars ``(key, value, step, timestamp, run)``, one statement each."""
+    newest: Newest = {}
+    for key, value, step, timestamp, _ in singles:
+        _merge_newest(newest, {key: (step, timestamp, _as_stored(value), value)})
+    return _Piece(_INSERT_ONE, singles, newest, len(singles))
 
 
 def _bad_timestamp(timestamp: int) -> str:
