@@ -159,6 +159,9 @@ def test_a_process_lightnings_launcher_started_without_rank_is_placed_by_its_loc
     assert not plan(None, second_node).logs  # not rank 0, whatever its number
     with pytest.raises(ValueError, match=r"set \$RANK"):
         plan("own", {**second_node, "TORCHELASTIC_RUN_ID": "x"})
+    # LOCAL_RANK set for another reason (a GPU) in a one-process job: not one of several ranks
+    assert not plan("own", {"LOCAL_RANK": "1", "WORLD_SIZE": "1"}).distributed
+    assert not plan(None, {"LOCAL_RANK": "1"}).distributed
 
 
 def test_the_launch_floor_is_this_process_start_less_the_allowed_skew() -> None:

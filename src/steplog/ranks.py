@@ -215,7 +215,8 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
     if rank is None and env.get("SLURM_PROCID", "").strip() and env.get("SLURM_NTASKS"):
         names = _SLURM_VARS  # started by srun alone, without torchrun
         rank = _int_env(env, names[0], 0)
-    if rank is None and env.get("LOCAL_RANK", "").strip() and env.get("WORLD_SIZE", "").strip():
+    if rank is None and env.get("LOCAL_RANK", "").strip() and _several(env.get("WORLD_SIZE")):
+        names = ("LOCAL_RANK", "LOCAL_RANK", "WORLD_SIZE")
         rank = _launched_rank(env, policy)  # Lightning's own launcher sets no RANK
     if rank is None:
         return RankPlan(policy, distributed=False)
@@ -236,6 +237,14 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"{GROUP_ENV} to a name unique to this launch")
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
                     world_size, group, launch_floor_ms() if policy == "all" else None)
+
+
+def _several(world_size: str | None) -> bool:
+    """Whether ``world_size`` is an integer above 1 (a job of several ranks)."""
+    try:
+        return int(world_size or "") > 1
+    except ValueError:
+        return False
 
 
 def _launched_rank(env: Mapping[str, str], policy: str) -> int:
