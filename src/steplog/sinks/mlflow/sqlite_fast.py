@@ -114,9 +114,10 @@ The text never changes, so the statement stays compiled in the connection's cach
 _INSERT_ONE = _COLUMNS + f"(?1, {_value('?2')}, ?4, ?3, ?2 IS NULL, ?5)"
 """One row ``(key, value, step, timestamp, run)``: single scalars, and a block's last rows."""
 # One row per key: the newest point of the key that this transaction wrote, found in Python
-# from the rows themselves (see _newest), so the cost follows the rows written, never the run's
-# history. It replaces the stored latest point only when strictly newer, as MLflow does; a row
-# ignored as already stored is never newer than the stored latest point, so it changes nothing.
+# from the rows themselves (see _newest_of_block), so the cost follows the rows written, never
+# the run's history. It replaces the stored latest point only when strictly newer, as MLflow
+# does; a row ignored as already stored is never newer than the stored latest point, so it
+# changes nothing.
 _UPSERT_LATEST = f"""
 INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
 VALUES (?1, {_value('?2')}, ?3, ?4, ?2 IS NULL, ?5)
@@ -155,12 +156,17 @@ def _newest_of_block(rows: Sequence[Row], timestamp: int) -> Newest:
     return newest
 
 
+def _keep_newer(newest: Newest, key: str, point: tuple[int, int, float, float]) -> None:
+    """Make ``point`` (logged after those in ``newest``) the key's newest if strictly newer."""
+    cur = newest.get(key)
+    if cur is None or point[:3] > cur[:3]:
+        newest[key] = point
+
+
 def _merge_newest(into: Newest, later: Newest) -> None:
     """Fold ``later`` (points logged after those of ``into``) into ``into``."""
     for key, point in later.items():
-        cur = into.get(key)
-        if cur is None or point[:3] > cur[:3]:
-            into[key] = point
+        _keep_newer(into, key, point)
 
 
 def _quote(text: str) -> str:
@@ -369,7 +375,7 @@ def _singles_piece(singles: list[tuple[str, float, int, int, str]]) -> _Piece:
     """Single scalars ``(key, value, step, timestamp, run)``, one statement each."""
     newest: Newest = {}
     for key, value, step, timestamp, _ in singles:
-        _merge_newest(newest, {key: (step, timestamp, _as_stored(value), value)})
+        _keep_newer(newest, key, (step, timestamp, _as_stored(value), value))
     return _Piece(_INSERT_ONE, singles, newest, len(singles))
 
 
