@@ -180,6 +180,32 @@ def test_add_text_without_a_step_never_replaces_an_earlier_text(writer: Any,
         "first", "second", "third"]
 
 
+def test_add_text_never_replaces_a_text_of_another_tag_or_step(writer: Any,
+                                                                tmp_path: Path) -> None:
+    writer.add_text("note", "note, first")
+    writer.add_text("note", "note, second")
+    writer.add_text("note-2", "note-2")
+    writer.add_text("note", "note at 2", 2)
+    writer.add_text("note_2", "note_2")
+    writer.add_text("note", "note at 2, again", 2)
+    assert writer.close(30)
+    run = tmp_path / "run"
+    assert {p.name: p.read_text() for p in run.glob("*.md")} == {
+        "note.md": "note, first", "note-2.md": "note, second", "note-2-2.md": "note-2",
+        "note_2.md": "note at 2", "note_2-2.md": "note_2", "note-2_2.md": "note at 2, again"}
+
+
+def test_add_text_of_two_writers_on_one_logger_keeps_both(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path / "run")
+    first, second = SummaryWriter(logger=logger), SummaryWriter(logger=logger)
+    first.add_text("note", "from the first")
+    second.add_text("note", "from the second")
+    assert logger.close(30)
+    run = tmp_path / "run"
+    assert [(run / f).read_text() for f in ("note.md", "note-2.md")] == [
+        "from the first", "from the second"]
+
+
 def test_add_hparams_stores_parameters_and_the_metrics_as_scalars(writer: Any,
                                                                   tmp_path: Path) -> None:
     writer.add_hparams({"lr": 0.1, "layers": 2, "opt": "adam", "decay": torch.tensor(0.5)},

@@ -24,6 +24,7 @@ from steplog.records import Artifact, now_ms
 from steplog.sinks.base import Sink
 
 __all__ = [
+    "artifact_file_name",
     "artifact_of",
     "capture_metrics",
     "check_name",
@@ -114,14 +115,21 @@ def directory_of(dir: str | os.PathLike[str], path: str | None) -> Artifact:
 
 def data_of(data: bytes, name: str, default_ext: str, iteration: int | None,
             kind: str) -> Artifact:
-    """The record of bytes captured at the call (``log_text``, ``log_image``), named ``name``
-    (``default_ext`` added when it has no extension; ``_<iteration>`` before it)."""
-    base, ext = os.path.splitext(safe_relpath(name))
+    """The record of bytes captured at the call (``log_text``, ``log_image``), named by
+    :func:`artifact_file_name`."""
     if iteration is not None:
         iteration = capture_step(iteration)
+    return Artifact(name=artifact_file_name(name, default_ext, iteration), timestamp=now_ms(),
+                    data=data, kind=kind, step=iteration)
+
+
+def artifact_file_name(name: str, default_ext: str, iteration: int | None) -> str:
+    """The file a named upload is stored as: ``name`` normalised (:func:`safe_relpath`),
+    ``default_ext`` added when it has no extension, ``_<iteration>`` before the extension."""
+    base, ext = os.path.splitext(safe_relpath(name))
+    if iteration is not None:
         base = f"{base}_{iteration}"
-    return Artifact(name=base + (ext or default_ext), timestamp=now_ms(), data=data, kind=kind,
-                    step=iteration)
+    return base + (ext or default_ext)
 
 
 def figure_of(fig: Any, name: str, iteration: int | None) -> Artifact:
@@ -129,11 +137,10 @@ def figure_of(fig: Any, name: str, iteration: int | None) -> Artifact:
     (``.png`` added if missing; ``_<iteration>`` before it)."""
     if not hasattr(fig, "savefig"):
         raise TypeError(f"expected a matplotlib figure, got {type(fig).__name__}")
-    base, ext = os.path.splitext(safe_relpath(name))
     if iteration is not None:
         iteration = capture_step(iteration)
-        base = f"{base}_{iteration}"
+    file_name = artifact_file_name(name, ".png", iteration)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return Artifact(name=base + (ext or ".png"), timestamp=now_ms(), data=buf.getvalue(),
-                    kind="figure", step=iteration)
+    return Artifact(name=file_name, timestamp=now_ms(), data=buf.getvalue(), kind="figure",
+                    step=iteration)

@@ -11,10 +11,14 @@ ClearML, several sinks). Methods TensorBoard has and steplog cannot honour raise
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NoReturn
 
+from steplog.arguments import artifact_file_name
+from steplog.capture import capture_step
 from steplog.integrations.summaries import summary_statistics
 from steplog.loggers import FileLogger, Logger
 from steplog.results import CloseResult, FlushResult
@@ -30,6 +34,26 @@ def default_log_dir(comment: str = "") -> str:
 
     current_time = datetime.now().strftime("%b%d_%H-%M-%S")
     return os.path.join("runs", current_time + "_" + socket.gethostname() + comment)
+
+
+_text_files: weakref.WeakKeyDictionary[Logger, set[str]] = weakref.WeakKeyDictionary()
+"""The files each logger's writers have stored texts as (texts are rare: one file each)."""
+_text_files_lock = threading.Lock()
+
+
+def _text_name(logger: Logger, tag: str, step: int | None) -> str:
+    """The ``name`` to pass to ``log_text`` so that the text's file is one that no earlier
+    ``add_text`` of any writer on ``logger`` used: ``<tag>.md`` (``<tag>_<step>.md`` with a
+    step) when free, else ``<tag>-2.md``, ``<tag>-3.md``, ... (``<tag>-2_<step>.md``, ...).
+    The name is claimed; raises as ``log_text`` does for a tag that is not a relative path."""
+    with _text_files_lock:
+        used = _text_files.setdefault(logger, set())
+        name, n = f"{tag}.md", 1
+        while (file := artifact_file_name(name, ".md", step)) in used:
+            n += 1
+            name = f"{tag}-{n}.md"
+        used.add(file)
+        return name
 
 
 def _no_walltime() -> NoReturn:
@@ -92,8 +116,6 @@ class SummaryWriter:
         self.logger = logger
         self._log_scalar = logger.log_scalar
         self._log_metrics = logger.log_metrics
-        self._unstepped_texts: dict[str, int] = {}
-        """Texts added so far without a step, per tag."""
 
     def get_logdir(self) -> str | None:
         """The file run's directory (with a ``logger``: the ``log_dir`` given, or ``None``)."""
@@ -138,20 +160,17 @@ class SummaryWriter:
         global_step: int | None = None,
         walltime: float | None = None,
     ) -> None:
-        """Queue ``text_string`` as the file ``<tag>_<global_step>.md`` in the upload lane
-        (without a step: ``<tag>.md``, then ``<tag>-2.md``, ``<tag>-3.md``, ... so that no text
-        replaces an earlier one); TensorBoard renders text as Markdown too."""
+        """Queue ``text_string`` as the file ``<tag>_<global_step>.md`` (without a step:
+        ``<tag>.md``) in the upload lane; TensorBoard renders text as Markdown too. As
+        TensorBoard keeps every text event, no text replaces an earlier one of any writer on
+        the same logger: a file name already used gets ``-2``, ``-3``, ... after the tag
+        (``<tag>-2.md``, ``<tag>-2_<global_step>.md``)."""
         if walltime is not None:
             _no_walltime()
-        name = f"{tag}.md"
-        if global_step is None:
-            n = self._unstepped_texts.get(tag, 0) + 1
-            if n > 1:
-                name = f"{tag}-{n}.md"
-            self.logger.log_text(text_string, name)
-            self._unstepped_texts[tag] = n  # counted once the text is queued
-            return
-        self.logger.log_text(text_string, name, global_step)
+        if type(text_string) is not str:
+            raise TypeError(f"text must be a str, got {type(text_string).__name__}")
+        step = None if global_step is None else capture_step(global_step)
+        self.logger.log_text(text_string, _text_name(self.logger, tag, step), step)
 
     def add_hparams(
         self,
