@@ -159,6 +159,12 @@ def test_a_process_lightnings_launcher_started_without_rank_is_placed_by_its_loc
     assert not plan(None, second_node).logs  # not rank 0, whatever its number
     with pytest.raises(ValueError, match=r"set \$RANK"):
         plan("own", {**second_node, "TORCHELASTIC_RUN_ID": "x"})
+    # inside a one-task srun (an interactive `srun --pty`), whose variables every process
+    # the launcher starts inherits, the launcher's variables place the process
+    one_task = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
+                "SLURM_JOB_ID": "77"}
+    p = plan(None, {**one_task, **child})
+    assert (p.distributed, p.rank, p.world_size, p.logs) == (True, 1, 2, False)
     # LOCAL_RANK set for another reason (a GPU) in a one-process job: not one of several ranks
     assert not plan("own", {"LOCAL_RANK": "1", "WORLD_SIZE": "1"}).distributed
     assert not plan(None, {"LOCAL_RANK": "1"}).distributed
