@@ -127,6 +127,12 @@ def test_withdrawing_a_late_record_removes_that_record_not_an_equal_earlier_one(
         def deadline(self) -> float | None:
             return None
 
+        def rest(self) -> bool:
+            return False
+
+        def end_rest(self) -> None:
+            pass
+
     pipeline = Pipeline([ListSink()], Options(drain_interval_s=3600), Open())
     # Built at run time, as log_scalar builds them (equal literals would be one constant).
     early, other, late = (tuple(["x", v, None]) for v in (1.0, 2.0, 1.0))

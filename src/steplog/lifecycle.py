@@ -80,8 +80,8 @@ class Lifecycle:
     """Owns one logger's state, close lock and deadline, and its pipeline (``None`` without
     sinks). ``gate`` (a weak method of the logger) is called when the logger stops accepting
     records (``gate(False)``), so the logger's hot path can send every later call through
-    :meth:`admit`, and when an alarm waits for the training loop (``gate(False)``, then
-    ``gate(True)`` once it was raised)."""
+    :meth:`admit`, when an alarm waits for the training loop (``gate(False)``, then
+    ``gate(True)`` once it was raised), and while the drain thread rests (see :meth:`rest`)."""
 
     def __init__(
         self,
@@ -101,9 +101,11 @@ class Lifecycle:
         self._result: CloseResult | None = None
         self.helpers: list[Helper] = []
         self._alarm: Exception | None = None
+        self._resting = False
+        """Whether the gate is shut because the drain thread sleeps until a record comes."""
         self._gate_lock = threading.RLock()
         """Shutting or reopening the hot path's gate and what decides it (the state, a waiting
-        alarm) change together."""
+        alarm, the drain thread's rest) change together."""
         self.pipeline = Pipeline(sinks, options, self) if sinks else None
         if self.pipeline is not None:
             _register(self)
@@ -149,9 +151,31 @@ class Lifecycle:
             error, self._alarm = self._alarm, None
             if error is None:
                 return
-            if self.state is State.OPEN:
+            if self.state is State.OPEN and not self._resting:
                 self._set_gate(True)
         raise error
+
+    def rest(self) -> bool:
+        """See :meth:`steplog.pipeline.options.Owner.rest`."""
+        with self._gate_lock:
+            if self.state is not State.OPEN or self._alarm is not None or self._resting:
+                return False
+            self._resting = True
+            self._set_gate(False)
+            return True
+
+    def end_rest(self) -> None:
+        """See :meth:`steplog.pipeline.options.Owner.end_rest`."""
+        if not self._resting:  # the common case, without the lock
+            return
+        with self._gate_lock:
+            if not self._resting:
+                return
+            self._resting = False
+            if self.state is State.OPEN and self._alarm is None:
+                self._set_gate(True)
+        if self.pipeline is not None:
+            self.pipeline.wake()
 
     def _set_gate(self, open_: bool) -> None:
         gate = self._gate() if self._gate is not None else None

@@ -100,8 +100,9 @@ class Logger:
         self._checkpoints = CheckpointMemory(self.options.checkpoint_memory_bytes,
                                              self.options.checkpoint_policy)
         # The hot path appends to the pipeline's queue while it has room; once the logger stops
-        # accepting (or an alarm waits), its lifecycle sets _cap to 0 so that every call goes
-        # through _put, which asks the lifecycle (the one "accepting" check).
+        # accepting (or an alarm waits, or the idle drain thread sleeps until a record comes),
+        # its lifecycle sets _cap to 0 so that every call goes through _put, which asks the
+        # lifecycle (the one "accepting" check) and wakes the drain thread.
         self._life = Lifecycle(self._sinks, self.options, weakref.WeakMethod(self._close_gate))
         pipeline = self._life.pipeline
         self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
@@ -207,7 +208,8 @@ class Logger:
         unless the worker already took it (then it is delivered like any other). With the logger
         still open (the gate shut for an alarm), the record was appended before any close
         changed the state, so it is delivered."""
-        if self._life.accepting:
+        if self._life.accepting:  # the gate shut for the drain thread's rest: wake it
+            self._life.end_rest()
             return
         pipeline = self._life.pipeline
         if pipeline is not None and pipeline.withdraw(item):

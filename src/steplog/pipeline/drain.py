@@ -7,6 +7,8 @@ Each chunk's scalars are stamped with one wall-clock timestamp, taken when the c
 explicit step and a float value, the chunk becomes one block in a few C-level passes, with no
 Python code per scalar.
 
+An idle drain thread sleeps until a call queues a record (see :mod:`steplog.pipeline`).
+
 Guarantees: records reach every lane in call order; a value that cannot be read back loses only
 its own call's records (counted, with the reason); a chunk is written to the journal before any
 lane sees it, and a journal that fails stops journaling (the training loop is told once) but
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from steplog.runlog import RunJournal
 
 __all__ = ["Drain"]
+
+_REST_S = 5.0
+"""The longest sleep of an idle drain thread before it looks again (a bounded wait)."""
 
 _NAME = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
@@ -91,6 +96,17 @@ class Drain:
                     self._space.notify_all()
             elif stopping:
                 return
+            elif owner.rest():
+                # A whole interval brought nothing: sleep until a call queues a record (the
+                # shut gate sends it through a path that wakes this thread), then gather for
+                # one interval as usual, so that a scalar is still stamped within one interval
+                # of its call. Checked again after the gate shut: a call that found it open
+                # may have appended meanwhile (it then sees the gate shut and wakes us).
+                if not q:
+                    self._wake.wait(_REST_S)
+                owner.end_rest()
+                if not (q and type(q[-1]) is Barrier):  # a flush waits for no interval
+                    self._wake.clear()
 
     def _process(self, items: list[Any]) -> None:
         """Turn one drained chunk into records, in order, and hand them to the lanes."""

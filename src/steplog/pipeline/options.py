@@ -41,7 +41,8 @@ class Options:
     block_timeout_s: float = 30.0
     """With ``block``: longest a ``log_*`` call waits for room before dropping its record."""
     drain_interval_s: float = 0.05
-    """How often the drain thread takes the queue; bounds the timestamp error of scalars."""
+    """How often the drain thread takes the queue while records come; bounds the timestamp
+    error of scalars. After an interval with no record it sleeps until the next one."""
     lane_capacity: int = 1_000_000
     """Most records held in memory per sink lane; beyond it the drain thread waits for the sink
     (backpressure), or spills to the journal (``full_policy="spill"``)."""
@@ -121,4 +122,12 @@ class Owner(Protocol):
 
     def alarm(self, error: Exception) -> None:
         """Raise ``error`` into the training loop, once, from the next call that can."""
+
+    def rest(self) -> bool:
+        """Send every later call through :meth:`~steplog.pipeline.Pipeline.put` (the hot
+        path's gate shut) while the drain thread sleeps until a record comes; False (and
+        nothing changed) when the logger is not open or an alarm waits."""
+
+    def end_rest(self) -> None:
+        """Undo :meth:`rest`, if it is in force, and wake the drain thread."""
 
