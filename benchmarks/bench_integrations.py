@@ -10,9 +10,10 @@ the no-logging baseline's, and the baseline is run twice per round so that its r
   ``--sb3-n-steps`` says otherwise, ``batch_size=64``, ``n_epochs=4``, seeded, one torch
   thread): ``model.learn()`` time with no output format; steplog's writer into an MLflow server
   (``SteplogOutputFormat(MLFlowLogger(...))``), with the default drain interval and with
-  ``Options(drain_interval_s=0.5)``; SB3's own ``stdout`` + ``csv`` formats (stdout
-  to ``/dev/null``) and its ``tensorboard`` format; and SB3's documented MLflow recipe (an
-  ``MLflowOutputFormat`` calling ``mlflow.log_metric`` per key,
+  ``Options(drain_interval_s=0.5)``; steplog's writer into a local file run
+  (``FileLogger``, as SB3's own formats write local files); SB3's own ``stdout`` + ``csv``
+  formats (stdout to ``/dev/null``) and its ``tensorboard`` format; and SB3's documented
+  MLflow recipe (an ``MLflowOutputFormat`` calling ``mlflow.log_metric`` per key,
   https://stable-baselines3.readthedocs.io/en/master/guide/integrations.html#mlflow) against
   the same server. SB3 dumps about 15 keys per rollout. Besides the ratios, each output's own
   cost is measured directly: the time the training thread spends inside its ``write()`` and,
@@ -173,7 +174,7 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
     import mlflow
     from stable_baselines3.common.logger import HumanOutputFormat, make_output_format
 
-    from steplog import MLFlowLogger, Options
+    from steplog import FileLogger, Logger, MLFlowLogger, Options
     from steplog.integrations.sb3 import SteplogOutputFormat
 
     steps = args.sb3_steps
@@ -187,11 +188,17 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
         return lambda: ppo(steps, [], costs, name)
 
     def steplog_mlflow(name: str, options: Options | None) -> Contender:
-        def run() -> tuple[float, float]:
+        def make() -> Logger:
             logger = MLFlowLogger(f"bench-sb3-{uuid.uuid4().hex[:8]}", tracking_uri=server.url,
                                   options=options)
             if not logger.flush(60) or logger.run_id is None:
                 raise TimeoutError("the MLflow run was not created in time")
+            return logger
+        return steplog_writer(name, make)
+
+    def steplog_writer(name: str, make: Callable[[], Logger]) -> Contender:
+        def run() -> tuple[float, float]:
+            logger = make()
             before = steplog_threads_cpu()
             seconds = ppo(steps, [SteplogOutputFormat(logger)], costs, name)
             workers.setdefault(name, []).append(steplog_threads_cpu() - before)
@@ -222,6 +229,7 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
     STEPLOG = "steplog writer -> MLflow server"
     SLOW_DRAIN = "steplog writer -> MLflow, drain_interval_s=0.5"
     RECIPE = "SB3's MLflow recipe (mlflow.log_metric per key)"
+    LOCAL = "steplog writer -> local files"
     print(f"\n## Stable-Baselines3: PPO on CartPole-v1, n_steps={args.sb3_n_steps}, "
           f"learn({steps}), {args.rounds} rounds")
     ppo(1024, [], {}, "warm-up")  # imports, env, torch
@@ -230,11 +238,12 @@ def bench_sb3(args: argparse.Namespace, server: MlflowServer) -> None:
         STEPLOG: steplog_mlflow(STEPLOG, None),
         "no logging, again": none("no logging, again"),
         SLOW_DRAIN: steplog_mlflow(SLOW_DRAIN, Options(drain_interval_s=0.5)),
+        LOCAL: steplog_writer(LOCAL, lambda: FileLogger(str(folder / uuid.uuid4().hex))),
         "SB3 stdout + csv": stdout_csv,
         "SB3 tensorboard": tensorboard,
         RECIPE: mlflow_recipe,
     }
-    keep = {"none": ("no logging", "no logging, again"), "steplog": (STEPLOG, SLOW_DRAIN),
+    keep = {"none": ("no logging", "no logging, again"), "steplog": (STEPLOG, SLOW_DRAIN, LOCAL),
             "sb3": ("SB3 stdout + csv", "SB3 tensorboard"), "recipe": (RECIPE,)}
     chosen = {name for group in {"none", *args.sb3_contenders} for name in keep[group]}
     times = rounds_of({k: v for k, v in contenders.items() if k in chosen}, args.rounds)
