@@ -107,3 +107,20 @@ def test_records_from_many_threads_after_idle_spells_all_arrive_in_order() -> No
             assert [rec.step for rec in sink.records if rec.name == f"t{t}"] == list(range(rounds))
     finally:
         assert logger.close(10)
+
+
+def test_a_flush_after_an_idle_spell_waits_for_no_drain_interval() -> None:
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=1.0))
+    try:
+        logger.log_scalar("x", 1.0, 0)
+        assert logger.flush(10)
+        for step in range(1, 4):
+            time.sleep(1.2)  # an interval without a record: the drain thread rests
+            logger.log_scalar("x", 1.0, step)  # wakes it, and it gathers for 1 s ...
+            start = time.monotonic()
+            assert logger.flush(10)  # ... unless a flush waits
+            assert time.monotonic() - start < 0.5
+        assert len(sink.records) == 4
+    finally:
+        assert logger.close(10)

@@ -165,6 +165,7 @@ def test_a_process_lightnings_launcher_started_without_rank_is_placed_by_its_loc
                 "SLURM_JOB_ID": "77"}
     p = plan(None, {**one_task, **child})
     assert (p.distributed, p.rank, p.world_size, p.logs) == (True, 1, 2, False)
+    assert not plan("all", one_task).distributed  # the launching process, before fit
     # LOCAL_RANK set for another reason (a GPU) in a one-process job: not one of several ranks
     assert not plan("own", {"LOCAL_RANK": "1", "WORLD_SIZE": "1"}).distributed
     assert not plan(None, {"LOCAL_RANK": "1"}).distributed

@@ -103,6 +103,9 @@ class Lifecycle:
         self._alarm: Exception | None = None
         self._resting = False
         """Whether the gate is shut because the drain thread sleeps until a record comes."""
+        self._connected = False
+        """Whether the logger is built (:meth:`connect_gate`): until then the gate stays shut
+        and nothing calls it."""
         self._gate_lock = threading.RLock()
         """Shutting or reopening the hot path's gate and what decides it (the state, a waiting
         alarm, the drain thread's rest) change together."""
@@ -155,10 +158,19 @@ class Lifecycle:
                 self._set_gate(True)
         raise error
 
+    def connect_gate(self) -> None:
+        """Called once the logger is built: open its gate now if the logger is open, no alarm
+        waits and the drain thread does not rest (the worker may have run meanwhile)."""
+        with self._gate_lock:
+            self._connected = True
+            if self.state is State.OPEN and self._alarm is None and not self._resting:
+                self._set_gate(True)
+
     def rest(self) -> bool:
         """See :meth:`steplog.pipeline.options.Owner.rest`."""
         with self._gate_lock:
-            if self.state is not State.OPEN or self._alarm is not None or self._resting:
+            if (not self._connected or self.state is not State.OPEN or self._alarm is not None
+                    or self._resting):
                 return False
             self._resting = True
             self._set_gate(False)
@@ -178,6 +190,8 @@ class Lifecycle:
             self.pipeline.wake()
 
     def _set_gate(self, open_: bool) -> None:
+        if not self._connected:  # the logger is still being built: connect_gate decides
+            return
         gate = self._gate() if self._gate is not None else None
         if gate is not None:  # held weakly: this lifecycle outlives a dropped logger
             gate(open_)

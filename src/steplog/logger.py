@@ -103,10 +103,11 @@ class Logger:
         # accepting (or an alarm waits, or the idle drain thread sleeps until a record comes),
         # its lifecycle sets _cap to 0 so that every call goes through _put, which asks the
         # lifecycle (the one "accepting" check) and wakes the drain thread.
+        self._cap = 0
         self._life = Lifecycle(self._sinks, self.options, weakref.WeakMethod(self._close_gate))
         pipeline = self._life.pipeline
         self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
-        self._cap = pipeline.capacity if pipeline else 0
+        self._life.connect_gate()  # the worker started meanwhile: it decides, under its lock
 
     def _close_gate(self, open_: bool) -> None:
         pipeline = self._life.pipeline
@@ -146,7 +147,8 @@ class Logger:
     # name, an int step, room in the queue): a few type checks, a set lookup, a length check and
     # a deque append, ~1.5x a bare deque.append of a tuple (~135 ns) for log_scalar and ~400 ns
     # for a 10-key log_metrics (benchmarks/bench_hot_path.py, docs/benchmarks.md). A new name,
-    # a tensor, a full queue or a closing logger takes a slower branch.
+    # a tensor, a full queue, a closing logger or the first record for a resting drain thread
+    # takes a slower branch.
     def log_scalar(self, name: str, value: SupportsFloat, iteration: int | None = None) -> None:
         """Queue one point of ``name``. ``iteration=None`` uses the number of earlier calls for
         ``name`` (0, 1, 2, ...). Raises ``TypeError`` for a non-numeric value."""
@@ -216,8 +218,9 @@ class Logger:
             raise LoggerClosedError("this logger is closing; the record was not logged")
 
     def _put(self, item: object) -> None:
-        """The slow path: a full queue, a logger that no longer accepts records, or an alarm
-        to raise (after the call did its work)."""
+        """The slow path: a full queue, a logger that no longer accepts records, an alarm
+        to raise (after the call did its work), or the first record for a resting drain
+        thread (which :meth:`Pipeline.put` wakes)."""
         life = self._life
         pipeline = life.admit()
         if pipeline is not None and pipeline.put(item) and not self._cap:

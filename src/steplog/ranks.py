@@ -199,10 +199,9 @@ class RankPlan:
 def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPlan:
     """This process's plan: the policy ``option`` (``Options.ranks``), else ``$STEPLOG_RANKS``,
     else ``"zero"``, applied to ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``, else (without ``RANK``)
-    to ``srun``'s ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``, else (without either,
-    or in a one-task ``srun``) to ``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE`` (above 1) as
-    Lightning's launcher sets them (see :func:`_launched_rank`). ``ValueError`` for an
-    unknown policy, malformed variables, or ``"all"``/``"own"`` in a job without an identity
+    to ``srun``'s ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` (several tasks), else
+    to ``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE`` (above 1) as Lightning's launcher sets them
+    (see :func:`_launched_rank`). ``ValueError`` for an unknown policy, malformed variables, or ``"all"``/``"own"`` in a job without an identity
     the ranks share (see :func:`job_identity`)."""
     env = os.environ if environ is None else environ
     if option is not None:
@@ -212,12 +211,11 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
         policy = check_policy(text, f"${ENV}") if text else "zero"
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
     rank = _int_env(env, "RANK", 0)
-    launched = bool(env.get("LOCAL_RANK", "").strip()) and _several(env.get("WORLD_SIZE"))
     if (rank is None and env.get("SLURM_PROCID", "").strip() and env.get("SLURM_NTASKS")
-            and not (launched and env["SLURM_NTASKS"].strip() == "1")):
+            and env["SLURM_NTASKS"].strip() != "1"):  # one task: one process, of its own
         names = _SLURM_VARS  # started by srun alone, without torchrun
         rank = _int_env(env, names[0], 0)
-    if rank is None and launched:
+    if rank is None and env.get("LOCAL_RANK", "").strip() and _several(env.get("WORLD_SIZE")):
         # Lightning's own launcher (also inside a one-task srun, whose variables its
         # processes inherit) sets no RANK
         names = ("LOCAL_RANK", "LOCAL_RANK", "WORLD_SIZE")

@@ -56,6 +56,12 @@ def _text_name(logger: Logger, tag: str, step: int | None) -> str:
         return name
 
 
+def _release_text_name(logger: Logger, file: str) -> None:
+    """Give back a file name :func:`_text_name` claimed for a text that was not queued."""
+    with _text_files_lock:
+        _text_files.get(logger, set()).discard(file)
+
+
 def _no_walltime() -> NoReturn:
     raise ValueError("walltime is not supported: steplog stamps each value itself (when its "
                      "worker takes it, within the drain interval of the call)")
@@ -170,7 +176,12 @@ class SummaryWriter:
         if type(text_string) is not str:
             raise TypeError(f"text must be a str, got {type(text_string).__name__}")
         step = None if global_step is None else capture_step(global_step)
-        self.logger.log_text(text_string, _text_name(self.logger, tag, step), step)
+        name = _text_name(self.logger, tag, step)
+        try:
+            self.logger.log_text(text_string, name, step)
+        except BaseException:
+            _release_text_name(self.logger, artifact_file_name(name, ".md", step))
+            raise
 
     def add_hparams(
         self,

@@ -91,7 +91,8 @@ class Pipeline(Drain):
     """One logger's queue, drain thread and sink lanes.
 
     The owning logger appends to :attr:`queue` directly on its hot path (after checking
-    ``len(queue) < capacity``) and calls :meth:`put` when the queue is full.
+    ``len(queue) < capacity``, the capacity it sees being 0 while its gate is shut) and calls
+    :meth:`put` otherwise: a full queue, a closing logger, a resting drain thread.
     """
 
     def __init__(self, sinks: Sequence[Sink], options: Options, owner: Owner) -> None:

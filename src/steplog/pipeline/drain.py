@@ -96,17 +96,29 @@ class Drain:
                     self._space.notify_all()
             elif stopping:
                 return
-            elif owner.rest():
-                # A whole interval brought nothing: sleep until a call queues a record (the
-                # shut gate sends it through a path that wakes this thread), then gather for
-                # one interval as usual, so that a scalar is still stamped within one interval
-                # of its call. Checked again after the gate shut: a call that found it open
-                # may have appended meanwhile (it then sees the gate shut and wakes us).
-                if not q:
-                    self._wake.wait(_REST_S)
-                owner.end_rest()
-                if not (q and type(q[-1]) is Barrier):  # a flush waits for no interval
-                    self._wake.clear()
+            else:
+                try:
+                    self._rest()
+                except Exception as exc:
+                    self.runners[0].warn("drain", f"steplog drain thread error: {exc!r}")
+
+    def _rest(self) -> None:
+        """After a whole interval brought nothing: sleep until a call queues a record (the
+        shut gate sends it through a path that wakes this thread), then leave the wake-up
+        cleared so that the loop gathers for one interval as usual and a scalar is still
+        stamped within one interval of its call; a flush waits for no interval."""
+        q = self.queue
+        if not self.owner.rest():
+            return
+        # Checked again after the gate shut: a call that found it open may have appended
+        # meanwhile (it then sees the gate shut and wakes us).
+        if not q:
+            self._wake.wait(_REST_S)
+        self.owner.end_rest()
+        self._wake.clear()
+        # Looked for after the clear: a barrier queued later sets the wake-up again itself.
+        if any(type(item) is Barrier for item in list(q)):
+            self._wake.set()
 
     def _process(self, items: list[Any]) -> None:
         """Turn one drained chunk into records, in order, and hand them to the lanes."""
