@@ -201,8 +201,9 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
     else ``"zero"``, applied to ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``, else (without ``RANK``)
     to ``srun``'s ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` (several tasks), else
     to ``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE`` (above 1) as Lightning's launcher sets them
-    (see :func:`_launched_rank`). ``ValueError`` for an unknown policy, malformed variables, or ``"all"``/``"own"`` in a job without an identity
-    the ranks share (see :func:`job_identity`)."""
+    (see :func:`_launched_rank`). ``ValueError`` for an unknown policy, malformed variables,
+    or ``"all"``/``"own"`` in a job without an identity the ranks share (see
+    :func:`job_identity`)."""
     env = os.environ if environ is None else environ
     if option is not None:
         policy = check_policy(option)
