@@ -30,9 +30,8 @@ def _wakeups(thread: threading.Thread) -> int:
                     if line.startswith("voluntary_ctxt_switches")))
 
 
-def _drain_thread() -> threading.Thread:
-    (thread,) = [t for t in threading.enumerate() if t.name == "steplog-drain"]
-    return thread
+def _drain_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "steplog-drain"}
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
@@ -47,12 +46,13 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux's /proc")
 def test_an_idle_logger_does_not_wake_its_drain_thread_every_interval() -> None:
     sink = ListSink()
+    others = _drain_threads()  # of loggers that earlier tests left to the exit hook
     logger = Logger(sinks=[sink], options=OPTIONS)
     try:
+        (drain,) = _drain_threads() - others
         logger.log_scalar("x", 1.0, 0)
         assert logger.flush(10)
         time.sleep(IDLE_S)
-        drain = _drain_thread()
         before = _wakeups(drain)
         time.sleep(1.0)  # 50 intervals
         assert _wakeups(drain) - before <= 2
