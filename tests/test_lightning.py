@@ -58,6 +58,10 @@ class TinyModel(pl.LightningModule):
         x, y = batch
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
 
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
@@ -85,7 +89,8 @@ def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
     return DataLoader(data, batch_size=8), DataLoader(data, batch_size=16)
 
 
-def fit(logger: SteplogLogger, tmp_path: Path, **model_kwargs: Any) -> RecordingCheckpoint:
+def fit(logger: SteplogLogger, tmp_path: Path, *, then_test: bool = False,
+        **model_kwargs: Any) -> RecordingCheckpoint:
     # Every epoch is the new best (monitor "step", max): the previous top-1 file is deleted
     # right after the save, and last.ckpt is replaced each epoch.
     ckpt = RecordingCheckpoint(dirpath=tmp_path / "ckpts", monitor="step", mode="max",
@@ -95,7 +100,10 @@ def fit(logger: SteplogLogger, tmp_path: Path, **model_kwargs: Any) -> Recording
                          enable_model_summary=False, accelerator="cpu", devices=1,
                          default_root_dir=tmp_path)
     train, val = loaders()
-    trainer.fit(TinyModel(**model_kwargs), train, val)
+    model = TinyModel(**model_kwargs)
+    trainer.fit(model, train, val)
+    if then_test:
+        trainer.test(model, val)
     return ckpt
 
 
@@ -202,12 +210,26 @@ def test_close_on_finalize_false_keeps_the_logger_open_for_the_next_stage(
     assert steplog_logger.close(10)
 
 
-def test_a_stage_after_finalize_closed_the_logger_says_how_to_log_several_stages(
+def test_fit_then_test_log_into_one_file_run_by_default(tmp_path: Path) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=False)
+    fit(logger, tmp_path, then_test=True)
+    assert logger.result and logger.experiment.state is State.CLOSED
+    run = Path(logger.log_dir) / "steplog"
+    points = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
+    names = [p["name"] for p in points]
+    assert names.count("train_loss") == EPOCHS * STEPS_PER_EPOCH
+    assert names.count("test_loss") == 1 and names.index("test_loss") > names.index("val_loss")
+    assert json.loads((run / "run.json").read_text())["status"] == "FINISHED"
+    assert not (run / "previous").exists()  # one run, not a new one per stage
+
+
+def test_a_stage_after_finalize_closed_a_given_logger_says_how_to_log_several_stages(
     tmp_path: Path,
 ) -> None:
     from steplog.errors import LoggerClosedError
 
-    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=False)
+    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                           save_dir=tmp_path / "logs", log_model=False)
     fit(logger, tmp_path)
     assert logger.result
     with pytest.raises(LoggerClosedError, match="close_on_finalize=False"):
