@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import uuid
+import warnings
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,32 @@ def test_fit_then_test_log_into_one_file_run_by_default(tmp_path: Path) -> None:
     assert names.count("test_loss") == 1 and names.index("test_loss") > names.index("val_loss")
     assert json.loads((run / "run.json").read_text())["status"] == "FINISHED"
     assert not (run / "previous").exists()  # one run, not a new one per stage
+
+
+def test_a_later_stage_never_hides_an_earlier_stages_failure(tmp_path: Path) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=False)
+    with pytest.raises(RuntimeError, match="diverged"):
+        fit(logger, tmp_path, fail_at_epoch=1)
+    trainer = pl.Trainer(logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    trainer.test(TinyModel(), loaders()[1])
+    assert logger.result
+    run = Path(logger.log_dir) / "steplog"
+    points = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
+    assert [p["name"] for p in points].count("test_loss") == 1
+    assert json.loads((run / "run.json").read_text())["status"] == "FAILED"
+
+
+def test_a_stage_that_logs_nothing_leaves_the_closed_run_as_it_was(tmp_path: Path) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=False)
+    fit(logger, tmp_path)
+    closed = logger.result
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger.finalize("failed")
+    assert logger.result is closed and closed
+    run = Path(logger.log_dir) / "steplog"
+    assert json.loads((run / "run.json").read_text())["status"] == "FINISHED"
 
 
 def test_a_stage_after_finalize_closed_a_given_logger_says_how_to_log_several_stages(

@@ -54,6 +54,10 @@ STATUSES: dict[str, RunStatus] = {
 }
 """Lightning's ``finalize`` statuses and the run status each one ends the run with."""
 
+_SEVERITY: tuple[RunStatus, ...] = ("FINISHED", "FAILED", "KILLED")
+"""Run statuses from least to most severe: a run that several stages log into ends with the
+most severe status any of them ended it with."""
+
 _NOT_A_KEY = re.compile(r"[^a-zA-Z0-9_/. -]+")
 """What Lightning's MLflow logger removes from a metric name (MLflow refuses it)."""
 
@@ -116,7 +120,10 @@ class SteplogLogger(LightningLogger):
         self._links = itertools.count()
         self._checkpoint_callback: ModelCheckpoint | None = None
         self.result: CloseResult | None = None
-        """The close result once ``finalize`` closed the logger."""
+        """The close result once ``finalize`` closed the logger: the last stage's, or the
+        first falsy one when an earlier stage's records did not all arrive."""
+        self._closed_status: RunStatus | None = None
+        """The most severe status a stage's ``finalize`` ended the run with so far."""
 
     # -- Lightning's layout ----------------------------------------------------------------
     @property
@@ -164,10 +171,10 @@ class SteplogLogger(LightningLogger):
         ``LoggerClosedError`` saying what to do."""
         logger = self._logger or self.experiment
         if self.result is not None and logger.state is State.CLOSED:
-            if self._built:
+            if self._built and not self.result.timed_out:
+                # (after a close that timed out, its lanes may still be writing the run)
                 self._logger = FileLogger(os.path.join(self.log_dir, "steplog"),
                                           existing="append")
-                self.result = None
                 return self._logger
             raise LoggerClosedError(
                 "steplog: SteplogLogger closed its steplog logger when the previous trainer "
@@ -284,6 +291,8 @@ class SteplogLogger(LightningLogger):
         logger = self._logger
         if logger is None:
             return  # nothing was ever logged on this rank
+        if self.result is not None and logger.state is State.CLOSED:
+            return  # this stage logged nothing: an earlier stage's end closed the run
         if self._checkpoint_callback is not None:
             self._upload_checkpoints(self._checkpoint_callback)
             self._checkpoint_callback = None
@@ -296,7 +305,11 @@ class SteplogLogger(LightningLogger):
         end = STATUSES[status]
         if status == "failed" and isinstance(sys.exc_info()[1], KeyboardInterrupt):
             end = "KILLED"  # Lightning reports a Ctrl-C as "failed", from inside its handler
-        self.result = result = logger.close(self._timeout_s, end)
+        if self._closed_status is not None:  # a later stage of the same run: the worst wins
+            end = max(end, self._closed_status, key=_SEVERITY.index)
+        self._closed_status = end
+        result = logger.close(self._timeout_s, end)
+        self.result = result if self.result is None or self.result else self.result
         if not result:
             warnings.warn(f"steplog: not every record arrived: {result!r}", SteplogWarning,
                           stacklevel=2)
