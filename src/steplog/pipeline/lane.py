@@ -128,7 +128,8 @@ class Lane:
                 self.cond.wait(0.05)
             if self._stopping:
                 return False
-            if not self.buffered:
+            first = not self.buffered
+            if first:
                 self.oldest_ms = timestamp_ms
                 self._due = time.monotonic() + self.max_age_s
             if spilled:
@@ -147,7 +148,10 @@ class Lane:
                 self.resident += count
             self.buffered += count
             self.submitted += count
-            self.cond.notify_all()
+            # The lane thread waits for a first record, then for the batch's age or a full
+            # batch: a put in between changes nothing it waits for, so it is not woken.
+            if first or self.buffered >= self.max_batch:
+                self.cond.notify_all()
         return True
 
     @property
