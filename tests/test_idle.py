@@ -13,6 +13,7 @@ import pytest
 
 from sinks_for_tests import ListSink
 from steplog import Logger, Options
+from test_spill import wait_until
 
 INTERVAL_S = 0.02
 OPTIONS = Options(drain_interval_s=INTERVAL_S)
@@ -32,15 +33,6 @@ def _wakeups(thread: threading.Thread) -> int:
 
 def _drain_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "steplog-drain"}
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux's /proc")
@@ -78,7 +70,7 @@ def test_a_record_logged_after_an_idle_spell_is_delivered_without_a_flush(call: 
         time.sleep(IDLE_S)
         called_ms = time.time() * 1000
         LOG_CALLS[call](logger)
-        assert _wait_for(lambda: len(sink.records) > 1, ARRIVAL_S), "not delivered"
+        assert wait_until(lambda: len(sink.records) > 1, ARRIVAL_S), "not delivered"
         stamp = sink.records[1].timestamp
         assert stamp - called_ms < 1000  # within one interval, and scheduling
     finally:
@@ -101,7 +93,7 @@ def test_records_from_many_threads_after_idle_spells_all_arrive_in_order() -> No
             for w in workers:
                 w.join(10)
             expected = (r + 1) * threads
-            assert _wait_for(lambda e=expected: len(sink.records) >= e, ARRIVAL_S), (
+            assert wait_until(lambda e=expected: len(sink.records) >= e, ARRIVAL_S), (
                 f"round {r}: a record waited for the drain thread's longest sleep")
         for t in range(threads):
             assert [rec.step for rec in sink.records if rec.name == f"t{t}"] == list(range(rounds))

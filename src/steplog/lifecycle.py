@@ -154,8 +154,7 @@ class Lifecycle:
             error, self._alarm = self._alarm, None
             if error is None:
                 return
-            if self.state is State.OPEN and not self._resting:
-                self._set_gate(True)
+            self._open_gate_if_clear()
         raise error
 
     def connect_gate(self) -> None:
@@ -163,8 +162,7 @@ class Lifecycle:
         waits and the drain thread does not rest (the worker may have run meanwhile)."""
         with self._gate_lock:
             self._connected = True
-            if self.state is State.OPEN and self._alarm is None and not self._resting:
-                self._set_gate(True)
+            self._open_gate_if_clear()
 
     def rest(self) -> bool:
         """See :meth:`steplog.pipeline.options.Owner.rest`."""
@@ -184,10 +182,15 @@ class Lifecycle:
             if not self._resting:
                 return
             self._resting = False
-            if self.state is State.OPEN and self._alarm is None:
-                self._set_gate(True)
+            self._open_gate_if_clear()
         if self.pipeline is not None:
             self.pipeline.wake()
+
+    def _open_gate_if_clear(self) -> None:
+        """Open the hot path's gate when nothing holds it shut: the logger is open, no alarm
+        waits, the drain thread does not rest (called under ``_gate_lock``)."""
+        if self.state is State.OPEN and self._alarm is None and not self._resting:
+            self._set_gate(True)
 
     def _set_gate(self, open_: bool) -> None:
         if not self._connected:  # the logger is still being built: connect_gate decides

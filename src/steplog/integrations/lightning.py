@@ -309,7 +309,8 @@ class SteplogLogger(LightningLogger):
             end = max(end, self._closed_status, key=_SEVERITY.index)
         self._closed_status = end
         result = logger.close(self._timeout_s, end)
-        self.result = result if self.result is None or self.result else self.result
+        if self.result is None or self.result:  # an earlier stage's falsy result stays
+            self.result = result
         if not result:
             warnings.warn(f"steplog: not every record arrived: {result!r}", SteplogWarning,
                           stacklevel=2)

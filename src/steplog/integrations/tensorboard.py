@@ -41,11 +41,12 @@ _text_files: weakref.WeakKeyDictionary[Logger, set[str]] = weakref.WeakKeyDictio
 _text_files_lock = threading.Lock()
 
 
-def _text_name(logger: Logger, tag: str, step: int | None) -> str:
+def _text_name(logger: Logger, tag: str, step: int | None) -> tuple[str, str]:
     """The ``name`` to pass to ``log_text`` so that the text's file is one that no earlier
     ``add_text`` of any writer on ``logger`` used: ``<tag>.md`` (``<tag>_<step>.md`` with a
-    step) when free, else ``<tag>-2.md``, ``<tag>-3.md``, ... (``<tag>-2_<step>.md``, ...).
-    The name is claimed; raises as ``log_text`` does for a tag that is not a relative path."""
+    step) when free, else ``<tag>-2.md``, ``<tag>-3.md``, ... (``<tag>-2_<step>.md``, ...),
+    and that file, now claimed; raises as ``log_text`` does for a tag that is not a relative
+    path."""
     with _text_files_lock:
         used = _text_files.setdefault(logger, set())
         name, n = f"{tag}.md", 1
@@ -53,7 +54,7 @@ def _text_name(logger: Logger, tag: str, step: int | None) -> str:
             n += 1
             name = f"{tag}-{n}.md"
         used.add(file)
-        return name
+        return name, file
 
 
 def _release_text_name(logger: Logger, file: str) -> None:
@@ -176,11 +177,11 @@ class SummaryWriter:
         if type(text_string) is not str:
             raise TypeError(f"text must be a str, got {type(text_string).__name__}")
         step = None if global_step is None else capture_step(global_step)
-        name = _text_name(self.logger, tag, step)
+        name, file = _text_name(self.logger, tag, step)
         try:
             self.logger.log_text(text_string, name, step)
         except BaseException:
-            _release_text_name(self.logger, artifact_file_name(name, ".md", step))
+            _release_text_name(self.logger, file)
             raise
 
     def add_hparams(
