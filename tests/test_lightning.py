@@ -250,13 +250,42 @@ def test_a_stage_that_logs_nothing_leaves_the_closed_run_as_it_was(tmp_path: Pat
     assert json.loads((run / "run.json").read_text())["status"] == "FINISHED"
 
 
-def test_a_stage_after_finalize_closed_a_given_logger_says_how_to_log_several_stages(
+def test_fit_then_test_log_into_one_given_mlflow_run(
+    mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    steplog_logger = MLFlowLogger(f"lightning-{uuid.uuid4().hex[:8]}",
+                                  tracking_uri=mlflow_server.url, options=FAST)
+    logger = SteplogLogger(steplog_logger, save_dir=tmp_path / "logs", log_model=False)
+    fit(logger, tmp_path, then_test=True)
+
+    assert logger.result, logger.result
+    assert logger.experiment is not steplog_logger  # the test stage's logger, on the same run
+    run_id = steplog_logger.run_id or ""
+    assert isinstance(logger.experiment, MLFlowLogger) and logger.experiment.run_id == run_id
+    assert len(mlflow_server.metric_history(run_id, "train_loss")) == EPOCHS * STEPS_PER_EPOCH
+    assert len(mlflow_server.metric_history(run_id, "test_loss")) == 1
+    assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_fit_then_test_log_into_one_given_file_run(tmp_path: Path) -> None:
+    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run", options=FAST),
+                           save_dir=tmp_path / "logs", log_model=False)
+    fit(logger, tmp_path, then_test=True)
+    assert logger.result
+    points = [json.loads(line)
+              for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    assert [p["name"] for p in points].count("test_loss") == 1
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "FINISHED"
+
+
+def test_a_stage_after_finalize_closed_a_run_that_cannot_go_on_says_how_to_log_several_stages(
     tmp_path: Path,
 ) -> None:
+    from sinks_for_tests import ListSink
     from steplog.errors import LoggerClosedError
 
-    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
-                           save_dir=tmp_path / "logs", log_model=False)
+    logger = SteplogLogger(Logger(sinks=[ListSink()]), save_dir=tmp_path / "logs",
+                           log_model=False)
     fit(logger, tmp_path)
     assert logger.result
     with pytest.raises(LoggerClosedError, match="close_on_finalize=False"):

@@ -291,6 +291,11 @@ class Lifecycle:
                 self._lock.release()
             shield.release()
 
+    @property
+    def result(self) -> CloseResult | None:
+        """The result of the close, once one finished (``None`` before)."""
+        return self._result
+
     def _stop_accepting(self, state: State) -> None:
         # The hot path's gate first: a call that finds the queue still open, then the state
         # changed, takes its record back (Logger._late) or the closer delivers it.

@@ -85,6 +85,7 @@ class Logger:
         self.logging_freq = logging_freq
         self.last_logging_iteration = 0
         self.options = options or Options()
+        self._given_options = options
         ranks = self._rank_plan
         if ranks.splits:  # each rank journals in its own directory
             self.options = dataclasses.replace(
@@ -400,6 +401,31 @@ class Logger:
         calls is still running: after a timeout, the run is ended when that call returns.
         """
         return self._life.close(timeout, status)
+
+    def continued(self) -> Logger:
+        """A new logger, with this one's settings, that logs on into this logger's run: for a
+        later stage of the same job (``trainer.test`` after ``trainer.fit``, say).
+
+        This logger must be closed, by a close that finished in time, so that two loggers
+        never write the run at once (``RuntimeError`` otherwise). The new logger's automatic
+        steps start from 0 again: give steps explicitly to log on after the earlier ones.
+        ``NotImplementedError`` for a logger whose run cannot be continued (ClearML, a
+        logger built on sinks of your own)."""
+        raise NotImplementedError(
+            f"steplog: {type(self).__name__} cannot log on into a run it ended; build a new "
+            "logger, or keep this one open for the later stage")
+
+    def _check_continuable(self) -> None:
+        """Raise ``RuntimeError`` unless this logger's close finished in time."""
+        result = self._life.result
+        if result is None:
+            raise RuntimeError(f"steplog: close this {type(self).__name__} before logging on "
+                               "into its run with continued(): two loggers must not write "
+                               "one run at once")
+        if result.timed_out:
+            raise RuntimeError(f"steplog: this {type(self).__name__}'s close timed out, so its "
+                               "worker may still be writing the run; its run cannot be "
+                               "continued by another logger in this process")
 
     async def aflush(self, timeout: float | None = None) -> FlushResult:
         """:meth:`flush` for asyncio and trio: the same result, without blocking the event

@@ -34,8 +34,16 @@ class FileLogger(Logger):
         options: Options | None = None, existing: Existing = "aside", offload: Offload = "auto",
     ) -> None:
         self.output_dir = os.fspath(output_dir)
+        self._offload: Offload = offload
         sink = FileSink(self.output_dir, existing=existing, offload=offload)
         super().__init__(logging_freq, sinks=[sink], options=options)
+
+    def continued(self) -> FileLogger:
+        """A :class:`FileLogger` appending to this closed logger's run (see
+        :meth:`Logger.continued`)."""
+        self._check_continuable()
+        return FileLogger(self.output_dir, self.logging_freq, options=self._given_options,
+                          existing="append", offload=self._offload)
 
 
 @Logger.register("mlflow")
@@ -52,6 +60,14 @@ class MLFlowLogger(Logger):
     snapshot's run artifact and whose ``step`` tag is its step. ``max_in_flight`` (default:
     ``STEPLOG_MLFLOW_MAX_IN_FLIGHT``, else 1): most ``log-batch`` requests in flight at once to a
     tracking server with several workers (see docs/mlflow-server.md).
+
+    ``run_id`` logs on into that existing run of ``experiment_name`` instead of creating one
+    (a job restarted after a pre-emption, a later stage): the worker sets it ``RUNNING`` again
+    and the close ends it as usual; ``run_name`` and ``tags`` are then not applied. A run that
+    does not exist, is deleted or belongs to another experiment can never be written: every
+    record is refused with that reason (a warning, a falsy close result). It continues one
+    run, so it needs the rank policy ``"zero"``. Automatic steps start from 0 again: give
+    steps explicitly.
     """
 
     def __init__(
@@ -68,14 +84,23 @@ class MLFlowLogger(Logger):
         tags: Mapping[str, str] | None = None,
         registered_model_name: str | None = None,
         max_in_flight: int | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
+        self._settings: dict[str, Any] = {
+            "log_system_metrics": log_system_metrics,
+            "system_metrics_interval_s": system_metrics_interval_s,
+            "request_timeout_s": request_timeout_s,
+            "registered_model_name": registered_model_name,
+            "max_in_flight": max_in_flight,
+        }
+        """What :meth:`continued` builds its logger with (besides the run)."""
         self.sink = MLflowSink(experiment_name, tracking_uri=tracking_uri, run_name=run_name,
                                request_timeout_s=request_timeout_s,
                                tags=dict(tags) if tags is not None else None,
                                registered_model_name=registered_model_name,
-                               max_in_flight=max_in_flight)
+                               max_in_flight=max_in_flight, run_id=run_id)
         # Check the optional dependency before any thread starts.
         sampler = None
         if log_system_metrics and self._rank_plan.samples_system:  # one sampler per node
@@ -87,8 +112,21 @@ class MLFlowLogger(Logger):
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id, once the worker created the run."""
+        """The MLflow run id, once the worker created (or continued) the run."""
         return self.sink.run_id
+
+    def continued(self) -> MLFlowLogger:
+        """An :class:`MLFlowLogger` logging on into this closed logger's run, with the same
+        tracking URI and settings (see :meth:`Logger.continued`); ``RuntimeError`` when the run
+        was never created."""
+        self._check_continuable()
+        run_id = self.run_id
+        if run_id is None:
+            raise RuntimeError(f"steplog: this MLFlowLogger's run was never created "
+                               f"({self.sink.describe()}), so there is no run to log on into")
+        return MLFlowLogger(self.experiment_name, tracking_uri=self.sink.tracking_uri,
+                            run_name=self.run_name, logging_freq=self.logging_freq,
+                            options=self._given_options, run_id=run_id, **self._settings)
 
 
 @Logger.register("clearml")

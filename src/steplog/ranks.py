@@ -351,6 +351,9 @@ class InertLogger:
         return CloseResult(ok=True, delivered=0, undelivered=0, dropped=0, rejected=0,
                            elapsed_s=0.0, timed_out=False, inactive=self._inert_reason)
 
+    def continued(self) -> InertLogger:
+        return self  # this rank logs nothing, in any stage
+
     @property
     def state(self) -> State:
         from steplog.lifecycle import State

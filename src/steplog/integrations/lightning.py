@@ -79,7 +79,8 @@ class SteplogLogger(LightningLogger):
             ``save_top_k=-1``); ``False``: none.
         close_on_finalize: ``True`` (default): Lightning's ``finalize`` (end of ``fit``,
             ``validate``, ``test``) closes ``logger`` and ends its run with the trainer's status
-            (a later stage logs on into the file run built here when no ``logger`` was given);
+            (a later stage logs on into the same file or MLflow run, through
+            :meth:`~steplog.Logger.continued`, and ends it again);
             ``False``: it only flushes, and the caller closes ``logger`` (to reuse a given
             logger for a later ``trainer.test``, say).
         timeout_s: the deadline of that close or flush (``None``: ``Options.timeout_s``).
@@ -105,8 +106,6 @@ class SteplogLogger(LightningLogger):
         if log_model not in (True, False, "all"):
             raise ValueError(f"log_model must be True, False or 'all', got {log_model!r}")
         self._logger = logger
-        self._built = False
-        """Whether ``_logger`` is the file run built here (not one given)."""
         self._save_dir = os.fspath(save_dir)
         self._name = name
         self._version = version
@@ -161,28 +160,26 @@ class SteplogLogger(LightningLogger):
         """The steplog logger (built now on rank 0 when none was given)."""
         if self._logger is None:
             self._logger = FileLogger(os.path.join(self.log_dir, "steplog"))
-            self._built = True
         return self._logger
 
     def _open_logger(self) -> Logger:
         """The steplog logger, for a record of the current stage. When ``finalize`` closed it
-        at the end of an earlier stage: the file run built here goes on (a new
-        :class:`~steplog.FileLogger` appending to it); a logger given raises
-        ``LoggerClosedError`` saying what to do."""
+        at the end of an earlier stage, its run goes on through its
+        :meth:`~steplog.Logger.continued` logger (file and MLflow runs); a logger whose run
+        cannot go on raises ``LoggerClosedError`` saying what to do."""
         logger = self._logger or self.experiment
         if self.result is not None and logger.state is State.CLOSED:
-            if self._built and not self.result.timed_out:
-                # (after a close that timed out, its lanes may still be writing the run)
-                self._logger = FileLogger(os.path.join(self.log_dir, "steplog"),
-                                          existing="append")
-                return self._logger
-            raise LoggerClosedError(
-                "steplog: SteplogLogger closed its steplog logger when the previous trainer "
-                "stage ended (close_on_finalize=True, the default), so this stage cannot log "
-                "into it; to log several stages (trainer.validate or trainer.test after "
-                "trainer.fit) into one run, build SteplogLogger with close_on_finalize=False "
-                "and close the steplog logger yourself, or give each stage its own "
-                "SteplogLogger")
+            try:
+                self._logger = logger.continued()
+            except (NotImplementedError, RuntimeError) as exc:
+                raise LoggerClosedError(
+                    "steplog: SteplogLogger closed its steplog logger when the previous "
+                    "trainer stage ended (close_on_finalize=True, the default), and this stage "
+                    f"cannot log on into its run ({exc}); to log several stages "
+                    "(trainer.validate or trainer.test after trainer.fit) into one run, build "
+                    "SteplogLogger with close_on_finalize=False and close the steplog logger "
+                    "yourself, or give each stage its own SteplogLogger") from exc
+            return self._logger
         return logger
 
     # -- records ---------------------------------------------------------------------------

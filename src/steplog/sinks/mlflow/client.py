@@ -31,6 +31,8 @@ from steplog.sinks.mlflow.common import (
     RunRef,
     about_the_request,
     filter_quote,
+    missing_run,
+    resume_problem,
     token_filter,
 )
 from steplog.sinks.mlflow.new_store import create_sqlite_store
@@ -70,6 +72,11 @@ class HostTransport:
                  since_ms: int | None = None) -> RunRef | None:
         ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
                                             running_only, since_ms, returns=RunRef | None)
+        return ref
+
+    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
+        ref: RunRef = self.host.call("api", "resume_run", run_id, experiment_name,
+                                     returns=RunRef)
         return ref
 
     def metrics_path(self, run_id: str) -> str | None:
@@ -199,6 +206,25 @@ class ClientTransport:
         if not runs:
             return None
         return RunRef(runs[0].info.run_id, experiment_id, runs[0].info.artifact_uri)
+
+    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
+        with _mlflow_errors():
+            try:
+                run = self.client.get_run(run_id)
+            except Exception as exc:
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    raise PermanentError(missing_run(run_id, self.tracking_uri)) from exc
+                raise
+            info = run.info
+            experiment = self.client.get_experiment(info.experiment_id)
+            problem = resume_problem(run_id, experiment_name, experiment.name,
+                                     info.lifecycle_stage)
+            if problem is not None:
+                raise PermanentError(problem)
+            self.client.update_run(run_id, status="RUNNING")
+        self._runs.add(run_id)
+        self._fast_runs.pop(run_id, None)  # its state changed: looked at again
+        return RunRef(run_id, str(info.experiment_id), info.artifact_uri)
 
     def log_frame(self, run_id: str, frame: bytes, params: dict[str, str],
                   tags: dict[str, str]) -> None:

@@ -208,6 +208,9 @@ class Transport(Protocol):
     ) -> RunRef | None:
         """The newest run tagged with ``token`` (``running_only``: still RUNNING; ``since_ms``:
         started then or later), if any."""
+    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
+        """The existing run ``run_id`` of ``experiment_name``, set RUNNING again;
+        :class:`PermanentError` when it does not exist, is deleted or is another experiment's."""
     def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
     def register_version(
@@ -215,6 +218,23 @@ class Transport(Protocol):
     ) -> str: ...
     def end_run(self, run_id: str, status: RunStatus, end_ms: int) -> None: ...
     def close(self) -> None: ...
+
+
+def resume_problem(run_id: str, experiment_name: str, run_experiment: str | None,
+                   lifecycle_stage: str) -> str | None:
+    """Why the run ``run_id`` (of the experiment named ``run_experiment``, in
+    ``lifecycle_stage``) cannot be continued as a run of ``experiment_name``, or None."""
+    if lifecycle_stage == "deleted":
+        return (f"MLflow run {run_id} is deleted; restore it (mlflow runs restore --run-id "
+                f"{run_id}) or log into a new run")
+    if run_experiment != experiment_name:
+        return (f"MLflow run {run_id} belongs to experiment {run_experiment!r}, not "
+                f"{experiment_name!r}")
+    return None
+
+
+def missing_run(run_id: str, where: str) -> str:
+    return f"MLflow run {run_id} does not exist in {redact(where)}"
 
 
 def token_filter(token: str, running_only: bool = False, since_ms: int | None = None) -> str:

@@ -91,9 +91,12 @@ class MLflowSink(Sink):
         tags: dict[str, str] | None = None,
         registered_model_name: str | None = None,
         max_in_flight: int | None = None,
+        run_id: str | None = None,
     ) -> None:
         if not isinstance(experiment_name, str) or not experiment_name:
             raise ValueError("experiment_name must be a non-empty str")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
+            raise ValueError(f"run_id must be a non-empty str or None, got {run_id!r}")
         if request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         self.experiment_name = experiment_name
@@ -133,6 +136,8 @@ class MLflowSink(Sink):
         """Whether the sink host writes this run's metric points into the sqlite store itself
         (None: not asked yet)."""
         self._info: dict[str, str] = {}
+        self._resume = run_id
+        """The existing run this sink logs on into, instead of creating one."""
         if self.tracking_uri.startswith("sqlite:"):
             # One host call and one transaction per 10,000 points on the fast path; chunks of
             # 1000 (MLflow's request limit) otherwise, as before.
@@ -161,6 +166,10 @@ class MLflowSink(Sink):
         run with ``steplog.group``, ``steplog.ranks`` and ``steplog.world_size``."""
         if policy not in ("all", "own"):
             raise ValueError(f"policy must be 'all' or 'own', got {policy!r}")
+        if self._resume is not None:
+            raise ValueError(f"run_id continues one run, but the rank policy {policy!r} gives "
+                             "the ranks a shared run or one run each; continue a run with the "
+                             "rank policy 'zero' (only rank 0 logs)")
         self._ranks = {"policy": policy, "rank": rank, "world_size": world_size, "group": group}
         self._launched_ms = launched_ms if policy == "all" else None
         self._user_tags.update({"steplog.group": group, "steplog.ranks": policy,
@@ -202,6 +211,8 @@ class MLflowSink(Sink):
     def describe(self) -> str:
         where = redact(self.tracking_uri)
         if self._run is None:
+            if self._resume is not None:
+                return f"mlflow {where} run {self._resume}"
             return f"mlflow {where} experiment {self.experiment_name!r}"
         if where.startswith(("http://", "https://")):
             run = self._run
@@ -229,6 +240,7 @@ class MLflowSink(Sink):
             "tags": self._user_tags,
             "ranks": self._ranks,
             "max_in_flight": self.max_in_flight,
+            "resume_run_id": self._resume,
         }
 
     @classmethod
@@ -242,7 +254,8 @@ class MLflowSink(Sink):
                    run_name=target.get("run_name"),
                    request_timeout_s=float(target.get("request_timeout_s", 30.0)),
                    registered_model_name=target.get("registered_model_name"),
-                   tags=target.get("tags"), max_in_flight=in_flight)
+                   tags=target.get("tags"), max_in_flight=in_flight,
+                   run_id=target.get("resume_run_id"))
         sink.prepare()
         sink._reattached = True
         if target.get("ranks"):
@@ -295,6 +308,7 @@ class MLflowSink(Sink):
             "experiment_id": None,
             "artifact_uri": None,
             "tags": tags,
+            "resume_run_id": None,
         }
 
     def release(self) -> None:
@@ -311,14 +325,18 @@ class MLflowSink(Sink):
             raise ValueError(problem)
 
     def open(self) -> None:
-        """The experiment exists and this sink's run is RUNNING; safe to call again after a
-        failure (a run created by an attempt whose answer was lost is found, not duplicated)."""
+        """The experiment exists and this sink's run is RUNNING (created, or the ``run_id``
+        given set RUNNING again); safe to call again after a failure (a run created by an
+        attempt whose answer was lost is found, not duplicated)."""
         if self._run is not None:
             return
         if self._transport is None:
             self._transport = make_transport(self.tracking_uri, self.request_timeout_s,
                                              self.max_in_flight)
         transport = self._transport
+        if self._resume is not None:
+            self._run = transport.resume_run(self._resume, self.experiment_name)
+            return
         exp_id = transport.experiment_id(self.experiment_name)
         ranks = self._ranks
         if ranks is not None and ranks["policy"] == "all" and (
