@@ -30,6 +30,7 @@ from steplog import (  # noqa: E402
     ClearMLLogger,
     Logger,
     LoggerClosedError,
+    Options,
     SteplogWarning,
     load_policy,
 )
@@ -524,3 +525,30 @@ def test_exiting_without_close_delivers_everything_and_zips_the_session(tmp_path
     assert len(s.series("loss", "train")) == 5000 and s.params == {"seed": "3"}
     assert Path(f"{folder}.zip").is_file()
     assert json.loads((folder / "task.json").read_text())["name"] == "exit"
+
+
+def test_a_closed_loggers_task_goes_on_in_its_continued_logger(offline: Path) -> None:
+    first = ClearMLLogger("steplog-tests", "stages", options=Options(drain_interval_s=0.01))
+    first.log_parameters({"lr": 0.1})
+    for i in range(5):
+        first.log_scalar("loss", float(i), i)
+    assert first.close(30)
+    second = first.continued()
+    assert second.task.id == first.task.id and second.offline_session == first.offline_session
+    for i in range(5, 10):
+        second.log_scalar("loss", float(i), i)
+    second.log_parameters({"batch": 64})
+    second.task.get_logger().report_scalar("direct", "x", 1.0, iteration=3)
+    assert second.close(30, status="KILLED")
+
+    session = session_of(second)
+    assert session.series("loss", "loss") == [] and session.series("metrics", "loss") == [
+        (i, float(i)) for i in range(10)]
+    assert session.params == {"lr": "0.1", "batch": "64"}
+    assert session.properties["steplog.status"] == "KILLED"
+    with zipfile.ZipFile(f"{second.offline_session}.zip") as z:  # what gets uploaded
+        lines = z.read("metrics.jsonl").decode().splitlines()
+    iters = sorted(ev["iter"] for line in lines for ev in json.loads(line)
+                   if ev.get("metric") == "metrics")
+    assert iters == list(range(10))
+    assert session.series("direct", "x") == [(3, 1.0)]  # no iteration offset either

@@ -409,8 +409,8 @@ class Logger:
         This logger must be closed, by a close that finished in time, so that two loggers
         never write the run at once (``RuntimeError`` otherwise). The new logger's automatic
         steps start from 0 again: give steps explicitly to log on after the earlier ones.
-        ``NotImplementedError`` for a logger whose run cannot be continued (ClearML, a
-        logger built on sinks of your own)."""
+        ``NotImplementedError`` for a logger whose run cannot be continued (one built on sinks
+        of your own)."""
         raise NotImplementedError(
             f"steplog: {type(self).__name__} cannot log on into a run it ended; build a new "
             "logger, or keep this one open for the later stage")

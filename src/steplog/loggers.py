@@ -167,12 +167,34 @@ class ClearMLLogger(Logger):
     ) -> None:
         self.project_name = project_name
         self.task_name = task_name
+        self._settings: dict[str, Any] = {
+            "tags": tags, "output_uri": output_uri, "connect_timeout_s": connect_timeout_s,
+            "task_init_kwargs": dict(task_init_kwargs or {}),
+        }
+        """What :meth:`continued` builds its logger with (besides the Task)."""
         self.sink = ClearMLSink(project_name, task_name, offline=offline, tags=tags,
                                 output_uri=output_uri, connect_timeout_s=connect_timeout_s,
                                 task_init_kwargs=task_init_kwargs)
         super().__init__(logging_freq, sinks=[self.sink], options=options)
         self.task = self.sink.task
         self._logger = self.task.get_logger()
+
+    def continued(self) -> ClearMLLogger:
+        """A :class:`ClearMLLogger` logging on into this closed logger's Task, with the same
+        settings (see :meth:`Logger.continued`): ``Task.init(continue_last_task=<its id>)``,
+        online or in the same offline session, with no iteration offset (steps are stored as
+        given)."""
+        self._check_continuable()
+        settings = self._settings
+        init = {**settings["task_init_kwargs"], "continue_last_task": self.task.id}
+        logger = ClearMLLogger(self.project_name, self.task_name, self.logging_freq,
+                               offline=self.sink.offline, tags=settings["tags"],
+                               output_uri=settings["output_uri"],
+                               connect_timeout_s=settings["connect_timeout_s"],
+                               task_init_kwargs=init, options=self._given_options)
+        if logger.task is not None:
+            logger.task.set_initial_iteration(0)  # ClearML would add the last iteration
+        return logger
 
     @property
     def offline_session(self) -> str | None:
