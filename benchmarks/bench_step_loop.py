@@ -31,7 +31,9 @@ With ``--alternate PHASE_S`` each contender's process instead turns its logging 
 in phases of PHASE_S seconds (the logger open throughout) and prints on / off of the step time
 and of the training thread's CPU per step: the same process, memory layout and CPU on both
 sides, so the differences between processes (a few percent here) drop out; ``none`` shows the
-method's own spread.
+method's own spread. It also prints the mean, over every pair of adjacent on and off phases,
+of their ratio, with its 95% confidence interval: a long run (``--seconds 600``) narrows it
+well below the machine's second-to-second variation.
 
 With ``--threads`` each contender's process instead runs the loop with logging on for
 ``--seconds`` (after a 2 s warm-up) and prints, for each of its threads (named as in
@@ -402,19 +404,26 @@ def report_alternating(scalars: int, phase: float,
     processes (the range over processes in brackets)."""
     print(f"\n{scalars} scalars per step, logging on vs off in the same process, phases of "
           f"{phase:g} s: step time on / off - 1")
-    print(f"{'contender':<28}{'wall per step':>28}{'training thread CPU':>28}{'delivered':>11}")
+    print(f"{'contender':<20}{'wall per step':>26}{'paired wall, 95% CI':>26}"
+          f"{'training thread CPU':>26}{'pairs':>7}{'delivered':>11}")
     for c, rs in runs.items():
-        walls, cpus = [], []
+        walls, cpus, paired = [], [], []
         for r in rs:
             on, off = r["on"], r["off"]
             assert isinstance(on, list) and isinstance(off, list)
             walls.append(statistics.median(x[0] for x in on) / statistics.median(x[0] for x in off))
             cpus.append(statistics.median(x[1] for x in on) / statistics.median(x[1] for x in off))
+            paired += [a[0] / b[0] for a, b in zip(on, off, strict=False)]
         cells = [f"{100 * (statistics.median(v) - 1):+.2f}% "
                  f"[{100 * (min(v) - 1):+.2f}, {100 * (max(v) - 1):+.2f}]" for v in (walls, cpus)]
+        mean = statistics.fmean(paired)
+        half = 1.96 * statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else 0.0
+        pair_cell = f"{100 * (mean - 1):+.2f}% \u00b1 {100 * half:.2f}"
         ok = "ok" if all(bool(r["ok"]) for r in rs) else "LOST"
-        print(f"{c:<28}{cells[0]:>28}{cells[1]:>28}{ok:>11}")
-    print("none: both kinds of phase log nothing (the method's own spread)")
+        print(f"{c:<20}{cells[0]:>26}{pair_cell:>26}{cells[1]:>26}{len(paired):>7}{ok:>11}")
+    print("none: both kinds of phase log nothing (the method's own spread). Paired: the mean "
+          "over every on/off pair of adjacent phases of on / off, with its 95% confidence "
+          "interval (1.96 standard errors)")
 
 
 def report_threads(scalars: int, runs: dict[str, list[dict[str, object]]]) -> None:

@@ -77,6 +77,8 @@ def test_a_continued_run_in_the_embedded_store_keeps_the_fast_path(tmp_path: Pat
     second = first.continued()
     assert isinstance(second, MLFlowLogger) and second.options is first.options
     logged(second, 1000, 2000)
+    assert second.flush(120)
+    assert mlflow.MlflowClient(uri).get_run(first.run_id or "").info.status == "RUNNING"
     assert second.close(120)
 
     assert second.run_id == first.run_id
@@ -149,6 +151,84 @@ def test_what_a_continued_run_could_not_deliver_is_synced_into_that_run(
     assert steps(server, first.run_id or "", "loss") == list(range(300))
     assert len(runs_of(server, name)) == 1
     assert server.run(first.run_id or "")["info"]["status"] == "FINISHED"
+
+
+def test_a_sync_of_a_continued_runs_kept_upload_does_not_leave_the_run_running(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    server = restartable_mlflow_server
+    runs = tmp_path / "runs"
+    options = Options(drain_interval_s=0.01, retry=QUICK, runs_dir=str(runs))
+    first = logged(MLFlowLogger(experiment(), tracking_uri=server.url, options=options), 0, 10)
+    assert first.close(60)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("stage two")
+
+    server.stop()
+    second = first.continued()
+    second.log_artifact(notes)
+    result = second.close(30)  # its run never opened: the upload is kept for a sync
+    assert not result and not result.timed_out
+    server.start()
+    assert main(["sync", str(runs)]) == 0
+
+    run_id = first.run_id or ""
+    assert [a["path"] for a in server.artifacts(run_id)] == ["notes.txt"]
+    assert server.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_a_journal_left_by_the_earlier_logger_leaves_the_status_to_the_later_one(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    server = restartable_mlflow_server
+    runs = tmp_path / "runs"
+    options = Options(drain_interval_s=0.01, retry=QUICK, runs_dir=str(runs))
+    first = logged(MLFlowLogger(experiment(), tracking_uri=server.url, options=options), 0, 10)
+    assert first.flush(60)
+    server.stop()
+    logged(first, 10, 20)
+    result = first.close(3)
+    assert not result and result.sync is not None  # kept for a later sync
+    server.start()
+
+    second = logged(first.continued(), 20, 30)
+    assert second.close(60, status="FAILED")
+    assert main(["sync", str(runs)]) == 0  # the first logger's journal
+
+    run_id = first.run_id or ""
+    assert steps(server, run_id, "loss") == list(range(30))
+    assert server.run(run_id)["info"]["status"] == "FAILED"
+
+
+def test_a_run_is_continued_once(tmp_path: Path) -> None:
+    first = FileLogger(tmp_path / "run", options=FAST)
+    assert first.close(10)
+    second = first.continued()
+    with pytest.raises(RuntimeError, match="already continued by another logger"):
+        first.continued()
+    assert second.close(10)
+    assert second.continued().close(10)
+
+
+def test_a_logger_whose_close_timed_out_cannot_be_continued(tmp_path: Path) -> None:
+    logger = Logger(sinks=[ListSink(delay_s=0.5)], options=FAST)
+    logger.log_scalar("loss", 1.0, 0)
+    assert logger.close(0.05).timed_out
+    with pytest.raises(RuntimeError, match="close timed out"):
+        Logger._check_continuable(logger)
+
+
+def test_a_run_of_one_rank_among_several_cannot_be_continued(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                        "STEPLOG_GROUP": f"g{time.monotonic_ns()}"}.items():
+        monkeypatch.setenv(name, value)
+    logger = MLFlowLogger(experiment(), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          options=Options(ranks="own", runs_dir=str(tmp_path / "runs")))
+    assert logger.close(120)
+    with pytest.raises(NotImplementedError, match="one run each"):
+        logger.continued()
 
 
 def test_continued_needs_the_logger_closed_first(tmp_path: Path) -> None:

@@ -87,6 +87,35 @@ def test_an_artifact_for_a_stopped_mlflow_server_is_kept_and_synced_after_it_ret
     assert torch.equal(state["weight"], policy.weight)
 
 
+def test_an_artifact_of_a_run_that_never_opened_is_kept_and_synced_into_the_run_sync_creates(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = restartable_mlflow_server
+    runs = tmp_path / "runs"
+    server.stop()
+    name = f"kept-unopened-{tmp_path.name}"
+    logger = MLFlowLogger(name, tracking_uri=server.url, options=quick(runs))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("logged while the server was down")
+    logger.log_artifact(notes)
+    logger.log_scalar("loss", 0.5, 0)
+    result = logger.close(30)
+    assert not result and not result.timed_out and result.failed == 2
+    assert [k.artifact.name for k in find_kept(runs)] == ["notes.txt"]
+    assert any("kept in" in loss.reason for loss in result.losses)
+
+    server.start()
+    assert main(["sync", str(runs)]) == 0
+    assert "1 stored, 0 still kept" in capsys.readouterr().out
+    exp_id = server.api("experiments/get-by-name", experiment_name=name)[
+        "experiment"]["experiment_id"]
+    (run,) = server.api("runs/search", {"experiment_ids": [exp_id]})["runs"]
+    run_id = run["info"]["run_id"]
+    assert "notes.txt" in {a["path"] for a in server.artifacts(run_id)}
+    assert [m["step"] for m in server.metric_history(run_id, "loss")] == [0]
+
+
 def test_sync_of_a_path_that_does_not_exist_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,6 +8,7 @@ when the queue is full). Delivery happens on the logger's worker threads.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import threading
@@ -44,6 +45,7 @@ from steplog.sinks.base import RunStatus, Sink
 __all__ = ["Logger"]
 
 L = TypeVar("L", bound="type[Logger]")
+Successor = TypeVar("Successor", bound="Logger")
 
 
 
@@ -86,6 +88,8 @@ class Logger:
         self.last_logging_iteration = 0
         self.options = options or Options()
         self._given_options = options
+        self._successor: Logger | None = None
+        """The logger :meth:`continued` gave this one's run to."""
         ranks = self._rank_plan
         if ranks.splits:  # each rank journals in its own directory
             self.options = dataclasses.replace(
@@ -406,26 +410,42 @@ class Logger:
         """A new logger, with this one's settings, that logs on into this logger's run: for a
         later stage of the same job (``trainer.test`` after ``trainer.fit``, say).
 
-        This logger must be closed, by a close that finished in time, so that two loggers
-        never write the run at once (``RuntimeError`` otherwise). The new logger's automatic
+        This logger must be closed, by a close that finished in time, and its run not continued
+        yet, so that two loggers never write the run at once (``RuntimeError`` otherwise). When
+        this logger's journal still keeps records for ``steplog sync``, the new logger decides
+        the run's status (a sync of that journal leaves it alone). The new logger's automatic
         steps start from 0 again: give steps explicitly to log on after the earlier ones.
         ``NotImplementedError`` for a logger whose run cannot be continued (one built on sinks
-        of your own)."""
+        of your own, a run of one rank among several)."""
         raise NotImplementedError(
             f"steplog: {type(self).__name__} cannot log on into a run it ended; build a new "
             "logger, or keep this one open for the later stage")
 
     def _check_continuable(self) -> None:
-        """Raise ``RuntimeError`` unless this logger's close finished in time."""
+        """Raise ``RuntimeError`` unless this logger's close finished in time and its run was
+        not continued yet."""
         result = self._life.result
+        name = type(self).__name__
         if result is None:
-            raise RuntimeError(f"steplog: close this {type(self).__name__} before logging on "
-                               "into its run with continued(): two loggers must not write "
-                               "one run at once")
+            raise RuntimeError(f"steplog: close this {name} before logging on into its run with "
+                               "continued(): two loggers must not write one run at once")
         if result.timed_out:
-            raise RuntimeError(f"steplog: this {type(self).__name__}'s close timed out, so its "
-                               "worker may still be writing the run; its run cannot be "
-                               "continued by another logger in this process")
+            raise RuntimeError(f"steplog: this {name}'s close timed out, so its worker may still "
+                               "be writing the run; its run cannot be continued by another "
+                               "logger in this process")
+        if self._successor is not None:
+            raise RuntimeError(f"steplog: this {name}'s run was already continued by another "
+                               "logger; call continued() on that one once it is closed")
+
+    def _continue_with(self, successor: Successor) -> Successor:
+        """Record ``successor`` as the logger the run went on in; a journal that still keeps
+        records for a later sync leaves the run's status to it."""
+        self._successor = successor
+        pipeline = self._life.pipeline
+        if pipeline is not None and pipeline.run_journal is not None and pipeline.journal_kept:
+            with contextlib.suppress(Exception):
+                pipeline.run_journal.hand_over()
+        return successor
 
     async def aflush(self, timeout: float | None = None) -> FlushResult:
         """:meth:`flush` for asyncio and trio: the same result, without blocking the event

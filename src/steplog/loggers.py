@@ -42,8 +42,9 @@ class FileLogger(Logger):
         """A :class:`FileLogger` appending to this closed logger's run (see
         :meth:`Logger.continued`)."""
         self._check_continuable()
-        return FileLogger(self.output_dir, self.logging_freq, options=self._given_options,
-                          existing="append", offload=self._offload)
+        return self._continue_with(FileLogger(
+            self.output_dir, self.logging_freq, options=self._given_options, existing="append",
+            offload=self._offload))
 
 
 @Logger.register("mlflow")
@@ -94,6 +95,7 @@ class MLFlowLogger(Logger):
             "request_timeout_s": request_timeout_s,
             "registered_model_name": registered_model_name,
             "max_in_flight": max_in_flight,
+            "tags": tags,
         }
         """What :meth:`continued` builds its logger with (besides the run)."""
         self.sink = MLflowSink(experiment_name, tracking_uri=tracking_uri, run_name=run_name,
@@ -118,15 +120,21 @@ class MLFlowLogger(Logger):
     def continued(self) -> MLFlowLogger:
         """An :class:`MLFlowLogger` logging on into this closed logger's run, with the same
         tracking URI and settings (see :meth:`Logger.continued`); ``RuntimeError`` when the run
-        was never created."""
+        was never created, ``NotImplementedError`` under the rank policy ``"all"`` or
+        ``"own"`` (a run shared by the ranks, or one per rank)."""
+        if self.sink.ranks is not None:
+            raise NotImplementedError(
+                f"steplog: under the rank policy {self.sink.ranks['policy']!r} the ranks log "
+                "into a shared run or one run each, which a later logger cannot continue")
         self._check_continuable()
         run_id = self.run_id
         if run_id is None:
             raise RuntimeError(f"steplog: this MLFlowLogger's run was never created "
                                f"({self.sink.describe()}), so there is no run to log on into")
-        return MLFlowLogger(self.experiment_name, tracking_uri=self.sink.tracking_uri,
-                            run_name=self.run_name, logging_freq=self.logging_freq,
-                            options=self._given_options, run_id=run_id, **self._settings)
+        return self._continue_with(MLFlowLogger(
+            self.experiment_name, tracking_uri=self.sink.tracking_uri, run_name=self.run_name,
+            logging_freq=self.logging_freq, options=self._given_options, run_id=run_id,
+            **self._settings))
 
 
 @Logger.register("clearml")
@@ -184,6 +192,10 @@ class ClearMLLogger(Logger):
         settings (see :meth:`Logger.continued`): ``Task.init(continue_last_task=<its id>)``,
         online or in the same offline session, with no iteration offset (steps are stored as
         given)."""
+        if self.sink.task_name != self.task_name:  # one Task per rank (ranks="own")
+            raise NotImplementedError(
+                "steplog: under the rank policy 'own' each rank logs into its own Task, which "
+                "a later logger cannot continue")
         self._check_continuable()
         settings = self._settings
         init = {**settings["task_init_kwargs"], "continue_last_task": self.task.id}
@@ -194,7 +206,7 @@ class ClearMLLogger(Logger):
                                task_init_kwargs=init, options=self._given_options)
         if logger.task is not None:
             logger.task.set_initial_iteration(0)  # ClearML would add the last iteration
-        return logger
+        return self._continue_with(logger)
 
     @property
     def offline_session(self) -> str | None:

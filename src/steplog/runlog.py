@@ -125,6 +125,7 @@ class RunJournal:
         os.chmod(run_dir, 0o700)
         self._manifest_lock = threading.Lock()
         self._status: str | None = None
+        self._continued = False
         self.journal = Journal.open(run_dir / "journal", durability=durability,
                                     max_bytes=max_bytes)
         self._sinks = dict(sinks)
@@ -149,6 +150,7 @@ class RunJournal:
             data = {
                 "format": "steplog.run/1",
                 "status": self._status,
+                "continued": self._continued,
                 "sinks": {
                     consumer_name(label): {"label": label, "kind": sink.kind,
                                            "target": sink.target()}
@@ -162,6 +164,15 @@ class RunJournal:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.run_dir / "run.json")
+
+    def hand_over(self) -> None:
+        """The run goes on in a later logger (:meth:`steplog.Logger.continued`), which ends
+        it: ``run.json`` no longer names a status, so a sync of what this journal keeps
+        delivers it and leaves the run's status alone."""
+        with self._manifest_lock:
+            self._status = None
+            self._continued = True
+        self.write_manifest()
 
     # -- the drain thread --------------------------------------------------------------------
 

@@ -305,6 +305,8 @@ class Lane:
                     elif not runner.ensure_open():
                         if runner.broken is not None:
                             runner.count_loss("rejected", parts, runner.broken)
+                        elif self.name == "uploads":
+                            runner.keep_unsent(parts, runner.unavailable or "")
                         else:
                             runner.count_loss("failed", parts, runner.unavailable)
                     else:

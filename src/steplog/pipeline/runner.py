@@ -169,6 +169,18 @@ class SinkRunner:
                     self.stats.delivered += 1
         return lost
 
+    def keep_unsent(self, jobs: list[Upload], reason: str) -> None:
+        """Uploads not sent because the run could not be opened for now: each is kept for a
+        later sync, which opens (or creates) the run, and counted failed with ``reason``."""
+        for job in jobs:
+            try:
+                artifact = job.materialize()
+            except BaseException as exc:
+                self.count_loss("failed", [job], f"{reason} (and it could not be kept for a "
+                                f"later upload: {exc!r})")
+                continue
+            self.count_loss("failed", [job], self._keep(artifact, reason))
+
     def _keep(self, artifact: Artifact, reason: str) -> str:
         """Keep a payload this sink could not store (see :mod:`steplog.kept`); the reason with
         where it is and the command that uploads it."""

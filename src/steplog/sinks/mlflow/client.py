@@ -74,8 +74,8 @@ class HostTransport:
                                             running_only, since_ms, returns=RunRef | None)
         return ref
 
-    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
-        ref: RunRef = self.host.call("api", "resume_run", run_id, experiment_name,
+    def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
+        ref: RunRef = self.host.call("api", "resume_run", run_id, experiment_name, running,
                                      returns=RunRef)
         return ref
 
@@ -207,13 +207,13 @@ class ClientTransport:
             return None
         return RunRef(runs[0].info.run_id, experiment_id, runs[0].info.artifact_uri)
 
-    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
+    def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
         with _mlflow_errors():
             try:
                 run = self.client.get_run(run_id)
             except Exception as exc:
                 if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-                    raise PermanentError(missing_run(run_id, self.tracking_uri)) from exc
+                    raise PermanentError(missing_run(run_id, self.tracking_uri, exc)) from exc
                 raise
             info = run.info
             experiment = self.client.get_experiment(info.experiment_id)
@@ -221,9 +221,9 @@ class ClientTransport:
                                      info.lifecycle_stage)
             if problem is not None:
                 raise PermanentError(problem)
-            self.client.update_run(run_id, status="RUNNING")
+            if running:
+                self.client.update_run(run_id, status="RUNNING")
         self._runs.add(run_id)
-        self._fast_runs.pop(run_id, None)  # its state changed: looked at again
         return RunRef(run_id, str(info.experiment_id), info.artifact_uri)
 
     def log_frame(self, run_id: str, frame: bytes, params: dict[str, str],

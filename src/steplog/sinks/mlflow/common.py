@@ -208,9 +208,10 @@ class Transport(Protocol):
     ) -> RunRef | None:
         """The newest run tagged with ``token`` (``running_only``: still RUNNING; ``since_ms``:
         started then or later), if any."""
-    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
-        """The existing run ``run_id`` of ``experiment_name``, set RUNNING again;
-        :class:`PermanentError` when it does not exist, is deleted or is another experiment's."""
+    def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
+        """The existing run ``run_id`` of ``experiment_name``, set RUNNING again when
+        ``running``; :class:`PermanentError` when it does not exist, is deleted or is another
+        experiment's."""
     def log_batch(self, run_id: str, chunk: Chunk) -> None: ...
     def upload(self, run: RunRef, artifact: Artifact, path: str) -> None: ...
     def register_version(
@@ -233,8 +234,8 @@ def resume_problem(run_id: str, experiment_name: str, run_experiment: str | None
     return None
 
 
-def missing_run(run_id: str, where: str) -> str:
-    return f"MLflow run {run_id} does not exist in {redact(where)}"
+def missing_run(run_id: str, where: str, answer: object) -> str:
+    return f"MLflow run {run_id} does not exist in {redact(where)} (the answer: {answer})"
 
 
 def token_filter(token: str, running_only: bool = False, since_ms: int | None = None) -> str:

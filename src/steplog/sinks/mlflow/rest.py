@@ -423,18 +423,20 @@ class RestTransport:
         info = runs[0]["info"]
         return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
 
-    def resume_run(self, run_id: str, experiment_name: str) -> RunRef:
+    def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
         try:
             info = self._call("runs/get", run_id=run_id)["run"]["info"]
         except _NotFound as exc:
-            raise PermanentError(missing_run(run_id, self.tracking_uri)) from exc
+            raise PermanentError(missing_run(run_id, self.tracking_uri, exc)) from exc
         experiment = self._call("experiments/get",
                                 experiment_id=info["experiment_id"])["experiment"]
         problem = resume_problem(run_id, experiment_name, experiment.get("name"),
                                  info.get("lifecycle_stage", "active"))
         if problem is not None:
             raise PermanentError(problem)
-        self._call("runs/update", self._encoder.encode({"run_id": run_id, "status": "RUNNING"}))
+        if running:
+            self._call("runs/update",
+                       self._encoder.encode({"run_id": run_id, "status": "RUNNING"}))
         return RunRef(run_id, str(info["experiment_id"]), info["artifact_uri"])
 
     def log_batch(self, run_id: str, chunk: Chunk) -> None:

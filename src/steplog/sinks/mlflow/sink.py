@@ -150,6 +150,12 @@ class MLflowSink(Sink):
         self._launched_ms: int | None = None
         """Under ``"all"``: the shared run is not older than this (ms since the epoch)."""
 
+    @property
+    def ranks(self) -> dict[str, Any] | None:
+        """This rank's place under the rank policy ``"all"`` or ``"own"`` (policy, rank,
+        world size, group); ``None`` otherwise."""
+        return self._ranks
+
     def join_ranks(self, policy: str, rank: int, world_size: int, group: str, *,
                    launched_ms: int | None = None) -> None:
         """Log as rank ``rank`` of ``world_size`` of the job ``group`` (see
@@ -289,8 +295,8 @@ class MLflowSink(Sink):
                              "store points twice there; use a server or a database URI "
                              "(sqlite:///..., http://...)")
         origin = target.get("tracking_uri") or "?"
-        if target.get("run_id"):
-            origin += f" run {target['run_id']}"
+        if target.get("run_id") or target.get("resume_run_id"):
+            origin += f" run {target.get('run_id') or target['resume_run_id']}"
         else:
             origin += f" experiment {target.get('experiment_name')!r} (its run never existed)"
         tags = {str(k): str(v) for k, v in (target.get("tags") or {}).items()}
@@ -335,7 +341,10 @@ class MLflowSink(Sink):
                                              self.max_in_flight)
         transport = self._transport
         if self._resume is not None:
-            self._run = transport.resume_run(self._resume, self.experiment_name)
+            # A sync (reattached) writes into the run as it is and ends it only when the
+            # logger closed: it never leaves it RUNNING.
+            self._run = transport.resume_run(self._resume, self.experiment_name,
+                                             running=not self._reattached)
             return
         exp_id = transport.experiment_id(self.experiment_name)
         ranks = self._ranks
