@@ -13,7 +13,7 @@ import pytest
 
 from sinks_for_tests import ListSink
 from steplog import Logger, Options
-from test_spill import wait_until
+from waiting import wait_until
 
 INTERVAL_S = 0.02
 OPTIONS = Options(drain_interval_s=INTERVAL_S)

@@ -21,6 +21,7 @@ from steplog.errors import RetryableError
 from steplog.loggers import MLFlowLogger
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
 from steplog.sinks.mlflow import MLflowSink
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,15 +71,6 @@ def raises_retryable_within(limit_s: float, fn: Callable[[], Any]) -> RetryableE
     elapsed = time.monotonic() - start
     assert elapsed < limit_s, f"took {elapsed:.2f} s"
     return info.value
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_stopped_server_raises_retryable_error_quickly_and_a_retry_after_restart_has_no_duplicates(
@@ -155,7 +147,8 @@ def test_server_slower_than_the_timeout_raises_retryable_error_in_time_and_no_du
     assert timeout_s * 0.9 <= elapsed < timeout_s + 1.0, f"took {elapsed:.2f} s"
 
     # The request the sink gave up on still reaches the server, late...
-    assert wait_until(lambda: len(steps_stored(mlflow_server, sink.run_id, "loss")) == 300, 15)
+    assert wait_until(lambda: len(steps_stored(mlflow_server, sink.run_id, "loss")) == 300,
+                      15, interval_s=0.1)
     # ...and the pipeline's retry of the same batch adds nothing.
     proxy.set("pass")
     sink.write(records)
@@ -181,7 +174,8 @@ def test_open_retried_after_a_lost_answer_reuses_the_run_it_created(
         result: list[dict[str, Any]] = found.get("runs", [])
         return result
 
-    assert wait_until(lambda: len(runs()) == 1, 15)  # the late create did create a run
+    # The late create did create a run.
+    assert wait_until(lambda: len(runs()) == 1, 15, interval_s=0.1)
     proxy.set("pass")
     sink.open()  # the pipeline's retry
     (only_run,) = runs()
@@ -234,7 +228,7 @@ def test_logger_rides_out_resets_503s_and_timeouts_with_every_point_stored_once(
     )
     step = 0
     try:
-        assert wait_until(lambda: logger.run_id is not None, 30)  # the run exists
+        assert wait_until(lambda: logger.run_id is not None, 30, interval_s=0.1)  # run exists
         for mode in ("pass", "503", "reset", "delay", "pass"):
             proxy.set(mode, delay_s=2.0)
             end = time.monotonic() + 1.5

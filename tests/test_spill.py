@@ -4,8 +4,6 @@ a stalled journaled sink, memory stays bounded, and a full disk is one clear err
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from steplog import (
 )
 from steplog.journal import Journal
 from steplog.records import Scalar
+from waiting import wait_until
 
 MB = 1024 * 1024
 
@@ -32,15 +31,6 @@ MB = 1024 * 1024
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def scalars(sink: ListSink) -> list[tuple[str, float, int]]:
