@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -219,6 +220,29 @@ def test_a_refusal_of_the_whole_request_keeps_the_journal_for_a_later_sync(
     assert main(["sync", str(runs)]) == 0
     assert sorted(s for s, _, _ in history(mlflow_server, run_id, "x")) == list(range(50))
     assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_a_close_whose_deadline_passes_while_the_journal_is_closing_still_names_the_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finishing = threading.Event()
+    may_finish = threading.Event()
+    finish = RunJournal.finish
+
+    def slow_finish(self: RunJournal) -> bool:  # a slow disk under the journal's last write
+        finishing.set()
+        may_finish.wait(10)
+        return finish(self)
+
+    monkeypatch.setattr(RunJournal, "finish", slow_finish)
+    logger = MLFlowLogger("sync-slow-close", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=Options(drain_interval_s=0.01, retry=QUICK,
+                                          runs_dir=str(tmp_path / "runs")))
+    logger.log_scalar("x", 1.0, 0)
+    result = logger.close(4)  # the lane gives up after ~1 s, then the journal closes slowly
+    may_finish.set()
+    assert finishing.is_set() and result.timed_out
+    assert result.sync is not None and result.sync.startswith("steplog sync ")
 
 
 def test_an_unwritable_runs_directory_warns_and_the_logger_still_delivers(

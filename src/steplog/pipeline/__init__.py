@@ -125,6 +125,8 @@ class Pipeline(Drain):
         self._staging = tempfile.mkdtemp(prefix="steplog-")
         self.keeper = Keeper(options.runs_dir)
         self.journal_kept = False
+        self._journal_settled = False
+        """The last lane ended and ``journal_kept`` holds the journal's verdict."""
         self.journal_error: str | None = None
         self.run_journal: RunJournal | None = None
         """The run's journal, for the whole run (also once it stopped taking frames)."""
@@ -245,7 +247,7 @@ class Pipeline(Drain):
         journal = self.run_journal
         if journal is None:
             return None
-        if self._runners_left == 0 and not self.journal_kept:
+        if self._journal_settled and not self.journal_kept:
             return None
         return sync_command(journal.run_dir)
 
@@ -283,6 +285,9 @@ class Pipeline(Drain):
                 except Exception as exc:
                     self.journal_kept = True
                     self.journal_error = f"closing the journal failed: {exc!r}"
+            # Only now: a timed-out close that reads the counters while the last lane ends
+            # must not take "no lane left" for "nothing kept".
+            self._journal_settled = True
 
     # -- counters --------------------------------------------------------------------------
     def note_loss(self, loss: Loss) -> None:
