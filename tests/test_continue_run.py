@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from fault_proxy import FaultProxy
 from mlflow_support import MlflowServer
 from sinks_for_tests import ListSink
 from steplog import FileLogger, Logger, MLFlowLogger, Options, RetryPolicy, State
@@ -198,6 +199,31 @@ def test_a_journal_left_by_the_earlier_logger_leaves_the_status_to_the_later_one
     run_id = first.run_id or ""
     assert steps(server, run_id, "loss") == list(range(30))
     assert server.run(run_id)["info"]["status"] == "FAILED"
+
+
+def test_sync_to_moves_the_journals_of_a_continued_run_into_one_new_run(
+    mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    name = experiment()
+    options = Options(drain_interval_s=0.01, retry=QUICK, runs_dir=str(runs))
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        first = logged(MLFlowLogger(name, tracking_uri=proxy.url, options=options), 0, 10)
+        assert first.flush(60)
+        proxy.set("reset")  # that server is gone for good: what is kept goes elsewhere
+        logged(first, 10, 20)
+        assert not first.close(3)
+        second = logged(first.continued(), 20, 30)
+        assert not second.close(3, status="FAILED")
+
+    assert main(["sync", str(runs), "--to", mlflow_server.url]) == 0
+
+    moved = [r for r in runs_of(mlflow_server, name)
+             if r["info"]["run_id"] != first.run_id]  # type: ignore[index]
+    (run,) = moved
+    info: dict[str, str] = run["info"]  # type: ignore[assignment]
+    assert steps(mlflow_server, info["run_id"], "loss") == list(range(10, 30))
+    assert info["status"] == "FAILED"
 
 
 def test_a_run_is_continued_once(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 A run directory names its destinations in two kinds of places: each sink of ``run.json`` (the
 journal's consumers) and each kept upload's ``upload.json``. Places that name the same original
 MLflow run (the same run token) form a group. Moving a group gives every place of it the same
-new target (:meth:`MLflowSink.redirected`: a new run at ``URI``, a fresh run token, and under
+new target (:meth:`MLflowSink.redirected`: a new run at ``URI``, a run token that every
+journal of the same original run shares (a continued run's journals move into one run), and under
 ``"end_status"`` the status the logger closed with when ``run.json`` knows it, with which a new
 run that kept uploads fill is ended) and keeps the original target under ``"moved_from"``. Each
 file is replaced atomically, ``run.json`` first, and all of it before anything is sent, so an

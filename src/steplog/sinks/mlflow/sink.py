@@ -281,11 +281,12 @@ class MLflowSink(Sink):
     def redirected(cls, target: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
         """The target of a new run at ``tracking_uri`` for what the run ``target`` describes
         lacks: the same experiment name, run name, user tags, registered model and request
-        timeout, a fresh run token (so an interrupted move finds its run again instead of
-        creating a second one), no run yet, and a ``steplog.moved_from`` tag naming the original
-        run. ``ValueError`` for a tracking URI MLflow can never use, or for a local file store
-        (``file:``, a plain path), which stores a row again each time it is sent, so an
-        interrupted move would leave duplicates."""
+        timeout, a run token of its own (so an interrupted move finds its run again instead of
+        creating a second one; the same token for every journal of one original run, so that
+        the journals of a continued run move into one new run), no run yet, and a
+        ``steplog.moved_from`` tag naming the original run. ``ValueError`` for a tracking URI
+        MLflow can never use, or for a local file store (``file:``, a plain path), which stores
+        a row again each time it is sent, so an interrupted move would leave duplicates."""
         problem = tracking_uri_problem(tracking_uri)
         if problem is not None:
             raise ValueError(problem)
@@ -302,9 +303,15 @@ class MLflowSink(Sink):
         tags = {str(k): str(v) for k, v in (target.get("tags") or {}).items()}
         tags[MOVED_FROM_TAG] = origin
         token = uuid.uuid4().hex
+        original = target.get("run_id") or target.get("resume_run_id")
         if (target.get("ranks") or {}).get("policy") == "all" and target.get("run_token"):
             # Every rank's journal of a shared run moves into one new shared run.
             moved = f"{target['run_token']}\0{portable_uri(tracking_uri)}"
+            token = hashlib.sha256(moved.encode()).hexdigest()[:32]
+        elif original:
+            # Every journal of one run (a run continued by later loggers) moves into one new
+            # run: each finds the run the first move created by this token.
+            moved = f"run {original}\0{target.get('tracking_uri')}\0{portable_uri(tracking_uri)}"
             token = hashlib.sha256(moved.encode()).hexdigest()[:32]
         return {
             **target,
