@@ -25,7 +25,7 @@ steps, values still on a device and ``log_metrics`` dicts cost a little Python p
 
 Timestamp bound: a scalar's timestamp is taken when the drain thread takes it from the queue,
 so it is later than the call by at most ``drain_interval_s`` plus the time the previous drain
-took (default 50 ms, about 1 ms per 10,000 records). When the sinks fall behind and the lanes
+took (default 200 ms, about 1 ms per 10,000 records). When the sinks fall behind and the lanes
 are full, records wait in the queue and are stamped when the drain thread gets to them.
 
 Retries (see :mod:`steplog.retry`) happen per batch inside a lane; a permanent rejection of a

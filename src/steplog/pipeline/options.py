@@ -40,9 +40,11 @@ class Options:
     else ``"block"``."""
     block_timeout_s: float = 30.0
     """With ``block``: longest a ``log_*`` call waits for room before dropping its record."""
-    drain_interval_s: float = 0.05
+    drain_interval_s: float = 0.2
     """How often the drain thread takes the queue while records come; bounds the timestamp
-    error of scalars. After an interval with no record it sleeps until the next one."""
+    error of scalars and what a ``kill -9`` can take from memory. After an interval with no
+    record it sleeps until the next one. Each drain runs on the training process's GIL, so a
+    shorter interval costs the training loop more."""
     lane_capacity: int = 1_000_000
     """Most records held in memory per sink lane; beyond it the drain thread waits for the sink
     (backpressure), or spills to the journal (``full_policy="spill"``)."""
