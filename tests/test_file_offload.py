@@ -15,6 +15,7 @@ import pytest
 
 from steplog import FileLogger, FileSink, Options, SteplogWarning
 from steplog.sinks.file import OFFLOAD_ROWS
+from waiting import wait_until
 
 FAST = Options(drain_interval_s=0.01)
 
@@ -27,10 +28,8 @@ def sink_of(logger: FileLogger) -> FileSink:
 
 def wait_hosted(sink: FileSink, timeout_s: float = 60.0) -> int:
     """The writer process's pid, once the sink sends it batches."""
-    end = time.monotonic() + timeout_s
-    while not sink._hosted:
-        assert time.monotonic() < end, "the writer process did not start"
-        time.sleep(0.01)
+    assert wait_until(lambda: sink._hosted, timeout_s, interval_s=0.01), \
+        "the writer process did not start"
     assert sink.host is not None and sink.host.pid is not None
     return sink.host.pid
 

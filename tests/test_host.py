@@ -20,6 +20,7 @@ import pytest
 
 from steplog import MLFlowLogger, Options, PermanentError, RetryableError, RetryPolicy
 from steplog.host import Host
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,13 +42,6 @@ def read_run(db: Path, experiment: str) -> tuple[dict[str, object], list[int]]:
                          timeout=120, check=True).stdout
     info, steps = json.loads(out.strip().splitlines()[-1])
     return info, steps
-
-
-def wait_for(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_the_embedded_default_runs_mlflow_in_a_host_and_delivers_everything(tmp_path) -> None:
@@ -121,12 +115,13 @@ def test_the_host_exits_and_ends_the_run_killed_when_the_training_process_dies(
         time.sleep(120)
     """)], cwd=tmp_path)
     try:
-        wait_for(pid_file.exists, 120)
+        assert wait_until(pid_file.exists, 120, interval_s=0.05), "condition not met in time"
         host = int(pid_file.read_text())
         os.kill(child.pid, signal.SIGKILL)
         child.wait(30)
-        wait_for(lambda: not Path(f"/proc/{host}").exists()
-                 or "Z" in Path(f"/proc/{host}/stat").read_text().split()[2], 15)
+        assert wait_until(lambda: not Path(f"/proc/{host}").exists()
+                          or "Z" in Path(f"/proc/{host}/stat").read_text().split()[2], 15,
+                          interval_s=0.05), "condition not met in time"
     finally:
         child.kill()
     info, steps = read_run(tmp_path / "m.db", "orphan")
