@@ -28,6 +28,7 @@ from steplog import (
     Logger,
     MLFlowLogger,
     Options,
+    RetryPolicy,
     State,
 )
 from steplog.ranks import (
@@ -38,6 +39,7 @@ from steplog.ranks import (
     plan,
     process_start_s,
 )
+from waiting import wait_until
 
 WORKER = Path(__file__).with_name("rank_worker.py")
 WORLD = 4
@@ -348,7 +350,39 @@ def test_a_rank_whose_logger_starts_before_rank_0s_joins_the_shared_run_once_it_
     assert run.data.tags["steplog.rank1.status"] == "FINISHED"
 
 
-def test_a_shared_run_an_earlier_launch_left_running_is_not_joined(
+def test_a_rank_slower_than_rank_0s_whole_run_still_joins_it_after_rank_0_ended_it(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
+) -> None:
+    experiment = f"ranks-slow-{time.time_ns()}"
+    as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    # Rank 1 looks before rank 0 started, then backs off for 8 s: rank 0 creates, fills and
+    # ends the shared run within that pause.
+    slow = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                        options=Options(ranks="all", drain_interval_s=0.01,
+                                        retry=RetryPolicy(initial_s=8.0, max_s=8.0,
+                                                          jitter_s=0.0)))
+    for i in range(5):
+        slow.log_scalar("loss", 10.0 + i, i)
+    assert wait_until(lambda: slow.stats().retried > 0, timeout_s=30), "rank 1 never looked"
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")
+    first = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                         options=Options(ranks="all"))
+    first.log_scalar("loss", 0.0, 0)
+    assert first.close(30)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert slow.stats().delivered == 0  # still in its pause: the run ended before it looked
+    result = slow.close(30)
+    assert result, result
+    assert slow.run_id == first.run_id
+    history = client.get_metric_history(first.run_id, "rank1/loss")
+    assert [(m.step, m.value) for m in history] == [(i, 10.0 + i) for i in range(5)]
+    assert client.get_run(first.run_id).data.tags["steplog.rank1.status"] == "FINISHED"
+
+
+def test_a_shared_run_an_earlier_launch_left_running_or_ended_is_not_joined(
     clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
 ) -> None:
     # An earlier launch with the same identity crashed a day ago: its run is still RUNNING.
@@ -362,9 +396,16 @@ def test_a_shared_run_an_earlier_launch_left_running_is_not_joined(
     probe = MLflowSink(experiment, tracking_uri=mlflow_server.url, run_name="r")
     probe.join_ranks("all", 1, 2, str(plan("all").group))
     client = MlflowClient(mlflow_server.url)
-    stale = client.create_run(client.create_experiment(experiment), run_name="r",
-                              start_time=int((time.time() - 86400) * 1000),
-                              tags={RUN_TOKEN_TAG: probe.target()["run_token"]}).info.run_id
+    token = {RUN_TOKEN_TAG: probe.target()["run_token"]}
+    exp_id = client.create_experiment(experiment)
+    stale = client.create_run(exp_id, run_name="r", start_time=int((time.time() - 86400) * 1000),
+                              tags=token).info.run_id
+    # Another, within the launch floor, ended before this process started.
+    started = process_start_s()
+    assert started is not None
+    ended = client.create_run(exp_id, run_name="r", start_time=int((started - 100) * 1000),
+                              tags=token).info.run_id
+    client.set_terminated(ended, "FINISHED", end_time=int((started - 50) * 1000))
     loggers = {}
     for rank in (1, 0):  # rank 1 looks before rank 0 created this launch's run
         as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
@@ -375,8 +416,8 @@ def test_a_shared_run_an_earlier_launch_left_running_is_not_joined(
     for lg in loggers.values():
         lg.log_scalar("loss", 1.0, 0)
     assert all(lg.close(60) for lg in loggers.values())
-    assert loggers[1].run_id == loggers[0].run_id != stale
-    assert client.get_run(stale).data.metrics == {}
+    assert loggers[1].run_id == loggers[0].run_id not in (stale, ended)
+    assert client.get_run(stale).data.metrics == {} == client.get_run(ended).data.metrics
 
 
 def test_when_rank_0_never_creates_the_shared_run_sync_delivers_every_rank_into_one_run(
@@ -525,7 +566,7 @@ def test_all_every_rank_logs_into_one_shared_run_under_its_rank_prefix(
     (run,) = runs_of(mlflow_server, f"{tag}-all")
     run_id = run["info"]["run_id"]
     reports = [policies.report(rank)["all"] for rank in range(WORLD)]
-    assert all(r["ok"] and r["run_id"] == run_id for r in reports)
+    assert [(r["ok"], r["run_id"]) for r in reports] == [(True, run_id)] * WORLD, reports
     for rank in range(WORLD):
         assert_every_record_once_in_order(mlflow_server, run_id, rank, f"rank{rank}/")
     tags = tags_of(run)

@@ -10,7 +10,9 @@ several ranks, and every policy logs as a single process does. With it, the poli
 * ``"all"``: every rank logs into one shared run, its metrics named ``rank<R>/<name>``; rank 0
   creates the run, the others find it by a token derived from the job's identity
   (:func:`job_identity`) and the run's names, among the runs started since this launch began
-  (:func:`launch_floor_ms`). Parameters and tags are the run's, unprefixed.
+  (:func:`launch_floor_ms`) that are still running or ended after this process started (a
+  rank slower than rank 0's whole run still joins it). Parameters and tags are the run's,
+  unprefixed.
 * ``"own"``: every rank logs its own run, tagged with the job's group id so they are found
   together.
 
@@ -145,6 +147,9 @@ class RankPlan:
     """The job's identity (:func:`job_identity`) under ``"all"`` and ``"own"``."""
     launched_ms: int | None = None
     """Under ``"all"``: the earliest start of this launch's shared run (:func:`launch_floor_ms`)."""
+    started_ms: int | None = None
+    """Under ``"all"``: when this process started (ms since the epoch). A shared run that
+    rank 0 already ended is this launch's only when it ended then or later."""
 
     @property
     def logs(self) -> bool:
@@ -181,7 +186,7 @@ class RankPlan:
         if kind == "mlflow":
             join: Callable[..., None] = sink.join_ranks  # type: ignore[attr-defined]
             join(self.policy, self.rank, self.world_size, self.group,
-                 launched_ms=self.launched_ms)
+                 launched_ms=self.launched_ms, started_ms=self.started_ms)
         elif kind == "file":
             out: Path = sink.output_dir  # type: ignore[attr-defined]
             sink.output_dir = out / f"rank{self.rank}"  # type: ignore[attr-defined]
@@ -238,8 +243,10 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"ranks={policy!r} needs an identity every rank of the job shares, and none of "
                 f"${GROUP_ENV}, {', '.join('$' + v for v in _IDENTITY_VARS)} is set; set "
                 f"{GROUP_ENV} to a name unique to this launch")
+    started = process_start_s() if policy == "all" else None
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
-                    world_size, group, launch_floor_ms() if policy == "all" else None)
+                    world_size, group, launch_floor_ms() if policy == "all" else None,
+                    None if started is None else int(started * 1000))
 
 
 def _several(world_size: str | None) -> bool:

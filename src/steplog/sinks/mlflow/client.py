@@ -69,9 +69,11 @@ class HostTransport:
         return ref
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None) -> RunRef | None:
+                 since_ms: int | None = None, ended_since_ms: int | None = None,
+                 ) -> RunRef | None:
         ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
-                                            running_only, since_ms, returns=RunRef | None)
+                                            running_only, since_ms, ended_since_ms,
+                                            returns=RunRef | None)
         return ref
 
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
@@ -197,10 +199,12 @@ class ClientTransport:
         return RunRef(run.info.run_id, experiment_id, run.info.artifact_uri)
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None) -> RunRef | None:
+                 since_ms: int | None = None, ended_since_ms: int | None = None,
+                 ) -> RunRef | None:
         with _mlflow_errors():
             runs = self.client.search_runs(
-                [experiment_id], filter_string=token_filter(token, running_only, since_ms),
+                [experiment_id],
+                filter_string=token_filter(token, running_only, since_ms, ended_since_ms),
                 max_results=1, order_by=["attributes.start_time DESC"],
             )
         if not runs:

@@ -149,6 +149,8 @@ class MLflowSink(Sink):
         self._reattached = False
         self._launched_ms: int | None = None
         """Under ``"all"``: the shared run is not older than this (ms since the epoch)."""
+        self._started_ms: int | None = None
+        """Under ``"all"``: an ended shared run is this launch's when it ended then or later."""
 
     @property
     def ranks(self) -> dict[str, Any] | None:
@@ -157,14 +159,16 @@ class MLflowSink(Sink):
         return self._ranks
 
     def join_ranks(self, policy: str, rank: int, world_size: int, group: str, *,
-                   launched_ms: int | None = None) -> None:
+                   launched_ms: int | None = None, started_ms: int | None = None) -> None:
         """Log as rank ``rank`` of ``world_size`` of the job ``group`` (see
         :mod:`steplog.ranks`); called before the run is opened.
 
         ``"all"``: the run is shared by every rank of the job: rank 0 creates it, tagged with a
         token derived from ``group``, the experiment and the run name; another rank finds it by
-        that token, among the RUNNING runs started at ``launched_ms`` or later (a run an earlier
-        launch with the same identity left RUNNING is older), and writes its metrics as
+        that token, among the runs started at ``launched_ms`` or later (a run an earlier
+        launch with the same identity left RUNNING is older) that are RUNNING or ended at
+        ``started_ms`` (this process's start) or later (rank 0 ended this launch's run before
+        this rank looked; a run of an earlier launch ended before), and writes its metrics as
         ``rank<R>/<name>`` and its files under ``rank<R>/``
         (params and tags unprefixed); only rank 0 ends it, each rank sets the tag
         ``steplog.rank<R>.status`` at its close.
@@ -178,6 +182,7 @@ class MLflowSink(Sink):
                              "rank policy 'zero' (only rank 0 logs)")
         self._ranks = {"policy": policy, "rank": rank, "world_size": world_size, "group": group}
         self._launched_ms = launched_ms if policy == "all" else None
+        self._started_ms = started_ms if policy == "all" else None
         self._user_tags.update({"steplog.group": group, "steplog.ranks": policy,
                                 "steplog.world_size": str(world_size)})
         if policy == "own":
@@ -381,6 +386,10 @@ class MLflowSink(Sink):
         while True:
             found = transport.find_run(exp_id, self._token, running_only=True,
                                        since_ms=self._launched_ms)
+            if found is None and self._started_ms is not None:
+                # Rank 0 may have ended it already: a rank slower than rank 0's whole run.
+                found = transport.find_run(exp_id, self._token, since_ms=self._launched_ms,
+                                           ended_since_ms=self._started_ms)
             if found is not None:
                 return found
             if time.monotonic() >= deadline:
