@@ -191,6 +191,50 @@ def test_a_long_call_is_not_cut_short_while_the_host_says_it_is_alive() -> None:
         host.close()
 
 
+def test_a_frozen_host_is_given_up_once_it_was_silent_for_the_call_timeout() -> None:
+    host = Host("threading:Event", call_timeout_s=0.6)
+    try:
+        assert host.call("api", "is_set") is False
+        pid = host.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # no answer and no heartbeat from now on
+        start = time.monotonic()
+        with pytest.raises(RetryableError, match=r"stopped answering.*within 0\.6 s"):
+            host.call("api", "is_set")
+        assert 0.5 <= time.monotonic() - start < 3.0
+        assert host.call("api", "is_set") is False and host.starts == 2  # a new host
+    finally:
+        host.close()
+
+
+def test_frames_arrive_whole_however_the_bytes_are_split_or_joined() -> None:
+    import socket
+
+    from steplog.host import _LENGTH, _Wire
+
+    left, right = socket.socketpair()
+    sender, receiver = _Wire(left), _Wire(right)
+    receiver.set_timeout(5.0)
+    try:
+        frames = [b"", b"a", b"x" * 200_000, b"heartbeat", b"reply"]
+        for frame in frames[:3]:
+            sender.send(frame)  # several frames in the socket at once
+        assert [receiver.recv() for _ in range(3)] == frames[:3]
+        joined = b"".join(_LENGTH.pack(len(f)) + f for f in frames[3:])
+        for i in range(len(joined)):  # one byte at a time, frame headers cut too
+            left.sendall(joined[i:i + 1])
+        assert [receiver.recv(), receiver.recv()] == frames[3:]
+        receiver.set_timeout(0.2)
+        with pytest.raises(TimeoutError, match=r"within 0\.2 s"):
+            receiver.recv()
+        left.close()
+        with pytest.raises(EOFError):
+            receiver.recv()
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_run_tags_of_any_type_are_stored_as_strings_through_the_host(tmp_path) -> None:
     logger = MLFlowLogger("tags", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                           tags={"seed": 1, "lr": 0.5}, options=FAST)  # type: ignore[dict-item]

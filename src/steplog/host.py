@@ -48,6 +48,8 @@ from steplog.errors import PermanentError, RetryableError
 __all__ = ["Host", "main"]
 
 _LENGTH = struct.Struct("<Q")
+_TIMEVAL = struct.Struct("@ll")
+_READ_SIZE = 1 << 16
 _OK, _RETRYABLE, _PERMANENT, _HEARTBEAT = 0, 1, 2, 3
 _HEARTBEAT_S = 5.0
 """How often a busy host says it is alive (less when ``call_timeout_s`` is short)."""
@@ -72,26 +74,64 @@ class _Reply(msgspec.Struct, array_like=True):
     whole_batch: bool = False
 
 
-def _send(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(_LENGTH.pack(len(payload)))
-    sock.sendall(payload)
+class _Wire:
+    """Length-prefixed frames over one connected socket, with as few system calls as a frame
+    allows: each frame leaves in one ``send`` and is read in as few ``recv`` calls as it
+    arrived in (bytes of the next frame are kept for it). Every system call releases the GIL,
+    and on the training process's side the training thread has to give it back afterwards.
 
+    The socket stays in blocking mode; :meth:`set_timeout` bounds each read and write in the
+    kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``) instead of a ``poll`` before every call, and an
+    expired wait raises :class:`TimeoutError`."""
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError("the other side closed the connection")
-        got += k
-    return bytes(buf)
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._rest = bytearray()
+        self._timeout_s: float | None = None
 
+    def set_timeout(self, seconds: float | None) -> None:
+        """Bound each read and write by ``seconds`` (``None``: wait as long as it takes)."""
+        if seconds == self._timeout_s:
+            return
+        whole = micro = 0  # zero: no bound
+        if seconds is not None:
+            whole = int(seconds)
+            micro = max(round((seconds - whole) * 1e6), 0 if whole else 1)
+        value = _TIMEVAL.pack(whole, micro)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        self._timeout_s = seconds
 
-def _recv(sock: socket.socket) -> bytes:
-    (n,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    return _recv_exactly(sock, n)
+    def send(self, payload: bytes) -> None:
+        try:
+            self.sock.sendall(_LENGTH.pack(len(payload)) + payload)
+        except BlockingIOError as exc:
+            raise TimeoutError(f"the other side took no data for {self._timeout_s:g} s") from exc
+
+    def recv(self) -> bytes:
+        """The next frame; ``EOFError`` when the other side closed the connection."""
+        buf = self._rest
+        while True:
+            if len(buf) >= _LENGTH.size:
+                end = _LENGTH.size + _LENGTH.unpack_from(buf)[0]
+                if len(buf) >= end:
+                    frame = bytes(buf[_LENGTH.size:end])
+                    del buf[:end]
+                    return frame
+                need = end - len(buf)
+            else:
+                need = _LENGTH.size - len(buf)
+            try:
+                data = self.sock.recv(max(need, _READ_SIZE))
+            except BlockingIOError as exc:
+                raise TimeoutError(f"no answer within {self._timeout_s:g} s") from exc
+            if not data:
+                raise EOFError("the other side closed the connection")
+            buf += data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 # -- parent side --------------------------------------------------------------------------------
@@ -112,17 +152,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class _Process:
     """One running host: the child process and one connected socket per channel."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sockets: dict[str, socket.socket]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], wires: dict[str, _Wire]) -> None:
         self.proc = proc
-        self.sockets = sockets
-        self.locks = {name: threading.Lock() for name in sockets}
+        self.wires = wires
+        self.locks = {name: threading.Lock() for name in wires}
         self.dead = False
 
     def kill(self) -> None:
         self.dead = True
-        for s in self.sockets.values():
-            with contextlib.suppress(OSError):
-                s.close()
+        for wire in self.wires.values():
+            wire.close()
         if self.proc.poll() is None:  # not reaped yet: the group id is still its own
             with contextlib.suppress(OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)  # its group: what it started too
@@ -179,15 +218,14 @@ class Host:
         when given. Raises what the host raised, or ``RetryableError`` when it died (or, with
         ``spawn=False``, when none is running: then no process is started)."""
         current = self._running(spawn)
-        sock = current.sockets[channel]
+        wire = current.wires[channel]
         request = msgspec.msgpack.encode([method, list(args)])  # two lanes may call at once
         with current.locks[channel]:
             try:
-                sock.settimeout(self.call_timeout_s)
-                _send(sock, request)
-                reply = msgspec.msgpack.decode(_recv(sock), type=_Reply)
+                wire.send(request)
+                reply = msgspec.msgpack.decode(wire.recv(), type=_Reply)
                 while reply.status == _HEARTBEAT:  # still working: wait for the next frame
-                    reply = msgspec.msgpack.decode(_recv(sock), type=_Reply)
+                    reply = msgspec.msgpack.decode(wire.recv(), type=_Reply)
             except (OSError, EOFError) as exc:
                 self._lost(current)
                 raise RetryableError(f"the sink host stopped answering ({exc!r}); a new one "
@@ -208,13 +246,13 @@ class Host:
             current, self._current = self._current, None
         if current is None or current.dead:
             return
-        for name, sock in current.sockets.items():
+        for name, wire in current.wires.items():
             lock = current.locks[name]
             if lock.acquire(timeout=timeout_s):  # a call still running keeps its channel
                 try:
                     with contextlib.suppress(OSError):
-                        sock.settimeout(1.0)
-                        _send(sock, msgspec.msgpack.encode([_SHUTDOWN, []]))
+                        wire.set_timeout(1.0)
+                        wire.send(msgspec.msgpack.encode([_SHUTDOWN, []]))
                 finally:
                     lock.release()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -247,9 +285,8 @@ class Host:
                 s.close()
         if current is not None:
             current.dead = True
-            for s in current.sockets.values():
-                with contextlib.suppress(OSError):
-                    s.close()
+            for wire in current.wires.values():
+                wire.close()
 
     def _running(self, spawn: bool = True) -> _Process:
         with self._spawn_lock:
@@ -299,14 +336,16 @@ class Host:
             for s in children:
                 s.close()
         self.starts += 1
-        current = _Process(proc, parents)
+        current = _Process(proc, {name: _Wire(sock) for name, sock in parents.items()})
         config = _Config(self.target, self.args, list(self.channels), list(sys.path),
                          os.getpid(), min(_HEARTBEAT_S, self.call_timeout_s / 3))
-        first = parents[self.channels[0]]
+        first = current.wires[self.channels[0]]
         try:
-            first.settimeout(self.start_timeout_s)
-            _send(first, msgspec.msgpack.encode(config))
-            reply = msgspec.msgpack.decode(_recv(first), type=_Reply)
+            first.set_timeout(self.start_timeout_s)
+            first.send(msgspec.msgpack.encode(config))
+            reply = msgspec.msgpack.decode(first.recv(), type=_Reply)
+            for wire in current.wires.values():
+                wire.set_timeout(self.call_timeout_s)
         except (OSError, EOFError) as exc:
             current.kill()
             raise RetryableError(f"the sink host did not start within "
@@ -357,7 +396,7 @@ def _converter(obj: Any, method: str) -> Callable[[list[Any]], list[Any]]:
     return convert
 
 
-def _heartbeat(sock: socket.socket, busy: threading.Event, send_lock: threading.Lock,
+def _heartbeat(wire: _Wire, busy: threading.Event, send_lock: threading.Lock,
                period_s: float) -> None:
     """While a call runs, tell the parent every ``period_s`` that the host is alive."""
     frame = msgspec.msgpack.encode(_Reply(_HEARTBEAT))
@@ -367,23 +406,23 @@ def _heartbeat(sock: socket.socket, busy: threading.Event, send_lock: threading.
             with send_lock:
                 if busy.is_set():
                     try:
-                        _send(sock, frame)
+                        wire.send(frame)
                     except OSError:
                         return
 
 
-def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None], heartbeat_s: float
+def _serve(wire: _Wire, obj: Any, done: Callable[[bool], None], heartbeat_s: float
            ) -> None:
     """Answer the calls of one channel until shutdown (``done(True)``) or EOF (``done(False)``)."""
     encoder = msgspec.msgpack.Encoder()
     converters: dict[str, Callable[[list[Any]], list[Any]]] = {}
     busy = threading.Event()
     send_lock = threading.Lock()
-    threading.Thread(target=_heartbeat, args=(sock, busy, send_lock, heartbeat_s),
+    threading.Thread(target=_heartbeat, args=(wire, busy, send_lock, heartbeat_s),
                      daemon=True).start()
     while True:
         try:
-            method, args = msgspec.msgpack.decode(_recv(sock))
+            method, args = msgspec.msgpack.decode(wire.recv())
         except (OSError, EOFError):
             done(False)
             return
@@ -403,10 +442,10 @@ def _serve(sock: socket.socket, obj: Any, done: Callable[[bool], None], heartbea
         with send_lock:
             busy.clear()
             try:
-                _send(sock, encoder.encode(reply))
+                wire.send(encoder.encode(reply))
             except (OSError, TypeError, msgspec.EncodeError) as exc:
                 with contextlib.suppress(OSError):
-                    _send(sock, encoder.encode(_error_reply(exc)))
+                    wire.send(encoder.encode(_error_reply(exc)))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -414,9 +453,10 @@ def main(argv: Sequence[str]) -> int:
     sockets = [socket.socket(fileno=int(fd)) for fd in argv]
     for sock in sockets:
         sock.set_inheritable(False)  # nothing the object starts keeps the parent's channels
-    first = sockets[0]
+    wires = [_Wire(sock) for sock in sockets]
+    first = wires[0]
     try:
-        config = msgspec.msgpack.decode(_recv(first), type=_Config)
+        config = msgspec.msgpack.decode(first.recv(), type=_Config)
     except (OSError, EOFError):
         return 0
     sys.path[:0] = [p for p in config.path if p not in sys.path]
@@ -424,16 +464,16 @@ def main(argv: Sequence[str]) -> int:
         obj = _load(config.target)(*config.args)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # the parent may have given up on this start
-            _send(first, msgspec.msgpack.encode(_error_reply(exc)))
+            first.send(msgspec.msgpack.encode(_error_reply(exc)))
         return 1
     try:
-        _send(first, msgspec.msgpack.encode(_Reply(_OK)))
+        first.send(msgspec.msgpack.encode(_Reply(_OK)))
     except OSError:  # the parent gave up on this start (a timeout, a close)
         return 0
 
     ended = threading.Event()
     lock = threading.Lock()
-    open_channels = [len(sockets)]
+    open_channels = [len(wires)]
     orderly = [True]
 
     def done(clean: bool) -> None:
@@ -443,8 +483,8 @@ def main(argv: Sequence[str]) -> int:
             if open_channels[0] == 0:
                 ended.set()
 
-    for sock in sockets:
-        threading.Thread(target=_serve, args=(sock, obj, done, config.heartbeat_s),
+    for wire in wires:
+        threading.Thread(target=_serve, args=(wire, obj, done, config.heartbeat_s),
                          daemon=True).start()
     while not ended.wait(_PARENT_POLL_S):
         if os.getppid() != config.parent:  # the parent died and its sockets were inherited
