@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -214,16 +215,25 @@ def test_frames_arrive_whole_however_the_bytes_are_split_or_joined() -> None:
 
     left, right = socket.socketpair()
     sender, receiver = _Wire(left), _Wire(right)
-    receiver.set_timeout(5.0)
+    receiver.set_timeout(2.9999996)  # rounds to a whole second in the kernel's timeval
     try:
-        frames = [b"", b"a", b"x" * 200_000, b"heartbeat", b"reply"]
+        frames = [b"", b"a", b"x" * 100_000, b"heartbeat", b"reply"]
         for frame in frames[:3]:
             sender.send(frame)  # several frames in the socket at once
         assert [receiver.recv() for _ in range(3)] == frames[:3]
         joined = b"".join(_LENGTH.pack(len(f)) + f for f in frames[3:])
-        for i in range(len(joined)):  # one byte at a time, frame headers cut too
-            left.sendall(joined[i:i + 1])
-        assert [receiver.recv(), receiver.recv()] == frames[3:]
+
+        def trickle() -> None:  # one byte at a time, frame headers cut too
+            for i in range(len(joined)):
+                left.sendall(joined[i:i + 1])
+                time.sleep(0.002)
+
+        writer = threading.Thread(target=trickle)
+        writer.start()
+        try:
+            assert [receiver.recv(), receiver.recv()] == frames[3:]
+        finally:
+            writer.join(10)
         receiver.set_timeout(0.2)
         with pytest.raises(TimeoutError, match=r"within 0\.2 s"):
             receiver.recv()
@@ -233,6 +243,20 @@ def test_frames_arrive_whole_however_the_bytes_are_split_or_joined() -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def test_a_process_wide_socket_timeout_does_not_cut_a_host_call_short() -> None:
+    import socket
+
+    socket.setdefaulttimeout(0.05)  # set by some library of the training script
+    try:
+        host = Host("threading:Event", call_timeout_s=5.0)
+        try:
+            assert host.call("api", "wait", 0.5) is False and host.starts == 1
+        finally:
+            host.close()
+    finally:
+        socket.setdefaulttimeout(None)
 
 
 def test_run_tags_of_any_type_are_stored_as_strings_through_the_host(tmp_path) -> None:

@@ -364,6 +364,7 @@ def test_a_rank_slower_than_rank_0s_whole_run_still_joins_it_after_rank_0_ended_
     for i in range(5):
         slow.log_scalar("loss", 10.0 + i, i)
     assert wait_until(lambda: slow.stats().retried > 0, timeout_s=30), "rank 1 never looked"
+    looks = slow.stats().retried
     as_rank(clean_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")
     first = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
                          options=Options(ranks="all"))
@@ -373,7 +374,8 @@ def test_a_rank_slower_than_rank_0s_whole_run_still_joins_it_after_rank_0_ended_
 
     client = MlflowClient(mlflow_server.url)
     assert client.get_run(first.run_id).info.status == "FINISHED"
-    assert slow.stats().delivered == 0  # still in its pause: the run ended before it looked
+    # Still in its pause: it has not looked again since before rank 0 started.
+    assert slow.stats().retried == looks and slow.stats().delivered == 0
     result = slow.close(30)
     assert result, result
     assert slow.run_id == first.run_id

@@ -50,6 +50,7 @@ __all__ = ["Host", "main"]
 _LENGTH = struct.Struct("<Q")
 _TIMEVAL = struct.Struct("@ll")
 _READ_SIZE = 1 << 16
+_MAX_READ = 1 << 20
 _OK, _RETRYABLE, _PERMANENT, _HEARTBEAT = 0, 1, 2, 3
 _HEARTBEAT_S = 5.0
 """How often a busy host says it is alive (less when ``call_timeout_s`` is short)."""
@@ -80,11 +81,14 @@ class _Wire:
     arrived in (bytes of the next frame are kept for it). Every system call releases the GIL,
     and on the training process's side the training thread has to give it back afterwards.
 
-    The socket stays in blocking mode; :meth:`set_timeout` bounds each read and write in the
-    kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``) instead of a ``poll`` before every call, and an
-    expired wait raises :class:`TimeoutError`."""
+    The socket is put in blocking mode (whatever ``socket.setdefaulttimeout`` says);
+    :meth:`set_timeout` bounds each read and write in the kernel (``SO_RCVTIMEO``/
+    ``SO_SNDTIMEO``) instead of a ``poll`` before every call, and an expired wait raises
+    :class:`TimeoutError`. The bound is per system call: a frame that keeps trickling in is
+    read for as long as it does."""
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
         self.sock = sock
         self._rest = bytearray()
         self._timeout_s: float | None = None
@@ -93,20 +97,23 @@ class _Wire:
         """Bound each read and write by ``seconds`` (``None``: wait as long as it takes)."""
         if seconds == self._timeout_s:
             return
-        whole = micro = 0  # zero: no bound
+        whole, micro = 0, 0  # zero: no bound
         if seconds is not None:
-            whole = int(seconds)
-            micro = max(round((seconds - whole) * 1e6), 0 if whole else 1)
+            whole, micro = divmod(max(round(seconds * 1e6), 1), 1_000_000)
         value = _TIMEVAL.pack(whole, micro)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
         self._timeout_s = seconds
 
+    def _timed_out(self, what: str, exc: BlockingIOError) -> TimeoutError:
+        bound = "" if self._timeout_s is None else f" within {self._timeout_s:g} s"
+        return TimeoutError(f"{what}{bound}: {exc}")
+
     def send(self, payload: bytes) -> None:
         try:
             self.sock.sendall(_LENGTH.pack(len(payload)) + payload)
         except BlockingIOError as exc:
-            raise TimeoutError(f"the other side took no data for {self._timeout_s:g} s") from exc
+            raise self._timed_out("the other side took no data", exc) from exc
 
     def recv(self) -> bytes:
         """The next frame; ``EOFError`` when the other side closed the connection."""
@@ -115,16 +122,17 @@ class _Wire:
             if len(buf) >= _LENGTH.size:
                 end = _LENGTH.size + _LENGTH.unpack_from(buf)[0]
                 if len(buf) >= end:
-                    frame = bytes(buf[_LENGTH.size:end])
+                    with memoryview(buf) as view:
+                        frame = bytes(view[_LENGTH.size:end])
                     del buf[:end]
                     return frame
                 need = end - len(buf)
             else:
                 need = _LENGTH.size - len(buf)
             try:
-                data = self.sock.recv(max(need, _READ_SIZE))
+                data = self.sock.recv(min(max(need, _READ_SIZE), _MAX_READ))
             except BlockingIOError as exc:
-                raise TimeoutError(f"no answer within {self._timeout_s:g} s") from exc
+                raise self._timed_out("no answer", exc) from exc
             if not data:
                 raise EOFError("the other side closed the connection")
             buf += data

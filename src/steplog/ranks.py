@@ -129,8 +129,11 @@ def launch_floor_ms() -> int | None:
     """The earliest start time (ms since the epoch) of a run that this launch's rank 0 can have
     created: this process's start less :data:`LAUNCH_SKEW_S`. A RUNNING run with the same token
     that started before it belongs to an earlier launch with the same identity that crashed."""
-    started = process_start_s()
-    return None if started is None else int((started - LAUNCH_SKEW_S) * 1000)
+    return _floor_ms(process_start_s())
+
+
+def _floor_ms(started_s: float | None) -> int | None:
+    return None if started_s is None else int((started_s - LAUNCH_SKEW_S) * 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +248,7 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"{GROUP_ENV} to a name unique to this launch")
     started = process_start_s() if policy == "all" else None
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
-                    world_size, group, launch_floor_ms() if policy == "all" else None,
+                    world_size, group, _floor_ms(started),
                     None if started is None else int(started * 1000))
 
 

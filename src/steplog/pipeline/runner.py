@@ -38,6 +38,7 @@ class SinkRunner:
     def __init__(self, pipeline: Pipeline, sink: Sink, label: str) -> None:
         self.pipeline = pipeline
         self.sink = sink
+        sink.bind_deadline(pipeline.deadline_passed)
         self.label = label
         self.stats = SinkStats()
         self._count_lock = threading.Lock()

@@ -12,7 +12,7 @@ overlap), never two ``write`` calls at once, and ``close`` once, after every oth
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 from steplog.errors import PermanentError
@@ -45,6 +45,21 @@ class Sink(abc.ABC):
     record's key and value sizes plus a fixed overhead; a single larger record still goes alone.
     Leave it ``None`` when the sink splits requests exactly itself (estimating costs ~60 ns per
     record on the worker)."""
+
+    _deadline_passed: Callable[[], bool] | None = None
+
+    def bind_deadline(self, deadline_passed: Callable[[], bool]) -> None:
+        """Called by the pipeline that takes the sink, before :meth:`open`: ``deadline_passed()``
+        tells a call that waits inside the sink (polling for a run that another process
+        creates) that the logger's close deadline has passed."""
+        self._deadline_passed = deadline_passed
+
+    def deadline_passed(self) -> bool:
+        """Whether the close deadline of the logger using the sink has passed (never, for a
+        sink no pipeline took): a wait inside a sink call stops then, so that the call returns
+        and the logger's close keeps its deadline."""
+        passed = self._deadline_passed
+        return passed is not None and passed()
 
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Fail at once when the destination can never work (an unwritable directory, a URI

@@ -69,11 +69,9 @@ class HostTransport:
         return ref
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None, ended_since_ms: int | None = None,
-                 ) -> RunRef | None:
+                 since_ms: int | None = None) -> RunRef | None:
         ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
-                                            running_only, since_ms, ended_since_ms,
-                                            returns=RunRef | None)
+                                            running_only, since_ms, returns=RunRef | None)
         return ref
 
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
@@ -199,17 +197,17 @@ class ClientTransport:
         return RunRef(run.info.run_id, experiment_id, run.info.artifact_uri)
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None, ended_since_ms: int | None = None,
-                 ) -> RunRef | None:
+                 since_ms: int | None = None) -> RunRef | None:
         with _mlflow_errors():
             runs = self.client.search_runs(
-                [experiment_id],
-                filter_string=token_filter(token, running_only, since_ms, ended_since_ms),
+                [experiment_id], filter_string=token_filter(token, running_only, since_ms),
                 max_results=1, order_by=["attributes.start_time DESC"],
             )
         if not runs:
             return None
-        return RunRef(runs[0].info.run_id, experiment_id, runs[0].info.artifact_uri)
+        info = runs[0].info
+        return RunRef(info.run_id, experiment_id, info.artifact_uri, info.status,
+                      info.end_time)
 
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
         with _mlflow_errors():

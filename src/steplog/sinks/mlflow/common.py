@@ -192,6 +192,10 @@ class RunRef:
     run_id: str
     experiment_id: str
     artifact_uri: str
+    status: str = "RUNNING"
+    """The run's status when it was found (``find_run``); RUNNING for a run just opened."""
+    end_ms: int | None = None
+    """When the run ended (ms since the epoch), as ``find_run`` found it; None while it runs."""
 
 
 class Transport(Protocol):
@@ -204,10 +208,10 @@ class Transport(Protocol):
     ) -> RunRef: ...
     def find_run(
         self, experiment_id: str, token: str, running_only: bool = False,
-        since_ms: int | None = None, ended_since_ms: int | None = None,
+        since_ms: int | None = None,
     ) -> RunRef | None:
         """The newest run tagged with ``token`` (``running_only``: still RUNNING; ``since_ms``:
-        started then or later; ``ended_since_ms``: ended then or later), if any."""
+        started then or later), if any, with its status and end time."""
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
         """The existing run ``run_id`` of ``experiment_name``, set RUNNING again when
         ``running``; :class:`PermanentError` when it does not exist, is deleted or is another
@@ -238,17 +242,14 @@ def missing_run(run_id: str, where: str, answer: object) -> str:
     return f"MLflow run {run_id} does not exist in {redact(where)} (the answer: {answer})"
 
 
-def token_filter(token: str, running_only: bool = False, since_ms: int | None = None,
-                 ended_since_ms: int | None = None) -> str:
-    """The search filter of the runs tagged with ``token`` (and still RUNNING, started at
-    ``since_ms`` or later, ended at ``ended_since_ms`` or later)."""
+def token_filter(token: str, running_only: bool = False, since_ms: int | None = None) -> str:
+    """The search filter of the runs tagged with ``token`` (and still RUNNING, and started at
+    ``since_ms`` or later)."""
     text = f"tags.`{RUN_TOKEN_TAG}` = '{filter_quote(token)}'"
     if running_only:
         text += " and attributes.status = 'RUNNING'"
     if since_ms is not None:
         text += f" and attributes.start_time >= {int(since_ms)}"
-    if ended_since_ms is not None:
-        text += f" and attributes.end_time >= {int(ended_since_ms)}"
     return text
 
 

@@ -408,12 +408,11 @@ class RestTransport:
         return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None, ended_since_ms: int | None = None,
-                 ) -> RunRef | None:
+                 since_ms: int | None = None) -> RunRef | None:
         body = self._encoder.encode(
             {
                 "experiment_ids": [experiment_id],
-                "filter": token_filter(token, running_only, since_ms, ended_since_ms),
+                "filter": token_filter(token, running_only, since_ms),
                 "max_results": 1,
                 "order_by": ["attributes.start_time DESC"],
             }
@@ -422,7 +421,9 @@ class RestTransport:
         if not runs:
             return None
         info = runs[0]["info"]
-        return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
+        end = info.get("end_time")
+        return RunRef(info["run_id"], experiment_id, info["artifact_uri"],
+                      info.get("status", "RUNNING"), None if end is None else int(end))
 
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
         try:

@@ -384,20 +384,25 @@ class MLflowSink(Sink):
             return transport.find_run(exp_id, self._token)
         deadline = time.monotonic() + _JOIN_WAIT_S
         while True:
-            found = transport.find_run(exp_id, self._token, running_only=True,
-                                       since_ms=self._launched_ms)
-            if found is None and self._started_ms is not None:
-                # Rank 0 may have ended it already: a rank slower than rank 0's whole run.
-                found = transport.find_run(exp_id, self._token, since_ms=self._launched_ms,
-                                           ended_since_ms=self._started_ms)
-            if found is not None:
+            found = transport.find_run(exp_id, self._token, since_ms=self._launched_ms)
+            if found is not None and self._this_launch(found):
                 return found
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self.deadline_passed():
                 raise RetryableError(
                     f"the run shared by the ranks (experiment {self.experiment_name!r}) does "
                     "not exist yet: rank 0 creates it when its logger starts; until then this "
                     "rank's records wait in its journal")
             time.sleep(_JOIN_POLL_S)
+
+    def _this_launch(self, run: RunRef) -> bool:
+        """Whether ``run``, the newest shared run started since the launch floor, is this
+        launch's: still RUNNING, or ended once this process had started (rank 0 logged and
+        ended its whole run before this rank looked; a run of an earlier launch ended
+        before)."""
+        if run.status == "RUNNING":
+            return True
+        started = self._started_ms
+        return started is not None and run.end_ms is not None and run.end_ms >= started
 
     def close(self, status: RunStatus) -> None:
         """The run is ended with ``status`` and the connections are closed (no-op if never
