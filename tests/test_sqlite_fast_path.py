@@ -473,6 +473,7 @@ def test_an_mlflow_reader_and_writer_polling_during_a_full_rate_run_never_error(
     assert logger.flush(120)
     run_id = str(logger.run_id)
     reader = mlflow.MlflowClient(uri)
+    reader.get_run(run_id)  # the reader's store is built (seconds) before the run begins
     done = threading.Event()
     errors: list[BaseException] = []
     seen: list[int] = []
