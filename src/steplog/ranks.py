@@ -129,11 +129,12 @@ def launch_floor_ms() -> int | None:
     """The earliest start time (ms since the epoch) of a run that this launch's rank 0 can have
     created: this process's start less :data:`LAUNCH_SKEW_S`. A RUNNING run with the same token
     that started before it belongs to an earlier launch with the same identity that crashed."""
-    return _floor_ms(process_start_s())
+    started = process_start_s()
+    return None if started is None else _floor_ms(int(started * 1000))
 
 
-def _floor_ms(started_s: float | None) -> int | None:
-    return None if started_s is None else int((started_s - LAUNCH_SKEW_S) * 1000)
+def _floor_ms(started_ms: int) -> int:
+    return started_ms - int(LAUNCH_SKEW_S * 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +149,15 @@ class RankPlan:
     world_size: int = 1
     group: str | None = None
     """The job's identity (:func:`job_identity`) under ``"all"`` and ``"own"``."""
-    launched_ms: int | None = None
-    """Under ``"all"``: the earliest start of this launch's shared run (:func:`launch_floor_ms`)."""
     started_ms: int | None = None
     """Under ``"all"``: when this process started (ms since the epoch). A shared run that
     rank 0 already ended is this launch's only when it ended then or later."""
+
+    @property
+    def launched_ms(self) -> int | None:
+        """Under ``"all"``: the earliest start of this launch's shared run
+        (:func:`launch_floor_ms`)."""
+        return None if self.started_ms is None else _floor_ms(self.started_ms)
 
     @property
     def logs(self) -> bool:
@@ -248,8 +253,7 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"{GROUP_ENV} to a name unique to this launch")
     started = process_start_s() if policy == "all" else None
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
-                    world_size, group, _floor_ms(started),
-                    None if started is None else int(started * 1000))
+                    world_size, group, None if started is None else int(started * 1000))
 
 
 def _several(world_size: str | None) -> bool:
