@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from steplog.frames import count_records, decode_batch, encode_batch
+from steplog.frames import count_records, decode_batch, encode_batch, with_encoding
 from steplog.records import Batch, Param, Scalar, Scalars, Tag
 
 names = st.text(min_size=1, max_size=20)
@@ -78,3 +78,34 @@ def test_count_records_reads_every_size_of_block(rows: int) -> None:
 def test_counting_bytes_that_are_not_a_frame_raises_a_decode_error() -> None:
     with pytest.raises(msgspec.DecodeError):
         count_records(b"\x93\x01\x02")
+
+
+@given(st.lists(parts, max_size=10))
+def test_blocks_carrying_their_encoding_encode_to_the_same_bytes(batch_parts: list[object]) -> None:
+    plain = Batch(batch_parts)  # type: ignore[arg-type]
+    carried = Batch([with_encoding(p) if type(p) is Scalars else p  # type: ignore[misc]
+                     for p in batch_parts])
+    assert encode_batch(carried) == encode_batch(plain)
+
+
+def test_a_block_carrying_its_encoding_is_encoded_from_those_bytes() -> None:
+    block = with_encoding(Scalars([("loss", 0.5, 1)], 7, True))
+    # Bytes of another block put in its place show that encoding copies them.
+    other = with_encoding(Scalars([("acc", 0.25, 2), ("acc", 0.5, 3)], 8, True))
+    swapped = Scalars(block.rows, block.timestamp, block.finite, other.encoded)
+    assert decode_batch(encode_batch(Batch([swapped]))).parts == [other]
+
+
+def test_a_slice_or_a_renamed_block_is_encoded_from_its_own_rows() -> None:
+    block = with_encoding(Scalars([("a", 1.0, 1), ("b", 2.0, 2)], 5, True))
+    assert block[1:].encoded is None
+    assert decode_batch(encode_batch(Batch([block[1:]]))).parts == [block[1:]]
+    renamed = Batch([block]).renamed(lambda name: f"rank1/{name}")
+    assert decode_batch(encode_batch(renamed)).parts[0].rows == [("rank1/a", 1.0, 1),
+                                                                   ("rank1/b", 2.0, 2)]
+
+
+def test_a_blocks_equality_ignores_whether_it_carries_its_encoding() -> None:
+    block = Scalars([("loss", 0.5, 1)], 7, True)
+    assert with_encoding(block) == block
+    assert with_encoding(block) != Scalars([("loss", 0.5, 2)], 7, True)

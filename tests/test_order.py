@@ -9,7 +9,7 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sinks_for_tests import ListSink
+from sinks_for_tests import JournaledListSink, ListSink
 from steplog import FileLogger, Logger, Options
 from steplog.records import Batch, Param, Scalar, Scalars, Tag
 
@@ -234,3 +234,35 @@ def test_blocks_of_scalars_are_cut_at_the_estimated_byte_bound(names, max_bytes)
     for b in sink.batches:
         est = sum(len(r.name) + 48 for r in b)
         assert est <= max_bytes or len(b) == 1
+
+
+class PartsSink(JournaledListSink):
+    """Keeps the parts of every batch as delivered (blocks, not records built from them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[object] = []
+
+    def write(self, records) -> None:  # type: ignore[no-untyped-def]
+        super().write(records)
+        self.parts.extend(records.parts)
+
+
+def test_a_journaled_block_reaches_the_sink_carrying_the_bytes_the_journal_holds(
+    tmp_path,
+) -> None:
+    sink = PartsSink()
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(tmp_path)))
+    pipeline = logger._life.pipeline
+    assert pipeline is not None and pipeline.run_journal is not None
+    journal = pipeline.run_journal.journal
+    for i in range(1000):
+        logger.log_scalar("loss", float(i), i)
+    assert logger.flush(30)
+    frames = [payload for _, payload in journal.read()]
+    assert logger.close(30)
+    blocks = [p for p in sink.parts if type(p) is Scalars]
+    assert [r for b in blocks for r in b.rows] == [("loss", float(i), i) for i in range(1000)]
+    # Each frame is an array of one block: those very bytes, encoded once, in order.
+    assert all(f[0] == 0x91 for f in frames)
+    assert [f[1:] for f in frames] == [b.encoded for b in blocks]

@@ -520,3 +520,29 @@ def test_an_mlflow_reader_and_writer_polling_during_a_full_rate_run_never_error(
 def _no_fast_path_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(sqlite_fast.DISABLE_ENV, raising=False)
     yield
+
+
+def test_the_embedded_sink_refuses_a_batch_with_a_key_mlflow_refuses_and_stores_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    # Keys are checked where they are stored (the sink host), not by a second pass over the
+    # batch in the training process: the batch fails whole, naming the key, and a retry
+    # without it is stored.
+    from steplog.errors import PermanentError
+    from steplog.sinks.mlflow import MLflowSink
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sink = MLflowSink("bad-key", tracking_uri=uri)
+    sink.open()
+    try:
+        good = Scalars([("ok", 1.0, 0)], 5)
+        with pytest.raises(PermanentError, match="normalised") as caught:
+            sink.write(Batch([good, Scalars([("../up", 2.0, 0)], 5)]))
+        assert not caught.value.whole_batch  # the pipeline isolates the bad record
+        assert sink.info() == {"metrics_path": "sqlite fast path"}
+        assert table_rows(uri, sink.run_id or "") == ([], [])
+        sink.write(Batch([good]))
+        assert len(table_rows(uri, sink.run_id or "")[0]) == 1
+    finally:
+        sink.close("FINISHED")
+        sink.release()

@@ -13,7 +13,7 @@ import msgspec
 
 from steplog.records import Batch, Param, Part, Scalar, Scalars, Tag
 
-__all__ = ["count_records", "decode_batch", "encode_batch"]
+__all__ = ["count_records", "decode_batch", "encode_batch", "encode_block", "with_encoding"]
 
 
 class _Block(msgspec.Struct, array_like=True, tag=0, gc=False):
@@ -71,13 +71,29 @@ class _OneSize(_Single, tag=3):
 _SIZES = msgspec.msgpack.Decoder(list[_BlockSize | _ParamSize | _TagSize | _OneSize])
 
 
+def encode_block(block: Scalars) -> bytes:
+    """``block`` as one element of a frame: :func:`encode_batch` of a batch holding it places
+    these very bytes, so a block encoded once is never encoded again."""
+    return _ENCODER.encode(_Block(block.timestamp, block.finite, block.rows))
+
+
+def with_encoding(block: Scalars) -> Scalars:
+    """``block`` carrying its own encoding (:attr:`Scalars.encoded`)."""
+    if block.encoded is not None:
+        return block
+    return Scalars(block.rows, block.timestamp, block.finite, encode_block(block))
+
+
 def encode_batch(batch: Batch) -> bytes:
-    """``batch`` as bytes that :func:`decode_batch` turns back into an equal batch."""
+    """``batch`` as bytes that :func:`decode_batch` turns back into an equal batch; a block
+    that carries its encoding is copied, not encoded again."""
     out: list[Any] = []
     add = out.append
     for part in batch.parts:
         if type(part) is Scalars:
-            add(_Block(part.timestamp, part.finite, part.rows))
+            encoded = part.encoded
+            add(_Block(part.timestamp, part.finite, part.rows) if encoded is None
+                else msgspec.Raw(encoded))
         elif type(part) is Param:
             add(_Param(part.name, part.value, part.timestamp))
         elif type(part) is Tag:

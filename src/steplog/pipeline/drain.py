@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from steplog.capture import PendingValue
 from steplog.errors import JournalStoppedError
+from steplog.frames import with_encoding
 from steplog.journal import Journal, JournalError, JournalFullError
 from steplog.pipeline.items import Barrier, MetricsItem, Upload, UploadRequest, record_count
 from steplog.records import Row, Scalars, now_ms
@@ -272,6 +273,9 @@ class Drain:
         journal = self.run_journal
         spill: tuple[Journal, int] | None = None
         if journal is not None and not self.journal_stopped:
+            # Each block encoded once, here, while its rows are in this core's caches: the
+            # journal and any sink host's wire copy those bytes.
+            parts = [with_encoding(p) if type(p) is Scalars else p for p in parts]
             try:
                 spill = (journal.journal, journal.append(parts, count))
             except (OSError, JournalError) as exc:  # a full disk: delivery goes on without it
