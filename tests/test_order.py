@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sinks_for_tests import JournaledListSink, ListSink
 from steplog import FileLogger, Logger, Options
-from steplog.records import Batch, Param, Scalar, Scalars, Tag
+from steplog.frames import decode_batch
+from steplog.records import Batch, MetricRecord, Param, Scalar, Scalars, Tag
 
 NAMES = st.sampled_from(["loss", "reward/mean", "lr", "a b", "x.y-z"])
 STEPS = st.one_of(st.none(), st.integers(min_value=-5, max_value=10**12))
@@ -243,9 +245,9 @@ class PartsSink(JournaledListSink):
         super().__init__()
         self.parts: list[object] = []
 
-    def write(self, records) -> None:  # type: ignore[no-untyped-def]
+    def write(self, records: Sequence[MetricRecord]) -> None:
         super().write(records)
-        self.parts.extend(records.parts)
+        self.parts.extend(Batch.of(records).parts)
 
 
 def test_a_journaled_block_reaches_the_sink_carrying_the_bytes_the_journal_holds(
@@ -266,3 +268,4 @@ def test_a_journaled_block_reaches_the_sink_carrying_the_bytes_the_journal_holds
     # Each frame is an array of one block: those very bytes, encoded once, in order.
     assert all(f[0] == 0x91 for f in frames)
     assert [f[1:] for f in frames] == [b.encoded for b in blocks]
+    assert [decode_batch(f).parts for f in frames] == [[b] for b in blocks]

@@ -523,15 +523,15 @@ def _no_fast_path_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_the_embedded_sink_refuses_a_batch_with_a_key_mlflow_refuses_and_stores_nothing_of_it(
-    tmp_path: Path,
+    blank_store: Path, tmp_path: Path
 ) -> None:
     # Keys are checked where they are stored (the sink host), not by a second pass over the
-    # batch in the training process: the batch fails whole, naming the key, and a retry
-    # without it is stored.
+    # batch in the training process: the call fails naming the key, nothing is stored, the
+    # pipeline may isolate the bad record, and the batch without it is stored.
     from steplog.errors import PermanentError
     from steplog.sinks.mlflow import MLflowSink
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_copy(blank_store, tmp_path)
     sink = MLflowSink("bad-key", tracking_uri=uri)
     sink.open()
     try:

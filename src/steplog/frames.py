@@ -72,8 +72,8 @@ _SIZES = msgspec.msgpack.Decoder(list[_BlockSize | _ParamSize | _TagSize | _OneS
 
 
 def encode_block(block: Scalars) -> bytes:
-    """``block`` as one element of a frame: :func:`encode_batch` of a batch holding it places
-    these very bytes, so a block encoded once is never encoded again."""
+    """``block`` as one element of a frame, byte for byte what :func:`encode_batch` writes for
+    it (see :func:`with_encoding`)."""
     return _ENCODER.encode(_Block(block.timestamp, block.finite, block.rows))
 
 

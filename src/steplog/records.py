@@ -110,9 +110,9 @@ class Scalars(msgspec.Struct, frozen=True, gc=False, repr_omit_defaults=True):
     ``finite`` is True only when every value is known to be finite (a sink may then skip its
     NaN/infinity handling); False means "maybe not". ``encoded``, when set, is this very block
     as :func:`steplog.frames.encode_block` encodes it: whoever encodes the block later (the
-    journal, a sink host's wire) copies those bytes instead of reading every row again (rows
-    another thread wrote are out of this core's caches: ~100 ns a row). A slice or a renamed
-    copy has none. Equality ignores it.
+    journal, a sink host's wire) copies those bytes instead of reading every row again. The
+    rows of a block that carries them never change: a slice or a renamed copy is a new block
+    without them (never ``msgspec.structs.replace``). Equality ignores them.
     """
 
     rows: list[Row]

@@ -273,8 +273,9 @@ class Drain:
         journal = self.run_journal
         spill: tuple[Journal, int] | None = None
         if journal is not None and not self.journal_stopped:
-            # Each block encoded once, here, while its rows are in this core's caches: the
-            # journal and any sink host's wire copy those bytes.
+            # Each block encoded once, here, while its rows are in this core's caches (rows
+            # another thread reads later cost it ~100 ns each): the journal and any sink
+            # host's wire copy those bytes.
             parts = [with_encoding(p) if type(p) is Scalars else p for p in parts]
             try:
                 spill = (journal.journal, journal.append(parts, count))

@@ -434,12 +434,13 @@ class MLflowSink(Sink):
     def write(self, records: Sequence[MetricRecord]) -> None:
         """Store the batch with as few ``log-batch`` requests as MLflow's limits allow.
 
-        The batch is validated before any request is sent: a bad key or a param whose value
-        differs from one logged earlier in this run raises :class:`PermanentError` naming it,
-        and nothing is sent. A failure part way leaves only what a retry of the same batch
-        writes again identically (metric rows are stored once; params with the same value and
-        tags are accepted again). With several requests in flight, a retry of the same batch
-        sends only the requests that were not stored.
+        The batch is validated before anything of it is stored: a bad key or a param whose
+        value differs from one logged earlier in this run raises :class:`PermanentError`
+        naming it, and nothing is sent (on the sqlite fast path the sink host checks the keys
+        of the points it is sent, and stores none of them). A failure part way leaves only
+        what a retry of the same batch writes again identically (metric rows are stored once;
+        params with the same value and tags are accepted again). With several requests in
+        flight, a retry of the same batch sends only the requests that were not stored.
         """
         if self._run is None or self._transport is None:
             raise RetryableError("the MLflow run is not open yet")
