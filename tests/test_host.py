@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -209,8 +210,6 @@ def test_a_frozen_host_is_given_up_once_it_was_silent_for_the_call_timeout() -> 
 
 
 def test_frames_arrive_whole_however_the_bytes_are_split_or_joined() -> None:
-    import socket
-
     from steplog.host import _LENGTH, _Wire
 
     left, right = socket.socketpair()
@@ -246,8 +245,6 @@ def test_frames_arrive_whole_however_the_bytes_are_split_or_joined() -> None:
 
 
 def test_a_process_wide_socket_timeout_does_not_cut_a_host_call_short() -> None:
-    import socket
-
     socket.setdefaulttimeout(0.05)  # set by some library of the training script
     try:
         host = Host("threading:Event", call_timeout_s=5.0)

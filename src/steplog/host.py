@@ -158,7 +158,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Process:
-    """One running host: the child process and one connected socket per channel."""
+    """One running host: the child process and one wire per channel."""
 
     def __init__(self, proc: subprocess.Popen[bytes], wires: dict[str, _Wire]) -> None:
         self.proc = proc
@@ -166,10 +166,14 @@ class _Process:
         self.locks = {name: threading.Lock() for name in wires}
         self.dead = False
 
-    def kill(self) -> None:
+    def hang_up(self) -> None:
+        """Mark the host dead and close its channels; the process itself is left alone."""
         self.dead = True
         for wire in self.wires.values():
             wire.close()
+
+    def kill(self) -> None:
+        self.hang_up()
         if self.proc.poll() is None:  # not reaped yet: the group id is still its own
             with contextlib.suppress(OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)  # its group: what it started too
@@ -292,9 +296,7 @@ class Host:
             with contextlib.suppress(OSError):
                 s.close()
         if current is not None:
-            current.dead = True
-            for wire in current.wires.values():
-                wire.close()
+            current.hang_up()
 
     def _running(self, spawn: bool = True) -> _Process:
         with self._spawn_lock:

@@ -129,8 +129,13 @@ def launch_floor_ms() -> int | None:
     """The earliest start time (ms since the epoch) of a run that this launch's rank 0 can have
     created: this process's start less :data:`LAUNCH_SKEW_S`. A RUNNING run with the same token
     that started before it belongs to an earlier launch with the same identity that crashed."""
+    started = _process_start_ms()
+    return None if started is None else _floor_ms(started)
+
+
+def _process_start_ms() -> int | None:
     started = process_start_s()
-    return None if started is None else _floor_ms(int(started * 1000))
+    return None if started is None else int(started * 1000)
 
 
 def _floor_ms(started_ms: int) -> int:
@@ -251,9 +256,8 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                 f"ranks={policy!r} needs an identity every rank of the job shares, and none of "
                 f"${GROUP_ENV}, {', '.join('$' + v for v in _IDENTITY_VARS)} is set; set "
                 f"{GROUP_ENV} to a name unique to this launch")
-    started = process_start_s() if policy == "all" else None
     return RankPlan(policy, True, rank, rank if local_rank is None else local_rank,
-                    world_size, group, None if started is None else int(started * 1000))
+                    world_size, group, _process_start_ms() if policy == "all" else None)
 
 
 def _several(world_size: str | None) -> bool:
