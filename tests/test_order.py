@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sinks_for_tests import JournaledListSink, ListSink
 from steplog import FileLogger, Logger, Options
 from steplog.frames import decode_batch
+from steplog.pipeline.drain import count_names
 from steplog.records import Batch, MetricRecord, Param, Scalar, Scalars, Tag
+from waiting import wait_until
 
 NAMES = st.sampled_from(["loss", "reward/mean", "lr", "a b", "x.y-z"])
 STEPS = st.one_of(st.none(), st.integers(min_value=-5, max_value=10**12))
@@ -70,6 +74,53 @@ def test_batches_respect_max_batch_and_concatenate_to_call_order(calls, max_batc
     assert all(1 <= len(b) <= max_batch for b in sink.batches)
     flat = [r for b in sink.batches for r in b]
     assert [(r.name, r.value, r.step) for r in flat] == expected_points(calls)
+
+
+@st.composite
+def periodic_names(draw: st.DrawFn) -> list[str]:
+    """A loop's names: one step's keys (repeats allowed) over and over, cut anywhere."""
+    keys = draw(st.lists(NAMES, min_size=1, max_size=6))
+    start = draw(st.integers(min_value=0, max_value=len(keys) - 1))
+    length = draw(st.integers(min_value=0, max_value=60))
+    return [keys[(start + i) % len(keys)] for i in range(length)]
+
+
+@given(names=st.one_of(periodic_names(), st.lists(NAMES, max_size=60)),
+       before=st.dictionaries(NAMES, st.integers(min_value=0, max_value=100)))
+def test_counting_names_adds_what_a_counter_update_adds(names, before) -> None:
+    counts = collections.Counter(before)
+    count_names(counts, [(name, 1.0, 0) for name in names])
+    assert counts == collections.Counter(before) + collections.Counter(names)
+
+
+def test_automatic_steps_count_the_points_of_a_long_periodic_chunk() -> None:
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=30.0))
+    keys = ["loss", "reward/mean", "loss", "lr"]  # "loss" twice a step
+    for step in range(1000):
+        for key in keys:
+            logger.log_scalar(key, 1.0, step)
+    assert logger.flush(30)  # the drain takes the 4,000 points as one chunk
+    logger.log_scalar("loss", 2.0)
+    logger.log_scalar("lr", 2.0)
+    assert logger.close(30)
+    assert [(r.name, r.step) for r in sink.records[-2:]] == [("loss", 2000), ("lr", 1000)]
+
+
+@pytest.mark.parametrize(("age_s", "interval_s", "earliest_s", "latest_s"), [
+    (2.0, 2.0, 1.5, 3.5),  # within the interval: sent as the drain hands it over
+    (3.0, 1.0, 2.5, 3.9),  # beyond it: the lane waits for the rest, 2 s
+], ids=["age within the drain interval", "age beyond the drain interval"])
+def test_a_batch_age_counts_from_the_call(age_s, interval_s, earliest_s, latest_s) -> None:
+    sink = ListSink(max_batch_age_s=age_s)
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=interval_s))
+    try:
+        start = time.monotonic()
+        logger.log_scalar("x", 1.0, 0)
+        assert wait_until(lambda: sink.records, 10.0)
+        assert earliest_s < time.monotonic() - start < latest_s
+    finally:
+        assert logger.close(10)
 
 
 def test_timestamps_never_decrease_in_call_order() -> None:

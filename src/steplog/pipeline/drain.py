@@ -216,7 +216,7 @@ class Drain:
             total = sum(map(_VALUE, run))
         except TypeError:
             return None
-        self._steps.update(map(_NAME, run))
+        count_names(self._steps, run)
         return bool(total - total == 0)
 
     def _read_values(self, run: list[Any], raw: list[tuple[str, float, int | None]]) -> None:
@@ -238,7 +238,7 @@ class Drain:
         if auto:
             rows = self._numbered(raw)
         else:
-            self._steps.update(map(_NAME, raw))
+            count_names(self._steps, raw)
             rows = raw  # type: ignore[assignment]
         total = sum(map(_VALUE, rows))
         return Scalars(rows, ts, bool(total - total == 0))
@@ -314,6 +314,38 @@ class Drain:
                 f"delivered, from memory only: a crash or kill now loses what has not arrived "
                 f"yet, and a stalled sink makes log calls wait ({fix}; a new logger journals "
                 "again)"))
+
+
+def count_names(counts: collections.Counter[str], rows: list[Any]) -> None:
+    """Add one to ``counts[name]`` for each row's name (its first item), as
+    ``counts.update(names)`` does. When the names repeat with a period (a loop logging the same
+    keys every step), each name of one period is added once, multiplied: C-level passes of a
+    few ns a row instead of a dictionary update per row (about 100 ns, the drain's largest
+    cost per scalar)."""
+    names = list(map(_NAME, rows))
+    n = len(names)
+    limit = n // _MIN_REPEATS + 1
+    period = 0
+    for _ in range(_PERIODS_TRIED):  # a step may log its first key again
+        try:
+            period = names.index(names[0], period + 1, limit)
+        except (ValueError, IndexError):
+            break
+        # Periodic: every name equals the one a period later (compared by identity first);
+        # one period against the next first, so a wrong guess costs little.
+        if names[period:2 * period] == names[:period] and names[period:] == names[:-period]:
+            repeats, extra = divmod(n, period)
+            for name in names[:period]:
+                counts[name] += repeats
+            counts.update(names[:extra])
+            return
+    counts.update(names)
+
+
+_MIN_REPEATS = 4
+"""The fewest repetitions of a period for which :func:`count_names` multiplies."""
+_PERIODS_TRIED = 3
+"""How many repeats of the first name :func:`count_names` tries as the period."""
 
 
 def _metrics_rows(item: MetricsItem) -> list[tuple[str, float, int | None]]:

@@ -58,9 +58,13 @@ class SinkRunner:
         self.ended = threading.Event()
         """Set once both lanes finished and the sink's run was ended (or could not be)."""
         cap = pipeline.options.lane_capacity
+        # The oldest record of a drained chunk has already waited about one drain interval:
+        # the lane waits only for the rest of the sink's batch age (a wake-up fewer per batch
+        # when the age is within the interval).
+        age = max(0.0, sink.max_batch_age_s - pipeline.options.drain_interval_s)
         self.metrics = Lane(
-            self, "metrics", self._deliver_metrics, sink.max_batch,
-            sink.max_batch_age_s, cap, max_bytes=sink.max_batch_bytes,
+            self, "metrics", self._deliver_metrics, sink.max_batch, age, cap,
+            max_bytes=sink.max_batch_bytes,
         )
         self._metrics_failed = 0
         """Metric records this sink gave up on after their retries (journal cursors)."""

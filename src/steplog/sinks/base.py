@@ -38,7 +38,9 @@ class Sink(abc.ABC):
     """Most records the pipeline passes to one :meth:`write`."""
 
     max_batch_age_s: float = 0.2
-    """Longest a record waits in the pipeline for its batch to fill (seconds)."""
+    """Longest a record waits, counted from its call, for its batch to fill (seconds). The
+    drain thread's interval (``Options.drain_interval_s``) counts toward it: a lane waits only
+    for the rest, and an age within the interval sends each drained chunk as it comes."""
 
     max_batch_bytes: int | None = None
     """Most estimated bytes per :meth:`write` (``None``: no byte bound). The estimate is a

@@ -71,8 +71,8 @@ there from the start (``"always"``), or always on the worker thread (``"never"``
 
 OFFLOAD_ROWS = 10_000
 """Scalars per batch that make an ``"auto"`` file sink start its writer process once such
-batches have kept coming for half a second: a batch of the sink's 0.1 s batch age holds that
-many at 100,000 scalars per second."""
+batches have kept coming for half a second: a batch is a drained chunk, which holds that many
+at 50,000 scalars per second with the default drain interval of 0.2 s."""
 
 _HOST_STARTS = 3
 """Writer processes a sink tries to start in all; after that its worker thread writes."""
