@@ -66,6 +66,22 @@ def test_the_retry_window_bounds_how_long_one_call_is_retried() -> None:
     assert 0.2 <= time.monotonic() - start < 0.5
 
 
+def test_the_retry_window_counts_from_the_start_of_the_first_attempt() -> None:
+    attempts = []
+
+    def slow_and_down() -> None:
+        attempts.append(1)
+        time.sleep(0.12)
+        raise RetryableError("503")
+
+    policy = RetryPolicy(initial_s=0.01, max_s=0.01, jitter_s=0.0, window_s=0.2)
+    with pytest.raises(RetryableError):
+        call_with_retry(slow_and_down, policy, lambda: None, lambda e: None)
+    # The second attempt ends past 0.2 s from the first one's start; counted from the first
+    # failure (0.12 s), the window would have let a third attempt start.
+    assert len(attempts) == 2
+
+
 def test_a_deadline_set_during_a_long_backoff_interrupts_it() -> None:
     deadline: list[float | None] = [None]
     policy = RetryPolicy(initial_s=30.0, max_s=30.0, jitter_s=0.0)

@@ -119,16 +119,40 @@ def call_with_retry(
 
     ``deadline()`` gives a ``time.monotonic()`` instant after which no new attempt starts (or
     ``None``); it is read again during every backoff, so a close that shortens it interrupts a
-    long sleep within 50 ms, and before every attempt but the first. The last exception is
-    re-raised when retrying stops.
+    long sleep within 50 ms, and before every attempt but the first. ``policy.window_s`` counts
+    from the start of the first attempt. The last exception is re-raised when retrying stops.
+    The first attempt is a plain call: the retry machinery is built only after it failed (a
+    worker thread calls this once per batch, on the training process's GIL).
     """
-    last: list[BaseException] = []
+    started = time.monotonic()
+    try:
+        return fn()
+    except BaseException as exc:
+        if not is_retryable(exc):
+            raise
+        first = exc
+    return _retry_after(first, fn, policy, deadline, on_retry, started)
+
+
+def _retry_after(
+    first: BaseException,
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    deadline: Callable[[], float | None],
+    on_retry: Callable[[BaseException], None],
+    started: float,
+) -> T:
+    """Go on after the first attempt failed with ``first`` (retryable), as if tenacity had
+    made that attempt: it is reported, backed off from and counted toward the window."""
+    last: list[BaseException] = [first]
+    replayed = [first]
 
     def attempt() -> T:
-        if last:
-            d = deadline()
-            if d is not None and time.monotonic() >= d:
-                raise last[-1]  # the backoff ended at the deadline: no attempt starts after it
+        if replayed:
+            raise replayed.pop()
+        d = deadline()
+        if d is not None and time.monotonic() >= d:
+            raise last[-1]  # the backoff ended at the deadline: no attempt starts after it
         try:
             return fn()
         except BaseException as exc:
@@ -146,7 +170,8 @@ def call_with_retry(
 
     stop: tenacity.stop.stop_base = _StopAtDeadline(deadline)
     if policy.window_s is not None:
-        stop = tenacity.stop_any(stop, tenacity.stop_after_delay(policy.window_s))
+        window_end = started + policy.window_s
+        stop = tenacity.stop_any(stop, _StopAtDeadline(lambda: window_end))
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_retryable),
         wait=tenacity.wait_exponential(multiplier=policy.initial_s, max=policy.max_s)
