@@ -108,8 +108,8 @@ def test_automatic_steps_count_the_points_of_a_long_periodic_chunk() -> None:
 
 
 @pytest.mark.parametrize(("age_s", "interval_s", "earliest_s", "latest_s"), [
-    (2.0, 2.0, 1.5, 3.5),  # within the interval: sent as the drain hands it over
-    (3.0, 1.0, 2.5, 3.9),  # beyond it: the lane waits for the rest, 2 s
+    (1.0, 1.0, 0.7, 1.9),  # within the interval: sent as the drain hands it over
+    (1.5, 0.5, 1.2, 1.9),  # beyond it: the lane waits for the rest, 1 s
 ], ids=["age within the drain interval", "age beyond the drain interval"])
 def test_a_batch_age_counts_from_the_call(age_s, interval_s, earliest_s, latest_s) -> None:
     sink = ListSink(max_batch_age_s=age_s)

@@ -71,14 +71,14 @@ def test_the_retry_window_counts_from_the_start_of_the_first_attempt() -> None:
 
     def slow_and_down() -> None:
         attempts.append(1)
-        time.sleep(0.12)
+        time.sleep(0.3)
         raise RetryableError("503")
 
-    policy = RetryPolicy(initial_s=0.01, max_s=0.01, jitter_s=0.0, window_s=0.2)
+    policy = RetryPolicy(initial_s=0.01, max_s=0.01, jitter_s=0.0, window_s=0.5)
     with pytest.raises(RetryableError):
         call_with_retry(slow_and_down, policy, lambda: None, lambda e: None)
-    # The second attempt ends past 0.2 s from the first one's start; counted from the first
-    # failure (0.12 s), the window would have let a third attempt start.
+    # The second attempt ends past 0.5 s from the first one's start; counted from the first
+    # failure (0.3 s), the window would have let a third attempt start.
     assert len(attempts) == 2
 
 

@@ -11,7 +11,8 @@ below holds. Its records go to:
 
 * the **metrics lane** (scalars, params, tags) calls ``sink.write(batch)`` in call order, with
   batches cut by count (``sink.max_batch``), estimated size (``sink.max_batch_bytes``), age
-  (``sink.max_batch_age_s``) and flush barriers;
+  (``sink.max_batch_age_s``, counted from the call: the lane waits for what the drain interval
+  did not cover) and flush barriers;
 * the **upload lane** (files, figures, checkpoints) calls ``sink.upload(item)``, one at a time,
   on its own thread, so a large upload never delays metrics.
 

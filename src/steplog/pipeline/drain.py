@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from steplog.pipeline.runner import SinkRunner
     from steplog.runlog import RunJournal
 
-__all__ = ["Drain"]
+__all__ = ["Drain", "count_names"]
 
 _REST_S = 5.0
 """The longest sleep of an idle drain thread before it looks again (a bounded wait)."""
@@ -44,6 +44,10 @@ _REST_S = 5.0
 _NAME = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
 _STEP = operator.itemgetter(2)
+_MIN_REPEATS = 4
+"""The fewest repetitions of a period for which :func:`count_names` multiplies."""
+_PERIODS_TRIED = 3
+"""How many repeats of the first name :func:`count_names` tries as the period."""
 
 
 class Drain:
@@ -321,7 +325,8 @@ def count_names(counts: collections.Counter[str], rows: list[Any]) -> None:
     ``counts.update(names)`` does. When the names repeat with a period (a loop logging the same
     keys every step), each name of one period is added once, multiplied: C-level passes of a
     few ns a row instead of a dictionary update per row (about 100 ns, the drain's largest
-    cost per scalar)."""
+    cost per scalar). A chunk that is not exactly periodic (a key added every few steps) is
+    counted row by row, after at most three passes over its names in C."""
     names = list(map(_NAME, rows))
     n = len(names)
     limit = n // _MIN_REPEATS + 1
@@ -341,11 +346,6 @@ def count_names(counts: collections.Counter[str], rows: list[Any]) -> None:
             return
     counts.update(names)
 
-
-_MIN_REPEATS = 4
-"""The fewest repetitions of a period for which :func:`count_names` multiplies."""
-_PERIODS_TRIED = 3
-"""How many repeats of the first name :func:`count_names` tries as the period."""
 
 
 def _metrics_rows(item: MetricsItem) -> list[tuple[str, float, int | None]]:

@@ -1,7 +1,8 @@
 """A lane: the ordered buffer of one sink's metrics or uploads, and the thread that delivers it.
 
 Batches are cut by count (``sink.max_batch``), estimated size (``sink.max_batch_bytes``), age
-(``sink.max_batch_age_s``) and flush barriers. With spilling, a lane over capacity holds
+(``max_age_s``: what is left of ``sink.max_batch_age_s``, counted from the call, after the
+drain interval) and flush barriers. With spilling, a lane over capacity holds
 references to journal frames instead of records and reads them back when it reaches them.
 
 Guarantees: records reach the sink in the order they were put; a batch never spans a barrier

@@ -172,7 +172,7 @@ class FileSink(Sink):
 
     kind: ClassVar[str] = "file"
     max_batch = 50_000
-    max_batch_age_s = 0.1
+    max_batch_age_s = 0.1  # within the default drain interval: each drained chunk is written
 
     def __init__(self, output_dir: str | os.PathLike[str], *, existing: Existing = "aside",
                  offload: Offload = "auto") -> None:
