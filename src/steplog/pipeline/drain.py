@@ -347,7 +347,6 @@ def count_names(counts: collections.Counter[str], rows: list[Any]) -> None:
     counts.update(names)
 
 
-
 def _metrics_rows(item: MetricsItem) -> list[tuple[str, float, int | None]]:
     """The rows of one ``log_metrics`` call, values read back (raises if one cannot be)."""
     values = item.values
