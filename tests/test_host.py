@@ -29,6 +29,24 @@ pytestmark = pytest.mark.timeout(180)
 FAST = Options(drain_interval_s=0.01, retry=RetryPolicy(initial_s=0.05, max_s=0.5, jitter_s=0.05))
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it has stopped: a process-wide signal is
+    taken by one thread, and until it stops the others, another thread may still answer a
+    call."""
+
+    def stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:  # a thread that ended meanwhile has nothing left to answer with
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        return all(state in ("T", "t") for state in states)
+
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_until(stopped, 10.0), f"the host {pid} did not stop"
+
+
 def read_run(db: Path, experiment: str) -> tuple[dict[str, object], list[int]]:
     """(run info, stored steps of "loss"), read with MLflow's own client in a child process."""
     code = textwrap.dedent(f"""
@@ -90,7 +108,7 @@ def test_a_host_killed_mid_run_is_replaced_and_nothing_is_lost_or_duplicated(tmp
 
 def test_close_through_a_frozen_host_returns_at_its_deadline(tmp_path) -> None:
     logger, pid = hosted_logger(tmp_path / "m.db", "frozen-host")
-    os.kill(pid, signal.SIGSTOP)
+    freeze(pid)
     try:
         logger.log_scalar("loss", 1.0, 0)
         start = time.monotonic()
@@ -199,7 +217,7 @@ def test_a_frozen_host_is_given_up_once_it_was_silent_for_the_call_timeout() -> 
         assert host.call("api", "is_set") is False
         pid = host.pid
         assert pid is not None
-        os.kill(pid, signal.SIGSTOP)  # no answer and no heartbeat from now on
+        freeze(pid)  # no answer and no heartbeat from now on
         start = time.monotonic()
         with pytest.raises(RetryableError, match=r"stopped answering.*within 0\.6 s"):
             host.call("api", "is_set")
