@@ -136,10 +136,13 @@ def test_aclose_ends_the_run_while_the_loop_keeps_ticking(backend: str) -> None:
     logger = Logger(sinks=[sink], options=FAST)
 
     async def main() -> None:
+        logged = time.monotonic()
         logger.log_scalar("x", 1.0, 0)
         result, ticker, took = await while_ticking(lambda: logger.aclose(30))
         assert result and result.delivered == 1
-        assert took >= 0.6
+        # The write may start before the close does: the close waited for most of it, and
+        # returned only after it ended.
+        assert took >= 0.3 and time.monotonic() - logged >= 0.6
         assert ticker.longest_gap_s < 0.4, ticker.longest_gap_s  # blocked: >= 0.6 s
         assert logger.state is State.CLOSED
         assert await logger.aclose(1) is result  # the first result, again
