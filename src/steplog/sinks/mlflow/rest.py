@@ -52,6 +52,7 @@ from steplog.sinks.mlflow.common import (
     about_the_request,
     filter_quote,
     missing_run,
+    plugins,
     redact,
     resume_problem,
     token_filter,
@@ -84,9 +85,7 @@ def needs_mlflow_client(tracking_uri: str) -> str | None:
         return "requests are signed with AWS SigV4"
     if os.environ.get("MLFLOW_WORKSPACE", "").strip():
         return "a workspace header (MLFLOW_WORKSPACE) is needed"
-    from importlib.metadata import entry_points
-
-    if any(True for _ in entry_points(group="mlflow.request_header_provider")):
+    if plugins("mlflow.request_header_provider"):
         return "a request-header plugin is installed"
     host = parts.hostname or ""
     proxies = urllib.request.getproxies()
