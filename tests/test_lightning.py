@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlflow_support import MlflowServer
-from steplog import Logger, Options, State
+from steplog import Logger, Options, State, SteplogWarning
 from steplog.integrations.lightning import SteplogLogger
 from steplog.loggers import MLFlowLogger
 from test_mlflow_sink import download
@@ -172,6 +172,25 @@ def test_a_fit_into_mlflow_ends_the_run_finished_with_every_checkpoint(
     assert stored == {f"checkpoints/{n}" for n in ckpt.saved}
     for name, data in ckpt.saved.items():
         assert download(mlflow_server, run, f"checkpoints/{name}") == data, name
+
+
+def test_checkpoints_saved_to_a_remote_dirpath_are_not_uploaded_and_one_warning_says_so(
+    tmp_path: Path,
+) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", name="tiny")
+    ckpt = ModelCheckpoint(dirpath=f"memory://steplog-test-{uuid.uuid4().hex[:8]}/ckpts",
+                           monitor="step", mode="max", save_top_k=1, save_last=True)
+    trainer = pl.Trainer(max_epochs=EPOCHS, logger=logger, callbacks=[ckpt],
+                         log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1,
+                         default_root_dir=tmp_path)
+    with pytest.warns(SteplogWarning, match="memory://.*are not uploaded") as caught:
+        trainer.fit(TinyModel(), *loaders())
+
+    assert len([w for w in caught if issubclass(w.category, SteplogWarning)]) == 1
+    assert logger.result
+    run = Path(logger.log_dir) / "steplog"
+    assert (run / "scalars.jsonl").exists() and not (run / "artifacts.jsonl").exists()
 
 
 def test_log_model_true_uploads_the_last_and_best_checkpoints_at_the_end(

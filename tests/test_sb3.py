@@ -232,6 +232,28 @@ def test_a_value_of_an_unknown_type_raises_at_the_dump_and_logs_nothing_of_it(
     assert not (run / "scalars.jsonl").exists() or scalars(run) == {}
 
 
+def test_a_key_the_sink_refuses_raises_at_the_dump_and_logs_nothing_of_it(
+    mlflow_server: MlflowServer,
+) -> None:
+    logger = MLFlowLogger(f"sb3-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_server.url,
+                          options=FAST)
+    sb3 = make_logger(logger, formats=())
+    sb3.record("train/loss", 0.5)
+    sb3.record("config/env", "CartPole-v1")
+    sb3.record("hparams", HParam({"lr": 0.001}, {"train/loss": 0}))
+    sb3.record("eval/success%", "high")  # MLflow refuses '%' in a key: a tag that can never land
+    with pytest.raises(ValueError, match="success%"):
+        sb3.dump(step=1)
+    sb3 = make_logger(logger, formats=())  # SB3 keeps the values of a dump that raised
+    sb3.record("train/loss", 0.25)
+    sb3.dump(step=2)
+    assert logger.close(60)
+    data = mlflow_server.run(str(logger.run_id))["data"]
+    assert mlflow_points(mlflow_server, str(logger.run_id)) == {"train/loss": [(2, 0.25)]}
+    assert "params" not in data
+    assert not [t for t in data["tags"] if not t["key"].startswith(("mlflow.", "steplog."))]
+
+
 def test_make_logger_refuses_bad_arguments_at_the_call(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path / "run")
     with pytest.raises(TypeError, match="sequence of format names"):

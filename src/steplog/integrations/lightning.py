@@ -115,6 +115,7 @@ class SteplogLogger(LightningLogger):
         self._timeout_s = timeout_s
         self._renamed: dict[str, str] = {}
         self._uploaded: dict[str, float] = {}
+        self._warned_remote = False
         self._staging: dict[str, str] = {}
         self._links = itertools.count()
         self._checkpoint_callback: ModelCheckpoint | None = None
@@ -243,6 +244,14 @@ class SteplogLogger(LightningLogger):
         remove the file after this call) and queue the link."""
         logger = self._open_logger()
         if logger.state is State.INERT:  # a rank that does not log under steplog's policy
+            return
+        dirpath = str(getattr(callback, "dirpath", None) or "")
+        if "://" in dirpath and not dirpath.startswith("file://"):
+            if not self._warned_remote:
+                self._warned_remote = True
+                warnings.warn(f"steplog: checkpoints saved under {dirpath} are not uploaded "
+                              "(steplog uploads checkpoint files on this machine's disks; "
+                              "these are already stored remotely)", SteplogWarning, stacklevel=3)
             return
         settings = {k: getattr(callback, k) for k in _CALLBACK_SETTINGS if hasattr(callback, k)}
         step = getattr(callback, "_last_global_step_saved", None)

@@ -24,6 +24,7 @@ because they duplicate the step), unless ``include_tensorboard_excluded=True``.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import sys
 import warnings
@@ -71,8 +72,10 @@ class SteplogOutputFormat(KVWriter):
         key_excluded: dict[str, tuple[str, ...]],
         step: int = 0,
     ) -> None:
-        """Log every value of this dump that is not excluded, at ``step``. Raises
-        ``TypeError`` (logging nothing of this dump) for a value of a type it cannot store."""
+        """Log every value of this dump that is not excluded, at ``step``. Raises, logging
+        nothing of this dump: ``TypeError`` for a value of a type it cannot store,
+        ``ValueError`` for a key a sink can never store, and what ``log_metrics`` raises for a
+        number it refuses."""
         metrics: dict[str, Any] = {}
         tags: dict[str, str] = {}
         params: dict[str, Any] = {}
@@ -100,12 +103,15 @@ class SteplogOutputFormat(KVWriter):
                 raise TypeError(f"{key!r}: steplog cannot log a {type(value).__name__}; "
                                 "record it with exclude='steplog' to keep it from this output")
         logger = self.logger
+        for key in itertools.chain(metrics, tags, params):  # every key checked before any is
+            if key not in logger._names:                    # queued: a bad one logs nothing
+                logger._new_name(key)
+        if metrics:  # first: its values are checked at the call, and refused as a whole
+            logger.log_metrics(metrics, step)
         if params:
             logger.log_parameters(params)
         if tags:
             logger.log_tags(tags)
-        if metrics:
-            logger.log_metrics(metrics, step)
         for key, value in uploads:
             self._upload(key, value, step)
 
