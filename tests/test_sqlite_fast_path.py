@@ -91,10 +91,13 @@ def batches(seed: int) -> list[Batch]:
     ]
 
 
-def transport(uri: str, fast: bool, monkeypatch: pytest.MonkeyPatch) -> ClientTransport:
+def transport(uri: str, fast: bool, monkeypatch: pytest.MonkeyPatch,
+              budget_s: float = 0.0) -> ClientTransport:
     """The sink host's object, on the fast path or (``STEPLOG_MLFLOW_FAST_PATH=0``) not; on
-    the fast path each piece of 500 rows is a transaction of its own (the budget is 0)."""
-    monkeypatch.setattr(sqlite_fast, "TRANSACTION_BUDGET_S", 0.0)
+    the fast path each piece of 500 rows is a transaction of its own (the budget is 0), or,
+    with a budget longer than any batch, each batch is one transaction merging its pieces'
+    latest values."""
+    monkeypatch.setattr(sqlite_fast, "TRANSACTION_BUDGET_S", budget_s)
     with monkeypatch.context() as env:
         if not fast:
             env.setenv(sqlite_fast.DISABLE_ENV, "0")
@@ -162,16 +165,22 @@ def in_order(points: list[tuple[str, float, int, int]]) -> list[Any]:
 # -- equivalence -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("budget_s", [0.0, 60.0], ids=["a transaction per piece",
+                                                       "a transaction per batch"])
 def test_the_fast_path_stores_every_row_log_batch_stores(
-    blank_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    blank_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget_s: float
 ) -> None:
     slow_uri = store_copy(blank_store, tmp_path / "log_batch")
     fast_uri = store_copy(blank_store, tmp_path / "fast")
     slow = fill(transport(slow_uri, False, monkeypatch), "eq", fast=False)
-    fast_client = transport(fast_uri, True, monkeypatch)
+    fast_client = transport(fast_uri, True, monkeypatch, budget_s)
     fast = fill(fast_client, "eq", fast=True)
     assert isinstance(fast_client._fast, sqlite_fast.FastPath)
-    assert fast_client._fast.transactions > 6  # the big batch took several transactions
+    frames = sum(len(batches(seed=n)) for n in range(3))
+    if budget_s:  # at most one transaction per batch: the pieces' latest values were merged
+        assert fast_client._fast.transactions <= frames
+    else:  # the big batch took several transactions
+        assert fast_client._fast.transactions > frames
     for name in slow:
         slow_metrics, slow_latest = table_rows(slow_uri, slow[name])
         fast_metrics, fast_latest = table_rows(fast_uri, fast[name])
