@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import pytest
 
 from journal_support import journaled
 from mlflow_support import MlflowServer
-from steplog import MLFlowLogger, Options
+from steplog import MLFlowLogger, Options, SteplogWarning
 from steplog.cli import main
 from steplog.frames import encode_batch
 from steplog.records import Batch, Part, Scalar, Scalars
@@ -282,9 +283,10 @@ def test_a_changed_metrics_table_falls_back_to_log_batch_with_the_reason_in_stat
         conn.execute("ALTER TABLE metrics ADD COLUMN note TEXT")
     conn.close()
     logger = MLFlowLogger("gate", tracking_uri=uri)
-    for i in range(3_000):
-        logger.log_scalar("loss", i / 2, i)
-    result = logger.close(120)
+    with pytest.warns(SteplogWarning, match="log_batch .*: table metrics differs"):
+        for i in range(3_000):
+            logger.log_scalar("loss", i / 2, i)
+        result = logger.close(120)
     assert result, result
     assert logger.stats().sinks["mlflow"].info == {
         "metrics_path": "log_batch",
@@ -292,6 +294,19 @@ def test_a_changed_metrics_table_falls_back_to_log_batch_with_the_reason_in_stat
                          "(columns, types or primary key)",
     }
     assert len(mlflow.MlflowClient(uri).get_metric_history(logger.run_id, "loss")) == 3_000
+
+
+def test_the_fast_path_turned_off_by_the_environment_warns_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(sqlite_fast.DISABLE_ENV, "0")
+    logger = MLFlowLogger("gate", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.log_scalar("loss", 1.0, 0)
+        assert logger.close(120)
+    assert logger.stats().sinks["mlflow"].info["metrics_path"] == "log_batch"
+    assert not [w for w in caught if issubclass(w.category, SteplogWarning)]
 
 
 def test_a_logger_into_an_unchanged_store_takes_the_fast_path_and_says_so(

@@ -36,7 +36,7 @@ from steplog.sinks.mlflow.common import (
     token_filter,
 )
 from steplog.sinks.mlflow.new_store import create_sqlite_store
-from steplog.sinks.mlflow.sqlite_fast import FastPath, open_fast_path
+from steplog.sinks.mlflow.sqlite_fast import RUN_NOT_WRITABLE, FastPath, open_fast_path
 
 __all__ = ["ClientTransport", "HostTransport"]
 
@@ -155,7 +155,7 @@ class ClientTransport:
             except Exception as exc:
                 reason = f"the run could not be read from the store: {exc}"
             if reason is not None:
-                reason = f"the run is not writable: {reason}"
+                reason = f"{RUN_NOT_WRITABLE}: {reason}"
         self._fast_runs[run_id] = reason
         return reason
 

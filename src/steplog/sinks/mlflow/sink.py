@@ -24,11 +24,12 @@ import os
 import time
 import urllib.parse
 import uuid
+import warnings
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any, ClassVar, Protocol, cast
 
-from steplog.errors import PermanentError, RetryableError
+from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.paths import safe_relpath
 from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag, now_ms
 from steplog.sinks.base import RunStatus, Sink
@@ -560,8 +561,21 @@ class MLflowSink(Sink):
         self._fast = reason is None
         if reason is None:
             self._info = {"metrics_path": "sqlite fast path"}
-        else:
-            self._info = {"metrics_path": "log_batch", "fast_path_off": str(reason)}
+            return
+        self._info = {"metrics_path": "log_batch", "fast_path_off": str(reason)}
+        from steplog.sinks.mlflow.sqlite_fast import (
+            DISABLE_ENV,
+            RUN_NOT_WRITABLE,
+            fast_path_disabled,
+        )
+
+        if fast_path_disabled() is None and not str(reason).startswith(RUN_NOT_WRITABLE):
+            # The store itself is off the fast path (another MLflow version's schema, say):
+            # worth knowing, since every point then costs MLflow's own store code.
+            warnings.warn(f"steplog: metric points go through MLflow's log_batch (about "
+                          f"10,000 points/s), not steplog's sqlite fast path: {reason}. Set "
+                          f"{DISABLE_ENV}=0 to choose log_batch without this warning",
+                          SteplogWarning, stacklevel=2)
 
     def info(self) -> dict[str, str]:
         """How metric points are stored: ``metrics_path`` is ``"sqlite fast path"`` or

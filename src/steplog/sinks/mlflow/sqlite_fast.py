@@ -48,6 +48,7 @@ from steplog.sinks.mlflow.new_store import sqlite_path
 
 __all__ = [
     "DISABLE_ENV",
+    "RUN_NOT_WRITABLE",
     "TESTED_REVISIONS",
     "TRANSACTION_BUDGET_S",
     "FastPath",
@@ -57,6 +58,9 @@ __all__ = [
 TESTED_REVISIONS = frozenset({"dc11669786a5"})
 """MLflow schema revisions (``alembic_version``) whose metric tables this module writes:
 MLflow 3.17's head."""
+
+RUN_NOT_WRITABLE = "the run is not writable"
+"""How the reason begins when the store passed the gate but the run cannot take points."""
 
 DISABLE_ENV = "STEPLOG_MLFLOW_FAST_PATH"
 """Set to ``0`` to send every metric through MLflow's ``log_batch``."""
