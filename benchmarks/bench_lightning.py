@@ -220,6 +220,15 @@ def _logger(contender: str, url: str, folder: Path) -> Any:
     raise ValueError(f"unknown contender {contender!r}")
 
 
+def quiet() -> None:
+    """Silence Lightning's and MLflow's log lines and every warning (their tips and notices
+    would fill the output)."""
+    for name in [*logging.root.manager.loggerDict, "lightning", "mlflow"]:
+        if name.startswith(("lightning", "mlflow")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
 def measure(*, epochs: int = 2, steps: int = 150, log_every: int = 1, rounds: int = 5,
             url: str | None = None, progress: Callable[[str], None] | None = None,
             ) -> dict[str, Any]:
@@ -236,10 +245,7 @@ def measure(*, epochs: int = 2, steps: int = 150, log_every: int = 1, rounds: in
     spreads for wall, loop and cpu).
     Without ``url`` an MLflow server is started (and stopped) here."""
     torch.set_num_threads(1)
-    for name in [*logging.root.manager.loggerDict, "lightning", "mlflow"]:
-        if name.startswith(("lightning", "mlflow")):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet()
     server = None
     if url is None:
         cpus = sorted(os.sched_getaffinity(0))

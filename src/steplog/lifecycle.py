@@ -220,7 +220,8 @@ class Lifecycle:
                 if time.monotonic() >= end or self.closed.is_set():
                     break
             if barrier.event.is_set():
-                p.journal_checkpoint()
+                if time.monotonic() < end:  # the cursors (a disk flush) only before the deadline
+                    p.journal_checkpoint()
                 return self.flush_result(start, ok=barrier.lost == 0, pending=0)
         # A close started: it delivers everything logged before this flush, or says it did not.
         return self.flush_after_close(start, self.closed.wait(max(0.0, end - time.monotonic())))

@@ -1,0 +1,227 @@
+"""The REST transport's HTTP/1.1 exchange, against a loopback server that answers with scripted
+bytes (split anywhere, chunked, closing early): every answer HTTP/1.1 allows is read whole, a
+kept-alive connection the server closed is reopened once, and a broken answer is a retryable
+error."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from steplog.errors import RetryableError
+from steplog.sinks.mlflow.http1 import Http1Socket, ResponseError
+from steplog.sinks.mlflow.rest import _Connection
+
+pytestmark = pytest.mark.timeout(60)
+
+Answer = Sequence[bytes]
+"""The pieces an answer is sent in (a short pause between them), then ``b"CLOSE"`` to close the
+connection after it."""
+
+
+class ScriptedServer:
+    """Answers the n-th request with the n-th answer of ``script``, on whatever connection it
+    came; records each request's bytes and counts connections. Bounded: it stops after the
+    test, and each wait for a request lasts at most 10 s."""
+
+    def __init__(self, script: Sequence[Answer]) -> None:
+        self.script = list(script)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(10)
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self.script:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(10)
+                while self.script:
+                    request = self._read_request(conn)
+                    if request is None:
+                        break
+                    self.requests.append(request)
+                    closing = False
+                    for piece in self.script.pop(0):
+                        if piece == b"CLOSE":
+                            closing = True
+                            break
+                        conn.sendall(piece)
+                        time.sleep(0.01)
+                    if closing:
+                        break
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bytes | None:
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                body += conn.recv(65536)
+        except OSError:
+            return None
+        return data
+
+    def stop(self) -> None:
+        self.script.clear()
+        self._listener.close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def serve() -> Iterator[type[ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    class Started(ScriptedServer):
+        def __init__(self, script: Sequence[Answer]) -> None:
+            super().__init__(script)
+            servers.append(self)
+
+    yield Started
+    for s in servers:
+        s.stop()
+
+
+def ok(body: bytes, *extra: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"".join(extra)
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def connection(server: ScriptedServer) -> _Connection:
+    return _Connection(urllib.parse.urlsplit(f"http://127.0.0.1:{server.port}/base"), 5.0, None)
+
+
+def test_an_answer_split_anywhere_is_read_whole_and_the_connection_kept(serve) -> None:
+    whole = ok(b'{"run": {"info": {"run_id": "abc"}}}')
+    server = serve([[whole[:5], whole[5:40], whole[40:-3], whole[-3:]], [ok(b"{}")]])
+    wire = Http1Socket("127.0.0.1", server.port, f"127.0.0.1:{server.port}", 5.0)
+    try:
+        assert wire.exchange("POST", "/x", {}, b"{}") == (
+            200, b'{"run": {"info": {"run_id": "abc"}}}', True)
+        assert wire.exchange("GET", "/y?a=1", {}, None) == (200, b"{}", True)
+    finally:
+        wire.close()
+    assert server.connections == 1
+
+
+def test_the_request_carries_host_length_and_the_callers_headers(serve) -> None:
+    server = serve([[ok(b"{}")], [ok(b"{}")]])
+    conn = connection(server)
+    conn.request("POST", "/base/api/2.0/mlflow/runs/log-batch", b'{"a": 1}',
+                 {"Authorization": "Bearer t", "Content-Type": "application/json"})
+    conn.request("GET", "/base/api/2.0/mlflow/runs/get?run_id=r", None, {})
+    conn.close_connection()
+    post, get = server.requests
+    head = post.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"POST /base/api/2.0/mlflow/runs/log-batch HTTP/1.1"
+    assert {b"Host: 127.0.0.1:%d" % server.port, b"Authorization: Bearer t",
+            b"Content-Length: 8", b"Content-Type: application/json"} <= set(head[1:])
+    assert post.endswith(b'\r\n\r\n{"a": 1}')
+    assert b"Content-Length" not in get  # a GET without a body, as http.client sends it
+
+
+def test_a_chunked_answer_with_extensions_and_trailers_is_read_whole(serve) -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n")
+    server = serve([[chunked[:30], chunked[30:61], chunked[61:]], [ok(b"next")]])
+    conn = connection(server)
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"hello world")
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"next")
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\n\r\n{}",  # no length: the body ends with the connection
+], ids=["connection close", "HTTP/1.0", "body to the end"])
+def test_an_answer_that_ends_the_connection_is_read_and_the_next_request_reconnects(
+        serve, answer: bytes) -> None:
+    server = serve([[answer, b"CLOSE"], [ok(b"again")]])
+    conn = connection(server)
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"{}")
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"again")
+    assert server.connections == 2
+
+
+def test_interim_answers_are_skipped(serve) -> None:
+    server = serve([[b"HTTP/1.1 100 Continue\r\n\r\n", ok(b"done")]])
+    assert connection(server).request("POST", "/x", b"{}", {}) == (200, b"done")
+
+
+def test_a_kept_alive_connection_the_server_closed_while_idle_is_reopened_once(serve) -> None:
+    server = serve([[ok(b"first"), b"CLOSE"], [ok(b"second")]])
+    conn = connection(server)
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"first")
+    time.sleep(0.1)  # the server has closed its end meanwhile
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"second")
+    assert server.connections == 2
+
+
+def test_a_request_that_must_not_be_repeated_is_not_resent_on_a_closed_connection(
+        serve) -> None:
+    server = serve([[ok(b"first"), b"CLOSE"], [ok(b"never")]])
+    conn = connection(server)
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"first")
+    time.sleep(0.1)
+    with pytest.raises(RetryableError):
+        conn.request("POST", "/x", b"{}", {}, resend=False)
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("answer", [
+    [b"SPDY/3 200 OK\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", b"CLOSE"],
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+    [b"HTTP/1.1 200 OK\r\nContent-Len", b"CLOSE"],
+], ids=["not HTTP", "bad header", "body cut short", "bad chunk size", "head cut short"])
+def test_a_broken_answer_is_a_retryable_error_and_the_connection_is_dropped(
+        serve, answer: list[bytes]) -> None:
+    server = serve([answer, [ok(b"fine")]])
+    conn = connection(server)
+    with pytest.raises(RetryableError, match="POST /x"):
+        conn.request("POST", "/x", b"{}", {})
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"fine")
+    assert server.connections == 2
+
+
+def test_a_server_that_never_answers_is_a_retryable_error_within_the_timeout(serve) -> None:
+    server = serve([[]])  # reads the request, answers nothing
+    conn = _Connection(urllib.parse.urlsplit(f"http://127.0.0.1:{server.port}"), 0.3, None)
+    start = time.monotonic()
+    with pytest.raises(RetryableError):
+        conn.request("POST", "/x", b"{}", {}, resend=False)
+    assert time.monotonic() - start < 3
+
+
+def test_a_head_longer_than_64_kib_is_refused(serve) -> None:
+    server = serve([[b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"]])
+    wire = Http1Socket("127.0.0.1", server.port, "h", 5.0)
+    try:
+        with pytest.raises(ResponseError, match="64 KiB"):
+            wire.exchange("POST", "/x", {}, b"{}")
+    finally:
+        wire.close()
