@@ -6,6 +6,7 @@ error."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -14,14 +15,14 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from steplog.errors import RetryableError
-from steplog.sinks.mlflow.http1 import Http1Socket, ResponseError
+from steplog.sinks.mlflow.http1 import Http1Socket, ResponseError, host_header
 from steplog.sinks.mlflow.rest import _Connection
 
 pytestmark = pytest.mark.timeout(60)
 
 Answer = Sequence[bytes]
 """The pieces an answer is sent in (a short pause between them), then ``b"CLOSE"`` to close the
-connection after it."""
+connection after it, or ``b"RESET"`` to abort it."""
 
 
 class ScriptedServer:
@@ -55,6 +56,11 @@ class ScriptedServer:
                     self.requests.append(request)
                     closing = False
                     for piece in self.script.pop(0):
+                        if piece == b"RESET":  # abort with a TCP RST once the answer is out
+                            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+                            closing = True
+                            break
                         if piece == b"CLOSE":
                             closing = True
                             break
@@ -116,7 +122,7 @@ def connection(server: ScriptedServer) -> _Connection:
 def test_an_answer_split_anywhere_is_read_whole_and_the_connection_kept(serve) -> None:
     whole = ok(b'{"run": {"info": {"run_id": "abc"}}}')
     server = serve([[whole[:5], whole[5:40], whole[40:-3], whole[-3:]], [ok(b"{}")]])
-    wire = Http1Socket("127.0.0.1", server.port, f"127.0.0.1:{server.port}", 5.0)
+    wire = Http1Socket(("127.0.0.1", server.port), f"127.0.0.1:{server.port}", 5.0)
     try:
         assert wire.exchange("POST", "/x", {}, b"{}") == (
             200, b'{"run": {"info": {"run_id": "abc"}}}', True)
@@ -191,13 +197,73 @@ def test_a_request_that_must_not_be_repeated_is_not_resent_on_a_closed_connectio
     assert len(server.requests) == 1
 
 
+def test_a_kept_alive_connection_the_server_reset_while_idle_is_reopened_once(serve) -> None:
+    server = serve([[ok(b"first"), b"RESET"], [ok(b"second")]])
+    conn = connection(server)
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"first")
+    time.sleep(0.1)
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"second")
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(("method", "answer"), [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"),
+    ("POST", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n"),
+], ids=["HEAD", "204", "304"])
+def test_an_answer_without_a_body_ends_at_its_head(serve, method: str, answer: bytes) -> None:
+    server = serve([[answer], [ok(b"next")]])
+    conn = connection(server)
+    assert conn.request(method, "/x", b"{}" if method == "POST" else None, {})[1] == b""
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"next")
+    assert server.connections == 1
+
+
+def test_an_answer_with_bare_line_feeds_and_repeated_equal_lengths_is_read(serve) -> None:
+    server = serve([[b"HTTP/1.1 200 OK\nContent-Length: 2\nContent-Length: 2\n\n{}"]])
+    assert connection(server).request("POST", "/x", b"{}", {}) == (200, b"{}")
+
+
+@pytest.mark.parametrize("headers", [
+    {"Authorization": "Bearer tok\n"},
+    {"Authorization": "Bearer abc\r\nX-Evil: 1"},
+    {"X-Bad\r\nName": "v"},
+    {"X-Nul": "a\0b"},
+], ids=["trailing newline", "injected header", "bad name", "NUL"])
+def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(
+        serve, headers: dict[str, str]) -> None:
+    server = serve([[ok(b"fine")]])
+    conn = connection(server)
+    with pytest.raises(ValueError, match="line break or a NUL"):
+        conn.request("POST", "/x", b"{}", headers)
+    with pytest.raises(ValueError, match="space or a control character"):
+        conn.request("POST", "/x y", b"{}", {})
+    assert conn.request("POST", "/x", b"{}", {}) == (200, b"fine")
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(("url", "host"), [
+    ("http://127.0.0.1:5000/x", "127.0.0.1:5000"),
+    ("http://user:p%40ss@example.com/", "example.com"),
+    ("http://[::1]:5000", "[::1]:5000"),
+    ("https://Bücher.example:8443", "xn--bcher-kva.example:8443"),
+])
+def test_the_host_header_names_the_host_in_ascii_with_the_urls_port(url: str, host: str) -> None:
+    assert host_header(urllib.parse.urlsplit(url)) == host
+
+
 @pytest.mark.parametrize("answer", [
     [b"SPDY/3 200 OK\r\n\r\n"],
+    [b"HTTP/1.1 \xb200 OK\r\nContent-Length: 30\r\n\r\nHTTP/1.1 201 Fake\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 0_2\r\n\r\n{}"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n{}"],
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"],
     [b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"],
     [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", b"CLOSE"],
     [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
     [b"HTTP/1.1 200 OK\r\nContent-Len", b"CLOSE"],
-], ids=["not HTTP", "bad header", "body cut short", "bad chunk size", "head cut short"])
+], ids=["not HTTP", "non-ASCII digit", "bad length", "huge length", "negative chunk",
+        "bad header", "body cut short", "bad chunk size", "head cut short"])
 def test_a_broken_answer_is_a_retryable_error_and_the_connection_is_dropped(
         serve, answer: list[bytes]) -> None:
     server = serve([answer, [ok(b"fine")]])
@@ -219,7 +285,7 @@ def test_a_server_that_never_answers_is_a_retryable_error_within_the_timeout(ser
 
 def test_a_head_longer_than_64_kib_is_refused(serve) -> None:
     server = serve([[b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"]])
-    wire = Http1Socket("127.0.0.1", server.port, "h", 5.0)
+    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0)
     try:
         with pytest.raises(ResponseError, match="64 KiB"):
             wire.exchange("POST", "/x", {}, b"{}")

@@ -60,6 +60,7 @@ async def aflush(logger: Logger, timeout: float | None = None) -> FlushResult:
             if p.run_journal is not None:  # the cursors' disk flush stays off the loop
                 # Within the deadline: the records arrived; the cursors only spare a later
                 # `steplog sync` records that are stored already (it stores them once anyway).
+                # A checkpoint left running may overlap a later close: the journal orders them.
                 with anyio.move_on_after(max(0.0, end - time.monotonic())):
                     await anyio.to_thread.run_sync(p.journal_checkpoint, abandon_on_cancel=True)
             return life.flush_result(start, ok=barrier.lost == 0, pending=0)

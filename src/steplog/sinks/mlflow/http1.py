@@ -3,8 +3,10 @@ transport needs for MLflow's JSON API calls, at about half the CPU of ``http.cli
 request (which parses every answer's head through the ``email`` package, on the training
 process's GIL). Bodies are bytes. Streamed uploads and TLS stay with ``http.client``.
 
-An answer is read whole: its head (status line and headers, at most 64 KiB), then its body by
-``Content-Length``, by chunks (``Transfer-Encoding: chunked``), or up to the end of the
+A request whose target or headers hold a line break or another control character is refused
+before anything is sent (``ValueError``, as ``http.client`` refuses it). An answer is read whole:
+its head (status line and headers, at most 64 KiB; lines may end with CRLF or LF), then its body
+by ``Content-Length``, by chunks (``Transfer-Encoding: chunked``), or up to the end of the
 connection. Interim ``1xx`` answers are skipped. The socket stays open for the next request
 unless the server asked to close it, spoke HTTP/1.0, or ended the body by closing.
 """
@@ -12,15 +14,23 @@ unless the server asked to close it, spoke HTTP/1.0, or ended the body by closin
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
+import string
+import urllib.parse
 
-__all__ = ["Closed", "Http1Socket", "ResponseError"]
+__all__ = ["Closed", "Http1Socket", "ResponseError", "host_header"]
 
 _MAX_HEAD = 65536
+_MAX_BODY = 1 << 30
 _READ = 65536
+_READ_MOST = 1 << 20
 _BODYLESS_METHODS = frozenset({"HEAD"})
 _BODYLESS_STATUS = frozenset({204, 304})
 _BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_BAD_FIELD = re.compile(r"[\x00\r\n]")
+_HEX = frozenset(string.hexdigits)
 
 
 class ResponseError(Exception):
@@ -32,15 +42,31 @@ class Closed(ConnectionError):
     with a kept-alive connection that stayed idle too long)."""
 
 
-class Http1Socket:
-    """A TCP connection to ``host:port`` (``host_header`` names it in each request), with the
-    bytes read past the answer kept for the next (there should be none)."""
+def host_header(parts: urllib.parse.SplitResult) -> str:
+    """The ``Host`` header for a URL: its host in ASCII (IDNA for an international name, in
+    brackets for an IPv6 literal) and its port when the URL names one. ``ValueError`` for a host
+    IDNA cannot encode."""
+    host = parts.hostname or ""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"the host name {host!r} cannot be encoded (IDNA): {exc}") from None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{parts.port}" if parts.port is not None else host
 
-    def __init__(self, host: str, port: int, host_header: str, timeout_s: float) -> None:
-        self._sock = socket.create_connection((host, port), timeout=timeout_s)
+
+class Http1Socket:
+    """A TCP connection to ``address`` (host, port), naming ``host`` (see :func:`host_header`)
+    in each request, with the bytes read past an answer kept for the next (there should be
+    none). Every wait is bounded by ``timeout_s`` per read or write."""
+
+    def __init__(self, address: tuple[str, int], host: str, timeout_s: float) -> None:
+        self._sock = socket.create_connection(address, timeout=timeout_s)
         with contextlib.suppress(OSError):  # a request is sent in one piece anyway
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._host = host_header
+        self._host = host
         self._buf = b""
 
     def close(self) -> None:
@@ -49,15 +75,24 @@ class Http1Socket:
     def exchange(self, method: str, target: str, headers: dict[str, str],
                  body: bytes | None) -> tuple[int, bytes, bool]:
         """Send one request and read its whole answer: ``(status, body, keep)``, where ``keep``
-        says whether the connection can carry another request. Raises :class:`Closed` when the
-        server closed the connection before answering, :class:`ResponseError` for an answer it
-        cannot read, ``OSError`` (a timeout included) for the socket's failures."""
+        says whether the connection can carry another request. Raises ``ValueError`` (nothing
+        sent) for a target or header with a control character, :class:`Closed` when the server
+        closed the connection before answering, :class:`ResponseError` for an answer it cannot
+        read, ``OSError`` (a timeout included) for the socket's failures."""
+        if _BAD_TARGET.search(target):
+            raise ValueError(f"the request target {target[:80]!r} holds a space or a control "
+                             "character")
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host}",
                  "Accept-Encoding: identity"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         if body is not None or method in _BODY_EXPECTED:
             lines.append(f"Content-Length: {len(body or b'')}")
-        self._sock.sendall("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b""))
+        head = "\r\n".join(lines)
+        if head.count("\n") >= len(lines) or head.count("\r") >= len(lines) or "\0" in head:
+            bad = next((k for k, v in headers.items() if _BAD_FIELD.search(f"{k}{v}")), "?")
+            raise ValueError(f"the header {bad!r} holds a line break or a NUL character (a "
+                             "token or password read from a file with its newline?)")
+        self._sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + (body or b""))
         first = True
         while True:
             version, status, fields = self._read_head(first)
@@ -65,22 +100,18 @@ class Http1Socket:
             if status >= 200:
                 break
         keep = version == "HTTP/1.1" and "close" not in fields.get("connection", "").lower()
+        coding = fields.get("transfer-encoding")
         if method in _BODYLESS_METHODS or status in _BODYLESS_STATUS:
             data = b""
-        elif "chunked" in fields.get("transfer-encoding", "").lower():
-            data = self._read_chunked()
+        elif coding is not None:
+            if coding.rsplit(",", 1)[-1].strip().lower() == "chunked":
+                data = self._read_chunked()
+            else:  # another coding last: the body ends with the connection
+                data, keep = self._read_to_end(), False
         elif "content-length" in fields:
-            try:
-                length = int(fields["content-length"])
-            except ValueError:
-                raise ResponseError(f"bad Content-Length {fields['content-length']!r}") from None
-            if length < 0:
-                raise ResponseError(f"bad Content-Length {length}")
-            data = self._take(length)
+            data = self._take(_length(fields["content-length"]))
         else:  # the body ends with the connection
-            data = self._buf + self._read_to_end()
-            self._buf = b""
-            keep = False
+            data, keep = self._read_to_end(), False
         if self._buf:  # bytes past the answer: nothing this client asked for
             keep = False
         return status, data, keep
@@ -92,7 +123,14 @@ class Http1Socket:
         """The next answer's version, status and headers (names in lower case; repeated ones
         joined with ``", "``)."""
         buf = self._buf
-        while (end := buf.find(b"\r\n\r\n")) < 0:
+        while True:
+            crlf, lf = buf.find(b"\r\n\r\n"), buf.find(b"\n\n")
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                end, skip = crlf, 4
+                break
+            if lf >= 0:
+                end, skip = lf, 2
+                break
             if len(buf) > _MAX_HEAD:
                 raise ResponseError("the answer's head is longer than 64 KiB")
             chunk = self._recv()
@@ -103,15 +141,18 @@ class Http1Socket:
             buf += chunk
         if end > _MAX_HEAD:
             raise ResponseError("the answer's head is longer than 64 KiB")
-        self._buf = buf[end + 4:]
-        status_line, *lines = buf[:end].decode("latin-1").split("\r\n")
+        self._buf = buf[end + skip:]
+        status_line, *lines = buf[:end].decode("latin-1").split("\n")
+        status_line = status_line.rstrip("\r")
         version, _, rest = status_line.partition(" ")
         code = rest[:3]
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        if (not version.startswith("HTTP/1.") or len(code) != 3 or not code.isascii()
+                or not code.isdigit()):
             raise ResponseError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
         fields: dict[str, str] = {}
         name = ""
         for line in lines:
+            line = line.rstrip("\r")
             if line[:1] in (" ", "\t") and name:  # an obsolete folded continuation
                 fields[name] = f"{fields[name]} {line.strip()}"
                 continue
@@ -131,7 +172,7 @@ class Http1Socket:
         out = bytearray(self._buf)
         self._buf = b""
         while len(out) < n:
-            chunk = self._sock.recv(max(_READ, n - len(out)))
+            chunk = self._sock.recv(min(max(_READ, n - len(out)), _READ_MOST))
             if not chunk:
                 raise ResponseError(f"the server closed the connection after {len(out)} of "
                                     f"{n} bytes of the body")
@@ -141,37 +182,53 @@ class Http1Socket:
             del out[n:]
         return bytes(out)
 
-    def _line(self) -> bytes:
-        """The next CRLF-terminated line of the answer, without its CRLF."""
+    def _line(self) -> str:
+        """The next line of the answer (ended by CRLF or LF), without its end."""
         buf = self._buf
-        while (end := buf.find(b"\r\n")) < 0:
+        while (end := buf.find(b"\n")) < 0:
             if len(buf) > _MAX_HEAD:
                 raise ResponseError("a chunk-size or trailer line is longer than 64 KiB")
             chunk = self._recv()
             if not chunk:
                 raise ResponseError("the server closed the connection inside a chunked body")
             buf += chunk
-        self._buf = buf[end + 2:]
-        return buf[:end]
+        self._buf = buf[end + 1:]
+        return buf[:end].decode("latin-1").rstrip("\r")
 
     def _read_chunked(self) -> bytes:
         out = bytearray()
         while True:
-            size_text = self._line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ResponseError(f"bad chunk size {size_text[:20]!r}") from None
+            size_text = self._line().split(";", 1)[0].strip()
+            if not size_text or not _HEX.issuperset(size_text) or len(size_text) > 8:
+                raise ResponseError(f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 while self._line():  # trailers, up to the empty line
                     pass
                 return bytes(out)
+            if len(out) + size > _MAX_BODY:
+                raise ResponseError("a chunked body longer than 1 GiB")
             out += self._take(size)
-            if self._take(2) != b"\r\n":
-                raise ResponseError("a chunk is not followed by CRLF")
+            if self._line():
+                raise ResponseError("a chunk is longer than its size")
 
     def _read_to_end(self) -> bytes:
-        out = bytearray()
+        out = bytearray(self._buf)
+        self._buf = b""
         while chunk := self._sock.recv(_READ):
             out += chunk
+            if len(out) > _MAX_BODY:
+                raise ResponseError("a body longer than 1 GiB")
         return bytes(out)
+
+
+def _length(text: str) -> int:
+    """A ``Content-Length`` value (identical repeats allowed, as RFC 9110 lets a client)."""
+    values = {v.strip() for v in text.split(",")}
+    value = values.pop() if len(values) == 1 else ""
+    if not value or not value.isascii() or not value.isdigit() or len(value) > 10:
+        raise ResponseError(f"bad Content-Length {text[:40]!r}")
+    length = int(value)
+    if length > _MAX_BODY:
+        raise ResponseError(f"a body of {length} bytes (more than 1 GiB)")
+    return length

@@ -58,7 +58,7 @@ from steplog.sinks.mlflow.common import (
     resume_problem,
     token_filter,
 )
-from steplog.sinks.mlflow.http1 import Closed, Http1Socket, ResponseError
+from steplog.sinks.mlflow.http1 import Closed, Http1Socket, ResponseError, host_header
 
 __all__ = ["RestTransport", "default_run_tags", "needs_mlflow_client"]
 
@@ -214,10 +214,12 @@ class _Connection:
         self._context = context
         self._conn: http.client.HTTPConnection | None = None
         self._wire: Http1Socket | None = None
+        self._port = parts.port or (443 if context is not None else 80)
+        self._host = host_header(parts)
         self._lock = threading.Lock()
 
     def _connect(self) -> http.client.HTTPConnection:
-        host, port = self._parts.hostname or "", self._parts.port
+        host, port = self._parts.hostname or "", self._port
         if self._context is not None:
             return http.client.HTTPSConnection(host, port, timeout=self._timeout,
                                                context=self._context, blocksize=_UPLOAD_BLOCK)
@@ -265,8 +267,7 @@ class _Connection:
                 reused = self._wire is not None
                 try:
                     wire = self._wire or Http1Socket(
-                        self._parts.hostname or "", self._parts.port or 80,
-                        self._parts.netloc.rpartition("@")[2], self._timeout)
+                        (self._parts.hostname or "", self._port), self._host, self._timeout)
                     self._wire = wire
                     status, data, keep = wire.exchange(method, target, headers, body)
                 except (Closed, *_STALE) as exc:
@@ -277,6 +278,9 @@ class _Connection:
                 except (OSError, ResponseError) as exc:
                     self._close_wire()
                     raise RetryableError(f"{method} {target}: {exc!r}") from exc
+                except BaseException:  # a refused request, an interrupt: never half-read
+                    self._close_wire()
+                    raise
                 if not keep:
                     self._close_wire()
                 return status, data
