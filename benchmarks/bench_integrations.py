@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from stable_baselines3.common.logger import KVWriter
 
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, pin_beside_server
 
 Contender = Callable[[], "tuple[float, float]"]
 """Runs one measured task and returns its (wall-clock, process CPU) seconds; setup and teardown
@@ -333,14 +333,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("STEPLOG_RUNS_DIR", tempfile.mkdtemp(prefix="steplog-bench-runs-"))
 
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus = {cpus[0]} if len(cpus) > 1 else None
-    if server_cpus is not None:
-        os.sched_setaffinity(0, set(cpus[1:]))
+    server_cpus, client_cpus = pin_beside_server()
     server = MlflowServer(Path(tempfile.mkdtemp(prefix="steplog-bench-mlflow-")), cpus=server_cpus)
     server.start()
     try:
-        print(f"server {server.url} on CPUs {server_cpus or 'any'}, client on {cpus[1:] or cpus}")
+        print(f"server {server.url} on CPUs {server_cpus or 'any'}, client on {client_cpus}")
         for name in args.only:
             SECTIONS[name](args, server)
     finally:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -49,7 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, pin_beside_server
 
 BASELINE = "no logger"
 NOOP = "Lightning, a no-op logger"
@@ -248,10 +247,7 @@ def measure(*, epochs: int = 2, steps: int = 150, log_every: int = 1, rounds: in
     quiet()
     server = None
     if url is None:
-        cpus = sorted(os.sched_getaffinity(0))
-        server_cpus = {cpus[0]} if len(cpus) > 1 else None
-        if server_cpus is not None:
-            os.sched_setaffinity(0, set(cpus[1:]))
+        server_cpus, _ = pin_beside_server()
         server = MlflowServer(Path(tempfile.mkdtemp(prefix="steplog-bench-pl-")), cpus=server_cpus)
         server.start()
         url = server.url

@@ -23,7 +23,6 @@ step-loop overhead <= 3%; flush after 100k scalars <= 1.2x (100k / raw rate).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, pin_beside_server
 
 
 def wait_open(logger: Any, timeout_s: float = 60.0) -> None:
@@ -158,14 +157,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus = {cpus[0]} if len(cpus) > 1 else None
-    if server_cpus is not None:
-        os.sched_setaffinity(0, set(cpus[1:]))
+    server_cpus, client_cpus = pin_beside_server()
     server = MlflowServer(Path(tempfile.mkdtemp(prefix="steplog-bench-mlflow-")), cpus=server_cpus)
     server.start()
     try:
-        print(f"server {server.url} on CPUs {server_cpus or 'any'}, client on {cpus[1:] or cpus}")
+        print(f"server {server.url} on CPUs {server_cpus or 'any'}, client on {client_cpus}")
         raw = statistics.median(raw_log_batch_rate(server.url, args.scalars) for _ in range(3))
         runs = [steplog_rate(server.url, args.scalars) for _ in range(3)]
         ours = statistics.median(r for r, _ in runs)

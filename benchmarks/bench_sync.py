@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import random
 import statistics
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, pin_beside_server
 from steplog.records import Scalars
 from steplog.replay import replay_run
 from steplog.runlog import RunJournal
@@ -126,10 +125,7 @@ def main() -> None:
     sizes = [int(s) for s in args.frames.split(",")]
     n = args.scalars
 
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus = {cpus[0]} if len(cpus) > 1 else None
-    if server_cpus is not None:
-        os.sched_setaffinity(0, set(cpus[1:]))
+    server_cpus, client_cpus = pin_beside_server()
     root = Path(tempfile.mkdtemp(prefix="steplog-bench-sync-"))
     server = MlflowServer(root / "server", cpus=server_cpus)
     (root / "server").mkdir()
@@ -140,7 +136,7 @@ def main() -> None:
               else f"steplog sync (replay_run), {name:,}-record frames" for name in names}
     measures: dict[str | int, list[Measure]] = {name: [] for name in names}
     try:
-        print(f"server {server.url} on CPUs {server_cpus or 'any'}, client on {cpus[1:] or cpus}; "
+        print(f"server {server.url} on CPUs {server_cpus or 'any'}, client on {client_cpus}; "
               f"{n:,} points, {args.rounds} rounds")
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]

@@ -34,7 +34,7 @@ import torch
 
 import bench_lightning
 import steplog.integrations.lightning as steplog_lightning
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, pin_beside_server
 from steplog.sinks.mlflow.common import plugins
 
 CONTENDER = "steplog -> MLflow"
@@ -71,10 +71,7 @@ def main() -> None:
         finalize(self, status)
 
     steplog_lightning.SteplogLogger.finalize = measured_finalize  # type: ignore[method-assign]
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus = {cpus[0]} if len(cpus) > 1 else None
-    if server_cpus is not None:
-        os.sched_setaffinity(0, set(cpus[1:]))
+    server_cpus, _ = pin_beside_server()
     server = MlflowServer(Path(tempfile.mkdtemp(prefix="steplog-profile-pl-")), cpus=server_cpus)
     server.start()
     root = Path(tempfile.mkdtemp(prefix="steplog-profile-pl-runs-"))

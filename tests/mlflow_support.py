@@ -37,6 +37,7 @@ __all__ = [
     "free_port",
     "group_members",
     "mlflow_server",
+    "pin_beside_server",
     "restartable_mlflow_server",
     "wait_group_gone",
 ]
@@ -59,6 +60,18 @@ while server.poll() is None and os.getppid() == parent:
     time.sleep(0.5)
 os.killpg(0, signal.SIGKILL)
 """
+
+
+def pin_beside_server() -> tuple[set[int] | None, list[int]]:
+    """Split this machine's CPUs between a server and this process, for a benchmark: with two
+    or more, this process moves to all but the first, and ``({first}, the others)`` is returned
+    (the first for ``MlflowServer(..., cpus=...)``); with one, ``(None, [it])`` and nothing
+    moves."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, cpus
+    os.sched_setaffinity(0, set(cpus[1:]))
+    return {cpus[0]}, cpus[1:]
 
 
 def free_port() -> int:
