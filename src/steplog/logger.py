@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, SupportsFloat, TypeVar
 
@@ -192,9 +192,7 @@ class Logger:
             if not values:
                 return
         if not self._names.issuperset(values):
-            for k in values:
-                if k not in self._names:
-                    self._new_name(k)
+            self._check_names(values)
         # One shift sends steps outside [0, 2**63) (rare) to the careful check of the range.
         if iteration is not None and (type(iteration) is not int or iteration >> 63):
             iteration = capture_step(iteration)
@@ -209,6 +207,14 @@ class Logger:
 
     def _new_name(self, name: object) -> None:
         self._names.add(check_name(name, self._sinks))
+
+    def _check_names(self, names: Iterable[object]) -> None:
+        """Check each name not used before against every sink, in order (``ValueError`` for
+        the first one a sink can never store); the names checked so far are remembered."""
+        known = self._names
+        for name in names:
+            if name not in known:
+                self._new_name(name)
 
     def _late(self, item: object) -> None:
         """A record appended just after the logger stopped accepting: take it back and raise,

@@ -103,9 +103,8 @@ class SteplogOutputFormat(KVWriter):
                 raise TypeError(f"{key!r}: steplog cannot log a {type(value).__name__}; "
                                 "record it with exclude='steplog' to keep it from this output")
         logger = self.logger
-        for key in itertools.chain(metrics, tags, params):  # every key checked before any is
-            if key not in logger._names:                    # queued: a bad one logs nothing
-                logger._new_name(key)
+        # Every key checked before any is queued: a bad one logs nothing of the dump.
+        logger._check_names(itertools.chain(metrics, tags, params))
         if metrics:  # first: its values are checked at the call, and refused as a whole
             logger.log_metrics(metrics, step)
         if params:
