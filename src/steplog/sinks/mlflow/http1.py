@@ -122,28 +122,13 @@ class Http1Socket:
     def _read_head(self, first: bool) -> tuple[str, int, dict[str, str]]:
         """The next answer's version, status and headers (names in lower case; repeated ones
         joined with ``", "``)."""
-        buf = self._buf
-        while True:
-            crlf, lf = buf.find(b"\r\n\r\n"), buf.find(b"\n\n")
-            if crlf >= 0 and (lf < 0 or crlf < lf):
-                end, skip = crlf, 4
-                break
-            if lf >= 0:
-                end, skip = lf, 2
-                break
-            if len(buf) > _MAX_HEAD:
-                raise ResponseError("the answer's head is longer than 64 KiB")
+        if first and not self._buf:
             chunk = self._recv()
             if not chunk:
-                if first and not buf:
-                    raise Closed("the server closed the connection without answering")
-                raise ResponseError("the server closed the connection in the middle of an answer")
-            buf += chunk
-        if end > _MAX_HEAD:
-            raise ResponseError("the answer's head is longer than 64 KiB")
-        self._buf = buf[end + skip:]
-        status_line, *lines = buf[:end].decode("latin-1").split("\n")
-        status_line = status_line.rstrip("\r")
+                raise Closed("the server closed the connection without answering")
+            self._buf = chunk
+        status_line = self._line()
+        size = len(status_line)
         version, _, rest = status_line.partition(" ")
         code = rest[:3]
         if (not version.startswith("HTTP/1.") or len(code) != 3 or not code.isascii()
@@ -151,8 +136,10 @@ class Http1Socket:
             raise ResponseError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
         fields: dict[str, str] = {}
         name = ""
-        for line in lines:
-            line = line.rstrip("\r")
+        while line := self._line():
+            size += len(line) + 2
+            if size > _MAX_HEAD:
+                raise ResponseError("the answer's head is longer than 64 KiB")
             if line[:1] in (" ", "\t") and name:  # an obsolete folded continuation
                 fields[name] = f"{fields[name]} {line.strip()}"
                 continue
@@ -187,10 +174,10 @@ class Http1Socket:
         buf = self._buf
         while (end := buf.find(b"\n")) < 0:
             if len(buf) > _MAX_HEAD:
-                raise ResponseError("a chunk-size or trailer line is longer than 64 KiB")
+                raise ResponseError("a line of the answer is longer than 64 KiB")
             chunk = self._recv()
             if not chunk:
-                raise ResponseError("the server closed the connection inside a chunked body")
+                raise ResponseError("the server closed the connection in the middle of an answer")
             buf += chunk
         self._buf = buf[end + 1:]
         return buf[:end].decode("latin-1").rstrip("\r")
