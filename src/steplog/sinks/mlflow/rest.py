@@ -36,7 +36,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 import msgspec
 
@@ -232,70 +232,64 @@ class _Connection:
         reopened once (``resend``: only for requests that are safe to repeat). Raises
         :class:`RetryableError` for every transport failure, :class:`PermanentError` for a
         server certificate that fails verification."""
-        if self._context is None and (body is None or isinstance(body, bytes)):
-            return self._exchange(method, target, body, headers, resend)
+        plain = self._context is None and (body is None or isinstance(body, bytes))
+        once, drop = ((self._over_wire, self._close_wire) if plain
+                      else (self._over_client, self._close_client))
         with self._lock:
             for attempt in (0, 1):
-                reused = self._conn is not None
-                conn = self._conn or self._connect()
-                self._conn = conn
+                reused = (self._wire if plain else self._conn) is not None
                 try:
-                    conn.request(method, target, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
+                    status, data, keep = once(method, target, body, headers)
                 except ssl.SSLCertVerificationError as exc:
-                    self.close_connection()
+                    drop()
                     raise PermanentError(f"{method} {target}: {exc}") from exc
-                except _STALE as exc:
-                    self.close_connection()
+                except (Closed, *_STALE) as exc:
+                    drop()
                     if resend and attempt == 0 and reused and _rewind(body):
                         continue
                     raise RetryableError(f"{method} {target}: {exc!r}") from exc
-                except (OSError, http.client.HTTPException) as exc:
-                    self.close_connection()
-                    raise RetryableError(f"{method} {target}: {exc!r}") from exc
-                if resp.will_close:
-                    self.close_connection()
-                return resp.status, data
-        raise AssertionError("unreachable")
-
-    def _exchange(self, method: str, target: str, body: bytes | None,
-                  headers: dict[str, str], resend: bool) -> tuple[int, bytes]:
-        """:meth:`request` through :mod:`.http1`, with the same errors and the same resend."""
-        with self._lock:
-            for attempt in (0, 1):
-                reused = self._wire is not None
-                try:
-                    wire = self._wire or Http1Socket(
-                        (self._parts.hostname or "", self._port), self._host, self._timeout)
-                    self._wire = wire
-                    status, data, keep = wire.exchange(method, target, headers, body)
-                except (Closed, *_STALE) as exc:
-                    self._close_wire()
-                    if resend and attempt == 0 and reused:
-                        continue
-                    raise RetryableError(f"{method} {target}: {exc!r}") from exc
-                except (OSError, ResponseError) as exc:
-                    self._close_wire()
+                except (OSError, ResponseError, http.client.HTTPException) as exc:
+                    drop()
                     raise RetryableError(f"{method} {target}: {exc!r}") from exc
                 except BaseException:  # a refused request, an interrupt: never half-read
-                    self._close_wire()
+                    drop()
                     raise
                 if not keep:
-                    self._close_wire()
+                    drop()
                 return status, data
         raise AssertionError("unreachable")
+
+    def _over_wire(self, method: str, target: str, body: bytes | _Readable | None,
+                   headers: dict[str, str]) -> tuple[int, bytes, bool]:
+        """One exchange through :mod:`.http1` (a bytes body over plain HTTP)."""
+        wire = self._wire or Http1Socket(
+            (self._parts.hostname or "", self._port), self._host, self._timeout)
+        self._wire = wire
+        return wire.exchange(method, target, headers, cast("bytes | None", body))
+
+    def _over_client(self, method: str, target: str, body: bytes | _Readable | None,
+                     headers: dict[str, str]) -> tuple[int, bytes, bool]:
+        """One exchange through ``http.client`` (TLS, or a streamed body)."""
+        conn = self._conn or self._connect()
+        self._conn = conn
+        conn.request(method, target, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, data, not resp.will_close
 
     def _close_wire(self) -> None:
         if self._wire is not None:
             self._wire.close()
             self._wire = None
 
-    def close_connection(self) -> None:
-        self._close_wire()
+    def _close_client(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def close_connection(self) -> None:
+        self._close_wire()
+        self._close_client()
 
 
 class _Readable(Protocol):
