@@ -228,9 +228,10 @@ def alternate(contender: str, scalars: int, seconds: float, phase: float, url: s
     print(json.dumps({"on": on, "off": off, "steps": step, "ok": end(logged)}))
 
 
-def _thread_counters() -> dict[str, tuple[int, int]]:
+def thread_counters() -> dict[str, tuple[int, int]]:
     """Per thread of this process: (CPU ns, voluntary context switches), keyed by the thread's
-    ``threading`` name (``other:<tid>`` for threads Python did not start, such as torch's)."""
+    ``threading`` name (``other:<tid>`` for threads Python did not start, such as torch's);
+    threads of the same name are added up."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[str, tuple[int, int]] = {}
     for tid in os.listdir("/proc/self/task"):
@@ -242,7 +243,9 @@ def _thread_counters() -> dict[str, tuple[int, int]]:
                                 if line.startswith("voluntary_ctxt_switches"))
         except (OSError, StopIteration):  # the thread ended meanwhile
             continue
-        out[names.get(int(tid), f"other:{tid}")] = (cpu, switches)
+        name = names.get(int(tid), f"other:{tid}")
+        total_cpu, total_switches = out.get(name, (0, 0))
+        out[name] = (total_cpu + cpu, total_switches + switches)
     return out
 
 
@@ -254,11 +257,11 @@ def threads(contender: str, scalars: int, seconds: float, url: str, workdir: str
     names = [f"train/m{k}" for k in range(scalars)]
     log_step, end = open_contender(contender, names, url, workdir)
     warm = run_for(train, log_step, 2.0, 0)
-    before = _thread_counters()
+    before = thread_counters()
     t0 = time.perf_counter()
     n = run_for(train, log_step, seconds, warm)
     elapsed = time.perf_counter() - t0
-    after = _thread_counters()
+    after = thread_counters()
     per_thread = {
         name: [(cpu - before[name][0]) / 1e6 / elapsed, (sw - before[name][1]) / elapsed]
         for name, (cpu, sw) in after.items() if name in before

@@ -19,11 +19,9 @@ pinned to CPU 0 and this process to the others when there are two or more.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import torch
 
 import bench_lightning
 import steplog.integrations.lightning as steplog_lightning
+from bench_step_loop import thread_counters
 from mlflow_support import MlflowServer, pin_beside_server
 from steplog.sinks.mlflow.common import plugins
 
@@ -43,16 +42,8 @@ SETTINGS = ("plugins read once", "plugins read per run")
 
 def steplog_threads_cpu_ms() -> float:
     """CPU so far of this process's live threads named ``steplog-*`` (ms)."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        if names.get(int(tid), "").startswith("steplog-"):
-            try:
-                with open(f"/proc/self/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except OSError:  # the thread ended meanwhile
-                continue
-    return total / 1e6
+    return sum(cpu for name, (cpu, _) in thread_counters().items()
+               if name.startswith("steplog-")) / 1e6
 
 
 def main() -> None:
