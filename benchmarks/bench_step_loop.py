@@ -408,25 +408,28 @@ def report_alternating(scalars: int, phase: float,
     print(f"\n{scalars} scalars per step, logging on vs off in the same process, phases of "
           f"{phase:g} s: step time on / off - 1")
     print(f"{'contender':<20}{'wall per step':>26}{'paired wall, 95% CI':>26}"
-          f"{'training thread CPU':>26}{'pairs':>7}{'delivered':>11}")
+          f"{'training thread CPU':>26}{'pairs':>7}{'step off, ms':>14}{'delivered':>11}")
     for c, rs in runs.items():
-        walls, cpus, paired = [], [], []
+        walls, cpus, paired, steps_off = [], [], [], []
         for r in rs:
             on, off = r["on"], r["off"]
             assert isinstance(on, list) and isinstance(off, list)
             walls.append(statistics.median(x[0] for x in on) / statistics.median(x[0] for x in off))
             cpus.append(statistics.median(x[1] for x in on) / statistics.median(x[1] for x in off))
             paired += [a[0] / b[0] for a, b in zip(on, off, strict=False)]
+            steps_off += [x[0] for x in off]
         cells = [f"{100 * (statistics.median(v) - 1):+.2f}% "
                  f"[{100 * (min(v) - 1):+.2f}, {100 * (max(v) - 1):+.2f}]" for v in (walls, cpus)]
         mean = statistics.fmean(paired)
         half = 1.96 * statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else 0.0
         pair_cell = f"{100 * (mean - 1):+.2f}% \u00b1 {100 * half:.2f}"
         ok = "ok" if all(bool(r["ok"]) for r in rs) else "LOST"
-        print(f"{c:<20}{cells[0]:>26}{pair_cell:>26}{cells[1]:>26}{len(paired):>7}{ok:>11}")
+        print(f"{c:<20}{cells[0]:>26}{pair_cell:>26}{cells[1]:>26}{len(paired):>7}"
+              f"{statistics.median(steps_off):>14.3f}{ok:>11}")
     print("none: both kinds of phase log nothing (the method's own spread). Paired: the mean "
           "over every on/off pair of adjacent phases of on / off, with its 95% confidence "
-          "interval (1.96 standard errors)")
+          "interval (1.96 standard errors). Step off: the median step with logging off (the "
+          "machine's speed during the contender's runs)")
 
 
 def report_threads(scalars: int, runs: dict[str, list[dict[str, object]]]) -> None:
