@@ -33,7 +33,8 @@ and of the training thread's CPU per step: the same process, memory layout and C
 sides, so the differences between processes (a few percent here) drop out; ``none`` shows the
 method's own spread. It also prints the mean, over every pair of adjacent on and off phases,
 of their ratio, with its 95% confidence interval: a long run (``--seconds 600``) narrows it
-well below the machine's second-to-second variation.
+well below the machine's second-to-second variation. Beside them, the median step with
+logging off shows the machine's speed during the contender's runs.
 
 With ``--threads`` each contender's process instead runs the loop with logging on for
 ``--seconds`` (after a 2 s warm-up) and prints, for each of its threads (named as in
@@ -404,7 +405,8 @@ def report_alternating(scalars: int, phase: float,
                        runs: dict[str, list[dict[str, object]]]) -> None:
     """Per contender: logging on over off, of the wall time per step and of the training
     thread's CPU per step, each the median over the process's phases, then the median over
-    processes (the range over processes in brackets)."""
+    processes (the range over processes in brackets); and the median step with logging off
+    (the machine's speed during the contender's runs)."""
     print(f"\n{scalars} scalars per step, logging on vs off in the same process, phases of "
           f"{phase:g} s: step time on / off - 1")
     print(f"{'contender':<20}{'wall per step':>26}{'paired wall, 95% CI':>26}"
