@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from lightning.pytorch.loggers.logger import Logger as LightningLogger
@@ -245,8 +246,8 @@ class SteplogLogger(LightningLogger):
         logger = self._open_logger()
         if logger.state is State.INERT:  # a rank that does not log under steplog's policy
             return
-        dirpath = str(getattr(callback, "dirpath", None) or "")
-        if "://" in dirpath and not dirpath.startswith("file://"):
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath and not _is_local_file_protocol(dirpath):  # Lightning's own test of a path
             if not self._warned_remote:
                 self._warned_remote = True
                 warnings.warn(f"steplog: checkpoints saved under {dirpath} are not uploaded "
