@@ -232,3 +232,57 @@ def test_a_rank_that_does_not_log_answers_the_async_calls_at_once(
 
     anyio.run(main, backend=backend)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_aclose_that_gave_up_on_another_close_returns_that_close_result_once_it_ended(
+    backend: str,
+) -> None:
+    logger = Logger(sinks=[ListSink(delay_s=1.0)], options=FAST)
+    logger.log_scalar("x", 1.0, 0)
+    closed: list[Any] = []
+    other = threading.Thread(target=lambda: closed.append(logger.close(10)))
+    other.start()
+    time.sleep(0.1)  # the other close holds the logger's close
+
+    async def main() -> None:
+        first = await logger.aclose(0.3)
+        assert not first and first.timed_out
+        other.join(10)
+        again = await logger.aclose(5)
+        assert again and again is closed[0]
+
+    anyio.run(main, backend=backend)
+
+
+def test_aclose_in_a_forked_child_returns_at_once(backend: str) -> None:
+    import os
+
+    gate = threading.Event()
+    logger = Logger(sinks=[ListSink(release=gate)], options=FAST)
+    logger.log_scalar("x", 1.0, 0)
+
+    async def cut_short() -> None:
+        with anyio.move_on_after(0.1):
+            await logger.aclose(30)  # the close goes on in the background
+
+    anyio.run(cut_short, backend=backend)
+    pid = os.fork()
+    if pid == 0:  # the child's copy of the logger logs nothing and closes at once
+        code = 1
+        try:
+            start = time.monotonic()
+            result = anyio.run(logger.aclose, 5, backend=backend)
+            code = 0 if result and time.monotonic() - start < 1.0 else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    done, status = 0, 0
+    while not done and time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+    if not done:  # stuck: fail instead of hanging
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    gate.set()
+    assert logger.close(10)
+    assert done and os.waitstatus_to_exitcode(status) == 0

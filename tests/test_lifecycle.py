@@ -227,6 +227,21 @@ def test_a_non_finite_or_negative_timeout_raises_and_leaves_the_logger_open(
     assert logger.close(10) and len(sink.records) == 1
 
 
+def test_a_timeout_beyond_the_longest_wait_raises_and_leaves_the_logger_open() -> None:
+    from steplog.retry import LONGEST_WAIT_S
+
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=FAST)
+    for call in (logger.close, logger.flush):
+        with pytest.raises(ValueError, match="at most"):
+            call(timeout=LONGEST_WAIT_S * 10)
+    with pytest.raises(ValueError, match=r"exit_timeout_s must be .* at most"):
+        Options(exit_timeout_s=LONGEST_WAIT_S * 10)
+    assert logger.state is State.OPEN
+    logger.log_scalar("x", 1.0)
+    assert logger.close(LONGEST_WAIT_S) and len(sink.records) == 1
+
+
 def test_many_threads_closing_at_once_all_get_the_same_result() -> None:
     logger = Logger(sinks=[SlowCloseSink(0.2)], options=FAST)
     for i in range(100):

@@ -230,6 +230,19 @@ def test_close_on_finalize_false_keeps_the_logger_open_for_the_next_stage(
     assert steplog_logger.close(10)
 
 
+def test_close_on_finalize_false_uploads_checkpoints_and_leaves_no_staging_folder(
+    tmp_path: Path,
+) -> None:
+    steplog_logger = Logger.create("file", output_dir=tmp_path / "run", options=FAST)
+    logger = SteplogLogger(steplog_logger, save_dir=tmp_path / "logs", close_on_finalize=False,
+                           log_model="all")
+    fit(logger, tmp_path)
+    assert steplog_logger.state is State.OPEN
+    assert not list((tmp_path / "ckpts").glob(".steplog-uploads-*"))
+    assert list((tmp_path / "run" / "checkpoints").rglob("*.ckpt"))
+    assert steplog_logger.close(10)
+
+
 def test_fit_then_test_log_into_one_file_run_by_default(tmp_path: Path) -> None:
     logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=False)
     fit(logger, tmp_path, then_test=True)

@@ -133,6 +133,28 @@ def test_the_run_status_follows_how_the_process_ended(
 
 
 
+def test_records_left_at_exit_go_through_several_requests_in_flight(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    # The exit close runs after the interpreter stopped taking thread-pool work.
+    run_id_file = tmp_path / "run_id"
+    code = textwrap.dedent(f"""
+        from steplog.loggers import MLFlowLogger
+        lg = MLFlowLogger({experiment()!r}, tracking_uri={mlflow_server.url!r}, max_in_flight=2)
+        assert lg.flush(60)
+        open({str(run_id_file)!r}, "w").write(lg.run_id)
+        for i in range(3000):
+            lg.log_metrics({{"a": float(i), "b": -float(i)}}, i)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "not delivered" not in proc.stderr, proc.stderr
+    run_id = run_id_file.read_text()
+    for key in ("a", "b"):
+        assert len(mlflow_server.metric_history(run_id, key)) == 3000
+
+
 def test_the_http_path_works_when_mlflow_cannot_be_imported(
     mlflow_server: MlflowServer, tmp_path
 ) -> None:

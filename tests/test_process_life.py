@@ -96,6 +96,61 @@ def test_sigterm_flushes_and_ends_the_run_killed(tmp_path) -> None:
     assert json.loads((run / "run.json").read_text())["status"] == "KILLED"
 
 
+@pytest.mark.parametrize(("code", "status"), [(0, "FINISHED"), (None, "FINISHED"),
+                                             (1, "FAILED"), ("'stopped'", "FAILED")])
+def test_sys_exit_inside_with_ends_the_run_as_the_exit_status_says(
+    tmp_path, code: object, status: str
+) -> None:
+    proc = run_child(f"""
+        import sys, steplog
+        with steplog.FileLogger({str(tmp_path)!r}) as lg:
+            lg.log_scalar("x", 1.0, 0)
+            sys.exit({code})
+    """)
+    assert proc.returncode == (0 if code in (0, None) else 1), proc.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == status
+
+
+WITH_BLOCKS = {
+    "with": """
+        import pathlib, time, steplog
+        with steplog.FileLogger({run!r}) as lg:
+            lg.log_scalar("x", 1.0, 0)
+            pathlib.Path({ready!r}).touch()
+            time.sleep(30)
+    """,
+    "async with": """
+        import asyncio, pathlib, steplog
+        async def main():
+            async with steplog.FileLogger({run!r}) as lg:
+                lg.log_scalar("x", 1.0, 0)
+                pathlib.Path({ready!r}).touch()
+                await asyncio.sleep(30)
+        asyncio.run(main())
+    """,
+}
+
+
+@pytest.mark.parametrize("block", sorted(WITH_BLOCKS))
+def test_sigterm_inside_with_ends_the_run_killed(tmp_path, block: str) -> None:
+    ready = tmp_path / "ready"
+    run = tmp_path / "run"
+    code = WITH_BLOCKS[block].format(run=str(run), ready=str(ready))
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    assert json.loads((run / "run.json").read_text())["status"] == "KILLED"
+
+
 def test_kill_9_loses_at_most_the_records_not_yet_written_and_leaves_whole_lines(tmp_path) -> None:
     ready = tmp_path / "ready"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -448,6 +449,86 @@ def test_when_rank_0_never_creates_the_shared_run_sync_delivers_every_rank_into_
         history = mlflow_server.metric_history(run["info"]["run_id"], f"rank{rank}/loss")
         assert [(m["step"], m["value"]) for m in history] == [(i, rank * 10.0 + i)
                                                               for i in range(5)]
+    assert run["info"]["status"] == "FINISHED"  # ended by the sync that created it
+
+
+def test_sync_of_a_rank_never_puts_its_records_into_a_later_launchs_shared_run(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    experiment = f"ranks-later-launch-{time.time_ns()}"
+    clean_env.setenv("STEPLOG_RUNS_DIR", str(tmp_path / "runs"))
+    as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    earlier = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from steplog import MLFlowLogger, Options
+        lg = MLFlowLogger({experiment!r}, tracking_uri={mlflow_server.url!r}, run_name="r",
+                          options=Options(ranks="all", drain_interval_s=0.01))
+        for i in range(5):
+            lg.log_scalar("loss", 10.0 + i, i)
+        assert not lg.close(3)  # rank 0 of this launch died before its logger started
+    """)], capture_output=True, text=True, timeout=120)
+    assert earlier.returncode == 0, earlier.stderr
+    (manifest,) = (tmp_path / "runs" / "rank1").rglob("run.json")
+    data = json.loads(manifest.read_text())
+    day_ms = 86_400_000
+    for info in data["sinks"].values():  # this launch was a day ago
+        info["target"]["started_ms"] -= day_ms
+        info["target"]["launched_ms"] -= day_ms
+    manifest.write_text(json.dumps(data))
+    a_day_ago = time.time() - 86_400
+    for segment in manifest.parent.glob("journal/*.seg"):
+        os.utime(segment, (a_day_ago, a_day_ago))
+    started_ms = info["target"]["started_ms"]
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")  # today's launch, same identity
+    today = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+                         options=Options(ranks="all", drain_interval_s=0.01))
+    today.log_scalar("loss", 1.0, 0)
+    assert today.close(60)
+    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync",
+                           str(tmp_path / "runs" / "rank1")],
+                          capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    runs = {r["info"]["run_id"]: r for r in runs_of(mlflow_server, experiment)}
+    assert set(runs) - {today.run_id}, "rank 1's records went into today's run"
+    assert mlflow_server.metric_history(today.run_id, "rank1/loss") == []
+    (old,) = set(runs) - {today.run_id}
+    assert [m["value"] for m in mlflow_server.metric_history(old, "rank1/loss")] == [
+        10.0 + i for i in range(5)]
+    assert int(runs[old]["info"]["start_time"]) == started_ms  # among its launch's runs
+    assert runs[old]["info"]["status"] == "FINISHED"
+
+
+def test_a_shared_run_a_sync_created_but_could_not_end_is_ended_by_the_next_sync(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    from fault_proxy import FaultProxy
+
+    experiment = f"ranks-sync-end-{time.time_ns()}"
+    clean_env.setenv("STEPLOG_RUNS_DIR", str(tmp_path / "runs"))
+    as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    journals = tmp_path / "runs" / "rank1"
+
+    def sync() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "steplog.cli", "sync", "--timeout", "2",
+                               str(journals)], capture_output=True, text=True, timeout=120)
+
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        lg = MLFlowLogger(experiment, tracking_uri=proxy.url, run_name="r",
+                          options=Options(ranks="all", drain_interval_s=0.01))
+        for i in range(5):
+            lg.log_scalar("loss", 10.0 + i, i)
+        assert not lg.close(3)  # rank 0 died before its logger started
+        proxy.set("reset", only=b"/runs/update")
+        first = sync()  # creates the shared run, cannot end it
+        assert first.returncode == 1 and "its run was not ended" in first.stdout, first.stdout
+        (run,) = runs_of(mlflow_server, experiment)
+        assert run["info"]["status"] == "RUNNING"
+        proxy.set("pass")
+        second = sync()
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "its run was ended" in second.stdout
+    (run,) = runs_of(mlflow_server, experiment)
+    assert run["info"]["status"] == "FINISHED"
+    assert len(mlflow_server.metric_history(run["info"]["run_id"], "rank1/loss")) == 5
 
 
 def test_a_shared_run_moved_by_sync_to_stays_one_run_for_every_rank() -> None:

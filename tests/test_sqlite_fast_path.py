@@ -296,6 +296,25 @@ def test_a_changed_metrics_table_falls_back_to_log_batch_with_the_reason_in_stat
     assert len(mlflow.MlflowClient(uri).get_metric_history(logger.run_id, "loss")) == 3_000
 
 
+def test_an_active_model_falls_back_to_log_batch_which_links_every_point_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    model = client.create_logged_model(experiment_id=client.create_experiment("gate"),
+                                       name="policy")
+    monkeypatch.setenv("MLFLOW_ACTIVE_MODEL_ID", model.model_id)  # the sink host inherits it
+    logger = MLFlowLogger("gate", tracking_uri=uri)
+    with pytest.warns(SteplogWarning, match="an active model id is set"):
+        logger.log_scalar("loss", 1.0, 0)
+        logger.log_scalar("loss", 0.5, 1)
+        assert logger.close(120)
+    assert logger.stats().sinks["mlflow"].info["metrics_path"] == "log_batch"
+    linked = client.get_logged_model(model.model_id).metrics
+    assert sorted((m.key, m.value, m.step) for m in linked) == [("loss", 0.5, 1),
+                                                                ("loss", 1.0, 0)]
+
+
 def test_the_fast_path_turned_off_by_the_environment_warns_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,8 +145,8 @@ def test_add_scalar_with_a_walltime_or_a_non_number_raises_at_the_call(writer: A
         writer.add_scalar("x", 1.0, 0, walltime=123.0)
     with pytest.raises(TypeError, match="expected a real number"):
         writer.add_scalar("x", "blob_name", 0)
-    with pytest.raises(TypeError, match="iteration must be an int"):
-        writer.add_scalar("x", 1.0, 0.5)
+    with pytest.raises(TypeError, match="global_step must be a number"):
+        writer.add_scalar("x", 1.0, [0])
 
 
 def test_add_scalars_stores_each_key_under_the_main_tag(writer: Any, tmp_path: Path) -> None:
@@ -204,6 +204,52 @@ def test_add_text_of_two_writers_on_one_logger_keeps_both(tmp_path: Path) -> Non
     run = tmp_path / "run"
     assert [(run / f).read_text() for f in ("note.md", "note-2.md")] == [
         "from the first", "from the second"]
+
+
+def test_add_text_takes_a_str_subclass_as_tensorboard_does(writer: Any, tmp_path: Path) -> None:
+    writer.add_text("note", np.str_("numpy text"), 1)
+    assert writer.close(30)
+    assert (tmp_path / "run" / "note_1.md").read_text() == "numpy text"
+
+
+def test_a_real_global_step_is_truncated_to_an_int_as_tensorboard_does(
+    writer: Any, tmp_path: Path
+) -> None:
+    writer.add_scalar("a", 1.0, 3.0)
+    writer.add_scalar("a", 2.0, np.float64(4))
+    writer.add_scalar("a", 3.0, torch.tensor(5.7))
+    writer.add_scalars("b", {"c": 1.0}, 6.0)
+    writer.add_histogram("h", [1.0, 3.0], np.float32(7))
+    writer.add_text("t", "text", 8.0)
+    with pytest.raises(TypeError, match="global_step must be a number"):
+        writer.add_scalar("a", 4.0, "9")
+    with pytest.raises(TypeError, match="global_step must be a number"):
+        writer.add_scalar("a", 4.0, float("nan"))
+    assert writer.close(30)
+    run = tmp_path / "run"
+    got = scalars(run)
+    assert got["a"] == [(3, 1.0), (4, 2.0), (5, 3.0)]
+    assert got["b/c"] == [(6, 1.0)]
+    assert {step for step, _ in got["h/mean"]} == {7}
+    assert (run / "t_8.md").read_text() == "text"
+
+
+def test_figures_and_images_logged_twice_at_one_step_are_both_kept(writer: Any,
+                                                                  tmp_path: Path) -> None:
+    for shade in (0, 200):
+        figure, ax = plt.subplots()
+        ax.plot([0, shade])
+        writer.add_figure("fig", figure)
+        writer.add_figure("pair", [plt.figure(), plt.figure()], 3)
+        writer.add_image("img", np.full((2, 2), shade, dtype=np.uint8), 1, dataformats="HW")
+    assert writer.close(30)
+    run = tmp_path / "run"
+    names = {str(p.relative_to(run)) for p in run.rglob("*.png")}
+    assert names == {"fig.png", "fig-2.png", "pair/0_3.png", "pair/1_3.png", "pair/0-2_3.png",
+                     "pair/1-2_3.png", "img_1.png", "img-2_1.png"}
+    shades = [round(float(matplotlib.image.imread(run / f).max()) * 255)
+              for f in ("img_1.png", "img-2_1.png")]
+    assert shades == [0, 200]
 
 
 def test_add_hparams_stores_parameters_and_the_metrics_as_scalars(writer: Any,

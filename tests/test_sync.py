@@ -139,7 +139,114 @@ def test_a_journal_every_sink_acknowledged_is_removed_at_close(tmp_path: Path) -
     assert list(runs.rglob("journal"))  # kept while the logger is open
     result = logger.close(120)
     assert result and result.sync is None
-    assert not runs.exists() or not any(runs.iterdir())
+    assert [p.name for p in runs.iterdir()] == ["delivered.jsonl"]  # the run's line only
+
+
+def test_sync_of_the_run_directory_a_logger_delivered_whole_exits_0_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logger = MLFlowLogger("sync-clean", tracking_uri=uri,
+                          options=Options(drain_interval_s=0.01, runs_dir=str(runs)))
+    run_dir = Path(logger.run_dir or "")
+    logger.log_scalar("x", 1.0, 0)
+    assert logger.close(120)
+    assert not run_dir.exists()
+    assert main(["sync", str(run_dir)]) == 0  # the command printed at the start
+    out = capsys.readouterr().out
+    assert f"{run_dir.name}: delivered whole by its logger at" in out
+    assert f"mlflow -> mlflow {uri}" in out
+    assert main(["show", str(run_dir)]) == 2
+    assert "was delivered whole by its logger at" in capsys.readouterr().err
+
+
+def test_a_run_a_sync_could_not_end_keeps_its_journal_and_the_next_sync_ends_it(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fault_proxy import FaultProxy
+
+    runs = tmp_path / "runs"
+    experiment = f"sync-end-{time.monotonic_ns()}"
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        proxy.set("reset")  # down for the whole run
+        logger = MLFlowLogger(experiment, tracking_uri=proxy.url,
+                              options=Options(drain_interval_s=0.01, retry=QUICK,
+                                              runs_dir=str(runs)))
+        for i in range(5):
+            logger.log_scalar("x", float(i), i)
+        result = logger.close(30)
+        assert not result and not result.timed_out and result.sync is not None
+        proxy.set("reset", only=b"/runs/update")  # back, but a run cannot be ended
+        assert main(["sync", "--timeout", "2", str(runs)]) == 1
+        out = capsys.readouterr().out
+        assert "5 records sent" in out and "its run was not ended" in out
+        assert "frames still kept" not in out
+        assert list(runs.rglob("journal"))  # kept: the run still has to be ended
+        (run_id,) = run_ids(runs)
+        assert mlflow_server.run(run_id)["info"]["status"] == "RUNNING"
+        proxy.set("reset")  # down again: this sync stops before it can end the run
+        assert main(["sync", "--timeout", "1", str(runs)]) == 1
+        assert list(runs.rglob("journal"))  # still kept: the run still has to be ended
+        proxy.set("pass")
+        capsys.readouterr()
+        assert main(["sync", str(runs)]) == 0
+        assert "nothing to send; its run was ended" in capsys.readouterr().out
+    assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+    assert [s for s, _, _ in history(mlflow_server, run_id, "x")] == list(range(5))
+    assert not any(runs.rglob("journal"))
+
+
+def test_a_run_its_logger_could_not_end_keeps_its_journal_until_a_sync_ends_it(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fault_proxy import FaultProxy
+
+    runs = tmp_path / "runs"
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        logger = MLFlowLogger(f"logger-end-{time.monotonic_ns()}", tracking_uri=proxy.url,
+                              options=Options(drain_interval_s=0.01, retry=QUICK,
+                                              runs_dir=str(runs)))
+        for i in range(5):
+            logger.log_scalar("x", float(i), i)
+        assert logger.flush(30)
+        proxy.set("reset", only=b"/runs/update")
+        result = logger.close(30)
+        assert not result and result.delivered == 5 and result.sync is not None
+        run_id = logger.run_id or ""
+        assert mlflow_server.run(run_id)["info"]["status"] == "RUNNING"
+        proxy.set("pass")
+        assert main(["sync", str(runs)]) == 0
+    assert "its run was ended" in capsys.readouterr().out
+    assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+    assert not any(runs.rglob("journal"))
+
+
+@pytest.mark.parametrize("part", ["journal", "run.json", "journal/lock"])
+def test_sync_of_a_part_of_a_run_directory_syncs_that_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], part: str
+) -> None:
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-part", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=Options(runs_dir=str(runs), retry=QUICK))
+    logger.log_scalar("x", 1.0, 0)
+    result = logger.close(30)
+    assert not result and not result.timed_out
+    run_dir = Path(logger.run_dir or "")
+    target = run_dir / part
+    if not target.exists():
+        target = next((run_dir / "journal").iterdir())  # any file of the journal
+    assert main(["sync", "--timeout", "1", str(target)]) == 1  # the server is still down
+    out = capsys.readouterr().out
+    assert f"{run_dir.name} -> mlflow" in out and "1 frames still kept" in out
+
+
+def test_sync_of_a_file_outside_any_run_exits_2(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    stray = tmp_path / "notes.txt"
+    stray.write_text("not a run")
+    assert main(["sync", str(stray)]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
 
 
 def test_journaling_can_be_turned_off(tmp_path: Path) -> None:
@@ -229,10 +336,10 @@ def test_a_close_whose_deadline_passes_while_the_journal_is_closing_still_names_
     may_finish = threading.Event()
     finish = RunJournal.finish
 
-    def slow_finish(self: RunJournal) -> bool:  # a slow disk under the journal's last write
-        finishing.set()
+    def slow_finish(self: RunJournal, unended: dict[str, str] | None = None) -> bool:
+        finishing.set()  # a slow disk under the journal's last write
         may_finish.wait(10)
-        return finish(self)
+        return finish(self, unended)
 
     monkeypatch.setattr(RunJournal, "finish", slow_finish)
     logger = MLFlowLogger("sync-slow-close", tracking_uri=f"http://127.0.0.1:{free_port()}",

@@ -75,10 +75,14 @@ async def aclose(logger: Logger, timeout: float | None = None,
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
     start = time.monotonic()
+    if life.state is State.INERT:  # in a forked child, a job is the parent's: no thread here
+        return life.close(seconds, status)
     job = _jobs.get(life)
-    if job is None or (job.done.is_set() and job.result is None):
-        if life.state is State.CLOSED or life.state is State.INERT:
-            return life.close(seconds, status)  # the result is fixed: returns at once
+    if job is None or job.done.is_set():
+        # A finished job's result may only say that it gave up waiting for another close;
+        # once the logger is closed, its close's result is fixed (and returned at once).
+        if life.state is State.CLOSED:
+            return life.close(seconds, status)
         job = _jobs[life] = _CloseJob(life, seconds, status)
     if await _wait_any((job.done,), start + seconds):
         if job.error is not None:

@@ -47,10 +47,10 @@ accepts. The path of the image is printed."""
 _SYNC = """\
 Deliver what loggers kept on disk under PATH (one run directory, or every one under it): the
 journaled records a sink did not store, and the uploads that failed after their retries.
-Running it again stores nothing twice; a run an earlier sync delivered whole (and removed) is
-reported as having nothing left to deliver. With --to URI, what an MLflow run lacks goes to a
-new run at that tracking URI instead (the same one on every later sync). Exit status: 0 when
-nothing is left, 1 when something is still kept, 2 for a PATH that never held a run."""
+Running it again stores nothing twice; a run its logger or an earlier sync delivered whole (and
+removed) is reported as having nothing left to deliver. With --to URI, what an MLflow run lacks
+goes to a new run at that tracking URI instead (the same one on every later sync). Exit status:
+0 when nothing is left, 1 when something is still kept, 2 for a PATH that never held a run."""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

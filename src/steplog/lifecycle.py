@@ -52,7 +52,7 @@ from steplog.results import CloseResult, FlushResult, Stats
 from steplog.retry import check_seconds
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["Lifecycle", "State"]
+__all__ = ["Lifecycle", "State", "terminated"]
 
 _FLUSH_POLL_S = 0.1
 
@@ -317,9 +317,11 @@ class Lifecycle:
         if timed_out:
             losses = (*losses, *p.pending_losses())
         nothing_lost = undelivered == s.failed == s.rejected == s.dropped == 0
+        run_errors = p.run_errors()
         return CloseResult(
-            ok=nothing_lost and not timed_out and not p.run_errors(),
-            sync=p.sync_command() if not nothing_lost or timed_out else None,
+            ok=nothing_lost and not timed_out and not run_errors,
+            # A run that could not be ended is ended by the sync (its journal is kept).
+            sync=p.sync_command() if not nothing_lost or timed_out or run_errors else None,
             delivered=s.delivered,
             undelivered=undelivered,
             dropped=s.dropped,
@@ -363,6 +365,7 @@ _exit_status: RunStatus = "FINISHED"
 _exiting = False
 _shielded = 0
 _sigterm_pending = False
+_sigterm_seen = False
 
 
 class _Shield:
@@ -506,8 +509,13 @@ def _install_sigterm() -> None:
     _sigterm_pid = os.getpid()
 
 
+def terminated() -> bool:
+    """True once steplog's SIGTERM handler ran in this process."""
+    return _sigterm_seen
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
-    global _exit_status, _sigterm_pending
+    global _exit_status, _sigterm_pending, _sigterm_seen
     if os.getpid() != _sigterm_pid:
         # A forked child that got SIGTERM before its fork hook ran (or inside another hook,
         # where an exception would be ignored and the signal lost): the default action.
@@ -515,6 +523,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         return
     _exit_status = "KILLED"
+    _sigterm_seen = True
     if _exiting:
         return  # the exit close is running: let it finish within its deadline
     if _shielded:

@@ -33,7 +33,7 @@ from steplog.capture import capture_param, capture_step, capture_value
 from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
 from steplog.errors import LoggerClosedError
 from steplog.images import encode_png
-from steplog.lifecycle import Lifecycle, State
+from steplog.lifecycle import Lifecycle, State, terminated
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
 from steplog.ranks import RankPlan, inert_class
@@ -42,7 +42,7 @@ from steplog.records import Artifact, Param, Tag, now_ms
 from steplog.results import CloseResult, FlushResult, Stats
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["Logger"]
+__all__ = ["Logger", "exit_status"]
 
 L = TypeVar("L", bound="type[Logger]")
 Successor = TypeVar("Successor", bound="Logger")
@@ -306,7 +306,7 @@ class Logger:
     def log_text(self, text: str, name: str, iteration: int | None = None) -> None:
         """Queue ``text`` as the UTF-8 file ``name`` (``.txt`` added if it has no extension;
         ``_<iteration>`` before it)."""
-        if type(text) is not str:
+        if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         self._upload(data_of(text.encode(), name, ".txt", iteration, "text"))
 
@@ -479,7 +479,7 @@ class Logger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose(status=_exit_status(exc_type))
+        await self.aclose(status=exit_status(exc_type, exc))
 
     @property
     def run_dir(self) -> str | None:
@@ -511,13 +511,20 @@ class Logger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close(status=_exit_status(exc_type))
+        self.close(status=exit_status(exc_type, exc))
 
 
-def _exit_status(exc_type: type[BaseException] | None) -> RunStatus:
+def exit_status(exc_type: type[BaseException] | None, exc: BaseException | None) -> RunStatus:
+    """The status of a run left by ``exc``: ``KILLED`` for Ctrl-C or once a SIGTERM came
+    (steplog's handler raises ``SystemExit``; under asyncio the task sees a cancellation),
+    ``FINISHED`` for ``sys.exit()`` with status 0, else ``FAILED``."""
     if exc_type is None:
         return "FINISHED"
-    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+    if issubclass(exc_type, KeyboardInterrupt) or terminated():
+        return "KILLED"
+    if issubclass(exc_type, SystemExit) and getattr(exc, "code", None) in (None, 0):
+        return "FINISHED"
+    return "FAILED"
 
 
 Logger.register("blank")(Logger)

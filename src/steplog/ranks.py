@@ -48,6 +48,7 @@ __all__ = [
     "check_policy",
     "inert_class",
     "job_identity",
+    "latest_start_ms",
     "launch_floor_ms",
     "plan",
 ]
@@ -140,6 +141,12 @@ def _process_start_ms() -> int | None:
 
 def _floor_ms(started_ms: int) -> int:
     return started_ms - int(LAUNCH_SKEW_S * 1000)
+
+
+def latest_start_ms(started_ms: int) -> int:
+    """The latest start time (ms since the epoch) of a run that the rank 0 of the launch of a
+    process started at ``started_ms`` can have created (a later one is a later launch's)."""
+    return started_ms + int(LAUNCH_SKEW_S * 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +253,9 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
         raise ValueError("$RANK is set but $WORLD_SIZE is not; a launcher such as torchrun "
                          "sets both")
     if rank >= world_size:
-        raise ValueError(f"${names[0]} ({rank}) must be below ${names[2]} ({world_size})")
+        what = (f"${names[0]} ({rank})" if names[0] != "LOCAL_RANK" else
+                f"the rank $NODE_RANK * $LOCAL_WORLD_SIZE + $LOCAL_RANK ({rank})")
+        raise ValueError(f"{what} must be below ${names[2]} ({world_size})")
     local_rank = _int_env(env, names[1], 0)
     group = None
     if policy != "zero":

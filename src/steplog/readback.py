@@ -62,12 +62,12 @@ def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
         return _from_path(path)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
-        from steplog.runlog import delivered_entry, delivered_to
+        from steplog.runlog import delivered_by, delivered_entry, delivered_to
 
         entry = delivered_entry(path)
         if entry is not None:
             sinks = delivered_to(entry)
-            raise ValueError(f"{spec} was delivered whole by steplog sync at "
+            raise ValueError(f"{spec} was delivered whole by {delivered_by(entry)} at "
                              f"{entry.get('delivered_at', '?')} and removed; its records are "
                              f"in {sinks or 'its sinks'}")
         raise ValueError(f"{spec} does not exist (for an MLflow run, give --tracking-uri)")

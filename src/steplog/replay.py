@@ -13,7 +13,9 @@ within ``timeout_s`` (per write), or a refusal of the request as a whole (no per
 deleted run), stops that sink with its cursor kept, so a later sync continues there. Once a sink
 has every frame, its run is ended with the status the logger closed with (``run.json``), when it
 closed. Writing a frame twice stores nothing twice (only sinks that keep identical rows once are
-journaled). A journal every sink acknowledged whole is removed, with ``run.json``.
+journaled). A journal every sink acknowledged whole is removed, with ``run.json``, unless a run
+could not be ended: then ``run.json`` notes it, and a later sync ends that run though no frame
+is left.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from steplog.moves import MOVED_FROM, follow, move_run
 from steplog.paths import replace_json
 from steplog.records import Batch
 from steplog.retry import RetryPolicy, call_with_retry, is_retryable
-from steplog.runlog import note_delivered, remove_delivered
-from steplog.sinks.base import RunStatus, Sink
+from steplog.runlog import END_FAILED, destination, note_delivered, remove_delivered
+from steplog.sinks.base import ACTIVE_UNTIL, RunStatus, Sink
 
 __all__ = ["SinkReplay", "find_runs", "replay_run"]
 
@@ -68,6 +70,11 @@ class SinkReplay(msgspec.Struct):
     moved_from: str | None = None
     """The tracking URI the sink was going to before ``steplog sync --to`` moved it."""
     error: str | None = None
+    end_error: str | None = None
+    """Why the run could not be ended with the logger's status once every frame was written
+    (:attr:`error` says it too); the journal is kept, and a later sync ends the run."""
+    ended: bool = False
+    """The run, which its logger or an earlier sync could not end, was ended by this sync."""
 
 
 def find_runs(path: str | Path) -> Iterator[Path]:
@@ -99,11 +106,20 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
             counts[consumer] = _count(journal, consumer)
         refused = move_run(run, to, {c for c, (frames, _) in counts.items() if frames})
         manifest = json.loads((run / "run.json").read_text())
+        status = _status(manifest)
+        active_ms = _last_written_ms(run / "journal")
+        unended: set[str] = set()
+        """Sinks whose run is still to be ended: the journal stays for a later sync."""
         for consumer, info in manifest.get("sinks", {}).items():
             out = SinkReplay(run, consumer, info.get("kind", "?"))
             results.append(out)
             out.pending, out.total = counts[consumer]
-            if not out.pending:
+            # A run the logger or an earlier sync could not end is ended now, though no frame
+            # is left; until then it stays marked, whatever stops this sync first.
+            ending = bool(info.get(END_FAILED)) and status is not None
+            if ending:
+                unended.add(consumer)
+            if not out.pending and not ending:
                 continue
             if consumer in refused:
                 out.error = refused[consumer]
@@ -114,30 +130,42 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
             try:
                 if not info.get("target"):
                     raise ValueError(f"the {out.kind} sink cannot be reached again from here")
-                sink = reattach(out.kind, follow(info, to))
+                sink = reattach(out.kind, {**follow(info, to), ACTIVE_UNTIL: active_ms})
             except Exception as exc:
                 out.error = str(exc) or repr(exc)
                 continue
             try:
-                _replay_sink(journal, sink, out, timeout_s, progress, _status(manifest),
+                _replay_sink(journal, sink, out, timeout_s, progress, status,
                              functools.partial(_note_run, run, consumer))
             finally:
                 out.seconds = time.monotonic() - started
                 with contextlib.suppress(Exception):
                     sink.release()
-        if all(journal.cursor(c) >= journal.last_seq for c in journal.consumers):
-            note_delivered(run, {r.consumer: r.destination or _destination(info)
+            if out.end_error is not None:
+                unended.add(consumer)
+                _note_sink(run, consumer, {END_FAILED: out.end_error})
+            elif ending and out.error is None:  # ended with the logger's status just now
+                out.ended = True
+                unended.discard(consumer)
+                _note_sink(run, consumer, {END_FAILED: None})
+        # Kept while a run could not be ended: a later sync ends it with the status.
+        if not unended and all(journal.cursor(c) >= journal.last_seq
+                               for c in journal.consumers):
+            note_delivered(run, {r.consumer: r.destination or destination(info)
                                  for r, info in zip(results, manifest.get("sinks", {}).values(),
                                                     strict=True)})
             remove_delivered(run)  # while held: no other sync opens it meanwhile
     return results
 
 
-def _destination(info: dict[str, Any]) -> str:
-    """Where a sink of ``run.json`` writes, for the ledger of delivered runs."""
-    target = info.get("target") or {}
-    where = target.get("tracking_uri") or target.get("api_host") or target.get("output_dir")
-    return f"{info.get('kind', '?')} {where or '?'}"
+def _last_written_ms(directory: Path) -> int | None:
+    """When a frame was last appended to the journal in ``directory`` (its newest segment's
+    modification time; a sync only writes cursors), ``None`` when none can be read."""
+    times = []
+    for segment in directory.glob("*.seg"):
+        with contextlib.suppress(OSError):
+            times.append(segment.stat().st_mtime_ns // 1_000_000)
+    return max(times, default=None)
 
 
 def _status(manifest: dict[str, Any]) -> RunStatus | None:
@@ -164,6 +192,20 @@ def _note_run(run: Path, consumer: str, target: dict[str, Any]) -> None:
         manifest = json.loads((run / "run.json").read_text())
         info = manifest["sinks"][consumer]
         info["target"] = {**info["target"], **target}
+        replace_json(run / "run.json", manifest)
+
+
+def _note_sink(run: Path, consumer: str, fields: dict[str, Any]) -> None:
+    """Set ``fields`` of ``consumer``'s entry in ``run.json`` (``None`` removes a field);
+    best effort, as :func:`_note_run`."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((run / "run.json").read_text())
+        info = manifest["sinks"][consumer]
+        for key, value in fields.items():
+            if value is None:
+                info.pop(key, None)
+            else:
+                info[key] = value
         replace_json(run / "run.json", manifest)
 
 
@@ -240,8 +282,13 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
         if status is not None:
             # The logger closed with this status; its run (or one this sync created) is
             # ended so.
-            call_with_retry(functools.partial(sink.close, status), policy, _within(timeout_s),
-                            _quiet)
+            try:
+                call_with_retry(functools.partial(sink.close, status), policy,
+                                _within(timeout_s), _quiet)
+            except Exception as exc:
+                out.end_error = f"its run was not ended ({exc or repr(exc)})"
+                raise ValueError(f"{out.end_error}; a later steplog sync ends it "
+                                 f"{status}") from exc
     except Exception as exc:
         out.error = str(exc) or repr(exc)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import tenacity
 
 from steplog.errors import PermanentError, RetryableError
 
-__all__ = ["PERMANENT_ERRNOS", "RetryPolicy", "call_with_retry", "check_seconds", "is_retryable"]
+__all__ = ["LONGEST_WAIT_S", "PERMANENT_ERRNOS", "RetryPolicy", "call_with_retry", "check_seconds",
+           "is_retryable"]
 
 T = TypeVar("T")
 
@@ -56,15 +58,22 @@ def is_retryable(exc: BaseException) -> bool:
     return bool(names & {"ConnectionError", "Timeout", "ProtocolError", "ChunkedEncodingError"})
 
 
+LONGEST_WAIT_S = min(1e9, threading.TIMEOUT_MAX)
+"""The longest wait a deadline may ask for (about 31 years, where the platform's lock waits
+allow it)."""
+
+
 def check_seconds(value: object, what: str, *, allow_zero: bool = True) -> float:
     """Return ``value`` as seconds, or raise: ``TypeError`` for a non-number, ``ValueError`` for
-    NaN, an infinity or a negative number (and zero unless ``allow_zero``)."""
+    NaN, an infinity, a negative number (and zero unless ``allow_zero``) or more than
+    :data:`LONGEST_WAIT_S`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
     seconds = float(value)
-    if not (seconds >= 0 if allow_zero else seconds > 0) or seconds == float("inf"):
+    if not (seconds >= 0 if allow_zero else seconds > 0) or not seconds <= LONGEST_WAIT_S:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
+        raise ValueError(f"{what} must be a finite number of seconds {bound} and at most "
+                         f"{LONGEST_WAIT_S:g}, got {value!r}")
     return seconds
 
 

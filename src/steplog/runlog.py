@@ -13,8 +13,9 @@ close; segments (64 MiB) every sink acknowledged whole are then removed, so a lo
 journal stays about one segment when its sinks keep up.
 
 When every sink acknowledged every frame at close, the journal and ``run.json`` are removed
-(and the run directory, when nothing else is kept there); otherwise they stay for
-``steplog sync`` (:mod:`steplog.replay`).
+(and the run directory, when nothing else is kept there) and the run's line is added to the
+ledger beside it (:data:`DELIVERED_LEDGER`); otherwise they stay for ``steplog sync``
+(:mod:`steplog.replay`).
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ from steplog.journal import Durability, Journal
 from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
-__all__ = ["DELIVERED_LEDGER", "RunJournal", "consumer_name", "delivered_entry",
-           "delivered_to", "note_delivered", "remove_delivered"]
+__all__ = ["DELIVERED_LEDGER", "END_FAILED", "RunJournal", "consumer_name", "delivered_by",
+           "delivered_entry", "delivered_to", "destination", "note_delivered", "remove_delivered"]
 
 _ACK_INTERVAL_S = 1.0
+
+END_FAILED = "end_failed"
+"""The key, in a sink's entry of ``run.json``, of why its run could not be ended (by the
+logger at close, or by a sync): ``steplog sync`` ends that run, even with no frame left."""
 
 
 def consumer_name(label: str) -> str:
@@ -47,16 +52,18 @@ def consumer_name(label: str) -> str:
 
 
 DELIVERED_LEDGER = "delivered.jsonl"
-"""The file beside run directories that ``steplog sync`` delivered whole and removed: one JSON
-line per run (its name, when, and where each sink's records went), so that a later sync of the
-same path can say nothing is left instead of that the path does not exist."""
+"""The file beside run directories that were delivered whole and removed, by their logger at
+close or by ``steplog sync``: one JSON line per run (its name, when, by whom, and where each
+sink's records went), so that a later sync of the same path can say nothing is left instead of
+that the path does not exist."""
 
 
-def note_delivered(run_dir: Path, destinations: dict[str, str]) -> None:
-    """Append ``run_dir``'s line to the ledger in its parent (best effort: a ledger that cannot
-    be written only makes a later sync of the removed path report it as missing)."""
+def note_delivered(run_dir: Path, destinations: dict[str, str], by: str = "sync") -> None:
+    """Append ``run_dir``'s line to the ledger in its parent; ``by``: ``"sync"`` or
+    ``"logger"`` (best effort: a ledger that cannot be written only makes a later sync of the
+    removed path report it as missing)."""
     line = json.dumps({"run": run_dir.name, "delivered_at": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sinks": destinations}) + "\n"
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by, "sinks": destinations}) + "\n"
     with contextlib.suppress(OSError):
         fd = os.open(run_dir.parent / DELIVERED_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                      0o600)
@@ -80,6 +87,19 @@ def delivered_entry(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(entry, dict) and entry.get("run") == run_dir.name:
             return entry
     return None
+
+
+def delivered_by(entry: dict[str, Any]) -> str:
+    """Who delivered a ledger line's run whole: ``its logger`` or ``steplog sync``."""
+    return "its logger" if entry.get("by") == "logger" else "steplog sync"
+
+
+def destination(info: dict[str, Any]) -> str:
+    """Where a sink of ``run.json`` writes (its kind and tracking URI, API host or output
+    directory), for the ledger."""
+    target = info.get("target") or {}
+    where = target.get("tracking_uri") or target.get("api_host") or target.get("output_dir")
+    return f"{info.get('kind', '?')} {where or '?'}"
 
 
 def delivered_to(entry: dict[str, Any]) -> str:
@@ -126,6 +146,7 @@ class RunJournal:
         self._manifest_lock = threading.Lock()
         self._status: str | None = None
         self._continued = False
+        self._end_failed: dict[str, str] = {}
         self.journal = Journal.open(run_dir / "journal", durability=durability,
                                     max_bytes=max_bytes)
         self._sinks = dict(sinks)
@@ -153,7 +174,9 @@ class RunJournal:
                 "continued": self._continued,
                 "sinks": {
                     consumer_name(label): {"label": label, "kind": sink.kind,
-                                           "target": sink.target()}
+                                           "target": sink.target(),
+                                           **({END_FAILED: self._end_failed[label]}
+                                              if label in self._end_failed else {})}
                     for label, sink in self._sinks.items()
                 },
             }
@@ -164,6 +187,17 @@ class RunJournal:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.run_dir / "run.json")
+
+    def _destinations(self) -> dict[str, str]:
+        """Where each sink writes, for the ledger of delivered runs."""
+        out = {}
+        for label, sink in self._sinks.items():
+            try:
+                target = sink.target()
+            except Exception:  # the ledger is best effort; the run is delivered
+                target = None
+            out[consumer_name(label)] = destination({"kind": sink.kind, "target": target})
+        return out
 
     def hand_over(self) -> None:
         """The run goes on in a later logger (:meth:`steplog.Logger.continued`), which ends
@@ -259,12 +293,20 @@ class RunJournal:
         last = self.journal.last_seq
         return any(p.seq < last for p in self._progress.values())
 
-    def finish(self) -> bool:
+    def finish(self, unended: dict[str, str] | None = None) -> bool:
         """Write the cursors and close; remove everything when every frame was acknowledged by
-        every sink. True when the journal is kept (something is left for ``steplog sync``)."""
+        every sink and every sink's run was ended (``unended``: label -> why a run could not
+        be ended; ``run.json`` notes it, for ``steplog sync``). True when the journal is kept
+        (something is left for ``steplog sync``)."""
         self.checkpoint()
-        kept = self.pending()
+        failed = {label: why for label, why in (unended or {}).items() if label in self._sinks}
+        if failed and self._status is not None:
+            self._end_failed.update(failed)
+            self.write_manifest()
+        kept = self.pending() or bool(self._end_failed)
         self.journal.close()
         if not kept:
+            # The ledger's line lets the `steplog sync` printed at the start say so (exit 0).
+            note_delivered(self.run_dir, self._destinations(), by="logger")
             remove_delivered(self.run_dir)
         return kept

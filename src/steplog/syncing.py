@@ -62,10 +62,16 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m"
 
 
+def _destination(r: SinkReplay) -> str:
+    return "" if r.destination is None else f" ({r.destination})"
+
+
 def _summary(r: SinkReplay) -> str:
     """One line saying what the sync did for one sink of one run."""
     what = f"run      {r.run.name} -> {r.consumer}: "
-    if not r.total and not r.pending:
+    if r.ended and not r.total:
+        return what + f"nothing to send; its run was ended{_destination(r)}"
+    if not r.total and not r.pending and r.error is None:
         return what + "nothing to send"
     rate = r.records / r.seconds if r.seconds > 0 else 0.0
     what += (f"{r.records} records sent in {r.seconds:.1f} s ({rate:,.0f} records/s), "
@@ -74,9 +80,29 @@ def _summary(r: SinkReplay) -> str:
         what += f", into {r.destination}"
     if r.moved_from is not None:
         what += f" (moved from {r.moved_from})"
-    if r.error is not None or r.pending:
+    if r.pending:
         what += f"; {r.pending} frames still kept: {r.error}"
+    elif r.error is not None:
+        what += f"; {r.error}"
     return what
+
+
+def _run_holding(path: Path) -> Path | None:
+    """The run directory (or kept upload's folder) that ``path`` lies in when it names a part
+    of one: its ``run.json``, its ``journal/`` or a file there, a kept upload's
+    ``upload.json``; ``None`` otherwise."""
+    if path.is_file() and path.name == "upload.json":
+        return path.parent
+    if path.is_file():
+        ups = [path.parent, path.parent.parent]
+    elif path.name == "journal":
+        ups = [path.parent]
+    else:
+        return None
+    for up in ups:
+        if (up / "run.json").is_file() and (up / "journal").is_dir():
+            return up
+    return None
 
 
 def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
@@ -87,19 +113,30 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
     held a run or a ``to`` MLflow can never use."""
     from steplog.kept import KeptUpload, sync_kept
     from steplog.replay import find_runs, replay_run
-    from steplog.runlog import delivered_entry, delivered_to
+    from steplog.runlog import delivered_by, delivered_entry, delivered_to
     from steplog.sinks.mlflow.common import redact, tracking_uri_problem
 
     if not path.exists():
-        entry = delivered_entry(path)
+        # The run directory, or its journal/ or run.json (of a run removed since).
+        entry = delivered_entry(path) or (
+            delivered_entry(path.parent) if path.name in ("journal", "run.json") else None)
         if entry is None:
             print(f"steplog sync: {path} does not exist", file=sys.stderr)
             return 2
         sinks = delivered_to(entry)
-        print(f"run      {path.name}: delivered whole by an earlier steplog sync at "
+        by = delivered_by(entry)
+        print(f"run      {entry.get('run', path.name)}: delivered whole by "
+              f"{'an earlier steplog sync' if by == 'steplog sync' else by} at "
               f"{entry.get('delivered_at', '?')} ({sinks or 'no sinks'}) and removed; "
               "nothing left to deliver")
         return 0
+    inside = _run_holding(path)
+    if inside is not None:
+        path = inside
+    elif path.is_file():
+        print(f"steplog sync: {path} is a file, not a run directory (give the directory that "
+              "holds run.json and journal/, or a directory of such runs)", file=sys.stderr)
+        return 2
     if to is not None:
         problem = tracking_uri_problem(to)
         if problem is not None:

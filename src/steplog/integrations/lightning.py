@@ -15,6 +15,7 @@ The run stores it as ``checkpoints/<file name>``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -308,6 +309,10 @@ class SteplogLogger(LightningLogger):
             if not flushed:
                 warnings.warn(f"steplog: not every record arrived at the end of this stage: "
                               f"{flushed!r}", SteplogWarning, stacklevel=2)
+            for folder, staging in list(self._staging.items()):
+                with contextlib.suppress(OSError):  # still holds a link: an upload is kept
+                    os.rmdir(staging)  # every upload so far ended: its link is gone
+                    del self._staging[folder]
             return
         end = STATUSES[status]
         if status == "failed" and isinstance(sys.exc_info()[1], KeyboardInterrupt):

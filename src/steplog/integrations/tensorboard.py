@@ -10,6 +10,7 @@ ClearML, several sinks). Methods TensorBoard has and steplog cannot honour raise
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 from steplog.arguments import artifact_file_name
 from steplog.capture import capture_step
 from steplog.integrations.summaries import summary_statistics
+from steplog.logger import exit_status
 from steplog.loggers import FileLogger, Logger
 from steplog.results import CloseResult, FlushResult
 from steplog.sinks.base import RunStatus
@@ -36,31 +38,63 @@ def default_log_dir(comment: str = "") -> str:
     return os.path.join("runs", current_time + "_" + socket.gethostname() + comment)
 
 
-_text_files: weakref.WeakKeyDictionary[Logger, set[str]] = weakref.WeakKeyDictionary()
-"""The files each logger's writers have stored texts as (texts are rare: one file each)."""
-_text_files_lock = threading.Lock()
+_claimed: weakref.WeakKeyDictionary[Logger, set[str]] = weakref.WeakKeyDictionary()
+"""The files each logger's writers have stored texts, figures and images as (rare records:
+one file each)."""
+_claimed_lock = threading.Lock()
 
 
-def _text_name(logger: Logger, tag: str, step: int | None) -> tuple[str, str]:
-    """The ``name`` to pass to ``log_text`` so that the text's file is one that no earlier
-    ``add_text`` of any writer on ``logger`` used: ``<tag>.md`` (``<tag>_<step>.md`` with a
-    step) when free, else ``<tag>-2.md``, ``<tag>-3.md``, ... (``<tag>-2_<step>.md``, ...),
-    and that file, now claimed; raises as ``log_text`` does for a tag that is not a relative
-    path."""
-    with _text_files_lock:
-        used = _text_files.setdefault(logger, set())
-        name, n = f"{tag}.md", 1
-        while (file := artifact_file_name(name, ".md", step)) in used:
+def _claim_name(logger: Logger, base: str, ext: str, step: int | None) -> tuple[str, str]:
+    """The ``name`` to queue a text, figure or image as so that its file is one that no
+    earlier such record of any writer on ``logger`` used: ``<base><ext>``
+    (``<base>_<step><ext>`` with a step) when free, else ``<base>-2<ext>``, ``<base>-3<ext>``,
+    ... (``<base>-2_<step><ext>``, ...), and that file, now claimed (TensorBoard keeps every
+    such event: none replaces an earlier one); raises as the logger does for a name that is
+    not a relative path."""
+    with _claimed_lock:
+        used = _claimed.setdefault(logger, set())
+        name, n = f"{base}{ext}", 1
+        while (file := artifact_file_name(name, ext, step)) in used:
             n += 1
-            name = f"{tag}-{n}.md"
+            name = f"{base}-{n}{ext}"
         used.add(file)
         return name, file
 
 
-def _release_text_name(logger: Logger, file: str) -> None:
-    """Give back a file name :func:`_text_name` claimed for a text that was not queued."""
-    with _text_files_lock:
-        _text_files.get(logger, set()).discard(file)
+def _release_name(logger: Logger, file: str) -> None:
+    """Give back a file name :func:`_claim_name` claimed for a record that was not queued."""
+    with _claimed_lock:
+        _claimed.get(logger, set()).discard(file)
+
+
+def _queue_named(logger: Logger, base: str, ext: str, step: int | None,
+                 queue: Callable[[str], None]) -> None:
+    """``queue(name)`` with a name claimed by :func:`_claim_name`, given back if it raises."""
+    name, file = _claim_name(logger, base, ext, step)
+    try:
+        queue(name)
+    except BaseException:
+        _release_name(logger, file)
+        raise
+
+
+def _step(global_step: Any) -> int | None:
+    """``global_step`` as steplog's step: an int as it is, any other real number (a float, a
+    NumPy scalar, a one-element tensor) truncated to an int as TensorBoard's writer does."""
+    if global_step is None or type(global_step) is int:
+        return global_step
+    try:
+        return capture_step(global_step)
+    except TypeError:
+        pass
+    try:
+        if isinstance(global_step, (str, bytes, bool)):
+            raise TypeError("not a number")
+        whole = int(global_step)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # a tensor of several
+        raise TypeError(f"global_step must be a number, got {type(global_step).__name__}: "
+                        f"{global_step!r}") from exc
+    return capture_step(whole)
 
 
 def _no_walltime() -> NoReturn:
@@ -142,6 +176,8 @@ class SummaryWriter:
         no effect; values are stored as doubles."""
         if walltime is not None:
             _no_walltime()
+        if global_step is not None and type(global_step) is not int:
+            global_step = _step(global_step)
         self._log_scalar(tag, scalar_value, global_step)
 
     def add_scalars(
@@ -158,7 +194,7 @@ class SummaryWriter:
             raise TypeError(f"tag_scalar_dict must be a mapping, got "
                             f"{type(tag_scalar_dict).__name__}")
         self._log_metrics({f"{main_tag}/{k}": v for k, v in tag_scalar_dict.items()},
-                          global_step)
+                          _step(global_step))
 
     def add_text(
         self,
@@ -174,15 +210,11 @@ class SummaryWriter:
         (``<tag>-2.md``, ``<tag>-2_<global_step>.md``)."""
         if walltime is not None:
             _no_walltime()
-        if type(text_string) is not str:
+        if not isinstance(text_string, str):
             raise TypeError(f"text must be a str, got {type(text_string).__name__}")
-        step = None if global_step is None else capture_step(global_step)
-        name, file = _text_name(self.logger, tag, step)
-        try:
-            self.logger.log_text(text_string, name, step)
-        except BaseException:
-            _release_text_name(self.logger, file)
-            raise
+        step = _step(global_step)
+        _queue_named(self.logger, tag, ".md", step,
+                     lambda name: self.logger.log_text(text_string, name, step))
 
     def add_hparams(
         self,
@@ -205,7 +237,7 @@ class SummaryWriter:
             raise TypeError(f"run_name must be a str, got {type(run_name).__name__}")
         self.logger.log_parameters(hparam_dict)
         if metric_dict:
-            self._log_metrics(metric_dict, global_step)
+            self._log_metrics(metric_dict, _step(global_step))
 
     def add_figure(
         self,
@@ -217,20 +249,24 @@ class SummaryWriter:
     ) -> None:
         """Render a matplotlib figure to PNG now and queue it as ``<tag>_<global_step>.png``;
         a list of figures as ``<tag>/<i>_<global_step>.png``. ``close=True`` closes them
-        afterwards, as TensorBoard does."""
+        afterwards, as TensorBoard does. No figure replaces an earlier one: a file name already
+        used gets ``-2``, ``-3``, ... (as :meth:`add_text`)."""
         if walltime is not None:
             _no_walltime()
+        step = _step(global_step)
         figures = list(figure) if isinstance(figure, (list, tuple)) else None
-        if figures is None:
-            self.logger.log_figure(figure, f"{tag}.png", global_step)
-        else:
-            for i, fig in enumerate(figures):
-                self.logger.log_figure(fig, f"{tag}/{i}.png", global_step)
+        for base, fig in ([(tag, figure)] if figures is None else
+                          [(f"{tag}/{i}", fig) for i, fig in enumerate(figures)]):
+            _queue_named(self.logger, base, ".png", step,
+                         functools.partial(self._log_figure, fig, step=step))
         if close:
             import matplotlib.pyplot as plt
 
             for fig in figures if figures is not None else [figure]:
                 plt.close(fig)
+
+    def _log_figure(self, fig: Any, name: str, step: int | None) -> None:
+        self.logger.log_figure(fig, name, step)
 
     def add_image(
         self,
@@ -241,10 +277,12 @@ class SummaryWriter:
         dataformats: str = "CHW",
     ) -> None:
         """Encode an image (uint8, or floats in ``[0, 1]``) to PNG now and queue it as
-        ``<tag>_<global_step>.png``."""
+        ``<tag>_<global_step>.png``; no image replaces an earlier one (as :meth:`add_figure`)."""
         if walltime is not None:
             _no_walltime()
-        self.logger.log_image(img_tensor, f"{tag}.png", global_step, dataformats=dataformats)
+        step = _step(global_step)
+        _queue_named(self.logger, tag, ".png", step, lambda name: self.logger.log_image(
+            img_tensor, name, step, dataformats=dataformats))
 
     def add_histogram(
         self,
@@ -261,7 +299,7 @@ class SummaryWriter:
         device without a host synchronisation. ``ValueError`` for no values."""
         if walltime is not None:
             _no_walltime()
-        self._log_metrics(summary_statistics(tag, values), global_step)
+        self._log_metrics(summary_statistics(tag, values), _step(global_step))
 
     add_images = _unsupported("add_images", "log each image with add_image")
     add_image_with_boxes = _unsupported(
@@ -314,7 +352,4 @@ class SummaryWriter:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        status: RunStatus = "FINISHED"
-        if exc_type is not None:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        self.close(status=status)
+        self.close(status=exit_status(exc_type, exc_val))

@@ -244,7 +244,8 @@ class Pipeline(Drain):
 
     def sync_command(self) -> str | None:
         """``steplog sync <run dir>`` when this logger's journal keeps records some sink has
-        not acknowledged (or may not have: its lanes are still running)."""
+        not acknowledged (or may not have: its lanes are still running), or a run that could
+        not be ended."""
         journal = self.run_journal
         if journal is None:
             return None
@@ -282,7 +283,8 @@ class Pipeline(Drain):
             shutil.rmtree(self._staging, ignore_errors=True)
             if self.run_journal is not None:
                 try:
-                    self.journal_kept = self.run_journal.finish()
+                    self.journal_kept = self.run_journal.finish(
+                        {r.label: r.run_error for r in self.runners if r.run_error})
                 except Exception as exc:
                     self.journal_kept = True
                     self.journal_error = f"closing the journal failed: {exc!r}"

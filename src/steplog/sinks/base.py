@@ -18,7 +18,11 @@ from typing import Any, ClassVar, Literal
 from steplog.errors import PermanentError
 from steplog.records import Artifact, MetricRecord
 
-__all__ = ["RunStatus", "Sink"]
+__all__ = ["ACTIVE_UNTIL", "RunStatus", "Sink"]
+
+ACTIVE_UNTIL = "active_until_ms"
+"""The key ``steplog sync`` adds to the target it passes to :meth:`Sink.reattach`: when the
+journal's process last wrote a frame (ms since the epoch), or ``None``."""
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 """How the run ended: normally, by an exception, or by a signal."""

@@ -33,6 +33,7 @@ from steplog.sinks.mlflow.common import (
     filter_quote,
     missing_run,
     resume_problem,
+    start_order,
     token_filter,
 )
 from steplog.sinks.mlflow.new_store import create_sqlite_store
@@ -69,9 +70,11 @@ class HostTransport:
         return ref
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None) -> RunRef | None:
+                 since_ms: int | None = None, until_ms: int | None = None,
+                 oldest: bool = False) -> RunRef | None:
         ref: RunRef | None = self.host.call("api", "find_run", experiment_id, token,
-                                            running_only, since_ms, returns=RunRef | None)
+                                            running_only, since_ms, until_ms, oldest,
+                                            returns=RunRef | None)
         return ref
 
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
@@ -197,11 +200,13 @@ class ClientTransport:
         return RunRef(run.info.run_id, experiment_id, run.info.artifact_uri)
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None) -> RunRef | None:
+                 since_ms: int | None = None, until_ms: int | None = None,
+                 oldest: bool = False) -> RunRef | None:
         with _mlflow_errors():
             runs = self.client.search_runs(
-                [experiment_id], filter_string=token_filter(token, running_only, since_ms),
-                max_results=1, order_by=["attributes.start_time DESC"],
+                [experiment_id],
+                filter_string=token_filter(token, running_only, since_ms, until_ms),
+                max_results=1, order_by=start_order(oldest),
             )
         if not runs:
             return None

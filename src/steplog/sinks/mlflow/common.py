@@ -218,10 +218,11 @@ class Transport(Protocol):
     ) -> RunRef: ...
     def find_run(
         self, experiment_id: str, token: str, running_only: bool = False,
-        since_ms: int | None = None,
+        since_ms: int | None = None, until_ms: int | None = None, oldest: bool = False,
     ) -> RunRef | None:
-        """The newest run tagged with ``token`` (``running_only``: still RUNNING; ``since_ms``:
-        started then or later), if any, with its status and end time."""
+        """The newest (``oldest``: the oldest) run tagged with ``token`` (``running_only``:
+        still RUNNING; ``since_ms``, ``until_ms``: started then or later, then or earlier), if
+        any, with its status and end time."""
     def resume_run(self, run_id: str, experiment_name: str, running: bool = True) -> RunRef:
         """The existing run ``run_id`` of ``experiment_name``, set RUNNING again when
         ``running``; :class:`PermanentError` when it does not exist, is deleted or is another
@@ -252,15 +253,23 @@ def missing_run(run_id: str, where: str, answer: object) -> str:
     return f"MLflow run {run_id} does not exist in {redact(where)} (the answer: {answer})"
 
 
-def token_filter(token: str, running_only: bool = False, since_ms: int | None = None) -> str:
+def token_filter(token: str, running_only: bool = False, since_ms: int | None = None,
+                 until_ms: int | None = None) -> str:
     """The search filter of the runs tagged with ``token`` (and still RUNNING, and started at
-    ``since_ms`` or later)."""
+    ``since_ms`` or later, at ``until_ms`` or earlier)."""
     text = f"tags.`{RUN_TOKEN_TAG}` = '{filter_quote(token)}'"
     if running_only:
         text += " and attributes.status = 'RUNNING'"
     if since_ms is not None:
         text += f" and attributes.start_time >= {int(since_ms)}"
+    if until_ms is not None:
+        text += f" and attributes.start_time <= {int(until_ms)}"
     return text
+
+
+def start_order(oldest: bool) -> list[str]:
+    """The search order of :meth:`Transport.find_run`: newest first, or oldest first."""
+    return [f"attributes.start_time {'ASC' if oldest else 'DESC'}"]
 
 
 def filter_quote(text: str) -> str:

@@ -33,7 +33,7 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
@@ -56,6 +56,7 @@ from steplog.sinks.mlflow.common import (
     plugins,
     redact,
     resume_problem,
+    start_order,
     token_filter,
 )
 from steplog.sinks.mlflow.http1 import Closed, Http1Socket, ResponseError, host_header
@@ -443,13 +444,14 @@ class RestTransport:
         return RunRef(info["run_id"], experiment_id, info["artifact_uri"])
 
     def find_run(self, experiment_id: str, token: str, running_only: bool = False,
-                 since_ms: int | None = None) -> RunRef | None:
+                 since_ms: int | None = None, until_ms: int | None = None,
+                 oldest: bool = False) -> RunRef | None:
         body = self._encoder.encode(
             {
                 "experiment_ids": [experiment_id],
-                "filter": token_filter(token, running_only, since_ms),
+                "filter": token_filter(token, running_only, since_ms, until_ms),
                 "max_results": 1,
-                "order_by": ["attributes.start_time DESC"],
+                "order_by": start_order(oldest),
             }
         )
         runs = self._call("runs/search", body).get("runs", [])
@@ -497,11 +499,7 @@ class RestTransport:
         if len(streams) == 1:
             self._send_stream(conns[0], run_id, streams[0], 0, stored)
             return
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.in_flight - 1, thread_name_prefix="steplog-mlflow-stream")
-        pool = self._pool
-        futures = [pool.submit(self._send_stream, conns[i], run_id, streams[i], i, stored)
+        futures = [self._start(self._send_stream, conns[i], run_id, streams[i], i, stored)
                    for i in range(1, len(streams))]
         errors: list[BaseException] = []
         try:
@@ -514,6 +512,28 @@ class RestTransport:
                 errors.append(failure)
         if errors:
             raise _worst(errors)
+
+    def _start(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        """``fn(*args)`` on a thread of the pool; once the interpreter is shutting down (the
+        exit close: the pool takes no more work then), on a thread of its own."""
+        try:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.in_flight - 1, thread_name_prefix="steplog-mlflow-stream")
+            return self._pool.submit(fn, *args)
+        except RuntimeError:  # also a pool first needed then: its module cannot load
+            future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def run() -> None:
+                try:
+                    fn(*args)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(None)
+
+            threading.Thread(target=run, name="steplog-mlflow-stream", daemon=True).start()
+            return future
 
     def _send_stream(self, conn: _Connection, run_id: str, chunks: Sequence[Chunk], index: int,
                      stored: set[tuple[int, int]]) -> None:

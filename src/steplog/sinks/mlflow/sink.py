@@ -31,8 +31,9 @@ from typing import Any, ClassVar, Protocol, cast
 
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.paths import safe_relpath
+from steplog.ranks import latest_start_ms
 from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag, now_ms
-from steplog.sinks.base import RunStatus, Sink
+from steplog.sinks.base import ACTIVE_UNTIL, RunStatus, Sink
 from steplog.sinks.mlflow.common import (
     DEFAULT_TRACKING_URI,
     MAX_METRICS_PER_REQUEST,
@@ -152,6 +153,10 @@ class MLflowSink(Sink):
         """Under ``"all"``: the shared run is not older than this (ms since the epoch)."""
         self._started_ms: int | None = None
         """Under ``"all"``: an ended shared run is this launch's when it ended then or later."""
+        self._ends_shared = False
+        """A sync created the shared run (rank 0 never did): it ends it too."""
+        self._active_ms: int | None = None
+        """For a sync: when the journal's process last wrote a frame (ms since the epoch)."""
 
     @property
     def ranks(self) -> dict[str, Any] | None:
@@ -253,6 +258,9 @@ class MLflowSink(Sink):
             "ranks": self._ranks,
             "max_in_flight": self.max_in_flight,
             "resume_run_id": self._resume,
+            "launched_ms": self._launched_ms,
+            "started_ms": self._started_ms,
+            "ends_shared": self._ends_shared,
         }
 
     @classmethod
@@ -273,6 +281,11 @@ class MLflowSink(Sink):
         if target.get("ranks"):
             sink._ranks = dict(target["ranks"])
             sink._use_ranks()
+            if sink._shared:  # which launch's shared run the journal belongs to
+                sink._launched_ms = target.get("launched_ms")
+                sink._started_ms = target.get("started_ms")
+                sink._active_ms = target.get(ACTIVE_UNTIL)
+                sink._ends_shared = bool(target.get("ends_shared"))
         if target.get("run_token"):
             sink._token = target["run_token"]
             sink._create_tried = True  # look for the run before creating one
@@ -376,13 +389,26 @@ class MLflowSink(Sink):
         tags = transport.run_tags(self._user_tags)
         tags[RUN_TOKEN_TAG] = self._token
         self._create_tried = True
-        self._run = transport.create_run(exp_id, self.run_name, tags, now_ms())
+        start = now_ms()
+        if self._shared and self._reattached:
+            # The run rank 0 never created: it starts when this rank's process did, among
+            # its launch's runs (a later launch with the same identity never joins it), and
+            # this sync ends it.
+            start = self._started_ms if self._started_ms is not None else start
+            self._ends_shared = True
+        self._run = transport.create_run(exp_id, self.run_name, tags, start)
 
     def _find_shared(self, transport: Transport, exp_id: str) -> RunRef | None:
         """The shared run of this job, ``None`` for a sync when it does not exist; in a
         training process ``RetryableError`` when rank 0 has not created it yet."""
-        if self._reattached:  # also once rank 0 ended it
-            return transport.find_run(exp_id, self._token)
+        if self._reattached:
+            # The oldest started since the journal's launch, while its process still logged:
+            # also once rank 0 ended it; a later launch with the same identity started later.
+            latest = None
+            if self._started_ms is not None:
+                latest = latest_start_ms(max(self._started_ms, self._active_ms or 0))
+            return transport.find_run(exp_id, self._token, since_ms=self._launched_ms,
+                                      until_ms=latest, oldest=True)
         deadline = time.monotonic() + _JOIN_WAIT_S
         while True:
             found = transport.find_run(exp_id, self._token, since_ms=self._launched_ms)
@@ -416,7 +442,7 @@ class MLflowSink(Sink):
         if self._run is not None and ranks is not None and ranks["policy"] == "all":
             tag: dict[str, str] = {f"steplog.rank{ranks['rank']}.status": status}
             self._transport.log_batch(self._run.run_id, Chunk(_scalars(Batch()), tags=tag))
-            if ranks["rank"] == 0:
+            if ranks["rank"] == 0 or self._ends_shared:
                 self._transport.end_run(self._run.run_id, status, now_ms())
         elif self._run is not None:
             self._transport.end_run(self._run.run_id, status, now_ms())

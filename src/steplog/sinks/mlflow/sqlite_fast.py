@@ -20,10 +20,10 @@ What is stored is what MLflow 3.17's ``log_batch`` stores (``SqlAlchemyStore._lo
 
 The gate (:func:`open_fast_path`), checked when the store is opened: the ``alembic_version`` is
 one of :data:`TESTED_REVISIONS`; ``metrics`` and ``latest_metrics`` have exactly the columns,
-types, NOT NULL flags and primary keys of those revisions; the run is active. steplog's scalars
-carry no model id (MLflow also writes a point with one to ``logged_model_metrics``). Anything
-else, or ``STEPLOG_MLFLOW_FAST_PATH=0``, leaves every metric to ``log_batch``; the reason is
-reported in the sink's ``stats()`` info.
+types, NOT NULL flags and primary keys of those revisions; the run is active; no model is
+active (``MLFLOW_ACTIVE_MODEL_ID``: ``log_batch`` would give every point its id and also write
+it to ``logged_model_metrics``). Anything else, or ``STEPLOG_MLFLOW_FAST_PATH=0``, leaves every
+metric to ``log_batch``; the reason is reported in the sink's ``stats()`` info.
 
 The store's journal mode and ``synchronous`` setting are left as they are (see
 docs/mlflow-fast-path.md): a transaction holds sqlite's write lock for at most about
@@ -184,12 +184,26 @@ def fast_path_disabled() -> str | None:
     return None
 
 
+def _active_model_id() -> str | None:
+    """The model id ``log_batch`` would give every point (``mlflow.set_active_model``, or
+    ``MLFLOW_ACTIVE_MODEL_ID`` in the environment), if any."""
+    try:
+        from mlflow.tracking.fluent import get_active_model_id
+    except ImportError:  # an MLflow without logged models
+        return None
+    return get_active_model_id()
+
+
 def open_fast_path(tracking_uri: str) -> FastPath | str:
     """A :class:`FastPath` into the store ``tracking_uri`` names when the gate's store checks
     pass (the run is checked by :meth:`FastPath.run_problem`), else why not."""
     off = fast_path_disabled()
     if off is not None:
         return off
+    model = _active_model_id()
+    if model is not None:
+        return (f"an active model id is set ({model}): MLflow links every metric point to "
+                "it, in logged_model_metrics")
     if not tracking_uri.startswith("sqlite:"):
         return "not a sqlite store"
     path = sqlite_path(tracking_uri)
