@@ -254,6 +254,29 @@ def test_an_aclose_that_gave_up_on_another_close_returns_that_close_result_once_
     anyio.run(main, backend=backend)
 
 
+def test_a_longer_aclose_beside_a_shorter_one_waits_for_the_real_close(backend: str) -> None:
+    logger = Logger(sinks=[ListSink(delay_s=1.0)], options=FAST)
+    logger.log_scalar("x", 1.0, 0)
+    other = threading.Thread(target=logger.close, args=(10,))
+    other.start()
+    time.sleep(0.1)  # the other close holds the logger's close for about a second
+    results: dict[str, Any] = {}
+
+    async def close_within(name: str, seconds: float) -> None:
+        results[name] = await logger.aclose(seconds)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close_within, "short", 0.3)
+            await anyio.sleep(0.05)
+            tg.start_soon(close_within, "long", 5.0)
+
+    anyio.run(main, backend=backend)
+    other.join(10)
+    assert not results["short"] and results["short"].timed_out
+    assert results["long"] and results["long"].delivered == 1
+
+
 def test_aclose_in_a_forked_child_returns_at_once(backend: str) -> None:
     import os
 

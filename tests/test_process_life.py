@@ -139,10 +139,7 @@ def test_sigterm_inside_with_ends_the_run_killed(tmp_path, block: str) -> None:
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):
-            if ready.exists():
-                break
-            time.sleep(0.05)
+        wait_for(ready)
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=30)
     finally:

@@ -454,7 +454,11 @@ def test_when_rank_0_never_creates_the_shared_run_sync_delivers_every_rank_into_
 
 def test_sync_of_a_rank_never_puts_its_records_into_a_later_launchs_shared_run(
     clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from steplog import ranks
+    from steplog.cli import main
+
     experiment = f"ranks-later-launch-{time.time_ns()}"
     clean_env.setenv("STEPLOG_RUNS_DIR", str(tmp_path / "runs"))
     as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
@@ -468,32 +472,22 @@ def test_sync_of_a_rank_never_puts_its_records_into_a_later_launchs_shared_run(
     """)], capture_output=True, text=True, timeout=120)
     assert earlier.returncode == 0, earlier.stderr
     (manifest,) = (tmp_path / "runs" / "rank1").rglob("run.json")
-    data = json.loads(manifest.read_text())
-    day_ms = 86_400_000
-    for info in data["sinks"].values():  # this launch was a day ago
-        info["target"]["started_ms"] -= day_ms
-        info["target"]["launched_ms"] -= day_ms
-    manifest.write_text(json.dumps(data))
-    a_day_ago = time.time() - 86_400
-    for segment in manifest.parent.glob("journal/*.seg"):
-        os.utime(segment, (a_day_ago, a_day_ago))
-    started_ms = info["target"]["started_ms"]
-    as_rank(clean_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")  # today's launch, same identity
-    today = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
+    (info,) = json.loads(manifest.read_text())["sinks"].values()
+    clean_env.setattr(ranks, "LAUNCH_SKEW_S", 1.0)  # launches 1 s apart are told apart
+    time.sleep(2.5)
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")  # a later launch, same identity
+    later = MLFlowLogger(experiment, tracking_uri=mlflow_server.url, run_name="r",
                          options=Options(ranks="all", drain_interval_s=0.01))
-    today.log_scalar("loss", 1.0, 0)
-    assert today.close(60)
-    sync = subprocess.run([sys.executable, "-m", "steplog.cli", "sync",
-                           str(tmp_path / "runs" / "rank1")],
-                          capture_output=True, text=True, timeout=120)
-    assert sync.returncode == 0, sync.stdout + sync.stderr
+    later.log_scalar("loss", 1.0, 0)
+    assert later.close(60)
+    assert main(["sync", str(tmp_path / "runs" / "rank1")]) == 0, capsys.readouterr()
     runs = {r["info"]["run_id"]: r for r in runs_of(mlflow_server, experiment)}
-    assert set(runs) - {today.run_id}, "rank 1's records went into today's run"
-    assert mlflow_server.metric_history(today.run_id, "rank1/loss") == []
-    (old,) = set(runs) - {today.run_id}
+    assert set(runs) - {later.run_id}, "rank 1's records went into the later launch's run"
+    assert mlflow_server.metric_history(later.run_id, "rank1/loss") == []
+    (old,) = set(runs) - {later.run_id}
     assert [m["value"] for m in mlflow_server.metric_history(old, "rank1/loss")] == [
         10.0 + i for i in range(5)]
-    assert int(runs[old]["info"]["start_time"]) == started_ms  # among its launch's runs
+    assert int(runs[old]["info"]["start_time"]) == info["target"]["started_ms"]
     assert runs[old]["info"]["status"] == "FINISHED"
 
 

@@ -222,6 +222,44 @@ def test_a_run_its_logger_could_not_end_keeps_its_journal_until_a_sync_ends_it(
     assert not any(runs.rglob("journal"))
 
 
+def test_a_sync_killed_while_it_ends_the_run_leaves_the_end_to_the_next_sync(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fault_proxy import FaultProxy
+
+    runs = tmp_path / "runs"
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        proxy.set("reset")  # down for the whole run
+        logger = MLFlowLogger(f"sync-killed-{time.monotonic_ns()}", tracking_uri=proxy.url,
+                              options=Options(drain_interval_s=0.01, retry=QUICK,
+                                              runs_dir=str(runs)))
+        for i in range(5):
+            logger.log_scalar("x", float(i), i)
+        assert not logger.close(30).timed_out
+        proxy.set("delay", delay_s=60, only=b"/runs/update")  # the end hangs
+        sync = subprocess.Popen([sys.executable, "-m", "steplog.cli", "sync", str(runs)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not run_ids(runs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (run_id,) = run_ids(runs)
+            while (len(history(mlflow_server, run_id, "x")) < 5
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            time.sleep(0.5)  # every frame written and acknowledged; the end is under way
+        finally:
+            os.killpg(sync.pid, signal.SIGKILL)
+            sync.communicate(timeout=30)
+        assert mlflow_server.run(run_id)["info"]["status"] == "RUNNING"
+        proxy.set("pass")
+        assert main(["sync", str(runs)]) == 0
+        assert "nothing to send; its run was ended" in capsys.readouterr().out
+    assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+    assert [s for s, _, _ in history(mlflow_server, run_id, "x")] == list(range(5))
+
+
 @pytest.mark.parametrize("part", ["journal", "run.json", "journal/lock"])
 def test_sync_of_a_part_of_a_run_directory_syncs_that_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], part: str

@@ -75,21 +75,31 @@ async def aclose(logger: Logger, timeout: float | None = None,
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
     start = time.monotonic()
-    if life.state is State.INERT:  # in a forked child, a job is the parent's: no thread here
-        return life.close(seconds, status)
-    job = _jobs.get(life)
-    if job is None or job.done.is_set():
-        # A finished job's result may only say that it gave up waiting for another close;
-        # once the logger is closed, its close's result is fixed (and returned at once).
-        if life.state is State.CLOSED:
+    end = start + seconds
+    while True:
+        if life.state is State.INERT:  # in a forked child, a job is the parent's: no thread
             return life.close(seconds, status)
-        job = _jobs[life] = _CloseJob(life, seconds, status)
-    if await _wait_any((job.done,), start + seconds):
+        if life.state is State.CLOSED:  # the close's result is fixed: returned at once
+            return life.close(seconds, status)
+        job = _jobs.get(life)
+        if job is None or job.done.is_set():
+            job = _jobs[life] = _CloseJob(life, max(0.0, end - time.monotonic()), status)
+        if not await _wait_any((job.done,), end):
+            return life.close_result(start, timed_out=True)
         if job.error is not None:
             raise job.error
         assert job.result is not None
-        return job.result
-    return life.close_result(start, timed_out=True)
+        if _closed(life):
+            return life.close(0.0, status)
+        if time.monotonic() >= end:
+            return job.result
+        # That job only gave up waiting for another close (its own, shorter deadline, or a
+        # close() in another thread): wait on, within this call's deadline.
+
+
+def _closed(life: Lifecycle) -> bool:
+    """Whether the logger is closed now (its state may have changed during a wait)."""
+    return life.state is State.CLOSED
 
 
 class _CloseJob:

@@ -448,6 +448,8 @@ def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> No
         sync = life.pipeline.sync_command()
     if sync is not None and undelivered:
         reason += f"; the journal keeps them: deliver them later with: {sync}"
+    elif sync is not None:
+        reason += f"; end the run later with: {sync}"
     if undelivered:
         what = (f"{undelivered} of {stats.enqueued + stats.dropped} records were not delivered "
                 f"to {life.describe()}")

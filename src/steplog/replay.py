@@ -97,29 +97,34 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
     from steplog.sinks import reattach
 
     results: list[SinkReplay] = []
+    written_ms = _last_written_ms(run / "journal")  # before opening it may cut a torn tail
     with Journal.open(run / "journal") as journal:
         manifest = json.loads((run / "run.json").read_text())
+        status = _status(manifest)
         counts: dict[str, tuple[int, int]] = {}
+        last: bytes | None = None
         for consumer in manifest.get("sinks", {}):
             if consumer not in journal.consumers:
                 journal.register(consumer)
-            counts[consumer] = _count(journal, consumer)
-        refused = move_run(run, to, {c for c, (frames, _) in counts.items() if frames})
+            frames, records, payload = _count(journal, consumer)
+            counts[consumer] = frames, records
+            last = payload if payload is not None else last
+        marked = {c for c, info in manifest.get("sinks", {}).items()
+                  if info.get(END_FAILED) and status is not None}
+        """Sinks whose run the logger or an earlier sync did not end: it is ended now, though
+        no frame is left (a sync ``--to`` moves them too)."""
+        refused = move_run(run, to, {c for c, (frames, _) in counts.items()
+                                     if frames or c in marked})
         manifest = json.loads((run / "run.json").read_text())
-        status = _status(manifest)
-        active_ms = _last_written_ms(run / "journal")
-        unended: set[str] = set()
+        # When the journal's process last logged: the records' own time, else the file's.
+        active_ms = _last_record_ms(last) or written_ms
+        unended = set(marked)
         """Sinks whose run is still to be ended: the journal stays for a later sync."""
         for consumer, info in manifest.get("sinks", {}).items():
             out = SinkReplay(run, consumer, info.get("kind", "?"))
             results.append(out)
             out.pending, out.total = counts[consumer]
-            # A run the logger or an earlier sync could not end is ended now, though no frame
-            # is left; until then it stays marked, whatever stops this sync first.
-            ending = bool(info.get(END_FAILED)) and status is not None
-            if ending:
-                unended.add(consumer)
-            if not out.pending and not ending:
+            if not out.pending and consumer not in marked:
                 continue
             if consumer in refused:
                 out.error = refused[consumer]
@@ -134,6 +139,11 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
             except Exception as exc:
                 out.error = str(exc) or repr(exc)
                 continue
+            if status is not None and consumer not in marked:
+                # Until its run is ended: a sync stopped after the last frame (Ctrl-C, a kill)
+                # leaves every cursor at the end, and the next one must still end the run.
+                unended.add(consumer)
+                _note_sink(run, consumer, {END_FAILED: "a sync stopped before it ended the run"})
             try:
                 _replay_sink(journal, sink, out, timeout_s, progress, status,
                              functools.partial(_note_run, run, consumer))
@@ -142,9 +152,8 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
                 with contextlib.suppress(Exception):
                     sink.release()
             if out.end_error is not None:
-                unended.add(consumer)
                 _note_sink(run, consumer, {END_FAILED: out.end_error})
-            elif ending and out.error is None:  # ended with the logger's status just now
+            elif status is not None and out.error is None:  # ended with the logger's status
                 out.ended = True
                 unended.discard(consumer)
                 _note_sink(run, consumer, {END_FAILED: None})
@@ -158,9 +167,22 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
     return results
 
 
+def _last_record_ms(payload: bytes | None) -> int | None:
+    """The newest record time (ms since the epoch) in a journal frame, ``None`` when there is
+    none or it cannot be decoded."""
+    if payload is None:
+        return None
+    try:
+        parts = decode_batch(payload).parts
+    except msgspec.DecodeError:
+        return None
+    return max((getattr(part, "timestamp", 0) for part in parts), default=None) or None
+
+
 def _last_written_ms(directory: Path) -> int | None:
     """When a frame was last appended to the journal in ``directory`` (its newest segment's
-    modification time; a sync only writes cursors), ``None`` when none can be read."""
+    modification time, read before the journal is opened; a sync only writes cursors),
+    ``None`` when none can be read."""
     times = []
     for segment in directory.glob("*.seg"):
         with contextlib.suppress(OSError):
@@ -174,15 +196,16 @@ def _status(manifest: dict[str, Any]) -> RunStatus | None:
     return cast(RunStatus, status) if status in ("FINISHED", "FAILED", "KILLED") else None
 
 
-def _count(journal: Journal, consumer: str) -> tuple[int, int]:
-    """(frames, records) after ``consumer``'s cursor; a frame that cannot be decoded counts
-    no record."""
+def _count(journal: Journal, consumer: str) -> tuple[int, int, bytes | None]:
+    """(frames, records, the last frame) after ``consumer``'s cursor; a frame that cannot be
+    decoded counts no record."""
     frames = records = 0
+    payload = None
     for _, payload in journal.pending(consumer):
         frames += 1
         with contextlib.suppress(msgspec.DecodeError):
             records += count_records(payload)
-    return frames, records
+    return frames, records, payload
 
 
 def _note_run(run: Path, consumer: str, target: dict[str, Any]) -> None:

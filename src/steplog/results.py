@@ -111,7 +111,7 @@ class CloseResult(msgspec.Struct, frozen=True):
     or still pending when the deadline passed (``timed_out``). ``losses`` lists them with the
     backend's reason (the most recent 100 entries). ``sinks``: per-sink counters. ``sync``: the
     command that delivers the records the run's journal keeps for a sink that has not stored
-    them (``None`` when nothing is kept).
+    them, and ends a run that could not be ended (``None`` when nothing is kept).
     """
 
     ok: bool

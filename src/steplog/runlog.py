@@ -298,13 +298,16 @@ class RunJournal:
         every sink and every sink's run was ended (``unended``: label -> why a run could not
         be ended; ``run.json`` notes it, for ``steplog sync``). True when the journal is kept
         (something is left for ``steplog sync``)."""
-        self.checkpoint()
-        failed = {label: why for label, why in (unended or {}).items() if label in self._sinks}
-        if failed and self._status is not None:
-            self._end_failed.update(failed)
-            self.write_manifest()
-        kept = self.pending() or bool(self._end_failed)
-        self.journal.close()
+        try:
+            self.checkpoint()
+            failed = {label: why for label, why in (unended or {}).items()
+                      if label in self._sinks}
+            if failed and self._status is not None:
+                self._end_failed.update(failed)
+                self.write_manifest()
+            kept = self.pending() or bool(self._end_failed)
+        finally:
+            self.journal.close()
         if not kept:
             # The ledger's line lets the `steplog sync` printed at the start say so (exit 0).
             note_delivered(self.run_dir, self._destinations(), by="logger")

@@ -119,7 +119,8 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
     if not path.exists():
         # The run directory, or its journal/ or run.json (of a run removed since).
         entry = delivered_entry(path) or (
-            delivered_entry(path.parent) if path.name in ("journal", "run.json") else None)
+            delivered_entry(path.parent) if path.name in ("journal", "run.json") else None) or (
+            delivered_entry(path.parent.parent) if path.parent.name == "journal" else None)
         if entry is None:
             print(f"steplog sync: {path} does not exist", file=sys.stderr)
             return 2

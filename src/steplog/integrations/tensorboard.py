@@ -38,9 +38,18 @@ def default_log_dir(comment: str = "") -> str:
     return os.path.join("runs", current_time + "_" + socket.gethostname() + comment)
 
 
-_claimed: weakref.WeakKeyDictionary[Logger, set[str]] = weakref.WeakKeyDictionary()
-"""The files each logger's writers have stored texts, figures and images as (rare records:
-one file each)."""
+class _Claimed:
+    """The files a logger's writers have stored texts, figures and images as (one each), and
+    for each (base, extension, step) the suffix its next name is looked for from."""
+
+    __slots__ = ("files", "next")
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.next: dict[tuple[str, str, int | None], int] = {}
+
+
+_claimed: weakref.WeakKeyDictionary[Logger, _Claimed] = weakref.WeakKeyDictionary()
 _claimed_lock = threading.Lock()
 
 
@@ -52,19 +61,27 @@ def _claim_name(logger: Logger, base: str, ext: str, step: int | None) -> tuple[
     such event: none replaces an earlier one); raises as the logger does for a name that is
     not a relative path."""
     with _claimed_lock:
-        used = _claimed.setdefault(logger, set())
-        name, n = f"{base}{ext}", 1
-        while (file := artifact_file_name(name, ext, step)) in used:
+        claimed = _claimed.setdefault(logger, _Claimed())
+        key = (base, ext, step)
+        n = claimed.next.get(key, 1)  # a tag logged again and again: no scan from 1
+        while True:
+            name = f"{base}{ext}" if n == 1 else f"{base}-{n}{ext}"
+            file = artifact_file_name(name, ext, step)
+            if file not in claimed.files:
+                break
             n += 1
-            name = f"{base}-{n}{ext}"
-        used.add(file)
+        claimed.files.add(file)
+        claimed.next[key] = n + 1
         return name, file
 
 
 def _release_name(logger: Logger, file: str) -> None:
-    """Give back a file name :func:`_claim_name` claimed for a record that was not queued."""
+    """Give back a file name :func:`_claim_name` claimed for a record that was not queued (a
+    later record of its tag takes the next suffix)."""
     with _claimed_lock:
-        _claimed.get(logger, set()).discard(file)
+        claimed = _claimed.get(logger)
+        if claimed is not None:
+            claimed.files.discard(file)
 
 
 def _queue_named(logger: Logger, base: str, ext: str, step: int | None,

@@ -336,6 +336,7 @@ class MLflowSink(Sink):
             **target,
             "tracking_uri": portable_uri(tracking_uri),
             "run_token": token,
+            "ends_shared": False,  # the sync that creates the new shared run ends it
             "run_id": None,
             "experiment_id": None,
             "artifact_uri": None,
@@ -404,11 +405,11 @@ class MLflowSink(Sink):
         if self._reattached:
             # The oldest started since the journal's launch, while its process still logged:
             # also once rank 0 ended it; a later launch with the same identity started later.
-            latest = None
-            if self._started_ms is not None:
-                latest = latest_start_ms(max(self._started_ms, self._active_ms or 0))
+            # (A journal of an older steplog names no launch: the newest, as it did.)
+            last = max(self._started_ms or 0, self._active_ms or 0)
             return transport.find_run(exp_id, self._token, since_ms=self._launched_ms,
-                                      until_ms=latest, oldest=True)
+                                      until_ms=latest_start_ms(last) if last else None,
+                                      oldest=self._launched_ms is not None)
         deadline = time.monotonic() + _JOIN_WAIT_S
         while True:
             found = transport.find_run(exp_id, self._token, since_ms=self._launched_ms)
