@@ -391,3 +391,44 @@ def test_the_same_step_saved_twice_keeps_the_second_snapshot_whole(tmp_path: Pat
     assert load_policy(tmp_path / "policy")["weight"].item() == 2.0
     assert load_policy(tmp_path / "policy" / "step_7")["weight"].item() == 2.0
     assert not list((tmp_path / "policy").glob(".*"))  # no temporary left behind
+
+
+class Unpicklable:
+    """Deep-copied at the call, but the worker cannot pickle it."""
+
+    def __init__(self) -> None:
+        self.f = lambda x: x
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_nothing_in_staging(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path / "run", options=FAST)
+    pipeline = logger._life.pipeline
+    assert pipeline is not None
+    logger.save_agent(Unpicklable(), name="bad.pth")
+    logger.save_policy({"w": torch.zeros(3), "f": Unpicklable()}, name="bad-policy")
+    result = logger.flush(30)
+    assert not result and result.rejected == 2
+    assert list(Path(pipeline._staging).iterdir()) == []  # not only at close
+    logger.close(10)
+
+
+def test_every_sink_reports_why_a_snapshot_could_not_be_written(tmp_path: Path) -> None:
+    logger = Logger(sinks=[FileSink(str(tmp_path / "a")), FileSink(str(tmp_path / "b"))],
+                    options=FAST)
+    logger.save_agent(Unpicklable(), name="bad.pth")
+    result = logger.close(30)
+    assert not result and len(result.losses) == 2
+    assert all("pickle" in loss.reason for loss in result.losses), result.losses
+
+
+def test_log_artifact_with_type_policy_stores_the_folder_as_given(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "weights.pt").write_bytes(b"w")
+    logger = FileLogger(tmp_path / "run", options=FAST)
+    logger.log_artifact(folder, name="my_policy", type="policy")
+    assert logger.close(30)
+    stored = tmp_path / "run" / "my_policy"
+    assert sorted(p.name for p in stored.iterdir()) == ["weights.pt"]
+    manifest = [json.loads(line) for line in (tmp_path / "run" / "artifacts.jsonl").open()]
+    assert [(m["name"], m["kind"]) for m in manifest] == [("my_policy", "policy")]

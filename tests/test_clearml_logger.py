@@ -279,6 +279,17 @@ def test_each_saved_policy_is_a_model_with_the_weights_at_the_call(
     assert design["sha256"] == hashlib.sha256(Path(files[1]).read_bytes()).hexdigest()
 
 
+def test_log_file_with_move_removes_the_source_once_clearml_stored_it(
+    logger: ClearMLLogger, tmp_path: Path,
+) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_text("moved")
+    logger.log_file(source, "docs", move=True)
+    assert logger.flush(30)
+    assert not source.exists()
+    assert Path(session_of(logger).artifacts["docs/notes.txt"]["uri"]).read_text() == "moved"
+
+
 def test_save_agent_stores_a_task_artifact_under_its_name(logger: ClearMLLogger) -> None:
     logger.save_agent({"epsilon": 0.1}, name="agents/dqn.pt")
     assert logger.flush(30)
@@ -552,3 +563,20 @@ def test_a_closed_loggers_task_goes_on_in_its_continued_logger(offline: Path) ->
                    if ev.get("metric") == "metrics")
     assert iters == list(range(10))
     assert session.series("direct", "x") == [(3, 1.0)]  # no iteration offset either
+
+
+def test_a_continued_offline_task_keeps_the_models_saved_before_it(offline: Path) -> None:
+    policy = torch.nn.Linear(2, 1)
+    first = ClearMLLogger("steplog-tests", "stages", options=Options(drain_interval_s=0.01))
+    first.save_policy(policy)  # automatic step 0
+    assert first.close(30)
+    with torch.no_grad():
+        policy.weight.add_(1.0)
+    second = first.continued()
+    second.save_policy(policy)  # automatic step 0 again: a logger counts its own saves
+    assert second.close(30)
+    models = session_of(second).models
+    files = [Path(m["weights"]["weights_filename"]) for m in models]
+    assert [f.name for f in files] == ["policy-step0-v1.pth", "policy-step0-v2.pth"]
+    first_weights, second_weights = (load_policy(f)["weight"] for f in files)
+    assert torch.equal(second_weights, first_weights + 1.0)  # neither file overwrote the other

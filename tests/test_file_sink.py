@@ -101,6 +101,70 @@ def test_log_artifact_stores_the_file_and_a_manifest_entry(tmp_path) -> None:
     assert entry["aliases"] == ["latest"]
 
 
+@pytest.mark.parametrize("name", ["scalars.jsonl", "run.json", "parameters.json", "tags.json",
+                                  "artifacts.jsonl", "scalars.json", "previous/x.txt"])
+def test_an_upload_named_like_a_file_of_the_run_is_refused_at_the_call(tmp_path, name) -> None:
+    f = tmp_path / "x.txt"
+    f.write_text("x")
+    logger = FileLogger(tmp_path / "run", options=FAST)
+    logger.log_scalar("loss", 1.0, 0)
+    with pytest.raises(ValueError, match="keeps its own"):
+        logger.log_artifact(f, name=name)
+    with pytest.raises(ValueError, match="keeps its own"):
+        logger.log_text("x", name)
+    assert logger.close(10)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "scalars.jsonl").open()] == [0]
+
+
+def test_log_artifact_refuses_aliases_that_are_a_str_and_metadata_that_is_no_mapping(
+    tmp_path,
+) -> None:
+    f = tmp_path / "x.txt"
+    f.write_text("x")
+    logger = FileLogger(tmp_path / "run", options=FAST)
+    with pytest.raises(TypeError, match="aliases must be a list of str"):
+        logger.log_artifact(f, aliases="best")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="aliases must be a list of str"):
+        logger.log_artifact(f, aliases=["best", 1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="metadata must be a mapping"):
+        logger.log_artifact(f, metadata=["not", "a", "dict"])  # type: ignore[arg-type]
+    assert logger.close(10)
+    assert not (tmp_path / "run" / "artifacts.jsonl").exists()
+
+
+def test_a_directory_logged_again_under_its_name_replaces_the_earlier_one(tmp_path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "x").write_text("first")
+    (first / "y").write_text("first")
+    (second / "x").write_text("second")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_directory(first, "d")
+    logger.log_directory(second, "d")
+    assert logger.close(10)
+    assert sorted(p.name for p in (run / "d").iterdir()) == ["x"]
+    assert (run / "d" / "x").read_text() == "second"
+
+
+def test_a_file_and_a_directory_under_one_name_replace_each_other(tmp_path) -> None:
+    folder, f = tmp_path / "folder", tmp_path / "f.txt"
+    folder.mkdir()
+    (folder / "inside").write_text("folder")
+    f.write_text("file")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_directory(folder, "a")
+    logger.log_artifact(f, name="a")  # a file where a folder was
+    logger.log_artifact(f, name="b")
+    logger.log_directory(folder, "b")  # a folder where a file was
+    assert logger.close(10)
+    assert (run / "a").read_text() == "file"
+    assert (run / "b" / "inside").read_text() == "folder"
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
 def test_log_directory_copies_a_tree(tmp_path) -> None:
     d = tmp_path / "cfg"
     (d / "sub").mkdir(parents=True)

@@ -42,13 +42,14 @@ class Schedule:
 class TinyModel(pl.LightningModule):
     def __init__(self, lr: float = 0.05, arch: dict[str, Any] | None = None,
                  schedule: Schedule | None = None, extra: Namespace | None = None,
-                 fail_at_epoch: int = -1) -> None:
+                 fail_at_epoch: int = -1, fail_at_step: int = -1) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Linear(4, 1)
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.current_epoch == self.hparams.fail_at_epoch:
+        if self.hparams.fail_at_epoch == self.current_epoch or (
+                self.hparams.fail_at_step == self.global_step):
             raise RuntimeError("training diverged (test)")
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y)
@@ -91,11 +92,12 @@ def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
 
 
 def fit(logger: SteplogLogger, tmp_path: Path, *, then_test: bool = False,
-        **model_kwargs: Any) -> RecordingCheckpoint:
+        checkpoint: dict[str, Any] | None = None, **model_kwargs: Any) -> RecordingCheckpoint:
     # Every epoch is the new best (monitor "step", max): the previous top-1 file is deleted
     # right after the save, and last.ckpt is replaced each epoch.
-    ckpt = RecordingCheckpoint(dirpath=tmp_path / "ckpts", monitor="step", mode="max",
-                               save_top_k=1, save_last=True)
+    settings: dict[str, Any] = {"monitor": "step", "mode": "max", "save_top_k": 1,
+                                "save_last": True, **(checkpoint or {})}
+    ckpt = RecordingCheckpoint(dirpath=tmp_path / "ckpts", **settings)
     trainer = pl.Trainer(max_epochs=EPOCHS, logger=logger, callbacks=[ckpt],
                          log_every_n_steps=1, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1,
@@ -117,6 +119,7 @@ HPARAMS: dict[str, Any] = {
 FLAT_HPARAMS = {
     "lr": 0.05, "arch/hidden": [8, 8], "arch/act/name": "relu", "schedule/warmup": 2,
     "schedule/decay": 0.5, "extra/seed": 7, "fail_at_epoch": -1,
+    "fail_at_step": -1,
 }
 
 
@@ -204,6 +207,60 @@ def test_log_model_true_uploads_the_last_and_best_checkpoints_at_the_end(
     assert {p.name for p in (run / "checkpoints").iterdir()} == final
     for name in final:
         assert (run / "checkpoints" / name).read_bytes() == ckpt.saved[name]
+
+
+def stored_checkpoints(logger: SteplogLogger) -> list[dict[str, Any]]:
+    """The manifest entries of the checkpoints in the logger's file run, in upload order."""
+    manifest = Path(logger.log_dir) / "steplog" / "artifacts.jsonl"
+    return [e for e in map(json.loads, manifest.read_text().splitlines())
+            if e["kind"] == "checkpoint"]
+
+
+def global_step(path: Path) -> int:
+    return int(torch.load(path, weights_only=False)["global_step"])
+
+
+def test_each_checkpoint_is_stored_with_the_step_it_was_saved_at_and_one_is_latest(
+    tmp_path: Path,
+) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs", log_model=True)
+    fit(logger, tmp_path, checkpoint={"save_top_k": 2, "mode": "min"})  # the oldest stay best
+    run = Path(logger.log_dir) / "steplog"
+    entries = stored_checkpoints(logger)
+    assert len(entries) == 3  # the two best and last.ckpt
+    for entry in entries:
+        assert entry["step"] == global_step(run / entry["name"]), entry
+    assert [e["name"] for e in entries if "latest" in e["aliases"]] == ["checkpoints/last.ckpt"]
+    assert len([e for e in entries if "best" in e["aliases"]]) == 1
+
+
+def test_the_checkpoint_saved_when_a_fit_fails_is_uploaded(tmp_path: Path) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs")
+    with pytest.raises(RuntimeError, match="diverged"):
+        fit(logger, tmp_path, fail_at_step=STEPS_PER_EPOCH + 2,  # mid-epoch: a save of its own
+            checkpoint={"save_on_exception": True, "save_last": False})
+    assert logger.result
+    run = Path(logger.log_dir) / "steplog"
+    on_disk = {p.name for p in (tmp_path / "ckpts").glob("*.ckpt")}
+    stored = {Path(e["name"]).name for e in stored_checkpoints(logger)}
+    assert f"epoch=1-step={STEPS_PER_EPOCH + 2}.ckpt" in on_disk  # the exception's checkpoint
+    assert on_disk <= stored
+    for name in on_disk:
+        assert (run / "checkpoints" / name).read_bytes() == (tmp_path / "ckpts" / name).read_bytes()
+
+
+def test_a_last_checkpoint_that_lightning_keeps_as_a_link_is_not_stored_again(
+    tmp_path: Path,
+) -> None:
+    logger = SteplogLogger(save_dir=tmp_path / "logs")
+    ckpt = fit(logger, tmp_path, checkpoint={"save_last": "link", "save_top_k": -1})
+    assert (tmp_path / "ckpts" / "last.ckpt").is_symlink()
+    run = Path(logger.log_dir) / "steplog"
+    entries = stored_checkpoints(logger)
+    assert "checkpoints/last.ckpt" not in [e["name"] for e in entries]
+    assert sorted(Path(e["name"]).name for e in entries) == sorted(ckpt.saved)
+    for entry in entries:
+        assert entry["step"] == global_step(run / entry["name"]), entry
 
 
 def test_a_failed_fit_ends_the_run_failed(tmp_path: Path) -> None:
@@ -346,6 +403,34 @@ def test_a_fit_stopped_by_ctrl_c_ends_the_run_killed(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "KILLED"
 
 
+def test_a_fit_stopped_by_sigterm_ends_the_run_killed(tmp_path: Path) -> None:
+    child = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from test_lightning import TinyModel, loaders
+from steplog import Logger
+from steplog.integrations.lightning import SteplogLogger
+
+class Terminate(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+logger = SteplogLogger(Logger.create("file", output_dir={str(tmp_path / "run")!r}),
+                       save_dir={str(tmp_path)!r}, log_model=False)
+trainer = pl.Trainer(max_epochs=3, logger=logger, callbacks=[Terminate()],
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, accelerator="cpu", devices=1)
+trainer.fit(TinyModel(), *loaders())
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "KILLED"
+
+
 def test_other_ranks_log_nothing_and_build_no_logger(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.pytorch.utilities import rank_zero_only
@@ -370,6 +455,20 @@ def test_a_name_mlflow_refuses_is_logged_without_its_refused_characters(
     logger.finalize("success")
     history = mlflow_server.metric_history(steplog_logger.run_id or "", "fit-acc1")
     assert [(m["step"], m["value"]) for m in history] == [(3, 0.5), (4, 0.75)]
+
+
+def test_two_names_that_become_one_key_log_both_values(mlflow_server: MlflowServer) -> None:
+    steplog_logger = MLFlowLogger(f"lightning-{uuid.uuid4().hex[:8]}",
+                                  tracking_uri=mlflow_server.url, options=FAST)
+    logger = SteplogLogger(steplog_logger)
+    with pytest.warns(UserWarning, match="logged as 'acc1'"):
+        logger.log_metrics({"acc@1": 0.9, "acc#1": 0.1}, 3)
+    logger.log_metrics({"acc@1": 0.8, "acc#1": 0.2}, 4)
+    logger.finalize("success")
+    assert logger.result
+    history = mlflow_server.metric_history(steplog_logger.run_id or "", "acc1")
+    assert sorted((m["step"], m["value"]) for m in history) == [
+        (3, 0.1), (3, 0.9), (4, 0.2), (4, 0.8)]
 
 
 def test_importing_steplog_does_not_import_lightning() -> None:

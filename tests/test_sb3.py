@@ -254,6 +254,28 @@ def test_a_key_the_sink_refuses_raises_at_the_dump_and_logs_nothing_of_it(
     assert not [t for t in data["tags"] if not t["key"].startswith(("mlflow.", "steplog."))]
 
 
+@pytest.mark.parametrize("key, value", [
+    ("img", Image(np.zeros((4, 4, 2), dtype=np.uint8), "HWC")),  # two channels: no PNG
+    ("../fig", Figure(plt.figure(), close=True)),  # a name that would leave the run
+    ("previous/img", Image(np.zeros((4, 4, 3), dtype=np.uint8), "HWC")),  # a folder of the run
+], ids=["image-that-cannot-be-encoded", "figure-outside-the-run", "image-in-a-folder-of-the-run"])
+def test_an_upload_that_cannot_be_stored_raises_at_the_dump_and_logs_nothing_of_it(
+    tmp_path: Path, key: str, value: Any,
+) -> None:
+    logger, sb3, run = file_run(tmp_path)
+    sb3.record("loss", 1.5)
+    sb3.record("note", "hello")
+    sb3.record(key, value)
+    with pytest.raises(ValueError):
+        sb3.dump(step=10)
+    sb3 = make_logger(logger, formats=())  # SB3 keeps the values of a dump that raised
+    sb3.record("loss", 0.7)
+    sb3.dump(step=20)
+    assert logger.close(30)
+    assert scalars(run) == {"loss": [(20, 0.7)]}
+    assert not (run / "tags.json").exists()
+
+
 def test_make_logger_refuses_bad_arguments_at_the_call(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path / "run")
     with pytest.raises(TypeError, match="sequence of format names"):

@@ -90,12 +90,13 @@ def test_records_spilled_during_an_outage_reach_mlflow_in_order_when_it_returns(
 ) -> None:
     with FaultProxy(mlflow_server.port) as proxy:
         proxy.mode = "503"
-        logger = MLFlowLogger("spill-outage", tracking_uri=f"http://127.0.0.1:{proxy.port}",
-                              options=Options(runs_dir=str(tmp_path), lane_capacity=2_000,
-                                              retry=RetryPolicy(initial_s=0.05, max_s=0.2,
-                                                                jitter_s=0.0)))
         pause = threading.Event()
+        # Built inside the block: its worker meets the first 503 (and warns) at once.
         with pytest.warns(SteplogWarning, match="503"):
+            logger = MLFlowLogger("spill-outage", tracking_uri=f"http://127.0.0.1:{proxy.port}",
+                                  options=Options(runs_dir=str(tmp_path), lane_capacity=2_000,
+                                                  retry=RetryPolicy(initial_s=0.05, max_s=0.2,
+                                                                    jitter_s=0.0)))
             for i in range(30_000):
                 logger.log_metrics({"a": float(i), "b": -float(i)}, i)
                 if i % 1000 == 999:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +80,32 @@ def artifact_of(
     metadata: dict[str, Any] | None,
     aliases: list[str] | None,
 ) -> Artifact:
-    """The record of ``log_artifact``: ``path`` stored as ``name`` (default: its base name)."""
+    """The record of ``log_artifact``: ``path`` stored as ``name`` (default: its base name).
+    ``TypeError`` for a ``type`` that is not a str, ``metadata`` that is not a mapping, or
+    ``aliases`` that are not a list of str."""
     src = existing_path(path)
     dest = safe_relpath(name if name is not None else src.name)
+    if not isinstance(kind, str):
+        raise TypeError(f"type must be a str, got {type(kind).__name__}")
     if step is not None:
         step = capture_step(step)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
+    if aliases is not None:
+        if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Iterable):
+            raise TypeError(f"aliases must be a list of str, got {type(aliases).__name__}")
+        aliases = list(aliases)
+        if not all(isinstance(a, str) for a in aliases):
+            raise TypeError("aliases must be a list of str, got "
+                            f"{[type(a).__name__ for a in aliases]}")
     return Artifact(
         name=dest,
         timestamp=now_ms(),
         source=str(src),
-        kind=kind,
+        kind=str(kind),
         step=step,
-        metadata=capture_param(metadata) if metadata is not None else None,
-        aliases=list(aliases) if aliases is not None else None,
+        metadata=capture_param(dict(metadata)) if metadata is not None else None,
+        aliases=aliases,
     )
 
 

@@ -123,7 +123,11 @@ def find_kept(path: str | os.PathLike[str],
             data = json.loads(manifest.read_text())
             if data.get("format") != FORMAT:
                 raise ValueError(f"not a kept upload (format {data.get('format')!r})")
-            artifact = msgspec.convert(data["artifact"], Artifact)
+            fields = data["artifact"]
+            if isinstance(fields, dict) and "checkpoint" not in fields:
+                # Kept before Artifact.checkpoint: a "policy" was always a save_policy folder.
+                fields = {**fields, "checkpoint": fields.get("kind") == "policy"}
+            artifact = msgspec.convert(fields, Artifact)
             kept = KeptUpload(manifest.parent, data["sink"], data.get("target"), artifact,
                               data.get("reason", ""), data.get(MOVED_FROM))
         except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:

@@ -341,6 +341,7 @@ class Logger:
         leaves no room within ``Options.block_timeout_s``.
         """
         dest = safe_relpath(name)
+        self._check_upload_name(dest)
         if step is not None:
             step = capture_step(step)
         with self._saves_lock:  # one automatic step per save, in call order
@@ -355,6 +356,7 @@ class Logger:
             )
             self._saves[dest] = auto + 1
             self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
+                                  checkpoint=True,
                                   metadata=capture_param(dict(metadata)) if metadata else None),
                          snapshot=snapshot)
 
@@ -365,6 +367,7 @@ class Logger:
         when it cannot be) and pickled by the worker, which rejects one that cannot be
         serialised, with the reason in the flush and close results."""
         dest = safe_relpath(name)
+        self._check_upload_name(dest)
         if self._life.admit() is None:
             return
         snapshot = capture_checkpoint(
@@ -373,10 +376,15 @@ class Logger:
         )
         self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"), snapshot=snapshot)
 
+    def _check_upload_name(self, name: str) -> None:
+        for sink in self._sinks:
+            sink.check_upload_name(name)
+
     def _upload(self, artifact: Artifact, snapshot: Snapshot | None = None) -> None:
         item = UploadRequest(artifact, snapshot)
         queued = False
         try:
+            self._check_upload_name(artifact.name)
             pipeline = self._life.admit()
             queued = pipeline is not None and pipeline.put(item)
             if queued and not self._cap:

@@ -206,6 +206,7 @@ class ClearMLLogger(Logger):
                                task_init_kwargs=init, options=self._given_options)
         if logger.task is not None:
             logger.task.set_initial_iteration(0)  # ClearML would add the last iteration
+        logger.sink.carry_over(self.sink)
         return self._continue_with(logger)
 
     @property

@@ -84,6 +84,9 @@ class Artifact(msgspec.Struct, frozen=True):
     move: bool = False
     cleanup: bool = False
     """The pipeline deletes ``source`` once every sink has it (a staged snapshot of ours)."""
+    checkpoint: bool = False
+    """A ``save_policy`` checkpoint: ``source`` is a folder holding ``model.pth`` and
+    ``meta.json`` (``kind`` alone does not say so: ``log_artifact(type=...)`` sets it)."""
 
     @property
     def size(self) -> int:

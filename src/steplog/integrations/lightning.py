@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import warnings
@@ -33,12 +34,11 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from lightning.pytorch.loggers.logger import Logger as LightningLogger
-from lightning.pytorch.loggers.utilities import _scan_checkpoints
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from steplog.errors import LoggerClosedError, SteplogWarning
-from steplog.lifecycle import State
+from steplog.lifecycle import State, terminated
 from steplog.loggers import FileLogger, Logger
 from steplog.records import Artifact, now_ms
 from steplog.results import CloseResult
@@ -117,6 +117,8 @@ class SteplogLogger(LightningLogger):
         self._timeout_s = timeout_s
         self._renamed: dict[str, str] = {}
         self._uploaded: dict[str, float] = {}
+        self._saved_at: dict[str, tuple[float, int]] = {}
+        """Checkpoint file -> its modification time and the global step when it was saved."""
         self._warned_remote = False
         self._staging: dict[str, str] = {}
         self._links = itertools.count()
@@ -190,22 +192,43 @@ class SteplogLogger(LightningLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue every metric at ``step`` (a name MLflow would refuse loses its refused
-        characters, with one warning, as with Lightning's MLflow logger)."""
+        characters, with one warning, as with Lightning's MLflow logger; when two names become
+        one, each value is logged under it)."""
         logger = self._open_logger()
         if self._prefix:
             metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
-        if self._renamed:
-            metrics = {self._renamed.get(k, k): v for k, v in metrics.items()}
-        try:
-            logger.log_metrics(metrics, step)
-        except ValueError:
-            if not self._rename(metrics):
-                raise
-            logger.log_metrics({self._renamed.get(k, k): v for k, v in metrics.items()}, step)
+        for retry in (False, True):
+            renamed, clashes = self._renamed_metrics(metrics)
+            try:
+                logger.log_metrics(renamed, step)
+                break
+            except ValueError:
+                if retry or not self._rename(metrics):
+                    raise
+        for name, value in clashes:
+            logger.log_scalar(name, value, step)
+
+    def _renamed_metrics(self, metrics: Mapping[str, Any]
+                         ) -> tuple[Mapping[str, Any], list[tuple[str, Any]]]:
+        """``metrics`` under the names they are logged as, and the values whose names became
+        the name of another one (logged as a point of their own)."""
+        if not self._renamed:
+            return metrics, []
+        renamed: dict[str, Any] = {}
+        clashes = []
+        for k, v in metrics.items():
+            new = self._renamed.get(k, k)
+            if new in renamed:
+                clashes.append((new, v))
+            else:
+                renamed[new] = v
+        return renamed, clashes
 
     def _rename(self, metrics: Mapping[str, Any]) -> bool:
         renamed = False
         for k in metrics:
+            if k in self._renamed:
+                continue
             new = _NOT_A_KEY.sub("", k)
             if new != k and new:
                 warnings.warn(f"steplog: the metric name {k!r} is logged as {new!r} (only "
@@ -235,6 +258,11 @@ class SteplogLogger(LightningLogger):
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """Queue the checkpoint files saved since the last call (``log_model="all"``), or
         remember the callback to upload its best and last files at the end (``True``)."""
+        path = getattr(checkpoint_callback, "_last_checkpoint_saved", "")
+        step = getattr(checkpoint_callback, "_last_global_step_saved", None)
+        if path and type(step) is int:
+            with contextlib.suppress(OSError):
+                self._saved_at[path] = (os.stat(path).st_mtime, step)
         if self._log_model == "all" or (self._log_model is True
                                         and checkpoint_callback.save_top_k == -1):
             self._upload_checkpoints(checkpoint_callback)
@@ -256,18 +284,20 @@ class SteplogLogger(LightningLogger):
                               "these are already stored remotely)", SteplogWarning, stacklevel=3)
             return
         settings = {k: getattr(callback, k) for k in _CALLBACK_SETTINGS if hasattr(callback, k)}
-        step = getattr(callback, "_last_global_step_saved", None)
-        for mtime, path, score, _ in _scan_checkpoints(callback, self._uploaded):
+        latest = getattr(callback, "_last_checkpoint_saved", "")
+        for mtime, path, score in _new_checkpoints(callback, self._uploaded):
             staged = self._stage(path)
             file_name = os.path.basename(path)
-            best = path == callback.best_model_path
+            aliases = ["latest"] if path == latest else []
+            if path == getattr(callback, "best_model_path", ""):
+                aliases.append("best")
+            saved = self._saved_at.get(path)
             metadata = {"original_filename": file_name, "checkpoint": settings,
                         "score": score.item() if hasattr(score, "item") else score}
             logger._upload(Artifact(
                 name=f"checkpoints/{file_name}", timestamp=now_ms(), source=staged,
-                kind="checkpoint", step=step if isinstance(step, int) else None,
-                metadata=metadata, aliases=["latest", "best"] if best else ["latest"],
-                move=True, cleanup=True))
+                kind="checkpoint", step=saved[1] if saved and saved[0] == mtime else None,
+                metadata=metadata, aliases=aliases, move=True, cleanup=True))
             self._uploaded[path] = mtime
 
     def _stage(self, path: str) -> str:
@@ -289,7 +319,7 @@ class SteplogLogger(LightningLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         """End the run with the trainer's status (``success`` -> ``FINISHED``, ``failed`` ->
-        ``FAILED``, or ``KILLED`` when a ``KeyboardInterrupt`` stopped the trainer,
+        ``FAILED``, or ``KILLED`` when a ``KeyboardInterrupt`` or a SIGTERM stopped the trainer,
         ``aborted``/``interrupted`` -> ``KILLED``), after uploading the last and
         best checkpoints with ``log_model=True``; or only flush (``close_on_finalize=False``).
         An undelivered record is reported in one warning, with the result in :attr:`result`."""
@@ -315,8 +345,9 @@ class SteplogLogger(LightningLogger):
                     del self._staging[folder]
             return
         end = STATUSES[status]
-        if status == "failed" and isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            end = "KILLED"  # Lightning reports a Ctrl-C as "failed", from inside its handler
+        if status == "failed" and (isinstance(sys.exc_info()[1], KeyboardInterrupt)
+                                   or terminated()):
+            end = "KILLED"  # Lightning reports a Ctrl-C or a SIGTERM as "failed"
         if self._closed_status is not None:  # a later stage of the same run: the worst wins
             end = max(end, self._closed_status, key=_SEVERITY.index)
         self._closed_status = end
@@ -330,6 +361,36 @@ class SteplogLogger(LightningLogger):
             for staging in self._staging.values():
                 shutil.rmtree(staging, ignore_errors=True)
             self._staging.clear()
+
+
+def _new_checkpoints(callback: ModelCheckpoint,
+                     uploaded: Mapping[str, float]) -> list[tuple[float, str, Any]]:
+    """``callback``'s checkpoint files not uploaded since they were last written, oldest first,
+    each with its modification time and score: its last, best and top-k files and the file it
+    saved last (the one ``save_on_exception`` writes, say). A link (``save_last="link"``) is
+    left out: it names one of the others, uploaded as itself."""
+    scores: dict[str, Any] = {}
+    current = getattr(callback, "current_score", None)
+    for attr in ("_last_checkpoint_saved", "last_model_path"):
+        path = getattr(callback, attr, "")
+        if path:
+            scores[path] = current
+    best = getattr(callback, "best_model_path", "")
+    if best:
+        scores[best] = getattr(callback, "best_model_score", None)
+    scores.update(getattr(callback, "best_k_models", None) or {})
+    found = []
+    for path, score in scores.items():
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue  # removed already (top-k), or never written
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if path not in uploaded or uploaded[path] < st.st_mtime:
+            found.append((st.st_mtime, path, score))
+    found.sort(key=lambda f: (f[0], f[1]))
+    return found
 
 
 def _next_version(root: str) -> int:

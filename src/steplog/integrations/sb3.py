@@ -42,9 +42,12 @@ from stable_baselines3.common.logger import (
 )
 from stable_baselines3.common.logger import Logger as SB3Logger
 
+from steplog.arguments import data_of, figure_of
 from steplog.errors import SteplogWarning
+from steplog.images import encode_png
 from steplog.integrations.summaries import summary_statistics
 from steplog.loggers import Logger
+from steplog.records import Artifact
 
 __all__ = ["FORMAT", "SteplogOutputFormat", "make_logger"]
 
@@ -103,16 +106,20 @@ class SteplogOutputFormat(KVWriter):
                 raise TypeError(f"{key!r}: steplog cannot log a {type(value).__name__}; "
                                 "record it with exclude='steplog' to keep it from this output")
         logger = self.logger
-        # Every key checked before any is queued: a bad one logs nothing of the dump.
+        # Every key checked, and every figure and image rendered, before anything is queued:
+        # a bad one logs nothing of the dump.
         logger._check_names(itertools.chain(metrics, tags, params))
+        artifacts = [a for key, value in uploads if (a := self._artifact(key, value, step))]
+        for artifact in artifacts:
+            logger._check_upload_name(artifact.name)
         if metrics:  # first: its values are checked at the call, and refused as a whole
             logger.log_metrics(metrics, step)
         if params:
             logger.log_parameters(params)
         if tags:
             logger.log_tags(tags)
-        for key, value in uploads:
-            self._upload(key, value, step)
+        for artifact in artifacts:
+            logger._upload(artifact)
 
     def _excluded(self, excluded: Iterable[str] | str | None) -> bool:
         if excluded is None:
@@ -123,19 +130,22 @@ class SteplogOutputFormat(KVWriter):
             not self.include_tensorboard_excluded and "tensorboard" in excluded
         )
 
-    def _upload(self, key: str, value: Figure | Image, step: int) -> None:
+    def _artifact(self, key: str, value: Figure | Image, step: int) -> Artifact | None:
+        """The PNG upload of a figure (rendered now) or an image (encoded now); ``None`` for an
+        image given by name, which is not stored."""
         if isinstance(value, Figure):
-            self.logger.log_figure(value.figure, f"{key}.png", step)
+            artifact = figure_of(value.figure, f"{key}.png", step)
             if value.close:
                 import matplotlib.pyplot as plt
 
                 plt.close(value.figure)
-        elif isinstance(value.image, str):
+            return artifact
+        if isinstance(value.image, str):
             self._warn_once("image-name", f"{key!r}: an Image given by name (a Caffe2 blob) "
                             "is not stored; steplog stores image arrays and tensors")
-        else:
-            self.logger.log_image(value.image, f"{key}.png", step,
-                                  dataformats=value.dataformats)
+            return None
+        return data_of(encode_png(value.image, value.dataformats), f"{key}.png", ".png", step,
+                       "image")
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:

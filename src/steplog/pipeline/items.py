@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from steplog.checkpoints import Snapshot, write_policy
+from steplog.errors import PermanentError
 from steplog.notice import Notice
 from steplog.records import Artifact, Param, Scalar, Scalars, Tag
 
@@ -97,7 +98,8 @@ class Upload:
     every sink stored it (a sink that moved it away would leave the others nothing to read).
     """
 
-    __slots__ = ("_artifact", "_lock", "_remaining", "_sinks", "_snapshot", "_staging", "_stored")
+    __slots__ = ("_artifact", "_failure", "_lock", "_remaining", "_sinks", "_snapshot",
+                 "_staging", "_stored")
 
     def __init__(self, artifact: Artifact, snapshot: Snapshot | None, sinks: int,
                  staging: str) -> None:
@@ -107,6 +109,8 @@ class Upload:
         self._remaining = sinks
         self._stored = True
         self._staging = staging
+        self._failure: str | None = None
+        """Why the snapshot could not be written (each later sink reports the same)."""
         self._lock = threading.Lock()
 
     @property
@@ -115,19 +119,28 @@ class Upload:
 
     def materialize(self) -> Artifact:
         with self._lock:
+            if self._failure is not None:
+                raise PermanentError(self._failure)
             snapshot = self._snapshot
             if snapshot is not None:
                 snapshot.start()  # raises SupersededError when a later snapshot replaced it
+                path = None
                 try:
-                    if self._artifact.kind == "policy":
+                    if self._artifact.checkpoint:
                         path = tempfile.mkdtemp(dir=self._staging)
                         write_policy(snapshot, Path(path))
                     else:
                         fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
                         os.close(fd)
                         snapshot.write(Path(path))
-                except BaseException:
+                except BaseException as exc:
                     snapshot.drop()  # its memory is freed; every sink reports the failure
+                    self._failure = (f"snapshot {self._artifact.name!r} could not be written: "
+                                     f"{exc}")
+                    if path is not None:  # what was written of it goes too
+                        shutil.rmtree(path, ignore_errors=True)
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
                     raise
                 self._snapshot = None
                 self._artifact = msgspec.structs.replace(

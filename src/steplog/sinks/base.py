@@ -81,6 +81,10 @@ class Sink(abc.ABC):
         Called on the caller's thread the first time a name is used, so keep it cheap.
         """
 
+    def check_upload_name(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` when the backend can never store an upload as ``name`` (a
+        relative path, already normalised); called on the caller's thread for every upload."""
+
     @abc.abstractmethod
     def write(self, records: Sequence[MetricRecord]) -> None:
         """Store every record of the batch, in order, or raise without having stored a partial

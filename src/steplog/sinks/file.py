@@ -99,6 +99,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _remove(path: Path) -> None:
+    """Nothing is at ``path`` any more (a file, a link or a folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(staged: Path, dest: Path) -> None:
+    """Put ``staged`` (a file or folder beside ``dest``) at ``dest`` in place of whatever is
+    there, file or folder: a reader finds the old one or the new one whole, never a mix."""
+    if dest.is_dir() and not dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+        _remove(old)
+        os.replace(dest, old)
+        os.replace(staged, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if staged.is_dir() and (dest.exists() or dest.is_symlink()):
+        dest.unlink()  # os.replace puts a folder only where nothing is
+    os.replace(staged, dest)
+
+
 def _dump_json_atomic(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True)
     _write_atomic(path, text.encode("utf-8"))
@@ -417,25 +440,39 @@ class FileSink(Sink):
             _dump_json_atomic(self.output_dir / "tags.json", tags)
             self._tags = tags
 
+    def check_upload_name(self, name: str) -> None:
+        """The run's own files and ``previous/`` are not for uploads: one stored there would
+        replace (or be moved with) what the sink writes itself."""
+        top = name.split("/", 1)[0]
+        if top in RUN_FILES or top == "previous":
+            raise ValueError(f"a file run keeps its own {top!r} in {self.output_dir}: store the "
+                             f"upload {name!r} under another name")
+
     def upload(self, artifact: Artifact) -> None:
         dest = self.output_dir / safe_relpath(artifact.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if artifact.kind == "policy" and artifact.source and os.path.isdir(artifact.source):
+        if artifact.checkpoint and artifact.source and os.path.isdir(artifact.source):
             self._store_policy(Path(artifact.source), dest, artifact.step or 0)
-        elif artifact.data is not None:
-            _write_atomic(dest, artifact.data)
-        elif artifact.source is not None:
-            src = Path(artifact.source)
-            if src.is_dir():
-                shutil.copytree(src, dest, dirs_exist_ok=True)
-                if artifact.move:
-                    shutil.rmtree(src)
-            elif artifact.move:
-                shutil.move(src, dest)
-            else:
-                shutil.copy2(src, dest)
-        else:
+        elif artifact.data is None and artifact.source is None:
             raise ValueError(f"artifact {artifact.name!r} has neither data nor a source")
+        else:
+            staged = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            _remove(staged)
+            try:
+                if artifact.data is not None:
+                    staged.write_bytes(artifact.data)
+                else:
+                    src = Path(str(artifact.source))
+                    if artifact.move:
+                        shutil.move(src, staged)
+                    elif src.is_dir():
+                        shutil.copytree(src, staged)
+                    else:
+                        shutil.copy2(src, staged)
+                _replace(staged, dest)
+            except BaseException:
+                _remove(staged)
+                raise
         entry = {
             "name": safe_relpath(artifact.name),
             "kind": artifact.kind,
@@ -461,12 +498,7 @@ class FileSink(Sink):
         try:
             for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError
                 shutil.copy2(item, tmp / item.name)
-            if final.exists():  # the same step saved again: the new one replaces it
-                old = dest / f".{version}.{os.getpid()}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
+            _replace(tmp, final)  # the same step saved again: the new one replaces it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -470,7 +470,7 @@ class ClearMLSink(Sink):
             name = safe_relpath(artifact.name)
         except (TypeError, ValueError) as exc:
             raise PermanentError(str(exc)) from exc
-        if artifact.kind == "policy" and artifact.source and os.path.isdir(artifact.source):
+        if artifact.checkpoint and artifact.source and os.path.isdir(artifact.source):
             self._register_model(artifact, name, Path(artifact.source))
             return
         with self._local_copy(artifact, name) as path:
@@ -483,6 +483,23 @@ class ClearMLSink(Sink):
             if not task.upload_artifact(name, artifact_object=path, metadata=metadata,
                                         wait_on_upload=True):
                 raise RetryableError(f"ClearML did not store artifact {name!r}")
+        if artifact.move and artifact.source is not None:  # log_file(move=True): stored, so gone
+            if os.path.isdir(artifact.source):
+                shutil.rmtree(artifact.source, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(artifact.source)
+
+    def carry_over(self, earlier: ClearMLSink) -> None:
+        """Go on from ``earlier``, the sink of the closed logger whose Task this one continues:
+        weights files keep counting versions from its saves (no name is reused, so none is
+        overwritten), and an offline session keeps its models (the SDK's continued Task
+        starts with none and would write ``task.json`` without them)."""
+        for name, version in earlier._versions.items():
+            self._versions[name] = max(self._versions.get(name, 0), version)
+        if self.offline and earlier.offline and self.task is not None and earlier.task is not None:
+            models = list(getattr(earlier.task, "_offline_output_models", []))
+            self.task._offline_output_models[:0] = models
 
     def _register_model(self, artifact: Artifact, name: str, snapshot: Path) -> None:
         """An ``OutputModel`` named ``name`` whose design is the snapshot's ``meta.json`` and

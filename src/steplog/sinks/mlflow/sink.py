@@ -629,7 +629,7 @@ class MLflowSink(Sink):
             raise PermanentError(str(exc)) from exc
         if self._keys is not None:  # a shared run: each rank's files in its own folder
             path = f"{self._keys.prefix}{path}" if path else self._keys.prefix.rstrip("/")
-        policy = artifact.kind == "policy" and is_dir
+        policy = artifact.checkpoint and is_dir
         if policy:
             path = f"{path}/step_{artifact.step or 0}"  # one artifact folder per snapshot
         key = (path, artifact.timestamp)
