@@ -126,8 +126,12 @@ def test_log_artifact_refuses_aliases_that_are_a_str_and_metadata_that_is_no_map
         logger.log_artifact(f, aliases="best")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="aliases must be a list of str"):
         logger.log_artifact(f, aliases=["best", 1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="aliases must be a list of str"):
+        logger.log_artifact(f, aliases={"best": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="metadata must be a mapping"):
         logger.log_artifact(f, metadata=["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="type must be a str"):
+        logger.log_artifact(f, type=[])  # type: ignore[arg-type]
     assert logger.close(10)
     assert not (tmp_path / "run" / "artifacts.jsonl").exists()
 
@@ -163,6 +167,55 @@ def test_a_file_and_a_directory_under_one_name_replace_each_other(tmp_path) -> N
     assert (run / "a").read_text() == "file"
     assert (run / "b" / "inside").read_text() == "folder"
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_cannot_take_the_place_of_a_folder_of_other_uploads(tmp_path) -> None:
+    f = tmp_path / "b.txt"
+    f.write_text("b")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_file(f, "notes")  # stored as notes/b.txt
+    logger.log_artifact(f, name="notes")
+    result = logger.close(10)
+    assert not result and "holds other uploads" in result.losses[0].reason
+    assert (run / "notes" / "b.txt").read_text() == "b"
+
+
+def test_a_folder_logged_into_a_folder_of_other_uploads_is_added_to_it(tmp_path) -> None:
+    f, folder = tmp_path / "b.txt", tmp_path / "more"
+    f.write_text("b")
+    folder.mkdir()
+    (folder / "c.txt").write_text("c")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_file(f, "notes")
+    logger.log_directory(folder, "notes")
+    assert logger.close(10)
+    assert sorted(p.name for p in (run / "notes").iterdir()) == ["b.txt", "c.txt"]
+
+
+def test_an_upload_with_a_long_name_is_stored(tmp_path) -> None:
+    name = "n" * 250  # most file systems allow 255 bytes
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_text("long", name + ".txt"[: 255 - len(name)])
+    logger.log_text("longer", name + ".txt"[: 255 - len(name)])  # and replaced
+    assert logger.close(10)
+    assert [p.read_text() for p in run.glob("n*")] == ["longer"]
+
+
+def test_an_upload_named_like_the_sinks_temporary_files_is_refused_and_others_survive(
+    tmp_path,
+) -> None:
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    with pytest.raises(ValueError, match="temporary files"):
+        logger.log_text("x", "sub/.steplog-abc.tmp")
+    logger.log_text("mine", "tags.json.tmp")
+    logger.log_tags({"k": "v"})
+    assert logger.close(10)
+    assert (run / "tags.json.tmp").read_text() == "mine"
+    assert json.loads((run / "tags.json").read_text()) == {"k": "v"}
 
 
 def test_log_directory_copies_a_tree(tmp_path) -> None:
@@ -250,7 +303,7 @@ def test_close_leaves_the_seed_scalars_json_beside_the_incremental_file(tmp_path
 
 
 def test_a_batch_split_after_a_refusal_never_duplicates_a_line(tmp_path) -> None:
-    (tmp_path / "parameters.json.tmp").mkdir()  # parameters.json can never be written here
+    (tmp_path / "parameters.json" / "x").mkdir(parents=True)  # it can never be written here
     logger = FileLogger(tmp_path, options=Options(drain_interval_s=0.5), existing="append")
     logger.log_metrics({f"m{k}": float(k) for k in range(10)}, 0)
     logger.log_parameters({"lr": 0.1})  # the same batch as the metrics

@@ -13,14 +13,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from mlflow import MlflowClient
 
 from fault_proxy import FaultProxy
-from mlflow_support import MlflowServer
+from mlflow_support import MlflowServer, free_port
 from steplog import Options, RetryPolicy
 from steplog.errors import RetryableError
 from steplog.loggers import MLFlowLogger
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
 from steplog.sinks.mlflow import MLflowSink
+from steplog.sinks.mlflow.client import _mlflow_errors
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -289,3 +291,15 @@ def test_logger_close_on_a_dead_server_returns_within_its_timeout_and_counts_the
     assert elapsed < 3.0, f"close took {elapsed:.2f} s"
     assert not result
     assert result.undelivered == 100 and result.delivered == 0, result
+
+
+def test_an_error_from_mlflows_client_never_carries_the_uris_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    client = MlflowClient(tracking_uri=f"http://user:S3cret@127.0.0.1:{free_port()}/prefix")
+    with pytest.raises(RetryableError) as raised, _mlflow_errors():
+        client.get_run("0" * 32)  # nothing listens there: MLflow quotes the URI it called
+    assert "127.0.0.1" in str(raised.value) and "/prefix/api/" in str(raised.value)
+    assert "S3cret" not in str(raised.value) and "user" not in str(raised.value)

@@ -306,6 +306,21 @@ def test_under_all_a_name_too_long_with_its_rank_prefix_is_refused_at_the_call(
         assert lg.close(30)
 
 
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_under_all_every_metric_is_stored_with_its_rank_prefix_whatever_is_in_flight(
+    clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer, in_flight: int,
+) -> None:
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0")
+    lg = MLFlowLogger(f"ranks-in-flight-{time.time_ns()}", tracking_uri=mlflow_server.url,
+                      max_in_flight=in_flight, options=Options(ranks="all"))
+    for step in range(20):
+        lg.log_metrics({"a": float(step), "b": -float(step)}, step)
+    assert lg.close(30)
+    metrics = mlflow_server.run(lg.run_id or "")["data"]["metrics"]
+    assert sorted(m["key"] for m in metrics) == ["rank0/a", "rank0/b"]
+    assert len(mlflow_server.metric_history(lg.run_id or "", "rank0/a")) == 20
+
+
 def test_only_local_rank_0_samples_system_metrics(
     clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
 ) -> None:

@@ -276,6 +276,23 @@ def test_an_upload_that_cannot_be_stored_raises_at_the_dump_and_logs_nothing_of_
     assert not (run / "tags.json").exists()
 
 
+def test_a_rank_that_does_not_log_dumps_nothing_and_closes_the_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(var, value)
+    logger = FileLogger(tmp_path / "run")
+    sb3 = make_logger(logger, formats=())
+    figure = plt.figure()
+    sb3.record("loss", 1.0)
+    sb3.record("fig", Figure(figure, close=True))
+    sb3.record("img", Image(np.zeros((4, 4, 3), dtype=np.uint8), "HWC"))
+    sb3.dump(step=1)
+    assert logger.close(10)
+    assert not (tmp_path / "run").exists()
+    assert not plt.fignum_exists(figure.number)
+
+
 def test_make_logger_refuses_bad_arguments_at_the_call(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path / "run")
     with pytest.raises(TypeError, match="sequence of format names"):

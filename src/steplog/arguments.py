@@ -92,7 +92,7 @@ def artifact_of(
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
     if aliases is not None:
-        if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Iterable):
+        if isinstance(aliases, (str, bytes, Mapping)) or not isinstance(aliases, Iterable):
             raise TypeError(f"aliases must be a list of str, got {type(aliases).__name__}")
         aliases = list(aliases)
         if not all(isinstance(a, str) for a in aliases):

@@ -287,7 +287,8 @@ class Logger:
         name). Raises ``FileNotFoundError`` now if it does not exist, ``ValueError`` for a name
         that would leave the run directory. The file is read by the worker: do not change it
         until :meth:`flush` returns."""
-        self._upload(artifact_of(path, name, type or "artifact", step, metadata, aliases))
+        self._upload(artifact_of(path, name, "artifact" if type is None else type, step,
+                                 metadata, aliases))
 
     def log_file(self, path: str | os.PathLike[str], name: str, move: bool = False) -> None:
         """Queue ``path`` to be stored as ``<name>/<base name of path>``; ``move=True`` lets the

@@ -46,6 +46,7 @@ from steplog.arguments import data_of, figure_of
 from steplog.errors import SteplogWarning
 from steplog.images import encode_png
 from steplog.integrations.summaries import summary_statistics
+from steplog.lifecycle import State
 from steplog.loggers import Logger
 from steplog.records import Artifact
 
@@ -78,7 +79,13 @@ class SteplogOutputFormat(KVWriter):
         """Log every value of this dump that is not excluded, at ``step``. Raises, logging
         nothing of this dump: ``TypeError`` for a value of a type it cannot store,
         ``ValueError`` for a key a sink can never store, and what ``log_metrics`` raises for a
-        number it refuses."""
+        number it refuses. On a rank that does not log it only closes the figures SB3 asks
+        to close."""
+        if self.logger.state is State.INERT:
+            for value in key_values.values():
+                if isinstance(value, Figure):
+                    _close(value)
+            return
         metrics: dict[str, Any] = {}
         tags: dict[str, str] = {}
         params: dict[str, Any] = {}
@@ -135,10 +142,7 @@ class SteplogOutputFormat(KVWriter):
         image given by name, which is not stored."""
         if isinstance(value, Figure):
             artifact = figure_of(value.figure, f"{key}.png", step)
-            if value.close:
-                import matplotlib.pyplot as plt
-
-                plt.close(value.figure)
+            _close(value)
             return artifact
         if isinstance(value.image, str):
             self._warn_once("image-name", f"{key!r}: an Image given by name (a Caffe2 blob) "
@@ -154,6 +158,14 @@ class SteplogOutputFormat(KVWriter):
 
     def close(self) -> None:
         """Nothing to release: the steplog logger belongs to the caller, who closes it."""
+
+
+def _close(figure: Figure) -> None:
+    """Close the matplotlib figure when SB3 asked for it (``Figure(..., close=True)``)."""
+    if figure.close:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure.figure)
 
 
 def _is_single(value: object) -> bool:

@@ -47,6 +47,7 @@ from steplog.records import (
     scalar_objects,
 )
 from steplog.sinks.base import RunStatus, Sink
+from steplog.sinks.placing import TEMP_PREFIX, put_in_place, remove, sibling
 
 if TYPE_CHECKING:
     from steplog.host import Host
@@ -94,32 +95,25 @@ _ENCODER = msgspec.json.Encoder()
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` whole, or what it held before: never a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = sibling(path, ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _remove(path: Path) -> None:
-    """Nothing is at ``path`` any more (a file, a link or a folder)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _replace(staged: Path, dest: Path) -> None:
-    """Put ``staged`` (a file or folder beside ``dest``) at ``dest`` in place of whatever is
-    there, file or folder: a reader finds the old one or the new one whole, never a mix."""
-    if dest.is_dir() and not dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-        _remove(old)
-        os.replace(dest, old)
-        os.replace(staged, dest)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if staged.is_dir() and (dest.exists() or dest.is_symlink()):
-        dest.unlink()  # os.replace puts a folder only where nothing is
-    os.replace(staged, dest)
+def _manifest_names(manifest: Path) -> list[str]:
+    """The names ``artifacts.jsonl`` lists, in order (a torn or foreign line is skipped)."""
+    names = []
+    if manifest.exists():
+        for line in manifest.read_bytes().splitlines():
+            try:
+                names.append(safe_relpath(json.loads(line)["name"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return names
 
 
 def _dump_json_atomic(path: Path, data: Any) -> None:
@@ -210,6 +204,8 @@ class FileSink(Sink):
         self._scalars: Any = None
         self._params: dict[str, Any] = {}
         self._tags: dict[str, str] = {}
+        self._stored: set[str] | None = None
+        """The names of the uploads in the run (read from ``artifacts.jsonl`` when first needed)."""
         self.host: Host | None = None
         """The writer process, once one was asked for."""
         self._hosted = False
@@ -265,14 +261,7 @@ class FileSink(Sink):
             n += 1
             dest = self.output_dir / "previous" / f"{stamp}-{n}"
         dest.mkdir(parents=True)
-        names = list(run_files)
-        manifest = self.output_dir / "artifacts.jsonl"
-        if manifest.exists():
-            for line in manifest.read_bytes().splitlines():
-                try:
-                    names.append(safe_relpath(json.loads(line)["name"]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn or foreign line: that file stays where it is
+        names = list(run_files) + _manifest_names(self.output_dir / "artifacts.jsonl")
         for name in dict.fromkeys(names):
             src = self.output_dir / name
             if not src.exists() or name.split("/")[0] == "previous":
@@ -289,7 +278,7 @@ class FileSink(Sink):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for attr, fname in (("_params", "parameters.json"), ("_tags", "tags.json")):
             path = self.output_dir / fname
-            if path.exists():  # appending to an earlier run: merge
+            if path.is_file():  # appending to an earlier run: merge
                 setattr(self, attr, json.loads(path.read_text(encoding="utf-8")))
         path = self.output_dir / "scalars.jsonl"
         _drop_torn_tail(path)
@@ -441,40 +430,31 @@ class FileSink(Sink):
             self._tags = tags
 
     def check_upload_name(self, name: str) -> None:
-        """The run's own files and ``previous/`` are not for uploads: one stored there would
-        replace (or be moved with) what the sink writes itself."""
-        top = name.split("/", 1)[0]
-        if top in RUN_FILES or top == "previous":
-            raise ValueError(f"a file run keeps its own {top!r} in {self.output_dir}: store the "
-                             f"upload {name!r} under another name")
+        """The run's own files, ``previous/`` and temporary names are not for uploads: one
+        stored there would replace (or be moved with, or replaced by) what the sink writes
+        itself."""
+        parts = name.split("/")
+        if parts[0] in RUN_FILES or parts[0] == "previous":
+            raise ValueError(f"a file run keeps its own {parts[0]!r} in {self.output_dir}: "
+                             f"store the upload {name!r} under another name")
+        if any(part.startswith(TEMP_PREFIX) for part in parts):
+            raise ValueError(f"names starting with {TEMP_PREFIX!r} are the file sink's "
+                             f"temporary files: store the upload {name!r} under another name")
 
     def upload(self, artifact: Artifact) -> None:
-        dest = self.output_dir / safe_relpath(artifact.name)
+        name = safe_relpath(artifact.name)
+        dest = self.output_dir / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if artifact.checkpoint and artifact.source and os.path.isdir(artifact.source):
             self._store_policy(Path(artifact.source), dest, artifact.step or 0)
         elif artifact.data is None and artifact.source is None:
             raise ValueError(f"artifact {artifact.name!r} has neither data nor a source")
+        elif dest.is_dir() and not dest.is_symlink() and not self._replaceable(name):
+            self._add_to_folder(artifact, name, dest)
         else:
-            staged = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-            _remove(staged)
-            try:
-                if artifact.data is not None:
-                    staged.write_bytes(artifact.data)
-                else:
-                    src = Path(str(artifact.source))
-                    if artifact.move:
-                        shutil.move(src, staged)
-                    elif src.is_dir():
-                        shutil.copytree(src, staged)
-                    else:
-                        shutil.copy2(src, staged)
-                _replace(staged, dest)
-            except BaseException:
-                _remove(staged)
-                raise
+            self._store(artifact, dest)
         entry = {
-            "name": safe_relpath(artifact.name),
+            "name": name,
             "kind": artifact.kind,
             "step": artifact.step,
             "metadata": artifact.metadata,
@@ -483,6 +463,54 @@ class FileSink(Sink):
         }
         with open(self.output_dir / "artifacts.jsonl", "ab") as f:
             f.write(self._encoder.encode(entry) + b"\n")
+        if self._stored is not None:
+            self._stored.add(name)
+
+    def _replaceable(self, name: str) -> bool:
+        """Whether the folder at ``name`` is an upload of that name with no other upload stored
+        inside it since (then a new upload of the name replaces it)."""
+        if self._stored is None:
+            self._stored = set(_manifest_names(self.output_dir / "artifacts.jsonl"))
+        inside = f"{name}/"
+        return name in self._stored and not any(s.startswith(inside) for s in self._stored)
+
+    def _add_to_folder(self, artifact: Artifact, name: str, dest: Path) -> None:
+        """A folder upload into a folder that holds other uploads (or files of the user's) is
+        copied into it, file by file; a file cannot take such a folder's place."""
+        src = Path(str(artifact.source))
+        if artifact.data is not None or not src.is_dir():
+            raise PermanentError(f"{name!r} in {self.output_dir} is a folder that holds other "
+                                 "uploads: store this file under another name")
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        if artifact.move:
+            shutil.rmtree(src)
+
+    @staticmethod
+    def _store(artifact: Artifact, dest: Path) -> None:
+        """``dest`` holds the upload, in place of what was there; a source moved away and not
+        stored is put back, so a retry (or a kept upload) finds it."""
+        staged = sibling(dest, ".tmp")
+        src = Path(str(artifact.source))
+        moved = False
+        try:
+            if artifact.data is not None:
+                staged.write_bytes(artifact.data)
+            elif src.is_dir():
+                shutil.copytree(src, staged)  # links followed, as for a copy
+            elif artifact.move:
+                shutil.move(src, staged)
+                moved = True
+            else:
+                shutil.copy2(src, staged)
+            put_in_place(staged, dest)
+        except BaseException:
+            if moved and staged.exists() and not src.exists():
+                shutil.move(staged, src)
+            else:
+                remove(staged)
+            raise
+        if artifact.move and artifact.data is None and src.is_dir():
+            shutil.rmtree(src)
 
     @staticmethod
     def _store_policy(src: Path, dest: Path, step: int) -> None:
@@ -498,7 +526,7 @@ class FileSink(Sink):
         try:
             for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError
                 shutil.copy2(item, tmp / item.name)
-            _replace(tmp, final)  # the same step saved again: the new one replaces it
+            put_in_place(tmp, final)  # the same step saved again: the new one replaces it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

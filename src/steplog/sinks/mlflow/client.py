@@ -32,6 +32,7 @@ from steplog.sinks.mlflow.common import (
     about_the_request,
     filter_quote,
     missing_run,
+    redact_text,
     resume_problem,
     start_order,
     token_filter,
@@ -319,14 +320,14 @@ def _mlflow_errors() -> Iterator[None]:
     except (PermanentError, RetryableError):
         raise
     except OSError as exc:
-        raise RetryableError(str(exc)) from exc
+        raise RetryableError(redact_text(str(exc))) from exc
     except Exception as exc:
         status = getattr(exc, "get_http_status_code", None)
         if not callable(status):
             raise  # not MLflow's: the pipeline classifies it (requests errors are retryable)
         code = int(status())
+        text = redact_text(str(exc))
         if code in RETRYABLE_STATUS or code >= 500:
-            raise RetryableError(str(exc)) from exc
+            raise RetryableError(text) from exc
         error_code = str(getattr(exc, "error_code", ""))
-        text = str(exc)
         raise PermanentError(text, whole_batch=about_the_request(code, error_code, text)) from exc

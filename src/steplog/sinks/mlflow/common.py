@@ -285,6 +285,15 @@ def redact(uri: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user and password taken out of every URL in it (MLflow's error
+    messages quote the tracking URI as given)."""
+    return _USERINFO.sub(r"\1", text) if "@" in text else text
+
+
 _WHOLE_REQUEST_CODES = frozenset({401, 403, 404, 405})
 _WHOLE_REQUEST_ERRORS = frozenset(
     {"INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_DOES_NOT_EXIST"}

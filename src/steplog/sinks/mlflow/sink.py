@@ -496,6 +496,8 @@ class MLflowSink(Sink):
                 if not scalars_only(batch):
                     streams, stored = [], set()
                 else:
+                    if self._keys is not None:  # a shared run: stored as rank<R>/<name>
+                        batch = batch.renamed(self._keys.__getitem__)
                     streams = key_streams(batch, self.max_in_flight)
                     stored = set()
             if streams:
