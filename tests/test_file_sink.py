@@ -6,7 +6,10 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import matplotlib
 
@@ -102,7 +105,8 @@ def test_log_artifact_stores_the_file_and_a_manifest_entry(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["scalars.jsonl", "run.json", "parameters.json", "tags.json",
-                                  "artifacts.jsonl", "scalars.json", "previous/x.txt"])
+                                  "artifacts.jsonl", "scalars.json", "previous/x.txt",
+                                  "previous\\x.txt"])
 def test_an_upload_named_like_a_file_of_the_run_is_refused_at_the_call(tmp_path, name) -> None:
     f = tmp_path / "x.txt"
     f.write_text("x")
@@ -209,13 +213,75 @@ def test_an_upload_named_like_the_sinks_temporary_files_is_refused_and_others_su
 ) -> None:
     run = tmp_path / "run"
     logger = FileLogger(run, options=FAST)
-    with pytest.raises(ValueError, match="temporary files"):
-        logger.log_text("x", "sub/.steplog-abc.tmp")
+    for name in ("sub/.steplog-abc.tmp", "sub\\.steplog-abc.tmp"):
+        with pytest.raises(ValueError, match="temporary files"):
+            logger.log_text("x", name)
     logger.log_text("mine", "tags.json.tmp")
     logger.log_tags({"k": "v"})
     assert logger.close(10)
     assert (run / "tags.json.tmp").read_text() == "mine"
     assert json.loads((run / "tags.json").read_text()) == {"k": "v"}
+
+
+def test_a_folder_of_saved_policies_is_not_replaced_by_an_upload_of_its_name(tmp_path) -> None:
+    f = tmp_path / "pol.txt"
+    f.write_text("not a policy")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.save_policy(torch.nn.Linear(2, 2), name="pol")
+    logger.save_policy(torch.nn.Linear(2, 2), name="pol")
+    logger.log_artifact(f, name="pol")
+    result = logger.close(10)
+    assert not result and "holds other uploads" in result.losses[0].reason
+    assert sorted(p.name for p in (run / "pol").iterdir() if p.name.startswith("step_")) == [
+        "step_0", "step_1"]
+
+
+def test_moving_a_link_to_a_folder_stores_the_folder_and_removes_the_link(tmp_path) -> None:
+    folder, link = tmp_path / "folder", tmp_path / "link"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a")
+    link.symlink_to(folder)
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_file(link, "d", move=True)
+    assert logger.close(10)
+    assert (run / "d" / "link" / "a.txt").read_text() == "a"
+    assert not link.is_symlink() and (folder / "a.txt").exists()  # the link went, not its target
+
+
+@pytest.fixture
+def immutable() -> Iterator[Callable[[Path], None]]:
+    """Marks files immutable (``chattr +i``: not even root may remove them), undone after."""
+    marked: list[Path] = []
+
+    def mark(path: Path) -> None:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("chattr +i does not work here")
+        marked.append(path)
+
+    yield mark
+    for path in marked:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_an_upload_in_place_is_stored_even_when_the_old_one_cannot_be_removed(
+    tmp_path, immutable,
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "x").write_text(folder.name)
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_directory(first, "d")
+    assert logger.flush(10)
+    immutable(run / "d" / "x")  # the old folder can never be removed whole
+    logger.log_directory(second, "d")
+    assert logger.close(10)
+    assert (run / "d" / "x").read_text() == "second"
+    names = [json.loads(line)["name"] for line in (run / "artifacts.jsonl").open()]
+    assert names == ["d", "d"]
 
 
 def test_log_directory_copies_a_tree(tmp_path) -> None:

@@ -23,6 +23,7 @@ from steplog.loggers import MLFlowLogger
 from steplog.records import Artifact, MetricRecord, Param, Scalar, Tag, now_ms
 from steplog.sinks.mlflow import MLflowSink
 from steplog.sinks.mlflow.client import _mlflow_errors
+from steplog.sinks.mlflow.common import redact_text
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -303,3 +304,16 @@ def test_an_error_from_mlflows_client_never_carries_the_uris_credentials(
         client.get_run("0" * 32)  # nothing listens there: MLflow quotes the URI it called
     assert "127.0.0.1" in str(raised.value) and "/prefix/api/" in str(raised.value)
     assert "S3cret" not in str(raised.value) and "user" not in str(raised.value)
+
+
+@pytest.mark.parametrize("text, redacted", [
+    ("http://user:S3cret@host:5000/api", "http://host:5000/api"),
+    ("http://user:p@ss@host:5000/api", "http://host:5000/api"),  # urllib3 splits at the last @
+    ("https://token@[::1]:5000/x and http://u:p@other/y", "https://[::1]:5000/x and http://other/y"),
+    ("http://host:5000?owner=me@example.com", "http://host:5000?owner=me@example.com"),
+    ("http://host/p@th and mail a@b.c", "http://host/p@th and mail a@b.c"),
+])
+def test_error_texts_lose_every_urls_user_and_password_and_nothing_else(
+    text: str, redacted: str,
+) -> None:
+    assert redact_text(text) == redacted

@@ -47,7 +47,7 @@ from steplog.records import (
     scalar_objects,
 )
 from steplog.sinks.base import RunStatus, Sink
-from steplog.sinks.placing import TEMP_PREFIX, put_in_place, remove, sibling
+from steplog.sinks.placing import TEMP_PREFIX, discard, put_in_place, sibling
 
 if TYPE_CHECKING:
     from steplog.host import Host
@@ -433,7 +433,7 @@ class FileSink(Sink):
         """The run's own files, ``previous/`` and temporary names are not for uploads: one
         stored there would replace (or be moved with, or replaced by) what the sink writes
         itself."""
-        parts = name.split("/")
+        parts = safe_relpath(name).split("/")
         if parts[0] in RUN_FILES or parts[0] == "previous":
             raise ValueError(f"a file run keeps its own {parts[0]!r} in {self.output_dir}: "
                              f"store the upload {name!r} under another name")
@@ -468,9 +468,12 @@ class FileSink(Sink):
 
     def _replaceable(self, name: str) -> bool:
         """Whether the folder at ``name`` is an upload of that name with no other upload stored
-        inside it since (then a new upload of the name replaces it)."""
+        inside it since, and not a folder of ``save_policy`` snapshots (then a new upload of
+        the name replaces it)."""
         if self._stored is None:
             self._stored = set(_manifest_names(self.output_dir / "artifacts.jsonl"))
+        if (self.output_dir / name / "latest").is_file():
+            return False  # save_policy's snapshots: each step is an upload of its own
         inside = f"{name}/"
         return name in self._stored and not any(s.startswith(inside) for s in self._stored)
 
@@ -483,7 +486,7 @@ class FileSink(Sink):
                                  "uploads: store this file under another name")
         shutil.copytree(src, dest, dirs_exist_ok=True)
         if artifact.move:
-            shutil.rmtree(src)
+            discard(src)
 
     @staticmethod
     def _store(artifact: Artifact, dest: Path) -> None:
@@ -507,10 +510,10 @@ class FileSink(Sink):
             if moved and staged.exists() and not src.exists():
                 shutil.move(staged, src)
             else:
-                remove(staged)
+                discard(staged)
             raise
-        if artifact.move and artifact.data is None and src.is_dir():
-            shutil.rmtree(src)
+        if artifact.move and artifact.data is None and not moved:
+            discard(src)  # stored: the source goes (a link to a folder is unlinked)
 
     @staticmethod
     def _store_policy(src: Path, dest: Path, step: int) -> None:
@@ -520,26 +523,28 @@ class FileSink(Sink):
         each replaced atomically."""
         version = f"step_{step}"
         final = dest / version
-        tmp = dest / f".{version}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = sibling(final, ".tmp")
+        tmp.mkdir()
         try:
             for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError
                 shutil.copy2(item, tmp / item.name)
             put_in_place(tmp, final)  # the same step saved again: the new one replaces it
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
             raise
         latest = dest / "latest"
         current = _step_of(latest.read_text().strip()) if latest.is_file() else None
         if current is not None and current > step:
             return  # an older snapshot stored late (by steplog sync): latest stays newer
         for fname in ("model.pth", "meta.json"):
-            link = dest / f".{fname}.{os.getpid()}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
-            link_or_copy(final / fname, link)
-            os.replace(link, dest / fname)
+            link = sibling(dest / fname, ".tmp")
+            try:
+                link_or_copy(final / fname, link)
+                os.replace(link, dest / fname)
+            except BaseException:
+                discard(link)
+                raise
         _write_atomic(latest, f"{version}\n".encode())
 
     def close(self, status: RunStatus) -> None:

@@ -10,6 +10,7 @@ a ``.steplog-`` name. Temporary names are short (a long legal name still fits) a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "exchange", "put_in_place", "remove", "sibling"]
+__all__ = ["TEMP_PREFIX", "discard", "exchange", "put_in_place", "sibling"]
 
 TEMP_PREFIX = ".steplog-"
 """The start of every temporary name these helpers make beside a destination."""
@@ -49,12 +50,14 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}{suffix}")
 
 
-def remove(path: Path) -> None:
-    """Nothing is at ``path`` any more (a file, a link or a folder)."""
+def discard(path: Path) -> None:
+    """Remove ``path`` (a file, a link or a folder) as far as possible, never raising: for
+    what is no longer needed once the new content is in place."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -72,14 +75,15 @@ def exchange(a: Path, b: Path) -> bool:
 
 def put_in_place(staged: Path, dest: Path) -> None:
     """Put ``staged`` (a file or folder beside ``dest``) at ``dest`` in place of whatever is
-    there, file or folder; ``staged`` is gone afterwards, or, when this raises, ``dest`` is
-    as it was and ``staged`` still holds the new content."""
+    there, file or folder. When it returns, ``dest`` holds the new content (what it held is
+    removed as far as possible); when it raises, ``dest`` is as it was and ``staged`` still
+    holds the new content."""
     occupied = dest.exists() or dest.is_symlink()
     if not occupied or not (staged.is_dir() or (dest.is_dir() and not dest.is_symlink())):
         os.replace(staged, dest)  # a file over a file or a link, or anything where nothing is
         return
     if exchange(staged, dest):  # staged now holds the old content
-        remove(staged)
+        discard(staged)
         return
     old = sibling(dest, ".old")
     os.replace(dest, old)
@@ -88,4 +92,4 @@ def put_in_place(staged: Path, dest: Path) -> None:
     except BaseException:
         os.replace(old, dest)
         raise
-    remove(old)
+    discard(old)
