@@ -237,6 +237,20 @@ def test_a_folder_of_saved_policies_is_not_replaced_by_an_upload_of_its_name(tmp
         "step_0", "step_1"]
 
 
+def test_a_folder_with_a_file_named_latest_is_replaced_like_any_other(tmp_path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, shard in ((first, "old.bin"), (second, "new.bin")):
+        folder.mkdir()
+        (folder / "latest").write_text(shard)
+        (folder / shard).write_text(shard)
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_directory(first, "ckpt")
+    logger.log_directory(second, "ckpt")
+    assert logger.close(10)
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["latest", "new.bin"]
+
+
 def test_moving_a_link_to_a_folder_stores_the_folder_and_removes_the_link(tmp_path) -> None:
     folder, link = tmp_path / "folder", tmp_path / "link"
     folder.mkdir()

@@ -6,6 +6,7 @@ Layout under ``output_dir``::
     parameters.json   every parameter logged so far (rewritten atomically)
     tags.json         every tag logged so far (rewritten atomically)
     artifacts.jsonl   one line per stored artifact: name, kind, step, metadata, aliases, timestamp
+                      (and checkpoint: true for a save_policy snapshot)
     scalars.json      written at close, the seed FileLogger's format: {name: [[step, value], ...]}
     run.json          written at close: status and end time
     <artifacts>       files under the names they were logged with
@@ -104,16 +105,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _manifest_names(manifest: Path) -> list[str]:
-    """The names ``artifacts.jsonl`` lists, in order (a torn or foreign line is skipped)."""
-    names = []
+def _manifest(manifest: Path) -> list[tuple[str, bool]]:
+    """Each upload ``artifacts.jsonl`` lists, in order: its name and whether it is a
+    ``save_policy`` checkpoint (a torn or foreign line is skipped)."""
+    entries = []
     if manifest.exists():
         for line in manifest.read_bytes().splitlines():
             try:
-                names.append(safe_relpath(json.loads(line)["name"]))
-            except (ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                # Written before "checkpoint" was: only save_policy wrote kind "policy".
+                checkpoint = entry.get("checkpoint", entry.get("kind") == "policy")
+                entries.append((safe_relpath(entry["name"]), checkpoint is True))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
-    return names
+    return entries
 
 
 def _dump_json_atomic(path: Path, data: Any) -> None:
@@ -204,8 +209,9 @@ class FileSink(Sink):
         self._scalars: Any = None
         self._params: dict[str, Any] = {}
         self._tags: dict[str, str] = {}
-        self._stored: set[str] | None = None
-        """The names of the uploads in the run (read from ``artifacts.jsonl`` when first needed)."""
+        self._stored: dict[str, bool] | None = None
+        """The names of the uploads in the run, each with whether a checkpoint was stored under
+        it (read from ``artifacts.jsonl`` when first needed)."""
         self.host: Host | None = None
         """The writer process, once one was asked for."""
         self._hosted = False
@@ -261,7 +267,7 @@ class FileSink(Sink):
             n += 1
             dest = self.output_dir / "previous" / f"{stamp}-{n}"
         dest.mkdir(parents=True)
-        names = list(run_files) + _manifest_names(self.output_dir / "artifacts.jsonl")
+        names = list(run_files) + [n for n, _ in _manifest(self.output_dir / "artifacts.jsonl")]
         for name in dict.fromkeys(names):
             src = self.output_dir / name
             if not src.exists() or name.split("/")[0] == "previous":
@@ -461,21 +467,29 @@ class FileSink(Sink):
             "aliases": artifact.aliases,
             "timestamp": artifact.timestamp,
         }
+        if artifact.checkpoint:
+            entry["checkpoint"] = True
         with open(self.output_dir / "artifacts.jsonl", "ab") as f:
             f.write(self._encoder.encode(entry) + b"\n")
-        if self._stored is not None:
-            self._stored.add(name)
+        stored = self._stored_uploads()
+        stored[name] = stored.get(name, False) or artifact.checkpoint
 
     def _replaceable(self, name: str) -> bool:
         """Whether the folder at ``name`` is an upload of that name with no other upload stored
         inside it since, and not a folder of ``save_policy`` snapshots (then a new upload of
         the name replaces it)."""
-        if self._stored is None:
-            self._stored = set(_manifest_names(self.output_dir / "artifacts.jsonl"))
-        if (self.output_dir / name / "latest").is_file():
-            return False  # save_policy's snapshots: each step is an upload of its own
+        stored = self._stored_uploads()
+        if stored.get(name) is not False:
+            return False  # never stored as an upload, or save_policy's snapshots
         inside = f"{name}/"
-        return name in self._stored and not any(s.startswith(inside) for s in self._stored)
+        return not any(s.startswith(inside) for s in stored)
+
+    def _stored_uploads(self) -> dict[str, bool]:
+        if self._stored is None:
+            self._stored = {}
+            for name, checkpoint in _manifest(self.output_dir / "artifacts.jsonl"):
+                self._stored[name] = self._stored.get(name, False) or checkpoint
+        return self._stored
 
     def _add_to_folder(self, artifact: Artifact, name: str, dest: Path) -> None:
         """A folder upload into a folder that holds other uploads (or files of the user's) is
@@ -495,6 +509,7 @@ class FileSink(Sink):
         staged = sibling(dest, ".tmp")
         src = Path(str(artifact.source))
         moved = False
+        old: Path | None = None
         try:
             if artifact.data is not None:
                 staged.write_bytes(artifact.data)
@@ -505,15 +520,18 @@ class FileSink(Sink):
                 moved = True
             else:
                 shutil.copy2(src, staged)
-            put_in_place(staged, dest)
+            old = put_in_place(staged, dest)
         except BaseException:
             if moved and staged.exists() and not src.exists():
                 shutil.move(staged, src)
             else:
                 discard(staged)
             raise
+        # Stored: what the name held before goes, and a copied source given to move.
+        if old is not None:
+            discard(old)
         if artifact.move and artifact.data is None and not moved:
-            discard(src)  # stored: the source goes (a link to a folder is unlinked)
+            discard(src)  # a link to a folder is unlinked
 
     @staticmethod
     def _store_policy(src: Path, dest: Path, step: int) -> None:
@@ -529,10 +547,12 @@ class FileSink(Sink):
         try:
             for item in src.iterdir():  # a snapshot folder is flat; copy2 raises the OSError
                 shutil.copy2(item, tmp / item.name)
-            put_in_place(tmp, final)  # the same step saved again: the new one replaces it
+            old = put_in_place(tmp, final)  # the same step saved again: the new one replaces it
         except BaseException:
             discard(tmp)
             raise
+        if old is not None:
+            discard(old)
         latest = dest / "latest"
         current = _step_of(latest.read_text().strip()) if latest.is_file() else None
         if current is not None and current > step:

@@ -73,18 +73,18 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def put_in_place(staged: Path, dest: Path) -> None:
+def put_in_place(staged: Path, dest: Path) -> Path | None:
     """Put ``staged`` (a file or folder beside ``dest``) at ``dest`` in place of whatever is
-    there, file or folder. When it returns, ``dest`` holds the new content (what it held is
-    removed as far as possible); when it raises, ``dest`` is as it was and ``staged`` still
-    holds the new content."""
+    there, file or folder. When it returns, ``dest`` holds the new content, and the path it
+    returns (if any) holds the old, for the caller to :func:`discard` once it has counted the
+    new content as stored; when it raises, ``dest`` is as it was and ``staged`` still holds
+    the new content."""
     occupied = dest.exists() or dest.is_symlink()
     if not occupied or not (staged.is_dir() or (dest.is_dir() and not dest.is_symlink())):
         os.replace(staged, dest)  # a file over a file or a link, or anything where nothing is
-        return
-    if exchange(staged, dest):  # staged now holds the old content
-        discard(staged)
-        return
+        return None
+    if exchange(staged, dest):
+        return staged  # which now holds the old content
     old = sibling(dest, ".old")
     os.replace(dest, old)
     try:
@@ -92,4 +92,4 @@ def put_in_place(staged: Path, dest: Path) -> None:
     except BaseException:
         os.replace(old, dest)
         raise
-    discard(old)
+    return old

@@ -285,9 +285,10 @@ def redact(uri: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#]*@")
-"""A URL's scheme and user information: up to the last ``@`` before the path (a password
-may hold an ``@``, as urllib3 reads it)."""
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/]*@")
+"""A URL's scheme and user information: up to the last ``@`` before the path. A password may
+hold ``@``, ``?`` or ``#`` (urllib3 reads it so), so an ``@`` in a query with no path before
+it is taken too: in doubt, more goes."""
 
 
 def redact_text(text: str) -> str:
