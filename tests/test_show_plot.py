@@ -14,7 +14,7 @@ import pytest
 from mlflow_support import MlflowServer, free_port
 from steplog import FileLogger, MLFlowLogger, Options, RetryPolicy
 from steplog.cli import main
-from steplog.plot import plot_runs
+from steplog.plot import plot_runs, smooth
 from steplog.readback import find_runs
 
 QUICK = RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0)
@@ -78,6 +78,9 @@ def test_show_of_a_journal_run_directory_says_what_each_sink_lacks_and_how_to_de
     assert f"deliver it with: steplog sync {run_dir}" in out
     (row,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["loss"]]
     assert row[1:3] == ["300", "299"]
+    for cursor in Path(run_dir, "journal").glob("cursor*"):
+        cursor.unlink()  # a sink the journal never registered lacks everything
+    assert "lacks 301 records" in shown(capsys, run_dir)
 
 
 def test_show_of_an_mlflow_run_by_id_and_by_experiment_and_run_name(
@@ -232,3 +235,69 @@ def test_help_is_plain_text_and_names_every_options_default(
     options = text.split("options:", 1)[1]
     entries = [e for e in options.split("\n  -")[1:] if not e.startswith("h, --help")]
     assert all("(default" in " ".join(e.split()) for e in entries), entries
+
+
+@pytest.mark.parametrize("damage", ["a line that is not JSON", "an empty run.json",
+                                    "parameters that are a list"])
+def test_show_of_a_damaged_run_file_fails_with_status_1_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str,
+) -> None:
+    run = file_run(tmp_path / "run", steps=3)
+    if damage == "a line that is not JSON":
+        damaged = run / "scalars.jsonl"
+        damaged.write_bytes(damaged.read_bytes() + b"garbage\n")
+    elif damage == "an empty run.json":
+        damaged = run / "run.json"
+        damaged.write_text("")
+    else:
+        damaged = run / "parameters.json"
+        damaged.write_text("[1, 2]")
+    assert main(["show", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and str(damaged) in err and "Traceback" not in err
+
+
+def test_show_and_plot_put_a_file_runs_points_in_step_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = FileLogger(tmp_path / "run")
+    for step in (0, 20, 10, 30, 5):
+        logger.log_scalar("x", float(step), step)
+    assert logger.close(30)
+    (run,) = find_runs(str(tmp_path / "run"))
+    assert run.series["x"].steps == [0, 5, 10, 20, 30]
+    assert run.series["x"].values == [0.0, 5.0, 10.0, 20.0, 30.0]
+    (row,) = [line.split() for line in shown(capsys, str(tmp_path / "run")).splitlines()
+              if line.split()[:1] == ["x"]]
+    assert row[:4] == ["x", "5", "30", "30"]  # count, last step, last value
+
+
+def test_a_file_run_continued_in_place_shows_as_running_until_it_closes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = file_run(tmp_path / "run", steps=3)
+    logger = FileLogger(run, existing="append")
+    logger.log_scalar("more", 1.0, 0)
+    assert logger.flush(30)
+    assert "status: RUNNING" in shown(capsys, str(run))
+    assert logger.close(30)
+    assert "status: FINISHED" in shown(capsys, str(run))
+
+
+def test_smoothing_is_exact_after_a_huge_value_and_linear_in_the_points() -> None:
+    assert smooth([1e17, 1.0, 1.0, 1.0, 1.0], 2)[2:] == [1.0, 1.0, 1.0]
+    started = time.monotonic()
+    assert smooth([1.0] * 200_000, 100_000)[-1] == 1.0
+    assert time.monotonic() - started < 30  # a bound, not a timing: it took 1.9 s per 10^10
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path: Path) -> None:
+    run = file_run(tmp_path / "a", steps=3)
+    proc = subprocess.run([sys.executable, "-c", f"""if True:
+        import sys
+        sys.modules["matplotlib"] = None  # as if it were not installed
+        from steplog.cli import main
+        sys.exit(main(["plot", {str(run)!r}, "-o", {str(tmp_path / "p.png")!r}]))
+    """], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "pip install 'steplog[plot]'" in proc.stderr and "Traceback" not in proc.stderr

@@ -81,10 +81,13 @@ def _read_runs(command: str, specs: Sequence[str], tracking_uri: str | None
     """The runs ``specs`` name, or the exit status after saying why they cannot be read: 2 for
     a run that is not there, 1 for one that cannot be read (a damaged file, a store that does
     not answer)."""
-    from steplog.readback import find_runs
+    from steplog.readback import DamagedFileError, find_runs
 
     try:
         return [run for spec in specs for run in find_runs(spec, tracking_uri)]
+    except DamagedFileError as exc:
+        print(f"steplog {command}: cannot read {exc}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as exc:
         print(f"steplog {command}: {exc}", file=sys.stderr)
         return 2
@@ -122,6 +125,9 @@ def _plot(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"steplog plot: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        print(f"steplog plot: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"steplog plot: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
         return 1

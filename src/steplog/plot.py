@@ -3,6 +3,7 @@ one panel per metric group (the part of a name before its first ``/``), every ru
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -30,23 +31,44 @@ def smooth(values: Sequence[float], k: int) -> list[float]:
     if k <= 1:
         return list(values)
     out: list[float] = []
-    window: list[float] = []
-    total = 0.0
+    window: collections.deque[float] = collections.deque()
+    partials: list[float] = []  # the window's exact sum (a float total loses small values)
     for v in values:
         if math.isfinite(v):
             window.append(v)
-            total += v
+            _add_exactly(partials, v)
             if len(window) > k:
-                total -= window.pop(0)
-        out.append(total / len(window) if window else math.nan)
+                _add_exactly(partials, -window.popleft())
+        out.append(math.fsum(partials) / len(window) if window else math.nan)
     return out
+
+
+def _add_exactly(partials: list[float], x: float) -> None:
+    """Add ``x`` to the sum ``partials`` holds as non-overlapping floats (Shewchuk's method,
+    as ``math.fsum`` sums), so that a value added and later taken away leaves no error."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
 
 
 def plot_runs(runs: Sequence[RunData], output: Path, *, pattern: str | None = None,
               smooth_k: int = 1) -> Any:
     """Draw every metric of ``runs`` (matching ``pattern``) into ``output`` (PNG) and return the
-    matplotlib figure (closed). Raises ``ValueError`` when no metric matches."""
-    import matplotlib
+    matplotlib figure (closed). Raises ``ValueError`` when no metric matches, ``ImportError``
+    with the install command when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("steplog plot draws with matplotlib: pip install "
+                          "'steplog[plot]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -71,7 +93,8 @@ def plot_runs(runs: Sequence[RunData], output: Path, *, pattern: str | None = No
                 if smooth_k > 1:  # the raw points faint behind their smoothed curve
                     ax.plot(s.steps, s.values, color=color, alpha=0.2, linewidth=0.8)
                 ax.plot(s.steps, smooth(s.values, smooth_k), color=color, linestyle=style,
-                        linewidth=1.5, label=label)
+                        linewidth=1.5, label=label,
+                        marker="o" if len(s.steps) < 3 else None, markersize=4)
         ax.set_title(group)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

@@ -22,6 +22,27 @@ class Series:
     values: list[float] = field(default_factory=list)
 
 
+class DamagedFileError(Exception):
+    """A file of a run that is there but cannot be read as what it should hold."""
+
+
+def _json(path: Path, data: bytes | None = None) -> Any:
+    """The JSON value in ``path`` (or in ``data``, a line of it); :class:`DamagedFileError`
+    naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_bytes() if data is None else data)
+    except ValueError as exc:
+        raise DamagedFileError(f"{path}: not JSON ({exc})") from exc
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    value = _json(path)
+    if not isinstance(value, dict):
+        raise DamagedFileError(f"{path}: a JSON object was expected, not "
+                               f"{type(value).__name__}")
+    return value
+
+
 @dataclass
 class RunData:
     """What a run holds: its parameters, every metric's points, its status, and (for a journal
@@ -50,6 +71,15 @@ class RunData:
         s.steps.append(step)
         s.values.append(value)
 
+    def in_step_order(self) -> RunData:
+        """This run, every series sorted by step (points of one step keep their order)."""
+        for s in self.series.values():
+            if any(a > b for a, b in zip(s.steps, s.steps[1:], strict=False)):
+                order = sorted(range(len(s.steps)), key=s.steps.__getitem__)
+                s.steps = [s.steps[i] for i in order]
+                s.values = [s.values[i] for i in order]
+        return self
+
 
 def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
     """The runs ``spec`` names: a path (a file run, a journal run directory, or a directory of
@@ -59,7 +89,7 @@ def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
     matches."""
     path = Path(spec)
     if tracking_uri is None and path.exists():
-        return _from_path(path)
+        return [run.in_step_order() for run in _from_path(path)]
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         from steplog.runlog import delivered_by, delivered_entry, delivered_to
@@ -101,19 +131,24 @@ def _is_journal_run(path: Path) -> bool:
 def _file_run(path: Path) -> RunData:
     status = "RUNNING or killed (no run.json)"
     if (path / "run.json").is_file():
-        status = str(json.loads((path / "run.json").read_text()).get("status", "?"))
+        status = str(_json_object(path / "run.json").get("status", "?"))
     run = RunData(path.name, str(path), "file run", status)
     if (path / "parameters.json").is_file():
-        run.params = json.loads((path / "parameters.json").read_text())
+        run.params = _json_object(path / "parameters.json")
     if (path / "scalars.jsonl").is_file():
-        with open(path / "scalars.jsonl", "rb") as f:
+        lines = path / "scalars.jsonl"
+        with open(lines, "rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):
                     break  # a line cut short by a crash
-                row = json.loads(line)
-                run.add(row["name"], row["step"], row["value"])
+                row = _json(lines, line)
+                try:
+                    run.add(row["name"], row["step"], row["value"])
+                except (KeyError, TypeError) as exc:
+                    raise DamagedFileError(f"{lines}: a line that is not a point: "
+                                           f"{line[:80]!r}") from exc
     else:  # the seed FileLogger's format only
-        for name, points in json.loads((path / "scalars.json").read_text()).items():
+        for name, points in _json_object(path / "scalars.json").items():
             for step, value in points:
                 run.add(name, step, value)
     return run
@@ -128,7 +163,7 @@ def _journal_run(path: Path) -> RunData:
     from steplog.paths import sync_command
     from steplog.records import Param, Scalar
 
-    manifest = json.loads((path / "run.json").read_text())
+    manifest = _json_object(path / "run.json")
     status = manifest.get("status")
     run = RunData(path.name, str(path), "journal run directory",
                   f"closed with {status}" if status else "no close (killed?)")
@@ -148,8 +183,8 @@ def _journal_run(path: Path) -> RunData:
                 elif type(record) is Param:
                     run.params[record.name] = record.value
         for consumer, info in manifest.get("sinks", {}).items():
-            lacking = sum(count_records(p) for _, p in journal.pending(consumer))
             cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
+            lacking = sum(count_records(p) for _, p in journal.read(after=cursor))
             where, run_name = _destination(info.get("target") or {})
             moved = ""
             if info.get("moved_from"):
@@ -219,11 +254,7 @@ def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
         for key in sorted(info.data.metrics):
             for m in client.get_metric_history(info.info.run_id, key):
                 run.add(key, m.step, m.value)
-    for s in run.series.values():  # MLflow returns a history in no promised order
-        order = sorted(range(len(s.steps)), key=s.steps.__getitem__)
-        s.steps = [s.steps[i] for i in order]
-        s.values = [s.values[i] for i in order]
-    return run
+    return run.in_step_order()  # MLflow returns a history in no promised order
 
 
 def _mlflow_lookup(client: Any, spec: str) -> Any:

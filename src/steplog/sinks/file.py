@@ -282,6 +282,8 @@ class FileSink(Sink):
 
     def open(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # A run continued here (existing="append") is running again: its old end goes.
+        (self.output_dir / "run.json").unlink(missing_ok=True)
         for attr, fname in (("_params", "parameters.json"), ("_tags", "tags.json")):
             path = self.output_dir / fname
             if path.is_file():  # appending to an earlier run: merge
