@@ -102,7 +102,7 @@ def artifact_of(
         name=dest,
         timestamp=now_ms(),
         source=str(src),
-        kind=str(kind),
+        kind=kind,
         step=step,
         metadata=capture_param(dict(metadata)) if metadata is not None else None,
         aliases=aliases,

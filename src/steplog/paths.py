@@ -63,6 +63,16 @@ def replace_json(path: Path, data: Any) -> None:
         raise
 
 
+def discard(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` (a file, a link, or a folder and what it holds) as far as possible,
+    never raising: for what is no longer needed. A link is removed, never what it names."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
     """``dst`` as a hard link to ``src`` (no bytes copied), or a copy (``shutil.copy2``) where
     the file system cannot link them; returns ``dst`` (usable as ``copytree``'s copy function)."""

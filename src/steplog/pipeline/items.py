@@ -15,9 +15,7 @@ every item and part in records, the unit of every counter.
 from __future__ import annotations
 
 import array
-import contextlib
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -28,6 +26,7 @@ import msgspec
 from steplog.checkpoints import Snapshot, write_policy
 from steplog.errors import PermanentError
 from steplog.notice import Notice
+from steplog.paths import discard
 from steplog.records import Artifact, Param, Scalar, Scalars, Tag
 
 __all__ = [
@@ -138,9 +137,7 @@ class Upload:
                     self._failure = (f"snapshot {self._artifact.name!r} could not be written: "
                                      f"{exc}")
                     if path is not None:  # what was written of it goes too
-                        shutil.rmtree(path, ignore_errors=True)
-                        with contextlib.suppress(OSError):
-                            os.unlink(path)
+                        discard(path)
                     raise
                 self._snapshot = None
                 self._artifact = msgspec.structs.replace(
@@ -160,11 +157,7 @@ class Upload:
         a = self._artifact
         shared_move = a.move and self._sinks > 1 and self._stored
         if done and a.source and (a.cleanup or shared_move):
-            if os.path.isdir(a.source) and not os.path.islink(a.source):
-                shutil.rmtree(a.source, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(a.source)
+            discard(a.source)
 
     def __repr__(self) -> str:
         return f"artifact {self._artifact.name!r}"

@@ -35,7 +35,7 @@ import msgspec
 
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
 from steplog.frames import decode_batch, encode_batch
-from steplog.paths import link_or_copy, safe_relpath, write_all
+from steplog.paths import discard, link_or_copy, safe_relpath, write_all
 from steplog.records import (
     Artifact,
     Batch,
@@ -48,7 +48,7 @@ from steplog.records import (
     scalar_objects,
 )
 from steplog.sinks.base import RunStatus, Sink
-from steplog.sinks.placing import TEMP_PREFIX, discard, put_in_place, sibling
+from steplog.sinks.placing import TEMP_PREFIX, put_in_place, sibling
 
 if TYPE_CHECKING:
     from steplog.host import Host

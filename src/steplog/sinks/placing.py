@@ -10,17 +10,15 @@ a ``.steplog-`` name. Temporary names are short (a long legal name still fits) a
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 import secrets
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "discard", "exchange", "put_in_place", "sibling"]
+__all__ = ["TEMP_PREFIX", "exchange", "put_in_place", "sibling"]
 
 TEMP_PREFIX = ".steplog-"
 """The start of every temporary name these helpers make beside a destination."""
@@ -50,16 +48,6 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}{suffix}")
 
 
-def discard(path: Path) -> None:
-    """Remove ``path`` (a file, a link or a folder) as far as possible, never raising: for
-    what is no longer needed once the new content is in place."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 def exchange(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` (both existing, any kinds) in one atomic step; False, with nothing
     changed, where the system or the file system cannot."""
@@ -76,7 +64,7 @@ def exchange(a: Path, b: Path) -> bool:
 def put_in_place(staged: Path, dest: Path) -> Path | None:
     """Put ``staged`` (a file or folder beside ``dest``) at ``dest`` in place of whatever is
     there, file or folder. When it returns, ``dest`` holds the new content, and the path it
-    returns (if any) holds the old, for the caller to :func:`discard` once it has counted the
+    returns (if any) holds the old, for the caller to discard once it has counted the
     new content as stored; when it raises, ``dest`` is as it was and ``staged`` still holds
     the new content."""
     occupied = dest.exists() or dest.is_symlink()
