@@ -264,6 +264,19 @@ def test_moving_a_link_to_a_folder_stores_the_folder_and_removes_the_link(tmp_pa
     assert not link.is_symlink() and (folder / "a.txt").exists()  # the link went, not its target
 
 
+def test_moving_a_link_to_a_file_stores_the_file_and_removes_the_link(tmp_path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"w")
+    link = tmp_path / "latest.bin"
+    link.symlink_to("weights.bin")  # relative, as `ln -s` makes it
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_file(link, "d", move=True)
+    assert logger.close(10)
+    stored = run / "d" / "latest.bin"
+    assert not stored.is_symlink() and stored.read_bytes() == b"w"
+    assert not link.is_symlink() and (tmp_path / "weights.bin").exists()
+
+
 @pytest.fixture
 def immutable() -> Iterator[Callable[[Path], None]]:
     """Marks files immutable (``chattr +i``: not even root may remove them), undone after."""

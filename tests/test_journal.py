@@ -30,6 +30,7 @@ from steplog.journal import (
     JournalError,
     JournalFullError,
     JournalLockedError,
+    JournalView,
 )
 
 ONE_FRAME_PER_SEGMENT = SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES + 1
@@ -588,3 +589,47 @@ def test_describe_counts_frames_bytes_and_what_each_consumer_lacks(tmp_path) -> 
                                                        for p in PAYLOADS)
     assert summary.consumers == {"clearml": ConsumerSummary(cursor=0, pending=4),
                                  "mlflow": ConsumerSummary(cursor=3, pending=1)}
+
+
+# -- a read-only view ---------------------------------------------------------------------------
+
+def test_a_view_reads_the_frames_and_cursors_of_a_journal_its_owner_holds_open(tmp_path) -> None:
+    with Journal.open(tmp_path / "j", durability="none") as j:
+        for p in PAYLOADS:
+            j.append(p)
+        j.ack("mlflow", 2)
+        view = JournalView(tmp_path / "j")
+        assert view.held
+        assert list(view.read()) == list(enumerate(PAYLOADS, start=1))
+        assert list(view.read(after=2)) == [(3, PAYLOADS[2]), (4, PAYLOADS[3])]
+        assert view.cursors == {"mlflow": 2}
+        j.append(b"later")  # the owner keeps appending: a new read sees it
+        assert list(view.read(after=4)) == [(5, b"later")]
+    assert not view.held
+
+
+def test_a_view_writes_nothing_and_a_torn_tail_is_no_damage_to_it(tmp_path) -> None:
+    make_journal(tmp_path / "j", [b"one", b"two"])
+    [segment] = segments(tmp_path / "j")
+    segment.write_bytes(segment.read_bytes()[:-2])  # a writer killed mid-append
+    (tmp_path / "j" / "lock").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "j").iterdir()}
+    view = JournalView(tmp_path / "j")
+    with journal_warnings() as messages:
+        assert list(view.read()) == [(1, b"one")]
+    assert not view.held and view.problems == [] and messages == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "j").iterdir()} == before
+
+
+def test_a_view_lists_damage_instead_of_warning_about_it(tmp_path) -> None:
+    make_journal(tmp_path / "j", [b"a", b"b", b"c"], segment_bytes=ONE_FRAME_PER_SEGMENT)
+    segments(tmp_path / "j")[1].write_bytes(b"")
+    (tmp_path / "j" / "cursor.mlflow").write_text("x\n")
+    view = JournalView(tmp_path / "j")
+    with journal_warnings() as messages:
+        assert list(view.read()) == [(1, b"a"), (3, b"c")]
+        assert list(view.read()) == [(1, b"a"), (3, b"c")]
+    assert messages == [] and view.cursors == {"mlflow": 0}
+    assert len(view.problems) == 2  # each place once, however often it is read
+    assert "cursor is not a sequence number" in view.problems[0]
+    assert "frames 2-2 are missing" in view.problems[1]

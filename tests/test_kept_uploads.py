@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mlflow_support import MlflowServer  # noqa: E402
+from mlflow_support import MlflowServer, free_port  # noqa: E402
 from steplog import FileLogger, MLFlowLogger, Options, RetryPolicy, load_policy  # noqa: E402
 from steplog.cli import main  # noqa: E402
 from steplog.kept import find_kept  # noqa: E402
@@ -114,6 +114,20 @@ def test_an_artifact_of_a_run_that_never_opened_is_kept_and_synced_into_the_run_
     run_id = run["info"]["run_id"]
     assert "notes.txt" in {a["path"] for a in server.artifacts(run_id)}
     assert [m["step"] for m in server.metric_history(run_id, "loss")] == [0]
+
+
+def test_a_file_logged_with_move_that_could_not_be_stored_keeps_its_source(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "ckpt.bin"
+    source.write_bytes(b"weights")
+    logger = MLFlowLogger("kept-move", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=quick(tmp_path / "runs"))
+    logger.log_file(source, "files", move=True)
+    result = logger.close(30)
+    assert not result and result.failed == 1
+    assert source.read_bytes() == b"weights"
+    assert [k.artifact.name for k in find_kept(tmp_path / "runs")] == ["files/ckpt.bin"]
 
 
 def test_sync_of_a_path_that_does_not_exist_says_so(

@@ -77,6 +77,18 @@ def test_every_kind_of_record_arrives_without_blocking_the_caller(
                      "policy/step_0/model.pth", "policy/step_0/meta.json"}
 
 
+def test_a_file_logged_with_move_is_stored_and_its_source_removed(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    f = tmp_path / "ckpt.bin"
+    f.write_bytes(b"weights")
+    logger = MLFlowLogger(experiment(), tracking_uri=mlflow_server.url, options=FAST)
+    logger.log_file(f, name="files", move=True)
+    assert logger.close(60)
+    assert {a["path"] for a in mlflow_server.artifacts(logger.run_id or "")} == {"files/ckpt.bin"}
+    assert not f.exists()
+
+
 def test_system_metrics_are_sampled_into_the_run(mlflow_server: MlflowServer) -> None:
     logger = MLFlowLogger(experiment(), tracking_uri=mlflow_server.url, log_system_metrics=True,
                           system_metrics_interval_s=0.2, options=FAST)

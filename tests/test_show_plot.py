@@ -83,6 +83,77 @@ def test_show_of_a_journal_run_directory_says_what_each_sink_lacks_and_how_to_de
     assert "lacks 301 records" in shown(capsys, run_dir)
 
 
+def unreachable_logger(runs_dir: Path) -> MLFlowLogger:
+    """A logger whose MLflow server never answers: every record stays in its journal."""
+    return MLFlowLogger("show-journal", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                        options=Options(drain_interval_s=0.01, retry=QUICK,
+                                        runs_dir=str(runs_dir)))
+
+
+def test_show_of_a_running_loggers_journal_gives_its_records_and_what_each_sink_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = unreachable_logger(tmp_path / "runs")
+    try:
+        for i in range(300):
+            logger.log_scalar("loss", 1.0 / (i + 1), i)
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        deadline = time.monotonic() + 30
+        while ("lacks 300 records" not in (out := shown(capsys, str(run_dir)))
+               and time.monotonic() < deadline):
+            time.sleep(0.1)  # the worker journals what it drains
+        assert "status: RUNNING (its logger holds the journal" in out
+        assert "undelivered:\n    300 records for mlflow" in out
+        assert "deliver it with" not in out  # a sync is refused while the logger runs
+        (row,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["loss"]]
+        assert row[1:3] == ["300", "299"]
+    finally:
+        logger.close(0.5)
+
+
+def test_show_of_a_journal_run_changes_no_file_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = unreachable_logger(tmp_path / "runs")
+    for i in range(50):
+        logger.log_scalar("loss", float(i), i)
+    result = logger.close(1)
+    assert not result and result.sync is not None
+    run_dir = Path(result.sync.split(" ", 2)[2])
+    journal = run_dir / "journal"
+    deadline = time.monotonic() + 30
+    while "RUNNING" in shown(capsys, str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the worker still holds the journal
+    (segment,) = journal.glob("*.seg")
+    with open(segment, "ab") as f:
+        f.write(b"SLFR" + bytes(30))  # a frame a kill cut short
+    (journal / "lock").unlink()
+
+    def files() -> dict[str, tuple[bytes, int]]:
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in journal.iterdir()}
+
+    before = files()
+    out = shown(capsys, str(run_dir))
+    assert "lacks 50 records" in out and "damaged" not in out
+    assert files() == before
+
+
+def test_show_of_a_journal_run_lists_the_damage_it_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = unreachable_logger(tmp_path / "runs")
+    logger.log_scalar("loss", 1.0, 0)
+    result = logger.close(1)
+    assert result.sync is not None
+    run_dir = Path(result.sync.split(" ", 2)[2])
+    deadline = time.monotonic() + 30
+    while "RUNNING" in shown(capsys, str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (run_dir / "journal" / "cursor.mlflow").write_text("garbage\n")
+    out = shown(capsys, str(run_dir))
+    assert "damaged: " in out and "cursor.mlflow, byte 0: the cursor is not a sequence" in out
+
+
 def test_show_of_an_mlflow_run_by_id_and_by_experiment_and_run_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -101,6 +172,25 @@ def test_show_of_an_mlflow_run_by_id_and_by_experiment_and_run_name(
     assert shown(capsys, run_id, "--tracking-uri", uri) == by_name
 
 
+def test_show_finds_a_run_by_names_that_hold_slashes_and_refuses_an_ambiguous_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = {}
+    for experiment, run_name, value in [("team/ppo", "seed/1", 1.0), ("team", "ppo/x", 2.0),
+                                        ("team/ppo", "x", 3.0)]:
+        logger = MLFlowLogger(experiment, tracking_uri=uri, run_name=run_name)
+        logger.log_scalar("return", value, 0)
+        assert logger.close(60)
+        ids[experiment, run_name] = logger.run_id  # type: ignore[attr-defined]
+    out = shown(capsys, "team/ppo/seed/1", "--tracking-uri", uri)
+    assert f"run {ids['team/ppo', 'seed/1']}" in out
+    assert main(["show", "team/ppo/x", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "'team/ppo/x' is ambiguous" in err
+    assert ids["team", "ppo/x"] in err and ids["team/ppo", "x"] in err
+
+
 def test_show_of_a_path_that_holds_no_run_fails_with_status_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,6 +207,18 @@ def test_show_of_an_mlflow_store_that_does_not_exist_fails_with_status_2_and_cre
     assert main(["show", "exp/run", "--tracking-uri", f"sqlite:///{store}"]) == 2
     assert f"no MLflow store at sqlite:///{store}" in capsys.readouterr().err
     assert not store.exists()
+
+
+@pytest.mark.parametrize(("content", "why"), [(b"", "holds no MLflow tables"),
+                                              (b"not sqlite" * 100, "is not an sqlite database")])
+def test_show_of_a_file_that_is_no_mlflow_store_fails_with_status_2_and_leaves_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, why: str
+) -> None:
+    store = tmp_path / "notes.db"
+    store.write_bytes(content)
+    assert main(["show", "exp/run", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert why in capsys.readouterr().err
+    assert store.read_bytes() == content and sorted(tmp_path.iterdir()) == [store]
 
 
 def test_show_of_an_mlflow_server_that_does_not_answer_fails_with_status_1_within_seconds(

@@ -48,6 +48,7 @@ __all__ = [
     "JournalFullError",
     "JournalLockedError",
     "JournalSummary",
+    "JournalView",
 ]
 
 Durability = Literal["none", "flush", "always"]
@@ -330,11 +331,10 @@ class Journal:
             self._new_segment(next_seq)
 
     def _read_cursor(self, path: Path) -> int:
-        text = path.read_text(encoding="ascii", errors="replace").strip()
-        if text.isdigit():
-            return int(text)
-        self._report(path, 0, f"cursor {text[:40]!r} is not a sequence number: read as 0 "
-                              "(its consumer gets every frame again)")
+        seq = _parse_cursor(path)
+        if seq is not None:
+            return seq
+        self._report(path, 0, _BAD_CURSOR)
         return 0
 
     def _open_last_segment(self) -> int:
@@ -704,6 +704,109 @@ class Journal:
 
     def _sync_directory(self) -> None:
         fsync_path(self.directory)
+
+
+def _parse_cursor(path: Path) -> int | None:
+    """The seq in a cursor file, None when it holds no sequence number."""
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+_BAD_CURSOR = ("the cursor is not a sequence number: read as 0 (its consumer gets every frame "
+               "again)")
+
+
+class JournalView:
+    """A read-only look at a journal directory as its files are now: its frames, its cursors,
+    and whether an open :class:`Journal` holds it.
+
+    Takes no lock and writes nothing (a torn tail stays for the next :meth:`Journal.open` to
+    cut off), so it can look at the journal of a running logger. Damage is collected in
+    :attr:`problems` instead of warned about."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory).absolute()
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"no journal at {self.directory}")
+        self.problems: list[str] = []
+        """One line per damaged place found so far."""
+        self.cursors: dict[str, int] = {}
+        """Each registered consumer's acknowledged seq, as its cursor file says now."""
+        self.segments: list[int] = []
+        for entry in os.scandir(self.directory):
+            m = _SEGMENT_NAME.match(entry.name)
+            if m:
+                self.segments.append(int(m.group(1)))
+            elif (entry.name.startswith(_CURSOR_PREFIX)
+                  and _CONSUMER.match(entry.name[len(_CURSOR_PREFIX):])):
+                try:
+                    seq = _parse_cursor(Path(entry.path))
+                except FileNotFoundError:
+                    continue  # replaced or removed meanwhile
+                if seq is None:
+                    self._report(Path(entry.path), 0, _BAD_CURSOR)
+                self.cursors[entry.name[len(_CURSOR_PREFIX):]] = seq or 0
+        self.segments.sort()
+
+    @property
+    def held(self) -> bool:
+        """An open :class:`Journal` (a running logger, a sync) holds the directory now."""
+        try:
+            fd = os.open(self.directory / "lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            # Held for no longer than the test: an opener that comes meanwhile is refused
+            # only within these two calls.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def read(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Every valid frame with seq > ``after`` in the segment files now: (seq, payload), in
+        seq order. Bytes after the last whole frame of the last segment (a write in progress,
+        or one a kill cut short) are no frame and no damage."""
+        last = len(self.segments) - 1
+        previous = 0
+        problems: list[tuple[Path, int, str]] = []  # of one segment, not yet reported
+
+        def note(where: Path, offset: int, what: str) -> None:
+            problems.append((where, offset, what))
+
+        for i, first in enumerate(self.segments):
+            if i < last and self.segments[i + 1] - 1 <= after:
+                continue
+            path = _segment_path(self.directory, first)
+            problems.clear()
+            for seq, end, payload in _segment_frames(path, limit=None, after=after,
+                                                     report=note):
+                if (previous and seq > previous + 1 and not problems
+                        and not self._compacted(self.segments[:i])):
+                    self._report(path, end - len(payload) - FRAME_HEADER_BYTES,
+                                 f"frames {previous + 1}-{seq - 1} are missing (a segment was "
+                                 "truncated or removed)")
+                for problem in problems:
+                    self._report(*problem)
+                problems.clear()
+                previous = seq
+                yield seq, payload
+            if i < last:  # what follows the last frame of the last segment is no damage
+                for problem in problems:
+                    self._report(*problem)
+
+    def _compacted(self, segments: list[int]) -> bool:
+        """One of ``segments`` was removed since the view listed them (its journal's owner
+        compacted it: what it held was delivered)."""
+        return not all(_segment_path(self.directory, s).exists() for s in segments)
+
+    def _report(self, path: Path, offset: int, what: str) -> None:
+        line = f"{path}, byte {offset}: {what}"
+        if line not in self.problems:
+            self.problems.append(line)
 
 
 def _check_consumer(consumer: str) -> None:

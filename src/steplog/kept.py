@@ -124,9 +124,8 @@ def find_kept(path: str | os.PathLike[str],
             if data.get("format") != FORMAT:
                 raise ValueError(f"not a kept upload (format {data.get('format')!r})")
             fields = data["artifact"]
-            if isinstance(fields, dict) and "checkpoint" not in fields:
-                # Kept before Artifact.checkpoint: a "policy" was always a save_policy folder.
-                fields = {**fields, "checkpoint": fields.get("kind") == "policy"}
+            if isinstance(fields, dict) and "checkpoint" not in fields:  # kept by an older steplog
+                fields = {**fields, "checkpoint": Artifact.is_checkpoint(fields)}
             artifact = msgspec.convert(fields, Artifact)
             kept = KeptUpload(manifest.parent, data["sink"], data.get("target"), artifact,
                               data.get("reason", ""), data.get(MOVED_FROM))

@@ -291,8 +291,10 @@ class Logger:
                                  metadata, aliases))
 
     def log_file(self, path: str | os.PathLike[str], name: str, move: bool = False) -> None:
-        """Queue ``path`` to be stored as ``<name>/<base name of path>``; ``move=True`` lets the
-        worker move the file instead of copying it."""
+        """Queue ``path`` to be stored as ``<name>/<base name of path>``; with ``move=True``
+        ``path`` is gone once every sink stored it (renamed into a file run, else removed after
+        the copies; a link is removed, what it names is stored), and stays where it was when a
+        sink could not store it."""
         self._upload(file_of(path, name, move))
 
     def log_directory(self, dir: str | os.PathLike[str], path: str | None = None) -> None:
@@ -359,7 +361,7 @@ class Logger:
             self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
                                   checkpoint=True,
                                   metadata=capture_param(dict(metadata)) if metadata else None),
-                         snapshot=snapshot)
+                         snapshot=snapshot, checked=True)
 
     def save_agent(self, agent: object, name: str = "agent.pth") -> None:
         """Snapshot ``agent`` now and queue it as the file ``name``: weights (a module, an
@@ -375,17 +377,22 @@ class Logger:
             agent, dest, self._checkpoints, step=None, metadata=None,
             deadline=time.monotonic() + self.options.block_timeout_s,
         )
-        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"), snapshot=snapshot)
+        self._upload(Artifact(name=dest, timestamp=now_ms(), kind="agent"), snapshot=snapshot,
+                     checked=True)
 
     def _check_upload_name(self, name: str) -> None:
         for sink in self._sinks:
             sink.check_upload_name(name)
 
-    def _upload(self, artifact: Artifact, snapshot: Snapshot | None = None) -> None:
+    def _upload(self, artifact: Artifact, snapshot: Snapshot | None = None,
+                checked: bool = False) -> None:
+        """Queue ``artifact`` (its name checked by every sink unless ``checked``: the caller
+        did so before taking its snapshot)."""
         item = UploadRequest(artifact, snapshot)
         queued = False
         try:
-            self._check_upload_name(artifact.name)
+            if not checked:
+                self._check_upload_name(artifact.name)
             pipeline = self._life.admit()
             queued = pipeline is not None and pipeline.put(item)
             if queued and not self._cap:

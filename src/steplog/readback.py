@@ -156,9 +156,9 @@ def _file_run(path: Path) -> RunData:
 
 def _journal_run(path: Path) -> RunData:
     """What a journal run directory still holds (records every sink acknowledged may be gone
-    already), and what each sink lacks."""
+    already), and what each sink lacks. Reads without writing: its logger may be running."""
     from steplog.frames import count_records, decode_batch
-    from steplog.journal import Journal, JournalLockedError
+    from steplog.journal import JournalView
     from steplog.kept import find_kept
     from steplog.paths import sync_command
     from steplog.records import Param, Scalar
@@ -167,37 +167,39 @@ def _journal_run(path: Path) -> RunData:
     status = manifest.get("status")
     run = RunData(path.name, str(path), "journal run directory",
                   f"closed with {status}" if status else "no close (killed?)")
-    try:
-        journal = Journal.open(path / "journal")
-    except JournalLockedError:
-        run.status = "RUNNING (its logger holds the journal)"
-        return run
-    with journal:
-        summary = journal.describe()
-        run.notes.append(f"journal: {summary.frames} frames, {summary.bytes:,} bytes; the "
-                         "metrics below are the records it still holds")
-        for _, payload in journal.read(0):
-            for record in decode_batch(payload):
-                if type(record) is Scalar:
-                    run.add(record.name, record.step, record.value)
-                elif type(record) is Param:
-                    run.params[record.name] = record.value
-        for consumer, info in manifest.get("sinks", {}).items():
-            cursor = journal.cursor(consumer) if consumer in journal.consumers else 0
-            lacking = sum(count_records(p) for _, p in journal.read(after=cursor))
-            where, run_name = _destination(info.get("target") or {})
-            moved = ""
-            if info.get("moved_from"):
-                origin = info["moved_from"]
-                moved = (f" (moved from {origin.get('tracking_uri') or '?'} run "
-                         f"{origin.get('run_id') or 'never created'})")
-            run.sinks.append(f"{consumer}: {where} {run_name}{moved}: stored up to frame "
-                             f"{cursor}; lacks {lacking} records")
-            if lacking:
-                run.undelivered.append(f"{lacking} records for {consumer}")
+    journal = JournalView(path / "journal")
+    held = journal.held
+    if held:
+        run.status = "RUNNING (its logger holds the journal: what follows is as of now)"
+    counts: list[tuple[int, int]] = []  # (seq, records) of each frame
+    size = 0
+    for seq, payload in journal.read():
+        counts.append((seq, count_records(payload)))
+        size += len(payload)
+        for record in decode_batch(payload):
+            if type(record) is Scalar:
+                run.add(record.name, record.step, record.value)
+            elif type(record) is Param:
+                run.params[record.name] = record.value
+    run.notes.append(f"journal: {len(counts)} frames, {size:,} payload bytes; the metrics "
+                     "below are the records it still holds")
+    run.notes += [f"damaged: {problem}" for problem in journal.problems]
+    for consumer, info in manifest.get("sinks", {}).items():
+        cursor = journal.cursors.get(consumer, 0)
+        lacking = sum(n for seq, n in counts if seq > cursor)
+        where, run_name = _destination(info.get("target") or {})
+        moved = ""
+        if info.get("moved_from"):
+            origin = info["moved_from"]
+            moved = (f" (moved from {origin.get('tracking_uri') or '?'} run "
+                     f"{origin.get('run_id') or 'never created'})")
+        run.sinks.append(f"{consumer}: {where} {run_name}{moved}: stored up to frame "
+                         f"{cursor}; lacks {lacking} records")
+        if lacking:
+            run.undelivered.append(f"{lacking} records for {consumer}")
     run.undelivered += [f"upload {k.artifact.name} -> {k.sink}: {k.reason}"
                         for k in find_kept(path)]
-    if run.undelivered:
+    if run.undelivered and not held:
         run.sync = sync_command(path)
     return run
 
@@ -237,6 +239,8 @@ def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
     store = sqlite_path(tracking_uri)
     if store is not None and not os.path.isfile(store):
         raise ValueError(f"no MLflow store at {tracking_uri}: {store} does not exist")
+    if store is not None and (problem := _not_a_store(store)) is not None:
+        raise ValueError(f"no MLflow store at {tracking_uri}: {store} {problem}")
     try:
         from mlflow import MlflowClient
     except ImportError:
@@ -257,20 +261,48 @@ def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
     return run.in_step_order()  # MLflow returns a history in no promised order
 
 
+def _not_a_store(path: str) -> str | None:
+    """Why the sqlite file at ``path`` is no MLflow store (read only: MLflow would write its
+    tables into any file it is given), None when it is one."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return f"cannot be read ({exc})"
+    try:
+        conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if "no such table" in str(exc):
+            return "holds no MLflow tables (no alembic_version table)"
+        return f"is not an sqlite database ({exc})"
+    finally:
+        conn.close()
+    return None
+
+
 def _mlflow_lookup(client: Any, spec: str) -> Any:
-    """The run with id ``spec``, else the latest run named after the last ``/`` of ``spec`` in
-    the experiment named before it."""
+    """The run with id ``spec``, else the latest run named after a ``/`` of ``spec`` in the
+    experiment named before it (either name may hold ``/``: every split is tried, and a spec
+    that names runs at two splits is refused as ambiguous)."""
     from steplog.sinks.mlflow.common import filter_quote
 
-    experiment, _, name = spec.rpartition("/")
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            return None
-        found = client.search_runs([exp.experiment_id],
-                                   filter_string=f"attributes.run_name = '{filter_quote(name)}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
-        return found[0] if found else None
+    if "/" in spec:
+        found = []
+        parts = spec.split("/")
+        for i in range(1, len(parts)):
+            experiment, name = "/".join(parts[:i]), "/".join(parts[i:])
+            exp = client.get_experiment_by_name(experiment) if experiment and name else None
+            if exp is None:
+                continue
+            found += [(experiment, name, run) for run in client.search_runs(
+                [exp.experiment_id], filter_string=f"attributes.run_name = '{filter_quote(name)}'",
+                order_by=["attributes.start_time DESC"], max_results=1)]
+        if len(found) > 1:
+            raise ValueError(f"{spec!r} is ambiguous: " + "; ".join(
+                f"experiment {e!r} has a run {n!r} (id {r.info.run_id})" for e, n, r in found)
+                + ": give the run id")
+        return found[0][2] if found else None
     from mlflow.exceptions import MlflowException
 
     try:

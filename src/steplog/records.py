@@ -88,6 +88,13 @@ class Artifact(msgspec.Struct, frozen=True):
     """A ``save_policy`` checkpoint: ``source`` is a folder holding ``model.pth`` and
     ``meta.json`` (``kind`` alone does not say so: ``log_artifact(type=...)`` sets it)."""
 
+    @staticmethod
+    def is_checkpoint(fields: dict[str, Any]) -> bool:
+        """Whether the stored fields of an artifact (a manifest line, a kept upload's
+        manifest) describe a ``save_policy`` checkpoint; fields written before ``checkpoint``
+        was have only ``kind``, and then only ``save_policy`` wrote ``"policy"``."""
+        return fields.get("checkpoint", fields.get("kind") == "policy") is True
+
     @property
     def size(self) -> int:
         """Bytes of the payload (0 when unknown, e.g. a directory)."""

@@ -124,6 +124,8 @@ class Pipeline(Drain):
         self._loss_lock = threading.Lock()
         self._runners_left = len(self.runners)
         self._staging = tempfile.mkdtemp(prefix="steplog-")
+        self._sink_moves = len(sinks) == 1 and sinks[0].moves_sources
+        """An upload given with ``move`` goes to the one sink as it is (see Upload)."""
         self.keeper = Keeper(options.runs_dir)
         self.journal_kept = False
         self._journal_settled = False

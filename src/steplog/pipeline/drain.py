@@ -70,6 +70,7 @@ class Drain:
     _lost_early: int
     _steps: collections.Counter[str]
     _staging: str
+    _sink_moves: bool
     _spilling: list[bool]
 
     # -- drain thread ----------------------------------------------------------------------
@@ -181,7 +182,8 @@ class Drain:
                 continue
             if kind is UploadRequest:
                 count += 1
-                job = Upload(item.artifact, item.snapshot, len(self.runners), self._staging)
+                job = Upload(item.artifact, item.snapshot, len(self.runners), self._staging,
+                             self._sink_moves)
                 for r in self.runners:
                     if not r.uploads.put([job], 1, ts):
                         self._lost_early += 1

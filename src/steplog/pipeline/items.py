@@ -93,18 +93,19 @@ class Barrier:
 class Upload:
     """One artifact travelling to every sink; a snapshot is serialised once, on first need.
 
-    With several sinks, ``move`` becomes a copy to each sink, and the source is removed once
-    every sink stored it (a sink that moved it away would leave the others nothing to read).
+    ``move`` goes to the sink as it is only when ``sink_moves``: one sink, which takes the
+    source away itself. Otherwise each sink copies it, and the source is removed once every sink
+    stored it (a sink that moved it away would leave the others nothing to read).
     """
 
-    __slots__ = ("_artifact", "_failure", "_lock", "_remaining", "_sinks", "_snapshot",
+    __slots__ = ("_artifact", "_failure", "_lock", "_remaining", "_sink_moves", "_snapshot",
                  "_staging", "_stored")
 
     def __init__(self, artifact: Artifact, snapshot: Snapshot | None, sinks: int,
-                 staging: str) -> None:
+                 staging: str, sink_moves: bool = False) -> None:
         self._artifact = artifact
         self._snapshot = snapshot
-        self._sinks = sinks
+        self._sink_moves = sink_moves and sinks == 1
         self._remaining = sinks
         self._stored = True
         self._staging = staging
@@ -143,7 +144,7 @@ class Upload:
                 self._artifact = msgspec.structs.replace(
                     self._artifact, source=path, cleanup=True
                 )
-            if self._artifact.move and self._sinks > 1:
+            if self._artifact.move and not self._sink_moves:
                 return msgspec.structs.replace(self._artifact, move=False)
             return self._artifact
 
@@ -155,8 +156,8 @@ class Upload:
         if done and self._snapshot is not None:
             self._snapshot.drop()  # no sink ever wrote it: free its memory
         a = self._artifact
-        shared_move = a.move and self._sinks > 1 and self._stored
-        if done and a.source and (a.cleanup or shared_move):
+        copied_move = a.move and not self._sink_moves and self._stored
+        if done and a.source and (a.cleanup or copied_move):
             discard(a.source)
 
     def __repr__(self) -> str:

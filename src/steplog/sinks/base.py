@@ -38,6 +38,11 @@ class Sink(abc.ABC):
     """True for a backend reached over a network (its logger journals records by default); a
     sink may decide per instance (a ClearML sink recording an offline session is local)."""
 
+    moves_sources: ClassVar[bool] = False
+    """True when :meth:`upload` takes an artifact given with ``move`` away from its source
+    (renames it into place). Otherwise the pipeline gives the sink a copy to make and removes
+    the source itself once every sink stored it."""
+
     max_batch: int = 10_000
     """Most records the pipeline passes to one :meth:`write`."""
 

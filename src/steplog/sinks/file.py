@@ -113,9 +113,7 @@ def _manifest(manifest: Path) -> list[tuple[str, bool]]:
         for line in manifest.read_bytes().splitlines():
             try:
                 entry = json.loads(line)
-                # Written before "checkpoint" was: only save_policy wrote kind "policy".
-                checkpoint = entry.get("checkpoint", entry.get("kind") == "policy")
-                entries.append((safe_relpath(entry["name"]), checkpoint is True))
+                entries.append((safe_relpath(entry["name"]), Artifact.is_checkpoint(entry)))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
     return entries
@@ -193,6 +191,7 @@ class FileSink(Sink):
     artifacts are always written by the sink itself."""
 
     kind: ClassVar[str] = "file"
+    moves_sources: ClassVar[bool] = True
     max_batch = 50_000
     max_batch_age_s = 0.1  # within the default drain interval: each drained chunk is written
 
@@ -517,7 +516,7 @@ class FileSink(Sink):
                 staged.write_bytes(artifact.data)
             elif src.is_dir():
                 shutil.copytree(src, staged)  # links followed, as for a copy
-            elif artifact.move:
+            elif artifact.move and not src.is_symlink():  # a link: what it names is stored
                 shutil.move(src, staged)
                 moved = True
             else:

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from steplog.errors import PermanentError, RetryableError, SteplogWarning
-from steplog.paths import discard, link_or_copy, safe_relpath
+from steplog.paths import link_or_copy, safe_relpath
 from steplog.records import Artifact, Batch, MetricRecord, Param, Scalar, Scalars, Tag
 from steplog.sinks.base import RunStatus, Sink
 from steplog.sinks.clearml.api import (
@@ -483,8 +483,6 @@ class ClearMLSink(Sink):
             if not task.upload_artifact(name, artifact_object=path, metadata=metadata,
                                         wait_on_upload=True):
                 raise RetryableError(f"ClearML did not store artifact {name!r}")
-        if artifact.move and artifact.source is not None:  # log_file(move=True): stored, so gone
-            discard(artifact.source)
 
     def carry_over(self, earlier: ClearMLSink) -> None:
         """Go on from ``earlier``, the sink of the closed logger whose Task this one continues:
