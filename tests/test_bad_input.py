@@ -177,3 +177,25 @@ def test_tracking_uris_mlflow_knows_are_accepted(uri: str) -> None:
     from steplog.sinks.mlflow import tracking_uri_problem
 
     assert tracking_uri_problem(uri) is None
+
+
+SURROGATE = "caf\udce9"
+"""What ``os.fsdecode`` gives for the file name ``caf\xe9`` (Latin-1, not UTF-8)."""
+
+
+@pytest.mark.parametrize("call", [
+    lambda lg: lg.log_scalar(SURROGATE, 1.0, 0),
+    lambda lg: lg.log_metrics({"ok": 1.0, SURROGATE: 2.0}, 0),
+    lambda lg: lg.log_parameters({"lr": 0.1, SURROGATE: 1}),
+    lambda lg: lg.log_parameters({"lr": 0.1, "data": SURROGATE}),
+    lambda lg: lg.log_parameters({"lr": 0.1, "paths": ["a", SURROGATE]}),
+    lambda lg: lg.log_tags({"ok": "yes", "dir": SURROGATE}),
+], ids=["scalar", "metrics", "param name", "param", "param list", "tag"])
+def test_a_text_utf8_cannot_encode_raises_value_error_at_the_call_and_queues_nothing(
+    tmp_path, call
+) -> None:
+    logger = FileLogger(tmp_path / "run")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        call(logger)
+    result = logger.close(10)
+    assert result and logger.stats().enqueued == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -100,3 +101,80 @@ def test_concurrent_flushes_all_return() -> None:
         t.join(60)
     assert results == [True] * 4
     assert logger.close(10)
+
+
+def test_a_drain_error_loses_only_what_it_held_with_the_reason_and_flushes_still_return(
+    tmp_path, monkeypatch
+) -> None:
+    from steplog.runlog import RunJournal
+
+    append = RunJournal.append
+    failing = threading.Event()
+
+    def append_or_fail(self: RunJournal, parts: list, count: int) -> int:  # type: ignore[type-arg]
+        if failing.is_set():
+            raise RuntimeError("injected drain fault")
+        return append(self, parts, count)
+
+    monkeypatch.setattr(RunJournal, "append", append_or_fail)
+    sink = ListSink()
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.005, journal=True,
+                                                  runs_dir=str(tmp_path)))
+    for i in range(10):
+        logger.log_scalar("x", float(i), i)
+    assert logger.flush(10)
+    failing.set()
+    for i in range(10, 20):
+        logger.log_scalar("x", float(i), i)
+    result = logger.flush(10)
+    assert not result and result.elapsed_s < 5
+    (loss,) = result.losses
+    assert loss.records == 10 and "injected drain fault" in loss.reason
+    failing.clear()
+    for i in range(20, 30):
+        logger.log_scalar("x", float(i), i)
+    closed = logger.close(10)
+    assert not closed and closed.rejected == 10 and closed.undelivered == 10
+    assert logger.stats().enqueued == 30
+    assert [r.step for r in sink.records] == [*range(10), *range(20, 30)]
+
+
+def test_a_timed_out_flush_and_close_count_the_chunk_the_drain_thread_holds() -> None:
+    sink = ListSink(delay_s=1.0, max_batch=1)
+    logger = Logger(sinks=[sink], options=Options(lane_capacity=1, drain_interval_s=0.01))
+    logger.log_scalar("a", 0.0, 0)
+    time.sleep(0.1)  # the lane holds it, and the sink sleeps on it
+    for i in range(1, 5001):
+        logger.log_scalar("a", float(i), i)
+    time.sleep(0.2)  # the drain thread holds the rest, waiting for room in the lane
+    result = logger.flush(0.5)
+    assert not result and result.pending >= 5001 - len(sink.records)
+    closed = logger.close(0.5)
+    assert closed.timed_out
+    assert sum(loss.records for loss in closed.losses) >= closed.undelivered
+
+
+def test_the_enqueued_count_never_goes_back_while_records_come() -> None:
+    import sys
+
+    logger = Logger(sinks=[ListSink()], options=Options(drain_interval_s=0.001))
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            for i in range(200):
+                logger.log_scalar("a", 1.0, i)
+            time.sleep(0.0005)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches everywhere, as on a loaded machine
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        seen = [logger.stats().enqueued for _ in range(3000)]
+    finally:
+        stop.set()
+        producer.join(10)
+        sys.setswitchinterval(interval)
+    logger.close(30)
+    assert all(a <= b for a, b in itertools.pairwise(seen))

@@ -283,3 +283,65 @@ def test_run_tags_of_any_type_are_stored_as_strings_through_the_host(tmp_path) -
     tags = info["tags"]
     assert isinstance(tags, dict) and tags["seed"] == "1" and tags["lr"] == "0.5"
     assert steps == [0]
+
+
+def test_the_host_of_a_run_that_could_not_open_exits_at_close(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logger, _ = hosted_logger(tmp_path / "m.db", "deleted")
+    assert logger.close(60)
+    client = MlflowClient(uri)
+    client.delete_experiment(client.get_experiment_by_name("deleted").experiment_id)
+    logger = MLFlowLogger("deleted", tracking_uri=uri, options=FAST)
+    logger.log_scalar("x", 1.0, 0)
+    assert not logger.flush(60)  # MLflow refuses a run in a deleted experiment
+    pid = logger.sink.host_pid
+    assert pid is not None
+    assert not logger.close(60)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    assert wait_until(gone, timeout_s=10)  # not when the logger is collected
+
+
+def test_a_checkpoint_on_its_way_when_the_exit_close_times_out_is_kept_for_sync(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    from steplog.cli import main
+    from steplog.kept import find_kept
+
+    pid_file, db, runs = tmp_path / "host.pid", tmp_path / "m.db", tmp_path / "runs"
+    err = tmp_path / "stderr.txt"
+    try:
+        # Output to a file: the frozen host holds the same descriptors, so pipes would not end.
+        with open(err, "w") as stderr:
+            subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+                import os, pathlib, signal, torch, steplog
+                lg = steplog.MLFlowLogger("slow-upload", tracking_uri="sqlite:///{db}",
+                                          options=steplog.Options(exit_timeout_s=3,
+                                                                  runs_dir={str(runs)!r}))
+                lg.log_scalar("x", 0.0, 0)
+                assert lg.flush(120)
+                pathlib.Path({str(pid_file)!r}).write_text(str(lg.sink.host_pid))
+                os.kill(lg.sink.host_pid, signal.SIGSTOP)  # an upload slower than the deadline
+                lg.save_policy(torch.nn.Linear(8, 8), step=1)
+            """)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, timeout=120)
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert "at exit (timed out)" in err.read_text(), err.read_text()
+    assert [k.artifact.name for k in find_kept(runs)] == ["policy"]
+    assert main(["sync", str(runs)]) == 0
+    capsys.readouterr()
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("slow-upload").experiment_id])
+    stored = {f.path for f in client.list_artifacts(run.info.run_id, "policy/step_1")}
+    assert "policy/step_1/model.pth" in stored

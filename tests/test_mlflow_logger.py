@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -87,6 +89,31 @@ def test_a_file_logged_with_move_is_stored_and_its_source_removed(
     assert logger.close(60)
     assert {a["path"] for a in mlflow_server.artifacts(logger.run_id or "")} == {"files/ckpt.bin"}
     assert not f.exists()
+
+
+def test_a_relative_store_is_the_one_where_the_logger_was_made_whatever_the_directory_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logger = MLFlowLogger(experiment(), options=FAST)  # the default: sqlite:///mlflow.db
+    for i in range(5):
+        logger.log_scalar("x", float(i), i)
+    assert logger.flush(60)
+    monkeypatch.chdir(tmp_path / "b")  # a per-epoch output directory, say
+    host = logger.sink.host_pid  # type: ignore[attr-defined]
+    assert host is not None
+    os.kill(host, signal.SIGKILL)  # its replacement starts in b
+    for i in range(5, 10):
+        logger.log_scalar("x", float(i), i)
+    assert logger.close(60)
+    assert not (tmp_path / "b" / "mlflow.db").exists()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert len(client.get_metric_history(logger.run_id or "", "x")) == 10
 
 
 def test_system_metrics_are_sampled_into_the_run(mlflow_server: MlflowServer) -> None:

@@ -320,7 +320,7 @@ def test_writes_to_the_embedded_sqlite_store_without_a_server(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sink = MLflowSink("embedded")
-    assert sink.tracking_uri == "sqlite:///mlflow.db"
+    assert sink.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     sink.open()
     ts = now_ms()
     sink.write(

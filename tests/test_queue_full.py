@@ -73,3 +73,22 @@ def test_stats_report_depth_and_lag_while_the_sink_is_stalled() -> None:
     assert logger.close(10)
     assert logger.stats().delivered == 3
     assert logger.stats().lag_s == 0.0
+
+
+def test_params_refused_by_a_close_while_waiting_for_room_are_counted_exactly() -> None:
+    from steplog.errors import LoggerClosedError
+    from steplog.records import Param
+
+    sink = ListSink(delay_s=0.3, max_batch=1)
+    logger = Logger(sinks=[sink], options=Options(queue_size=2, lane_capacity=1,
+                                                  full_policy="block", drain_interval_s=0.01))
+    for i in range(4):
+        logger.log_scalar("a", 1.0, i)
+    closer = threading.Timer(0.5, logger.close, args=(10,))
+    closer.start()
+    with pytest.raises(LoggerClosedError, match=r"(\d) of the 6 params") as raised:
+        logger.log_parameters({f"p{i}": i for i in range(6)})
+    closer.join(15)
+    refused = int(str(raised.value).split(" of the 6")[0].rsplit(" ", 1)[1])
+    delivered = [r.name for r in sink.records if type(r) is Param]
+    assert len(delivered) == 6 - refused and refused > 0

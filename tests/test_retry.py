@@ -82,6 +82,21 @@ def test_the_retry_window_counts_from_the_start_of_the_first_attempt() -> None:
     assert len(attempts) == 2
 
 
+def test_a_backoff_longer_than_the_window_ends_with_the_window() -> None:
+    attempts: list[float] = []
+
+    def down() -> None:
+        attempts.append(time.monotonic())
+        raise RetryableError("503")
+
+    policy = RetryPolicy(initial_s=0.1, max_s=30.0, jitter_s=0.0, window_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(RetryableError):
+        call_with_retry(down, policy, lambda: None, lambda e: None)
+    assert time.monotonic() - start < 0.65  # not after the 0.4 s backoff that starts at 0.3 s
+    assert all(t - start < 0.5 for t in attempts)  # no attempt starts after the window
+
+
 def test_a_deadline_set_during_a_long_backoff_interrupts_it() -> None:
     deadline: list[float | None] = [None]
     policy = RetryPolicy(initial_s=30.0, max_s=30.0, jitter_s=0.0)

@@ -129,6 +129,31 @@ def test_a_run_logged_while_the_server_was_down_is_created_and_filled_by_sync(
     assert len(history(server, run_id, "loss")) == 500
 
 
+def test_a_run_that_could_not_be_created_fails_the_close_and_a_later_sync_creates_and_ends_it(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = restartable_mlflow_server
+    server.stop()
+    experiment = f"sync-never-opened-{time.monotonic_ns()}"
+    logger = MLFlowLogger(experiment, tracking_uri=server.url,
+                          options=Options(drain_interval_s=0.01, retry=QUICK,
+                                          runs_dir=str(tmp_path / "runs")))
+    result = logger.close(3)  # nothing logged, but the run was asked for
+    assert not result and result.undelivered == 0
+    assert [loss.kind for loss in result.losses] == ["run"]
+    assert "never created" in result.losses[0].reason
+    assert result.sync is not None
+
+    server.start()
+    assert main(["sync", result.sync.split(" ", 2)[2]]) == 0
+    assert "its run was ended" in capsys.readouterr().out
+    exp_id = server.api("experiments/get-by-name", experiment_name=experiment)[
+        "experiment"]["experiment_id"]
+    (run,) = server.api("runs/search", {"experiment_ids": [exp_id]})["runs"]
+    assert run["info"]["status"] == "FINISHED"
+
+
 def test_a_journal_every_sink_acknowledged_is_removed_at_close(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     logger = MLFlowLogger("sync-clean", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",

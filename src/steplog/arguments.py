@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from steplog.capture import capture_param, capture_step, capture_value
 from steplog.paths import safe_relpath
 from steplog.records import Artifact, now_ms
@@ -33,6 +35,7 @@ __all__ = [
     "existing_path",
     "figure_of",
     "file_of",
+    "utf8_problem",
 ]
 
 
@@ -43,9 +46,26 @@ def check_name(name: object, sinks: Sequence[Sink]) -> str:
         raise TypeError(f"a metric name must be a str, got {type(name).__name__}")
     if not name or name.isspace():
         raise ValueError("a metric name must not be empty")
+    problem = utf8_problem(name)
+    if problem is not None:
+        raise ValueError(f"the name {name!r} {problem}")
     for sink in sinks:
         sink.check_name(name)
     return name
+
+
+def utf8_problem(value: object) -> str | None:
+    """Why ``value`` (a text, or a captured parameter holding texts) cannot be stored: a text
+    with a lone surrogate (what ``os.fsdecode`` makes of a byte that is not UTF-8), which no
+    backend's UTF-8 takes; None when it can be."""
+    try:
+        msgspec.msgpack.encode(value)
+    except UnicodeEncodeError as exc:
+        return (f"holds {exc.object[exc.start:exc.end]!r}, which UTF-8 cannot encode (a lone "
+                "surrogate, as a file name that is not UTF-8 decodes to)")
+    except (TypeError, OverflowError):
+        return None  # not a text problem: handled where the value is stored
+    return None
 
 
 def capture_metrics(metrics: object) -> dict[str, Any]:

@@ -434,6 +434,9 @@ def _close_all() -> None:
             continue
         if not result:
             _report_at_exit(life, result, "timed out" if result.timed_out else "")
+        if result.timed_out and life.pipeline is not None:
+            # The lanes die with the process: what they had staged is kept or lost by now.
+            life.pipeline.remove_staging()
 
 
 def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> None:

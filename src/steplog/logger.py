@@ -28,6 +28,7 @@ from steplog.arguments import (
     directory_of,
     figure_of,
     file_of,
+    utf8_problem,
 )
 from steplog.capture import capture_param, capture_step, capture_value
 from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
@@ -248,7 +249,7 @@ class Logger:
         self._put_settings(tags, "tags", lambda k, v, ts: Tag(k, str(v), ts))
 
     def _put_settings(
-        self, items: Mapping[str, Any], what: str, build: Callable[[str, Any, int], object]
+        self, items: Mapping[str, Any], what: str, build: Callable[[str, Any, int], Param | Tag]
     ) -> None:
         """Validate every key and build every record first, so a bad one queues nothing."""
         if not isinstance(items, Mapping):
@@ -258,11 +259,25 @@ class Logger:
         for k, v in items.items():
             if k not in self._names:
                 self._new_name(k)
-            records.append(build(k, v, ts))
+            record = build(k, v, ts)
+            problem = utf8_problem(record.value)
+            if problem is not None:
+                raise ValueError(f"{what} {k!r}: the value {problem}")
+            records.append(record)
         pipeline = self._life.admit()
         if pipeline is None:
             return
-        queued = [r for r in records if pipeline.put(r)]
+        queued: list[Param | Tag] = []
+        try:
+            for r in records:
+                if pipeline.put(r):
+                    queued.append(r)
+        except LoggerClosedError:  # close() started while a put waited for room
+            back = sum(pipeline.withdraw(r) for r in queued)
+            raise LoggerClosedError(
+                f"the logger started closing while this call waited for room in its full "
+                f"queue: {len(records) - len(queued) + back} of the {len(records)} {what} of "
+                "this call were not logged") from None
         # close() started during this call: take back what is still queued
         if not self._cap and not self._life.accepting:
             back = sum(pipeline.withdraw(r) for r in queued)

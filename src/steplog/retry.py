@@ -155,6 +155,13 @@ def _retry_after(
     made that attempt: it is reported, backed off from and counted toward the window."""
     last: list[BaseException] = [first]
     replayed = [first]
+    if policy.window_s is not None:  # the window ends retrying as the deadline does
+        window_end = started + policy.window_s
+        close_deadline = deadline
+
+        def deadline() -> float | None:
+            d = close_deadline()
+            return window_end if d is None else min(d, window_end)
 
     def attempt() -> T:
         if replayed:
@@ -177,15 +184,11 @@ def _retry_after(
                 return
             time.sleep(min(_SLEEP_SLICE_S, end - now))
 
-    stop: tenacity.stop.stop_base = _StopAtDeadline(deadline)
-    if policy.window_s is not None:
-        window_end = started + policy.window_s
-        stop = tenacity.stop_any(stop, _StopAtDeadline(lambda: window_end))
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_retryable),
         wait=tenacity.wait_exponential(multiplier=policy.initial_s, max=policy.max_s)
         + tenacity.wait_random(0, policy.jitter_s),
-        stop=stop,
+        stop=_StopAtDeadline(deadline),
         sleep=sleep,
         before_sleep=lambda state: _report(state, on_retry),
         reraise=True,

@@ -275,14 +275,21 @@ class Pipeline(Drain):
         for r in self.runners:
             r.finish(status)
         ended = all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)
+        if not ended:  # what the uploads lanes still hold would be lost at exit: kept on disk
+            for r in self.runners:
+                r.keep_unfinished()
         return drained and ended
+
+    def remove_staging(self) -> None:
+        """Remove the folder where snapshots are written before their upload."""
+        shutil.rmtree(self._staging, ignore_errors=True)
 
     def runner_ended(self) -> None:
         with self._loss_lock:
             self._runners_left -= 1
             last = self._runners_left == 0
         if last:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            self.remove_staging()
             if self.run_journal is not None:
                 try:
                     self.journal_kept = self.run_journal.finish(
@@ -306,8 +313,9 @@ class Pipeline(Drain):
     def pending_losses(self) -> list[Loss]:
         """One entry per sink that still has records on the way (for a timed-out close)."""
         out = []
+        held = self._held()
         for r in self.runners:
-            pending = r.metrics.pending + r.uploads.pending
+            pending = r.metrics.pending + r.uploads.pending + held
             if pending:
                 why = r.last_error or "still being delivered when the close deadline passed"
                 out.append(Loss(r.label, "failed", pending, "records still on the way", why))
@@ -324,15 +332,20 @@ class Pipeline(Drain):
         return [r.run_error or r.broken or "" for r in self.runners if r.run_error or r.broken]
 
     def _enqueued(self) -> int:
+        with self._take_lock, self._drain_lock:  # no chunk between the queue and the thread
+            drained, holding, queued = self._drained, self._holding, list(self.queue)
+        return drained + sum(map(record_count, holding)) + sum(map(record_count, queued))
+
+    def _held(self) -> int:
+        """Records of the chunk the drain thread is handing to the lanes."""
         with self._drain_lock:
-            drained, holding = self._drained, self._holding
-        return drained + sum(map(record_count, holding)) + sum(map(record_count,
-                                                                    list(self.queue)))
+            holding = self._holding
+        return sum(map(record_count, holding))
 
     def unacknowledged(self) -> int:
         """Records accepted and not yet acknowledged by every sink (an upper bound)."""
         lanes = max(r.metrics.pending + r.uploads.pending for r in self.runners)
-        return lanes + sum(record_count(i) for i in list(self.queue))
+        return lanes + self._held() + sum(record_count(i) for i in list(self.queue))
 
     def stats(self) -> Stats:
         """A snapshot of the counters, in records (read without stopping the worker)."""

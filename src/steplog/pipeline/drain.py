@@ -79,7 +79,10 @@ class Drain:
         q = self.queue
         with self._take_lock:
             # Pops one at a time (items appended meanwhile stay queued), in one C-level loop.
-            return list(itertools.starmap(q.popleft, itertools.repeat((), len(q))))
+            items = list(itertools.starmap(q.popleft, itertools.repeat((), len(q))))
+            with self._drain_lock:  # counted as held from the moment they leave the queue
+                self._holding = items
+            return items
 
     def _drain_loop(self) -> None:
         q = self.queue
@@ -94,10 +97,7 @@ class Drain:
             # taken by shut_down() or handed back to its caller (Logger._late).
             stopping = not owner.accepting
             if q:
-                try:
-                    self._process(self.take_all())
-                except Exception as exc:  # keep draining whatever went wrong
-                    self.runners[0].warn("drain", f"steplog drain thread error: {exc!r}")
+                self._process(self.take_all())
                 with self._space:
                     self._space.notify_all()
             elif stopping:
@@ -127,14 +127,35 @@ class Drain:
             self._wake.set()
 
     def _process(self, items: list[Any]) -> None:
-        """Turn one drained chunk into records, in order, and hand them to the lanes."""
-        with self._drain_lock:
-            self._holding = items
+        """Turn one drained chunk into records, in order, and hand them to the lanes. Should
+        that fail, the records not handed over are counted lost with the reason and every flush
+        barrier of the chunk still passes (its flush then reports the loss)."""
+        self._handed = 0
+        self._passed: list[Barrier] = []
+        count = 0
         try:
-            self._drained += self._records(items)
+            count = self._records(items)
+        except Exception as exc:  # keep draining whatever went wrong
+            count = self._lose_rest(items, exc)
         finally:
-            with self._drain_lock:
+            with self._drain_lock:  # counted once: drained, no longer held
+                self._drained += count
                 self._holding = []
+
+    def _lose_rest(self, items: list[Any], exc: Exception) -> int:
+        """Count what ``items`` held and was not handed to the lanes as lost, pass the
+        barriers not passed yet; the records ``items`` held."""
+        total = sum(map(record_count, items))
+        lost = total - self._handed
+        if lost > 0:
+            self._lost_early += lost
+            first = [next(i for i in items if type(i) is not Barrier)]
+            for r in self.runners:
+                r.count_loss("rejected", first, f"steplog drain thread error: {exc!r}", n=lost)
+        for item in items:
+            if type(item) is Barrier and not any(b is item for b in self._passed):
+                self._pass(item)
+        return total
 
     def _records(self, items: list[Any]) -> int:
         """Hand the chunk's records to the lanes, in call order; how many records it held."""
@@ -177,11 +198,12 @@ class Drain:
                 try:
                     raw += _metrics_rows(item)
                 except Exception as exc:
-                    self._refuse(item, exc)
+                    self._refuse(item, f"could not capture the value: {exc!r}")
                 auto = auto or item.step is None
                 continue
             if kind is UploadRequest:
                 count += 1
+                self._handed += 1
                 job = Upload(item.artifact, item.snapshot, len(self.runners), self._staging,
                              self._sink_moves)
                 for r in self.runners:
@@ -197,11 +219,7 @@ class Drain:
                 if parts:
                     self._dispatch(parts, sum(map(record_count, parts)), ts)
                     parts = []
-                self._journal_sync()  # flush(): everything before it is on disk
-                item.expect(2 * len(self.runners), self._lost_early)
-                for r in self.runners:
-                    for lane in r.lanes:
-                        lane.add_barrier(item)
+                self._pass(item)
             else:  # a param or a tag
                 parts.append(item)
                 count += 1
@@ -210,6 +228,15 @@ class Drain:
         if parts:
             self._dispatch(parts, sum(map(record_count, parts)), ts)
         return count
+
+    def _pass(self, barrier: Barrier) -> None:
+        """``barrier`` follows every record before it into each lane."""
+        self._passed.append(barrier)
+        self._journal_sync()  # flush(): everything before it is on disk
+        barrier.expect(2 * len(self.runners), self._lost_early)
+        for r in self.runners:
+            for lane in r.lanes:
+                lane.add_barrier(barrier)
 
     def _plain(self, run: list[Any]) -> bool | None:
         """For a run of ``log_scalar`` tuples that all have an explicit step and a float value:
@@ -235,7 +262,7 @@ class Drain:
                 try:
                     raw.append((item[0], _resolve(item[1]), item[2]))
                 except Exception as exc:
-                    self._refuse(item, exc)
+                    self._refuse(item, f"could not capture the value: {exc!r}")
         else:
             raw += run
 
@@ -267,13 +294,14 @@ class Drain:
             autos = [a if s is None else s for s, a in zip(steps, autos, strict=True)]
         return list(zip(names, map(_VALUE, raw), autos, strict=True))
 
-    def _refuse(self, item: Any, exc: Exception) -> None:
+    def _refuse(self, item: Any, reason: str) -> None:
         """A value that cannot be read back (a failed device copy, say): only that call's
         records are lost, with the reason; none of them is sent."""
         n = record_count(item)
         self._lost_early += n
+        self._handed += n
         for r in self.runners:
-            r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
+            r.count_loss("rejected", [item], reason)
 
     def _dispatch(self, parts: list[Any], count: int, ts: int) -> None:
         journal = self.run_journal
@@ -287,6 +315,7 @@ class Drain:
                 spill = (journal.journal, journal.append(parts, count))
             except (OSError, JournalError) as exc:  # a full disk: delivery goes on without it
                 self._journal_failed(exc)
+        self._handed += count
         for r, spills in zip(self.runners, self._spilling, strict=True):
             if not r.metrics.put(parts, count, ts, spill if spills else None):
                 self._lost_early += count
@@ -363,3 +392,4 @@ def _resolve(value: Any) -> float:
     if isinstance(value, PendingValue):
         return value.resolve()
     return float(value)
+

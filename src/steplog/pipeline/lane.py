@@ -178,6 +178,20 @@ class Lane:
     def pending(self) -> int:
         return self.submitted - self.done
 
+    def take_waiting(self) -> tuple[list[Any], int]:
+        """The parts no batch took yet, removed from the lane (for an uploads lane, whose parts
+        are whole uploads), and how many records they hold; see :meth:`acknowledge_lost`."""
+        with self.cond:
+            parts = list(self.buffer)
+            n = self.buffered
+            self.buffer.clear()
+            self.buffered = self.resident = 0
+        return parts, n
+
+    def acknowledge_lost(self, n: int) -> None:
+        """``n`` records taken with :meth:`take_waiting` count as done, and lost."""
+        self._acknowledge(n, n)
+
     def start(self) -> None:
         self._thread.start()
 
@@ -302,7 +316,10 @@ class Lane:
                 delivered = False
                 try:
                     if runner.pipeline.deadline_passed():
-                        runner.count_loss("failed", parts, "the close deadline passed first")
+                        if self.name == "uploads":
+                            runner.keep_unsent(parts, "the close deadline passed first")
+                        else:
+                            runner.count_loss("failed", parts, "the close deadline passed first")
                     elif not runner.ensure_open():
                         if runner.broken is not None:
                             runner.count_loss("rejected", parts, runner.broken)

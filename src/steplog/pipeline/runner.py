@@ -66,6 +66,10 @@ class SinkRunner:
             self, "metrics", self._deliver_metrics, sink.max_batch, age, cap,
             max_bytes=sink.max_batch_bytes,
         )
+        self._in_flight: Upload | None = None
+        """The upload this sink's upload lane is storing now."""
+        self._kept: set[int] = set()
+        """The ids of the uploads kept already while still in flight (see keep_unfinished)."""
         self._metrics_failed = 0
         """Metric records this sink gave up on after their retries (journal cursors)."""
         self.uploads = Lane(self, "uploads", self._upload, 1, 0.0, cap)
@@ -160,19 +164,41 @@ class SinkRunner:
         for job in batch:
             artifact = None
             try:
+                self._in_flight = job
                 artifact = job.materialize()
                 self._retry(lambda a=artifact: self.sink.upload(a))  # type: ignore[misc]
             except BaseException as exc:
                 kind: LossKind = "failed" if is_retryable(exc) else "rejected"
                 reason = str(exc) or repr(exc)
-                if kind == "failed" and artifact is not None:
+                if id(job) in self._kept:
+                    reason += "; it was kept when the close deadline passed"
+                elif kind == "failed" and artifact is not None:
                     reason = self._keep(artifact, reason)
                 self.count_loss(kind, [job], reason)
                 lost += 1
             else:
                 with self._count_lock:
                     self.stats.delivered += 1
+            finally:
+                self._in_flight = None
         return lost
+
+    def keep_unfinished(self) -> None:
+        """For a close whose deadline passed: keep every upload not stored yet for a later
+        sync (those waiting in the lane are taken from it and counted failed; the one in
+        flight is kept too, and goes on: should it arrive, a sync stores it again under the
+        same name)."""
+        reason = "the close deadline passed first"
+        waiting, n = self.uploads.take_waiting()
+        self.keep_unsent(waiting, reason)
+        for part in waiting:
+            part.finished(stored=False)
+        self.uploads.acknowledge_lost(n)
+        job = self._in_flight
+        if job is not None and id(job) not in self._kept:
+            self._kept.add(id(job))
+            with contextlib.suppress(Exception):
+                self._keep(job.materialize(), reason)
 
     def keep_unsent(self, jobs: list[Upload], reason: str) -> None:
         """Uploads not sent because the run could not be opened for now: each is kept for a
@@ -195,10 +221,12 @@ class SinkRunner:
             return f"{reason} (it could not be kept for a later upload: {exc!r})"
         return f"{reason}; kept in {folder}, upload it later with: {sync_command(folder)}"
 
-    def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str) -> None:
-        """Count ``records`` (a batch, lane parts or queue items) as rejected or failed by this
-        sink, note why, warn once."""
-        n = len(records) if type(records) is Batch else sum(map(record_count, records))
+    def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str,
+                   n: int | None = None) -> None:
+        """Count ``records`` (a batch, lane parts or queue items; ``n`` records when given) as
+        rejected or failed by this sink, note why, warn once."""
+        if n is None:
+            n = len(records) if type(records) is Batch else sum(map(record_count, records))
         with self._count_lock:
             if kind == "rejected":
                 self.stats.rejected += n
@@ -231,14 +259,23 @@ class SinkRunner:
             last = self._lanes_running == 0
         if not last:
             return
+        closed = False
         try:
             if self._opened:
                 self._retry(lambda: self.sink.close(self._status))
+                closed = True
+            elif self.broken is None:  # a run that may come back: a later sync creates it
+                self.run_error = f"the run was never created ({self.unavailable or 'not opened'})"
+                self.pipeline.note_loss(Loss(self.label, "run", 0, "opening the run",
+                                             self.run_error))
         except BaseException as exc:
             self.run_error = f"could not end the run of {self.sink.describe()}: {exc!r}"
             self.pipeline.note_loss(Loss(self.label, "run", 0, "ending the run", self.run_error))
             self.warn("close", f"{self.label}: {self.run_error}")
         finally:
+            if not closed:  # its connections and processes go now, not when it is collected
+                with contextlib.suppress(Exception):
+                    self.sink.release()
             try:
                 self.pipeline.runner_ended()  # the journal is closed before close() returns
             finally:

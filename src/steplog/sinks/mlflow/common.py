@@ -33,6 +33,7 @@ __all__ = [
     "RunRef",
     "Transport",
     "about_the_request",
+    "absolute_uri",
     "filter_quote",
     "key_problem",
     "plugins",
@@ -72,6 +73,22 @@ _BUILTIN_SCHEMES = frozenset({
     "sqlite", "postgresql", "mysql", "mssql",
 })  # fmt: skip
 """Tracking URI schemes MLflow itself knows (database schemes may carry a ``+driver``)."""
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative local path (``sqlite:///mlflow.db``, a plain path or a relative
+    ``file:`` URI: a file store) made absolute against the working directory now; any other
+    URI as it is."""
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "" or len(parts.scheme) == 1:  # a plain path (or a Windows drive)
+        return os.path.abspath(uri)
+    if parts.scheme == "file" and not parts.netloc and not parts.path.startswith("/"):
+        return "file://" + os.path.abspath(parts.path)
+    return uri
 
 
 def tracking_uri_problem(uri: str) -> str | None:

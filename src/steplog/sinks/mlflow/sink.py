@@ -44,6 +44,7 @@ from steplog.sinks.mlflow.common import (
     Chunk,
     RunRef,
     Transport,
+    absolute_uri,
     key_problem,
     redact,
     tracking_uri_problem,
@@ -102,7 +103,9 @@ class MLflowSink(Sink):
         if request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         self.experiment_name = experiment_name
-        self.tracking_uri = (
+        # A relative store is where the process was when the logger was made, whatever
+        # directory the process (or the sink host started later) is in afterwards.
+        self.tracking_uri = absolute_uri(
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         )
         self.run_name = run_name
@@ -669,18 +672,13 @@ def _scalars(batch: Batch) -> Sequence[Scalar]:
 
 
 def portable_uri(uri: str) -> str:
-    """``uri`` usable from another working directory and without secrets: a relative sqlite
-    path made absolute, user, password and query string removed from a server's URL."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    parts = urllib.parse.urlsplit(redact(uri))
-    if parts.scheme == "":  # a plain path: a file store
-        return os.path.abspath(uri)
-    if parts.scheme == "file" and not parts.netloc and not parts.path.startswith("/"):
-        return "file://" + os.path.abspath(parts.path)
+    """``uri`` usable from another working directory and without secrets: a relative path
+    made absolute (:func:`absolute_uri`), user, password and query string removed from a
+    server's URL."""
+    parts = urllib.parse.urlsplit(redact(absolute_uri(uri)))
     if parts.scheme in ("http", "https"):
         return parts._replace(query="", fragment="").geturl()
-    return redact(uri)
+    return redact(absolute_uri(uri))
 
 
 def _param_str(value: Any) -> str:
