@@ -98,3 +98,99 @@ def test_close_does_not_wait_a_drain_interval_for_the_last_records() -> None:
     result = logger.close()
     assert result and result.delivered == 1
     assert time.monotonic() - start < 2.0
+
+
+class SlowSink(ListSink):
+    """A sink whose run takes ``open_s`` to open and whose batches take ``write_s`` each."""
+
+    kind = "slow"
+
+    def __init__(self, open_s: float = 0.0, write_s: float = 0.0, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.open_s, self.write_s = open_s, write_s
+
+    def open(self) -> None:
+        time.sleep(self.open_s)
+        super().open()
+
+    def write(self, records: object) -> None:
+        time.sleep(self.write_s)
+        super().write(records)  # type: ignore[arg-type]
+
+    def target(self) -> dict[str, object]:
+        return {"test": True}
+
+
+def kept_names(runs: object) -> list[str]:
+    from steplog.kept import find_kept
+
+    return [k.artifact.name for k in find_kept(runs)]  # type: ignore[arg-type]
+
+
+def test_an_upload_in_flight_when_the_close_deadline_passes_is_kept_for_sync(tmp_path) -> None:
+    release = threading.Event()
+    sink = SlowSink(upload_release=release)
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.005,
+                                                  runs_dir=str(tmp_path)))
+    try:
+        logger.log_text("a note", "note")
+        time.sleep(0.2)  # the lane took it; the backend does not answer
+        result = logger.close(0.5)
+        assert result.timed_out and kept_names(tmp_path) == ["note.txt"]
+    finally:
+        release.set()
+
+
+def test_an_upload_taken_while_the_run_still_opens_is_kept_when_the_deadline_passes(
+    tmp_path,
+) -> None:
+    logger = Logger(sinks=[SlowSink(open_s=2.0)],
+                    options=Options(drain_interval_s=0.005, runs_dir=str(tmp_path)))
+    logger.log_text("a note", "note")
+    time.sleep(0.2)
+    result = logger.close(0.5)
+    assert result.timed_out and kept_names(tmp_path) == ["note.txt"]
+
+
+def test_an_upload_queued_behind_a_stalled_drain_is_kept_when_the_deadline_passes(
+    tmp_path,
+) -> None:
+    sink = SlowSink(write_s=2.0, max_batch=1)
+    logger = Logger(sinks=[sink], options=Options(lane_capacity=1, drain_interval_s=0.05,
+                                                  runs_dir=str(tmp_path)))
+    logger.log_scalar("a", 0.0, 0)
+    logger.log_scalar("a", 0.5, 1)
+    time.sleep(0.3)  # one scalar being written, one waiting: the lane is full
+    for i in range(2, 10):
+        logger.log_scalar("a", float(i), i)
+    time.sleep(0.3)  # the drain thread waits for room with those
+    logger.log_text("a note", "note")
+    result = logger.close(0.5)
+    assert result.timed_out and kept_names(tmp_path) == ["note.txt"]
+
+
+def test_snapshots_waiting_behind_an_upload_that_ends_during_the_keeping_are_all_kept(
+    tmp_path, monkeypatch
+) -> None:
+    from steplog.kept import Keeper
+
+    release = threading.Event()
+    keep = Keeper.keep
+
+    def keep_and_release(self: Keeper, *args: object, **kw: object) -> object:
+        release.set()  # the upload in flight answers while the close keeps the others
+        return keep(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Keeper, "keep", keep_and_release)
+    sink = SlowSink(upload_release=release)
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.005,
+                                                  runs_dir=str(tmp_path)))
+    logger.log_text("x", "slow")
+    time.sleep(0.2)  # in flight, waiting for the release
+    for i in range(6):
+        logger.save_agent({"w": list(range(1000)), "i": i}, f"agent{i}.pkl")
+    time.sleep(0.1)
+    result = logger.close(0.3)
+    assert result.timed_out
+    time.sleep(0.5)  # the upload in flight has ended, and with it the last lane
+    assert sorted(kept_names(tmp_path)) == [f"agent{i}.pkl" for i in range(6)]

@@ -530,3 +530,61 @@ def test_a_batch_of_blocks_records_and_settings_is_written_in_order(tmp_path) ->
         ("a", 0, 5), ("b", 1, 5), ("a", 2, 5), ("c", 3, 7), ("a", 0, 8)]
     assert math.isnan(lines[1]["value"]) and lines[2]["value"] == math.inf
     assert json.loads((tmp_path / "parameters.json").read_text()) == {"lr": 0.1}
+
+
+def test_an_upload_listed_while_the_disk_fills_leaves_no_torn_manifest_line(small_fs) -> None:
+    run = small_fs / "run"
+    retry = RetryPolicy(initial_s=0.05, max_s=0.1, jitter_s=0.0)
+    logger = FileLogger(run, options=Options(drain_interval_s=0.01, retry=retry))
+    for i in range(200):  # until the manifest's last page has room for part of a line only
+        logger.log_text("", f"t{i:03d}")
+        assert logger.flush(10)
+        if 4096 - 110 < (run / "artifacts.jsonl").stat().st_size % 4096 < 4096 - 40:
+            break
+    filler = small_fs / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+        for _ in range(64):
+            f.write(b"\0" * 4096)
+    with contextlib.suppress(OSError), open(filler, "ab", buffering=0) as f:
+        for _ in range(4096):
+            f.write(b"\0")  # the last bytes too
+    logger.log_text("", "victim")
+    with pytest.warns(SteplogWarning, match="No space left"):
+        assert not logger.flush(1)
+    filler.unlink()
+    assert logger.close(10)
+    lines = (run / "artifacts.jsonl").read_bytes().splitlines()
+    names = [json.loads(line)["name"] for line in lines]  # every line whole
+    assert names[-1] == "victim.txt" and names.count("victim.txt") == 1
+
+
+def test_moving_a_run_aside_moves_uploads_inside_a_listed_folder_with_it(tmp_path) -> None:
+    (tmp_path / "f.txt").write_text("f")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "g.txt").write_text("g")
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    logger.log_file(tmp_path / "f.txt", "notes")  # notes/f.txt
+    logger.log_directory(tmp_path / "d", "notes")  # into notes/, beside it
+    assert logger.close(10)
+    with pytest.warns(SteplogWarning, match="held an earlier run"):
+        again = FileLogger(run, options=FAST, existing="aside")
+    assert again.close(10)
+    (earlier,) = (run / "previous").iterdir()
+    assert sorted(p.name for p in (earlier / "notes").iterdir()) == ["f.txt", "g.txt"]
+    assert not (run / "notes").exists()
+
+
+def test_continuing_a_run_keeps_every_whole_line_before_a_long_torn_tail(tmp_path) -> None:
+    run = tmp_path / "run"
+    logger = FileLogger(run, options=FAST)
+    for i in range(1000):
+        logger.log_scalar("x", float(i), i)
+    assert logger.close(10)
+    with open(run / "scalars.jsonl", "ab") as f:
+        f.write(b"\0" * (3 << 19))  # 1.5 MiB of zeros: what a power loss can leave
+    logger = FileLogger(run, options=FAST, existing="append")
+    logger.log_scalar("x", 1000.0, 1000)
+    assert logger.close(10)
+    rows = pd.read_json(run / "scalars.jsonl", lines=True)
+    assert rows["step"].tolist() == list(range(1001))

@@ -130,6 +130,7 @@ def test_a_drain_error_loses_only_what_it_held_with_the_reason_and_flushes_still
     assert not result and result.elapsed_s < 5
     (loss,) = result.losses
     assert loss.records == 10 and "injected drain fault" in loss.reason
+    assert loss.record == "10 records of one drained chunk"  # not a record that arrived
     failing.clear()
     for i in range(20, 30):
         logger.log_scalar("x", float(i), i)
@@ -178,3 +179,18 @@ def test_the_enqueued_count_never_goes_back_while_records_come() -> None:
         sys.setswitchinterval(interval)
     logger.close(30)
     assert all(a <= b for a, b in itertools.pairwise(seen))
+
+
+def test_a_chunk_partly_handed_to_the_lanes_is_counted_once_in_what_a_flush_lacks() -> None:
+    sink = ListSink(delay_s=3.0, max_batch=1)
+    logger = Logger(sinks=[sink], options=Options(lane_capacity=1, drain_interval_s=0.5))
+    logger.log_scalar("a", 0.0, 0)
+    logger.log_scalar("a", 0.5, 1)
+    time.sleep(0.8)  # one being written for 3 s, one waiting: the lane is full
+    for i in range(2, 102):
+        logger.log_scalar("a", float(i), i)
+    logger.log_text("a note", "note")  # the uploads lane takes it; the scalars wait for room
+    time.sleep(0.8)
+    result = logger.flush(0.2)
+    assert not result and result.pending <= 103 - len(sink.records)
+    logger.close(0.3)

@@ -66,3 +66,26 @@ def test_log_image_and_log_text_store_what_they_held_at_the_call(tmp_path: Path)
     assert (decode((run / "frames" / "obs_12.png").read_bytes()) == 200).all()
     assert (run / "notes.md").read_text() == "# notes"
     assert (run / "log_3.txt").read_text() == "plain"
+
+
+@pytest.mark.parametrize(("call", "stored"), [
+    (lambda lg, img: lg.log_image(img, "attention_temp0.5", 3), "attention_temp0.5_3.png"),
+    (lambda lg, img: lg.log_image(img, "samples/v1.2", 7), "samples/v1.2_7.png"),
+    (lambda lg, img: lg.log_image(img, "frame.png", 2), "frame_2.png"),
+    (lambda lg, img: lg.log_text("x", "notes_v1.5"), "notes_v1.5.txt"),
+    (lambda lg, img: lg.log_text("x", "notes.md", 4), "notes_4.md"),
+], ids=["dot in an image name", "dot in a folder", "png", "dot in a text name", "extension"])
+def test_a_dot_in_a_name_is_part_of_it_unless_it_starts_an_extension(
+    tmp_path: Path, call: object, stored: str
+) -> None:
+    logger = FileLogger(tmp_path / "run")
+    call(logger, np.zeros((2, 2, 3), dtype=np.uint8))  # type: ignore[operator]
+    assert logger.close(10)
+    assert (tmp_path / "run" / stored).is_file()
+
+
+def test_an_image_named_with_another_formats_extension_raises_at_the_call(tmp_path) -> None:
+    logger = FileLogger(tmp_path / "run")
+    with pytest.raises(ValueError, match="stored as PNG"):
+        logger.log_image(np.zeros((2, 2, 3), dtype=np.uint8), "frame.jpg")
+    assert logger.close(10)

@@ -392,3 +392,25 @@ def test_a_batch_of_blocks_is_planned_within_mlflow_limits_in_call_order() -> No
         (*row, ts) for row in rows
     ]
     assert {k for c in chunks for k in c.params} == {f"p{k}" for k in range(0, 2500, 400)}
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("sqlite:///m.db", "sqlite:///{cwd}/m.db"),
+    ("sqlite:///m.db?timeout=20", "sqlite:///{cwd}/m.db?timeout=20"),
+    ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ("sqlite:///file:m.db?mode=ro&uri=true", "sqlite:///file:{cwd}/m.db?mode=ro&uri=true"),
+    ("sqlite:///file::memory:?cache=shared", "sqlite:///file::memory:?cache=shared"),
+    ("mlruns", "{cwd}/mlruns"),
+    ("file:mlruns", "file://{cwd}/mlruns"),
+    ("http://user:pw@127.0.0.1:5000", "http://user:pw@127.0.0.1:5000"),
+    ("postgresql://u:p@127.0.0.1/db", "postgresql://u:p@127.0.0.1/db"),
+    ("databricks", "databricks"),
+])
+def test_a_relative_store_is_made_absolute_and_every_other_uri_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str, expected: str
+) -> None:
+    from steplog.sinks.mlflow.common import absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri(uri) == expected.format(cwd=tmp_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,28 @@ def data_of(data: bytes, name: str, default_ext: str, iteration: int | None,
                     data=data, kind=kind, step=iteration)
 
 
+_EXTENSION = re.compile(r"(?<=[^/])\.[A-Za-z][A-Za-z0-9]{0,7}$")
+"""A file name's extension: a dot, a letter, then at most 7 letters or digits (``.txt``,
+``.json``, ``.mp4``); ``run.5`` or ``temp0.001`` has none."""
+
+_NOT_PNG = frozenset({".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".svg",
+                      ".pdf", ".eps"})
+
+
 def artifact_file_name(name: str, default_ext: str, iteration: int | None) -> str:
     """The file a named upload is stored as: ``name`` normalised (:func:`safe_relpath`),
-    ``default_ext`` added when it has no extension, ``_<iteration>`` before the extension."""
-    base, ext = os.path.splitext(safe_relpath(name))
+    ``default_ext`` added when it has no extension, ``_<iteration>`` before the extension.
+    With ``default_ext`` ``.png`` (an image or a figure, always PNG) only ``.png`` counts as
+    one, and another image format's extension raises ``ValueError``."""
+    path = safe_relpath(name)
+    found = _EXTENSION.search(path.rpartition("/")[2])
+    ext = found.group() if found else ""
+    if default_ext == ".png" and ext.lower() != ".png":
+        if ext.lower() in _NOT_PNG:
+            raise ValueError(f"{name!r}: images and figures are stored as PNG; name it with "
+                             f".png or without an extension, not {ext}")
+        ext = ""  # a dot inside the name ("lr0.001"): .png is added after it
+    base = path[:len(path) - len(ext)]
     if iteration is not None:
         base = f"{base}_{iteration}"
     return base + (ext or default_ext)

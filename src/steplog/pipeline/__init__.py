@@ -116,6 +116,8 @@ class Pipeline(Drain):
         """Records lost before reaching the lanes (a value that could not be read back, a lane
         closed before they reached it)."""
         self._holding: list[Any] = []
+        self._handed = 0
+        """Records of ``_holding`` the lanes have (or that were counted lost)."""
         """The chunk the drain thread is turning into records (counted as enqueued)."""
         self._drain_lock = threading.Lock()
         self._take_lock = threading.Lock()
@@ -123,6 +125,8 @@ class Pipeline(Drain):
         self._losses: collections.deque[Loss] = collections.deque(maxlen=_MAX_LOSSES_KEPT)
         self._loss_lock = threading.Lock()
         self._runners_left = len(self.runners)
+        self._keeping = False
+        """A close is under way that may still keep uploads (see shut_down)."""
         self._staging = tempfile.mkdtemp(prefix="steplog-")
         self._sink_moves = len(sinks) == 1 and sinks[0].moves_sources
         """An upload given with ``move`` goes to the one sink as it is (see Upload)."""
@@ -260,6 +264,13 @@ class Pipeline(Drain):
         """Deliver what was accepted, then end every sink's run with ``status``, within the
         owner's deadline. True when every run ended in time; otherwise the lanes go on in the
         background and each sink's run is ended after its last call returns."""
+        self._staging_needed(True)
+        try:
+            return self._shut_down(status)
+        finally:
+            self._staging_needed(False)
+
+    def _shut_down(self, status: RunStatus) -> bool:
         self._wake.set()
         with self._space:
             self._space.notify_all()
@@ -276,6 +287,9 @@ class Pipeline(Drain):
             r.finish(status)
         ended = all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)
         if not ended:  # what the uploads lanes still hold would be lost at exit: kept on disk
+            # Past the deadline every hand-over to a lane returns at once, and the drain
+            # thread keeps each upload it cannot hand over: local work only, given a bound.
+            self._drainer.join(_KEEP_AFTER_DEADLINE_S)
             for r in self.runners:
                 r.keep_unfinished()
         return drained and ended
@@ -284,12 +298,23 @@ class Pipeline(Drain):
         """Remove the folder where snapshots are written before their upload."""
         shutil.rmtree(self._staging, ignore_errors=True)
 
+    def _staging_needed(self, needed: bool) -> None:
+        """While a close may keep uploads, their snapshots' folder stays; once it may not,
+        the folder goes if every sink ended meanwhile."""
+        with self._loss_lock:
+            self._keeping = needed
+            gone = not needed and self._runners_left == 0
+        if gone:
+            self.remove_staging()
+
     def runner_ended(self) -> None:
         with self._loss_lock:
             self._runners_left -= 1
             last = self._runners_left == 0
+            keeping = self._keeping
         if last:
-            self.remove_staging()
+            if not keeping:
+                self.remove_staging()
             if self.run_journal is not None:
                 try:
                     self.journal_kept = self.run_journal.finish(
@@ -337,10 +362,10 @@ class Pipeline(Drain):
         return drained + sum(map(record_count, holding)) + sum(map(record_count, queued))
 
     def _held(self) -> int:
-        """Records of the chunk the drain thread is handing to the lanes."""
+        """Records of the chunk the drain thread holds that no lane has yet."""
         with self._drain_lock:
-            holding = self._holding
-        return sum(map(record_count, holding))
+            holding, handed = self._holding, self._handed
+        return max(0, sum(map(record_count, holding)) - handed)
 
     def unacknowledged(self) -> int:
         """Records accepted and not yet acknowledged by every sink (an upper bound)."""
@@ -380,6 +405,11 @@ class Pipeline(Drain):
             sinks=sinks,
             spilled=max(s.spilled for s in per_sink),
         )
+
+
+_KEEP_AFTER_DEADLINE_S = 5.0
+"""Longest a close whose deadline passed waits for the drain thread to hand over (or keep) what
+it holds."""
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -66,6 +66,7 @@ class Drain:
     _take_lock: threading.Lock
     _drain_lock: threading.Lock
     _holding: list[Any]
+    _handed: int
     _drained: int
     _lost_early: int
     _steps: collections.Counter[str]
@@ -82,6 +83,7 @@ class Drain:
             items = list(itertools.starmap(q.popleft, itertools.repeat((), len(q))))
             with self._drain_lock:  # counted as held from the moment they leave the queue
                 self._holding = items
+                self._handed = 0
             return items
 
     def _drain_loop(self) -> None:
@@ -130,8 +132,8 @@ class Drain:
         """Turn one drained chunk into records, in order, and hand them to the lanes. Should
         that fail, the records not handed over are counted lost with the reason and every flush
         barrier of the chunk still passes (its flush then reports the loss)."""
-        self._handed = 0
         self._passed: list[Barrier] = []
+        self._uploads_handed: list[UploadRequest] = []
         count = 0
         try:
             count = self._records(items)
@@ -141,20 +143,26 @@ class Drain:
             with self._drain_lock:  # counted once: drained, no longer held
                 self._drained += count
                 self._holding = []
+                self._handed = 0
 
     def _lose_rest(self, items: list[Any], exc: Exception) -> int:
         """Count what ``items`` held and was not handed to the lanes as lost, pass the
         barriers not passed yet; the records ``items`` held."""
         total = sum(map(record_count, items))
-        lost = total - self._handed
+        with self._drain_lock:
+            lost = total - self._handed
+            self._handed = total
         if lost > 0:
             self._lost_early += lost
-            first = [next(i for i in items if type(i) is not Barrier)]
             for r in self.runners:
-                r.count_loss("rejected", first, f"steplog drain thread error: {exc!r}", n=lost)
+                r.count_loss("rejected", [], f"steplog drain thread error: {exc!r}", n=lost,
+                             what=f"{lost} records of one drained chunk")
         for item in items:
             if type(item) is Barrier and not any(b is item for b in self._passed):
                 self._pass(item)
+            elif (type(item) is UploadRequest and item.snapshot is not None
+                  and not any(u is item for u in self._uploads_handed)):
+                item.snapshot.drop()  # never written: its memory is free again
         return total
 
     def _records(self, items: list[Any]) -> int:
@@ -203,14 +211,16 @@ class Drain:
                 continue
             if kind is UploadRequest:
                 count += 1
-                self._handed += 1
                 job = Upload(item.artifact, item.snapshot, len(self.runners), self._staging,
                              self._sink_moves)
+                self._uploads_handed.append(item)
                 for r in self.runners:
                     if not r.uploads.put([job], 1, ts):
                         self._lost_early += 1
-                        r.count_loss("failed", [job], "the logger closed before delivery")
+                        # A close whose deadline passed: kept for a later sync, if it can be.
+                        r.keep_unsent([job], "the logger closed before delivery")
                         job.finished(stored=False)
+                self._hand(1)
                 continue
             if raw:
                 parts.append(self._block(raw, auto, ts))
@@ -231,12 +241,19 @@ class Drain:
 
     def _pass(self, barrier: Barrier) -> None:
         """``barrier`` follows every record before it into each lane."""
-        self._passed.append(barrier)
-        self._journal_sync()  # flush(): everything before it is on disk
-        barrier.expect(2 * len(self.runners), self._lost_early)
-        for r in self.runners:
-            for lane in r.lanes:
-                lane.add_barrier(barrier)
+        try:
+            self._journal_sync()  # flush(): everything before it is on disk
+        finally:
+            barrier.expect(2 * len(self.runners), self._lost_early)
+            for r in self.runners:
+                for lane in r.lanes:
+                    lane.add_barrier(barrier)
+            self._passed.append(barrier)
+
+    def _hand(self, n: int) -> None:
+        """``n`` more records of the chunk are with the lanes (or counted lost)."""
+        with self._drain_lock:
+            self._handed += n
 
     def _plain(self, run: list[Any]) -> bool | None:
         """For a run of ``log_scalar`` tuples that all have an explicit step and a float value:
@@ -299,7 +316,7 @@ class Drain:
         records are lost, with the reason; none of them is sent."""
         n = record_count(item)
         self._lost_early += n
-        self._handed += n
+        self._hand(n)
         for r in self.runners:
             r.count_loss("rejected", [item], reason)
 
@@ -315,11 +332,11 @@ class Drain:
                 spill = (journal.journal, journal.append(parts, count))
             except (OSError, JournalError) as exc:  # a full disk: delivery goes on without it
                 self._journal_failed(exc)
-        self._handed += count
         for r, spills in zip(self.runners, self._spilling, strict=True):
             if not r.metrics.put(parts, count, ts, spill if spills else None):
                 self._lost_early += count
                 r.count_loss("failed", parts, "the logger closed before delivery")
+        self._hand(count)
 
     # -- the journal -----------------------------------------------------------------------
     def _journal_sync(self) -> None:

@@ -106,6 +106,8 @@ class Lane:
         self._due = 0.0
         self._barriers: collections.deque[tuple[int, Barrier]] = collections.deque()
         self._stopping = False
+        self._in_hand: list[Any] = []
+        """The batch being delivered (set when taken, cleared when released)."""
         self._ready = name != "metrics"
         """A metrics lane becomes ready once its sink opened (or failed to): a flush waits for
         that, so after a flush the run exists even when nothing was logged."""
@@ -188,6 +190,11 @@ class Lane:
             self.buffered = self.resident = 0
         return parts, n
 
+    def in_hand(self) -> list[Any]:
+        """The parts of the batch the lane thread took and has not released yet."""
+        with self.cond:
+            return list(self._in_hand)
+
     def acknowledge_lost(self, n: int) -> None:
         """``n`` records taken with :meth:`take_waiting` count as done, and lost."""
         self._acknowledge(n, n)
@@ -231,6 +238,7 @@ class Lane:
             if take == n and not offset:
                 parts = list(buffer)
                 buffer.clear()
+                self._in_hand = parts
                 return parts, take
             parts = []
             left = take
@@ -247,6 +255,7 @@ class Lane:
                     offset += left
                     left = 0
             self._offset = offset
+            self._in_hand = parts
             return parts, take
 
     def _unspill(self, part: Spilled) -> None:
@@ -336,7 +345,13 @@ class Lane:
                     if self.name == "metrics" and not delivered:
                         runner.journal_progress(count, failed=True)
                     if self.name == "uploads":
-                        _release(parts, stored=lost == 0)
+                        with runner.keep_lock:  # not while the closing thread keeps them
+                            with self.cond:
+                                self._in_hand = []
+                            runner.forget_kept(parts)
+                            _release(parts, stored=lost == 0)
+                    else:
+                        self._in_hand = []
                     self._acknowledge(count, lost)
         finally:
             runner.lane_finished()

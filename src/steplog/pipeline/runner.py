@@ -66,10 +66,11 @@ class SinkRunner:
             self, "metrics", self._deliver_metrics, sink.max_batch, age, cap,
             max_bytes=sink.max_batch_bytes,
         )
-        self._in_flight: Upload | None = None
-        """The upload this sink's upload lane is storing now."""
-        self._kept: set[int] = set()
-        """The ids of the uploads kept already while still in flight (see keep_unfinished)."""
+        self.keep_lock = threading.Lock()
+        """Held while an upload the lane took is kept, and while the lane releases it (its
+        staged snapshot is removed then): one of the two keeps it, whole."""
+        self._kept: set[Upload] = set()
+        """Uploads kept already (see keep_unfinished)."""
         self._metrics_failed = 0
         """Metric records this sink gave up on after their retries (journal cursors)."""
         self.uploads = Lane(self, "uploads", self._upload, 1, 0.0, cap)
@@ -164,23 +165,21 @@ class SinkRunner:
         for job in batch:
             artifact = None
             try:
-                self._in_flight = job
                 artifact = job.materialize()
                 self._retry(lambda a=artifact: self.sink.upload(a))  # type: ignore[misc]
             except BaseException as exc:
                 kind: LossKind = "failed" if is_retryable(exc) else "rejected"
                 reason = str(exc) or repr(exc)
-                if id(job) in self._kept:
-                    reason += "; it was kept when the close deadline passed"
-                elif kind == "failed" and artifact is not None:
-                    reason = self._keep(artifact, reason)
+                with self.keep_lock:
+                    if job in self._kept:
+                        reason += "; it was kept when the close deadline passed"
+                    elif kind == "failed" and artifact is not None:
+                        reason = self._keep(job, artifact, reason)
                 self.count_loss(kind, [job], reason)
                 lost += 1
             else:
                 with self._count_lock:
                     self.stats.delivered += 1
-            finally:
-                self._in_flight = None
         return lost
 
     def keep_unfinished(self) -> None:
@@ -194,37 +193,47 @@ class SinkRunner:
         for part in waiting:
             part.finished(stored=False)
         self.uploads.acknowledge_lost(n)
-        job = self._in_flight
-        if job is not None and id(job) not in self._kept:
-            self._kept.add(id(job))
-            with contextlib.suppress(Exception):
-                self._keep(job.materialize(), reason)
+        with self.keep_lock:
+            for job in self.uploads.in_hand():
+                if job not in self._kept:
+                    with contextlib.suppress(Exception):
+                        self._keep(job, job.materialize(), reason)
 
     def keep_unsent(self, jobs: list[Upload], reason: str) -> None:
-        """Uploads not sent because the run could not be opened for now: each is kept for a
-        later sync, which opens (or creates) the run, and counted failed with ``reason``."""
+        """Uploads not sent (the run could not be opened for now, the close deadline passed):
+        each is kept for a later sync, which opens (or creates) the run, and counted failed
+        with ``reason``."""
         for job in jobs:
-            try:
-                artifact = job.materialize()
-            except BaseException as exc:
-                self.count_loss("failed", [job], f"{reason} (and it could not be kept for a "
-                                f"later upload: {exc!r})")
-                continue
-            self.count_loss("failed", [job], self._keep(artifact, reason))
+            with self.keep_lock:
+                if job in self._kept:
+                    why = f"{reason}; it was kept when the close deadline passed"
+                else:
+                    try:
+                        why = self._keep(job, job.materialize(), reason)
+                    except BaseException as exc:
+                        why = f"{reason} (and it could not be kept for a later upload: {exc!r})"
+            self.count_loss("failed", [job], why)
 
-    def _keep(self, artifact: Artifact, reason: str) -> str:
-        """Keep a payload this sink could not store (see :mod:`steplog.kept`); the reason with
-        where it is and the command that uploads it."""
+    def forget_kept(self, jobs: list[Upload]) -> None:
+        """``jobs`` are done with (called with ``keep_lock`` held)."""
+        self._kept.difference_update(jobs)
+
+    def _keep(self, job: Upload, artifact: Artifact, reason: str) -> str:
+        """Keep a payload this sink could not store (see :mod:`steplog.kept`; ``job`` is then
+        known as kept); the reason with where it is and the command that uploads it. Called
+        with ``keep_lock`` held."""
         try:
             folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
         except Exception as exc:
             return f"{reason} (it could not be kept for a later upload: {exc!r})"
+        self._kept.add(job)
         return f"{reason}; kept in {folder}, upload it later with: {sync_command(folder)}"
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str,
-                   n: int | None = None) -> None:
+                   n: int | None = None, what: str | None = None) -> None:
         """Count ``records`` (a batch, lane parts or queue items; ``n`` records when given) as
-        rejected or failed by this sink, note why, warn once."""
+        rejected or failed by this sink, note why, warn once. ``what`` names them, in place
+        of the first record and a count of the others."""
         if n is None:
             n = len(records) if type(records) is Batch else sum(map(record_count, records))
         with self._count_lock:
@@ -232,9 +241,10 @@ class SinkRunner:
                 self.stats.rejected += n
             else:
                 self.stats.failed += n
-        first = describe(records[0])
+        first = what if what is not None else describe(records[0])
         self.pipeline.note_loss(Loss(self.label, kind, n, first, reason))
-        more = "" if len(records) == 1 else f" and {n - 1} more"
+        extra = n - record_count(records[0]) if records and what is None else 0
+        more = f" and {extra} more" if extra > 0 else ""
         verb = "rejected" if kind == "rejected" else "could not deliver"
         self.warn(f"{kind}:{reason[:40]}", f"{self.label} {verb} {first}{more}: {reason}")
 

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -266,8 +266,11 @@ class FileSink(Sink):
             n += 1
             dest = self.output_dir / "previous" / f"{stamp}-{n}"
         dest.mkdir(parents=True)
-        names = list(run_files) + [n for n, _ in _manifest(self.output_dir / "artifacts.jsonl")]
-        for name in dict.fromkeys(names):
+        listed = dict.fromkeys(
+            list(run_files) + [n for n, _ in _manifest(self.output_dir / "artifacts.jsonl")])
+        # An upload inside a folder that is itself listed moves with that folder.
+        names = [n for n in listed if not any(a in listed for a in _ancestors(n))]
+        for name in names:
             src = self.output_dir / name
             if not src.exists() or name.split("/")[0] == "previous":
                 continue
@@ -470,8 +473,7 @@ class FileSink(Sink):
         }
         if artifact.checkpoint:
             entry["checkpoint"] = True
-        with open(self.output_dir / "artifacts.jsonl", "ab") as f:
-            f.write(self._encoder.encode(entry) + b"\n")
+        _append_line(self.output_dir / "artifacts.jsonl", self._encoder.encode(entry) + b"\n")
         stored = self._stored_uploads()
         stored[name] = stored.get(name, False) or artifact.checkpoint
 
@@ -592,21 +594,51 @@ def _step_of(version: str) -> int | None:
 
 
 def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line that a crash left without its newline (appending continues a run)."""
+    """Cut a last line that a crash left without its newline (appending continues a run);
+    every whole line before it stays, however long the torn part is."""
     if not path.exists():
         return
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
             return
-        f.seek(max(0, size - 1))
+        f.seek(size - 1)
         if f.read(1) == b"\n":
             return
-        block = min(size, 1 << 20)
-        f.seek(size - block)
-        tail = f.read(block)
-        keep = size - block + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        end = size
+        keep = 0
+        while end > 0:  # back to the last newline, a block at a time
+            start = max(0, end - (1 << 20))
+            f.seek(start)
+            block = f.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
         f.truncate(keep)
+
+
+def _ancestors(name: str) -> Iterator[str]:
+    """The folders ``name`` lies in: ``a``, ``a/b`` for ``a/b/c``."""
+    parts = name.split("/")
+    return ("/".join(parts[:i]) for i in range(1, len(parts)))
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` to ``path`` whole or not at all (a torn line a crash left is cut
+    first; a failed write, a full disk say, is cut back)."""
+    _drop_torn_tail(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            write_all(fd, line)
+        except BaseException:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_series(path: Path) -> dict[str, list[tuple[int, float]]]:

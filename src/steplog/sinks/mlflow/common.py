@@ -82,7 +82,12 @@ def absolute_uri(uri: str) -> str:
     if uri in ("databricks", "databricks-uc", "uc"):
         return uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        path, mark, query = uri[len("sqlite:///"):].partition("?")
+        scheme = "file:" if path.startswith("file:") else ""  # SQLite's own URI form
+        path = path[len(scheme):]
+        if path in ("", ":memory:") or path.startswith("/"):
+            return uri  # in memory, or absolute already
+        return "sqlite:///" + scheme + os.path.abspath(path) + mark + query
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme == "" or len(parts.scheme) == 1:  # a plain path (or a Windows drive)
         return os.path.abspath(uri)
