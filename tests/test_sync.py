@@ -142,7 +142,7 @@ def test_a_run_that_could_not_be_created_fails_the_close_and_a_later_sync_create
     result = logger.close(3)  # nothing logged, but the run was asked for
     assert not result and result.undelivered == 0
     assert [loss.kind for loss in result.losses] == ["run"]
-    assert "never created" in result.losses[0].reason
+    assert "never opened" in result.losses[0].reason
     assert result.sync is not None
 
     server.start()

@@ -275,7 +275,7 @@ class SinkRunner:
                 self._retry(lambda: self.sink.close(self._status))
                 closed = True
             elif self.broken is None:  # a run that may come back: a later sync creates it
-                self.run_error = f"the run was never created ({self.unavailable or 'not opened'})"
+                self.run_error = f"the run was never opened ({self.unavailable or 'no attempt'})"
                 self.pipeline.note_loss(Loss(self.label, "run", 0, "opening the run",
                                              self.run_error))
         except BaseException as exc:

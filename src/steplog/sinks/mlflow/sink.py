@@ -105,9 +105,8 @@ class MLflowSink(Sink):
         self.experiment_name = experiment_name
         # A relative store is where the process was when the logger was made, whatever
         # directory the process (or the sink host started later) is in afterwards.
-        self.tracking_uri = absolute_uri(
-            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-        )
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        self.tracking_uri = uri if tracking_uri_problem(uri) else absolute_uri(uri)
         self.run_name = run_name
         self.request_timeout_s: float = request_timeout_s
         """Longest wait to connect, or for the server's next bytes, per HTTP request (s)."""
