@@ -92,3 +92,25 @@ def test_params_refused_by_a_close_while_waiting_for_room_are_counted_exactly() 
     refused = int(str(raised.value).split(" of the 6")[0].rsplit(" ", 1)[1])
     delivered = [r.name for r in sink.records if type(r) is Param]
     assert len(delivered) == 6 - refused and refused > 0
+
+
+def test_a_param_dropped_before_a_close_refuses_the_call_is_counted_once() -> None:
+    from steplog.errors import LoggerClosedError
+
+    release = threading.Event()
+    sink = ListSink(release=release, max_batch=1)
+    logger = Logger(sinks=[sink], options=Options(queue_size=1, lane_capacity=1,
+                                                  full_policy="block", block_timeout_s=0.3,
+                                                  drain_interval_s=0.01))
+    try:
+        for i in range(6):
+            logger.log_scalar("a", float(i), i)
+        closer = threading.Timer(0.45, logger.close, args=(0.3,))
+        closer.start()
+        with pytest.raises(LoggerClosedError, match=r"1 of the 2 params of this call were not "
+                           r"logged, and 1 dropped by the queue-full policy"):
+            logger.log_parameters({"a": 1, "b": 2})  # "a" waits 0.3 s and is dropped
+        closer.join(10)
+    finally:
+        release.set()
+    assert logger.stats().dropped >= 1  # "a", counted there and only there

@@ -268,16 +268,20 @@ class Logger:
         if pipeline is None:
             return
         queued: list[Param | Tag] = []
+        dropped = 0  # by the queue-full policy (counted as dropped)
         try:
             for r in records:
                 if pipeline.put(r):
                     queued.append(r)
+                else:
+                    dropped += 1
         except LoggerClosedError:  # close() started while a put waited for room
             back = sum(pipeline.withdraw(r) for r in queued)
+            also = f", and {dropped} dropped by the queue-full policy" if dropped else ""
             raise LoggerClosedError(
                 f"the logger started closing while this call waited for room in its full "
-                f"queue: {len(records) - len(queued) + back} of the {len(records)} {what} of "
-                "this call were not logged") from None
+                f"queue: {len(records) - len(queued) - dropped + back} of the {len(records)} "
+                f"{what} of this call were not logged{also}") from None
         # close() started during this call: take back what is still queued
         if not self._cap and not self._life.accepting:
             back = sum(pipeline.withdraw(r) for r in queued)
