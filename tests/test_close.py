@@ -194,3 +194,55 @@ def test_snapshots_waiting_behind_an_upload_that_ends_during_the_keeping_are_all
     assert result.timed_out
     time.sleep(0.5)  # the upload in flight has ended, and with it the last lane
     assert sorted(kept_names(tmp_path)) == [f"agent{i}.pkl" for i in range(6)]
+
+
+def test_a_run_still_ending_when_the_close_deadline_passes_is_marked_for_sync_until_ended(
+    tmp_path,
+) -> None:
+    import json
+
+    from sinks_for_tests import JournaledListSink
+
+    class SlowToEnd(JournaledListSink):
+        def close(self, status: object) -> None:
+            time.sleep(2.0)
+            super().close(status)  # type: ignore[arg-type]
+
+    logger = Logger(sinks=[SlowToEnd()], options=Options(drain_interval_s=0.005,
+                                                          runs_dir=str(tmp_path)))
+    logger.log_scalar("x", 1.0, 0)
+    result = logger.close(0.5)
+    assert result.timed_out and result.sync is not None
+    (run_dir,) = tmp_path.iterdir()
+    (info,) = json.loads((run_dir / "run.json").read_text())["sinks"].values()
+    assert "close deadline passed" in info["end_failed"]  # what a sync after an exit needs
+    assert wait_for(lambda: not run_dir.exists(), 10)  # ended after all: nothing left
+
+
+def wait_for(condition: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_show_of_a_run_directory_left_with_kept_uploads_only_lists_them(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steplog.cli import main
+
+    release = threading.Event()
+    logger = Logger(sinks=[SlowSink(upload_release=release)],
+                    options=Options(drain_interval_s=0.005, runs_dir=str(tmp_path)))
+    try:
+        logger.log_text("a note", "note")
+        time.sleep(0.2)
+        assert logger.close(0.5).timed_out
+    finally:
+        release.set()
+    (run_dir,) = tmp_path.iterdir()
+    assert main(["show", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "upload note.txt -> slow" in out and f"steplog sync {run_dir}" in out

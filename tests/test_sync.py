@@ -144,6 +144,9 @@ def test_a_run_that_could_not_be_created_fails_the_close_and_a_later_sync_create
     assert [loss.kind for loss in result.losses] == ["run"]
     assert "never opened" in result.losses[0].reason
     assert result.sync is not None
+    assert main(["show", result.sync.split(" ", 2)[2]]) == 0
+    shown = capsys.readouterr().out
+    assert "its run is not ended FINISHED" in shown and result.sync in shown
 
     server.start()
     assert main(["sync", result.sync.split(" ", 2)[2]]) == 0

@@ -109,6 +109,8 @@ def _from_path(path: Path) -> list[RunData]:
         return [_journal_run(path)]
     if _is_file_run(path):
         return [_file_run(path)]
+    if _holds_kept_uploads(path):
+        return [_kept_only(path)]
     if path.is_dir():
         runs = [_file_run(p) for p in sorted(path.iterdir()) if _is_file_run(p)]
         from steplog.replay import find_runs as journal_runs
@@ -118,6 +120,23 @@ def _from_path(path: Path) -> list[RunData]:
             return runs
     raise ValueError(f"{path} is not a steplog run: no scalars.jsonl (a file run), no run.json "
                      "with a journal/ (a journal run directory), and no such run in it")
+
+
+def _holds_kept_uploads(path: Path) -> bool:
+    """A run directory whose journal is gone and that still keeps uploads for a sync."""
+    return any(path.glob("uploads/*/upload.json"))
+
+
+def _kept_only(path: Path) -> RunData:
+    from steplog.kept import find_kept
+    from steplog.paths import sync_command
+
+    run = RunData(path.name, str(path), "run directory",
+                  "ended; only uploads kept for a later sync are left")
+    run.undelivered = [f"upload {k.artifact.name} -> {k.sink}: {k.reason}"
+                       for k in find_kept(path)]
+    run.sync = sync_command(path)
+    return run
 
 
 def _is_file_run(path: Path) -> bool:
@@ -197,6 +216,9 @@ def _journal_run(path: Path) -> RunData:
                          f"{cursor}; lacks {lacking} records")
         if lacking:
             run.undelivered.append(f"{lacking} records for {consumer}")
+        if info.get("end_failed") and status is not None:
+            run.undelivered.append(f"{consumer}: its run is not ended {status} "
+                                   f"({info['end_failed']})")
     run.undelivered += [f"upload {k.artifact.name} -> {k.sink}: {k.reason}"
                         for k in find_kept(path)]
     if run.undelivered and not held:

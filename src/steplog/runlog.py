@@ -147,6 +147,7 @@ class RunJournal:
         self._status: str | None = None
         self._continued = False
         self._end_failed: dict[str, str] = {}
+        self._finished = False
         self.journal = Journal.open(run_dir / "journal", durability=durability,
                                     max_bytes=max_bytes)
         self._sinks = dict(sinks)
@@ -198,6 +199,16 @@ class RunJournal:
                 target = None
             out[consumer_name(label)] = destination({"kind": sink.kind, "target": target})
         return out
+
+    def mark_unended(self, unended: dict[str, str]) -> None:
+        """A close's deadline passed before these sinks' runs were ended (label -> why):
+        ``run.json`` says so now, so that a ``steplog sync`` after the process is gone ends
+        them; :meth:`finish` takes the marks back for the runs ended after all."""
+        with self._manifest_lock:
+            if self._finished or self._status is None:
+                return
+            self._end_failed.update({k: v for k, v in unended.items() if k in self._sinks})
+        self.write_manifest()
 
     def hand_over(self) -> None:
         """The run goes on in a later logger (:meth:`steplog.Logger.continued`), which ends
@@ -302,8 +313,12 @@ class RunJournal:
             self.checkpoint()
             failed = {label: why for label, why in (unended or {}).items()
                       if label in self._sinks}
-            if failed and self._status is not None:
-                self._end_failed.update(failed)
+            with self._manifest_lock:
+                self._finished = True
+                changed = failed != self._end_failed and self._status is not None
+                if changed:  # marks of a timed-out close go once those runs were ended
+                    self._end_failed = failed
+            if changed:
                 self.write_manifest()
             kept = self.pending() or bool(self._end_failed)
         finally:
