@@ -128,15 +128,20 @@ def _holds_kept_uploads(path: Path) -> bool:
 
 
 def _kept_only(path: Path) -> RunData:
-    from steplog.kept import find_kept
     from steplog.paths import sync_command
 
     run = RunData(path.name, str(path), "run directory",
                   "ended; only uploads kept for a later sync are left")
-    run.undelivered = [f"upload {k.artifact.name} -> {k.sink}: {k.reason}"
-                       for k in find_kept(path)]
+    run.undelivered = _kept_lines(path)
     run.sync = sync_command(path)
     return run
+
+
+def _kept_lines(path: Path) -> list[str]:
+    """One line per upload kept under ``path`` for a later sync."""
+    from steplog.kept import find_kept
+
+    return [f"upload {k.artifact.name} -> {k.sink}: {k.reason}" for k in find_kept(path)]
 
 
 def _is_file_run(path: Path) -> bool:
@@ -178,7 +183,6 @@ def _journal_run(path: Path) -> RunData:
     already), and what each sink lacks. Reads without writing: its logger may be running."""
     from steplog.frames import count_records, decode_batch
     from steplog.journal import JournalView
-    from steplog.kept import find_kept
     from steplog.paths import sync_command
     from steplog.records import Param, Scalar
 
@@ -219,8 +223,7 @@ def _journal_run(path: Path) -> RunData:
         if info.get("end_failed") and status is not None:
             run.undelivered.append(f"{consumer}: its run is not ended {status} "
                                    f"({info['end_failed']})")
-    run.undelivered += [f"upload {k.artifact.name} -> {k.sink}: {k.reason}"
-                        for k in find_kept(path)]
+    run.undelivered += _kept_lines(path)
     if run.undelivered and not held:
         run.sync = sync_command(path)
     return run

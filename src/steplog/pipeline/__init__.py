@@ -116,9 +116,9 @@ class Pipeline(Drain):
         """Records lost before reaching the lanes (a value that could not be read back, a lane
         closed before they reached it)."""
         self._holding: list[Any] = []
+        """The chunk the drain thread is turning into records (counted as enqueued)."""
         self._handed = 0
         """Records of ``_holding`` the lanes have (or that were counted lost)."""
-        """The chunk the drain thread is turning into records (counted as enqueued)."""
         self._drain_lock = threading.Lock()
         self._take_lock = threading.Lock()
         """Taking queued items and withdrawing a late one never overlap (see withdraw)."""

@@ -206,7 +206,7 @@ class Drain:
                 try:
                     raw += _metrics_rows(item)
                 except Exception as exc:
-                    self._refuse(item, f"could not capture the value: {exc!r}")
+                    self._refuse(item, exc)
                 auto = auto or item.step is None
                 continue
             if kind is UploadRequest:
@@ -279,7 +279,7 @@ class Drain:
                 try:
                     raw.append((item[0], _resolve(item[1]), item[2]))
                 except Exception as exc:
-                    self._refuse(item, f"could not capture the value: {exc!r}")
+                    self._refuse(item, exc)
         else:
             raw += run
 
@@ -311,14 +311,14 @@ class Drain:
             autos = [a if s is None else s for s, a in zip(steps, autos, strict=True)]
         return list(zip(names, map(_VALUE, raw), autos, strict=True))
 
-    def _refuse(self, item: Any, reason: str) -> None:
+    def _refuse(self, item: Any, exc: Exception) -> None:
         """A value that cannot be read back (a failed device copy, say): only that call's
         records are lost, with the reason; none of them is sent."""
         n = record_count(item)
         self._lost_early += n
         self._hand(n)
         for r in self.runners:
-            r.count_loss("rejected", [item], reason)
+            r.count_loss("rejected", [item], f"could not capture the value: {exc!r}")
 
     def _dispatch(self, parts: list[Any], count: int, ts: int) -> None:
         journal = self.run_journal
@@ -409,4 +409,3 @@ def _resolve(value: Any) -> float:
     if isinstance(value, PendingValue):
         return value.resolve()
     return float(value)
-

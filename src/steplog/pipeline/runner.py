@@ -20,7 +20,7 @@ from steplog.errors import SteplogWarning
 from steplog.paths import sync_command
 from steplog.pipeline.items import Upload, describe, record_count
 from steplog.pipeline.lane import Lane
-from steplog.records import Artifact, Batch
+from steplog.records import Batch
 from steplog.results import Loss, LossKind, SinkStats
 from steplog.retry import call_with_retry, is_retryable
 from steplog.sinks.base import RunStatus, Sink
@@ -171,10 +171,8 @@ class SinkRunner:
                 kind: LossKind = "failed" if is_retryable(exc) else "rejected"
                 reason = str(exc) or repr(exc)
                 with self.keep_lock:
-                    if job in self._kept:
-                        reason += "; it was kept when the close deadline passed"
-                    elif kind == "failed" and artifact is not None:
-                        reason = self._keep(job, artifact, reason)
+                    if (kind == "failed" and artifact is not None) or job in self._kept:
+                        reason = self._keep_once(job, reason)
                 self.count_loss(kind, [job], reason)
                 lost += 1
             else:
@@ -195,9 +193,7 @@ class SinkRunner:
         self.uploads.acknowledge_lost(n)
         with self.keep_lock:
             for job in self.uploads.in_hand():
-                if job not in self._kept:
-                    with contextlib.suppress(Exception):
-                        self._keep(job, job.materialize(), reason)
+                self._keep_once(job, reason)
 
     def keep_unsent(self, jobs: list[Upload], reason: str) -> None:
         """Uploads not sent (the run could not be opened for now, the close deadline passed):
@@ -205,23 +201,23 @@ class SinkRunner:
         with ``reason``."""
         for job in jobs:
             with self.keep_lock:
-                if job in self._kept:
-                    why = f"{reason}; it was kept when the close deadline passed"
-                else:
-                    try:
-                        why = self._keep(job, job.materialize(), reason)
-                    except BaseException as exc:
-                        why = f"{reason} (and it could not be kept for a later upload: {exc!r})"
+                why = self._keep_once(job, reason)
             self.count_loss("failed", [job], why)
 
     def forget_kept(self, jobs: list[Upload]) -> None:
         """``jobs`` are done with (called with ``keep_lock`` held)."""
         self._kept.difference_update(jobs)
 
-    def _keep(self, job: Upload, artifact: Artifact, reason: str) -> str:
-        """Keep a payload this sink could not store (see :mod:`steplog.kept`; ``job`` is then
-        known as kept); the reason with where it is and the command that uploads it. Called
-        with ``keep_lock`` held."""
+    def _keep_once(self, job: Upload, reason: str) -> str:
+        """Keep the payload of ``job``, which this sink could not store, unless it was kept
+        already (see :mod:`steplog.kept`); the reason with where it is and the command that
+        uploads it. Called with ``keep_lock`` held."""
+        if job in self._kept:
+            return f"{reason}; it was kept when the close deadline passed"
+        try:
+            artifact = job.materialize()
+        except BaseException as exc:
+            return f"{reason} (and it could not be kept for a later upload: {exc!r})"
         try:
             folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
         except Exception as exc:
