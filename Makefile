@@ -6,16 +6,28 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test lint docs bench demo clean
+EXTRAS := dev,mlflow,clearml,torch,plot,demo,sb3,lightning,docs
+
+.PHONY: install test lint docs bench demo clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# constraints.txt holds the versions the suite passed with, so a new release of a dependency
+# (an MLflow schema revision, say) changes nothing here until it has been tested.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,mlflow,clearml,torch,plot,demo,sb3,lightning,docs]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
+
+# Newest releases of every dependency, then the whole suite; only if it passes are they pinned.
+constraints: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager "$(TORCH_PIN)" -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pytest
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 install: $(STAMP)
 

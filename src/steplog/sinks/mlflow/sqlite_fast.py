@@ -55,9 +55,10 @@ __all__ = [
     "open_fast_path",
 ]
 
-TESTED_REVISIONS = frozenset({"dc11669786a5"})
-"""MLflow schema revisions (``alembic_version``) whose metric tables this module writes:
-MLflow 3.17's head."""
+TESTED_REVISIONS = frozenset({"dc11669786a5", "f4a9b2c7d1e6"})
+"""MLflow schema revisions (``alembic_version``) whose metric tables this module writes: the
+heads of MLflow 3.17 and 3.18 (3.18's three migrations leave ``runs``, ``metrics`` and
+``latest_metrics`` as 3.17 has them)."""
 
 RUN_NOT_WRITABLE = "the run is not writable"
 """How the reason begins when the store passed the gate but the run cannot take points."""
