@@ -95,6 +95,17 @@ def test_parameters_are_snapshotted_at_the_call(tmp_path) -> None:
     assert params["obj"] == str(object)
 
 
+def test_a_param_that_cannot_be_captured_raises_naming_it_and_queues_nothing() -> None:
+    from sinks_for_tests import ListSink
+    from steplog import Logger
+
+    sink = ListSink()
+    logger = Logger(sinks=[sink])
+    with pytest.raises(TypeError, match=r"params 'schedule': .*keys"):
+        logger.log_parameters({"lr": 0.1, "schedule": {(0, 10): 0.1}})
+    assert logger.close(10) and sink.records == []
+
+
 def test_capture_param_turns_arrays_and_tensors_into_lists() -> None:
     assert capture_param({"a": np.arange(3), "b": torch.tensor([1, 2])}) == {
         "a": [0, 1, 2],
@@ -107,10 +118,17 @@ def test_integer_like_steps_are_accepted(step: object) -> None:
     assert capture_step(step) == 3
 
 
-@pytest.mark.parametrize("step", ["3", 3.5, True, torch.tensor(3.0)])
+@pytest.mark.parametrize("step", ["3", 3.5, True, np.bool_(True), torch.tensor(3.0),
+                                  torch.tensor(True)])
 def test_non_integer_steps_raise_type_error(step: object) -> None:
     with pytest.raises(TypeError):
         capture_step(step)
+
+
+def test_a_step_in_a_tensor_off_the_cpu_is_refused_rather_than_waited_for() -> None:
+    # "meta" stands in for a GPU here: any device but the CPU would make .item() wait.
+    with pytest.raises(TypeError, match="tensor on meta: reading it would make this call wait"):
+        capture_step(torch.tensor(3, device="meta"))
 
 
 def test_logging_floats_does_not_import_torch_or_numpy(tmp_path) -> None:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from steplog import (  # noqa: E402
     FileLogger,
     FileSink,
     Logger,
+    LoggerClosedError,
     MLFlowLogger,
     Options,
     load_policy,
@@ -142,6 +144,33 @@ def test_repeated_saves_of_the_same_shapes_reuse_their_host_buffers(tmp_path: Pa
     assert logger.close(30)
 
 
+def test_a_closed_logger_keeps_no_host_buffers_for_reuse(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(Policy())
+    logger.save_policy(Policy(), name="other")
+    assert logger.close(30)
+    memory = logger._checkpoints
+    assert memory.take_buffers("policy") == [] and memory.take_buffers("other") == []
+
+
+def test_a_module_on_the_meta_device_is_refused_at_the_call_with_why(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        policy = torch.nn.Linear(2, 2)
+    logger = FileLogger(tmp_path, options=FAST)
+    with pytest.raises(TypeError, match="'policy' cannot be taken: it holds a tensor on the meta"):
+        logger.save_policy(policy)
+    assert logger.close(30)
+
+
+def test_a_lazy_module_before_its_first_forward_is_refused_at_the_call_with_why(
+    tmp_path: Path,
+) -> None:
+    logger = FileLogger(tmp_path, options=FAST)
+    with pytest.raises(TypeError, match="an uninitialized parameter or buffer"):
+        logger.save_policy(torch.nn.LazyLinear(3))
+    assert logger.close(30)
+
+
 def test_a_changed_shape_allocates_only_the_changed_tensor(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path, options=FAST)
     logger.save_policy({"a": torch.zeros(100), "b": torch.zeros(10)})
@@ -209,6 +238,40 @@ def test_at_the_memory_bound_save_policy_waits_then_raises_a_clear_timeout(
         "step_0", "step_1", "step_2"]
 
 
+def test_a_save_waiting_at_the_memory_bound_raises_logger_closed_once_a_close_starts(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
+    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000, block_timeout_s=30)
+    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
+    logger.save_policy(weights)
+    deadline = time.monotonic() + 10
+    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.save_policy(weights)  # pending behind the first upload, held at the gate
+    raised: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            logger.save_policy(weights)
+        except BaseException as exc:
+            raised.append(exc)
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    time.sleep(0.3)  # the save waits for room
+    closer = threading.Thread(target=logger.close, args=(30,))
+    closer.start()
+    try:
+        saver.join(5)
+        assert not saver.is_alive()  # while the uploads still hold the memory
+    finally:
+        gate.set()
+        closer.join(30)
+    assert [type(e) for e in raised] == [LoggerClosedError]
+
+
 def test_the_supersede_policy_replaces_a_pending_snapshot_of_the_same_name(
     tmp_path: Path,
 ) -> None:
@@ -231,8 +294,6 @@ def test_the_supersede_policy_replaces_a_pending_snapshot_of_the_same_name(
 
 
 def test_save_policy_on_a_closed_logger_raises_and_holds_no_memory(tmp_path: Path) -> None:
-    from steplog import LoggerClosedError
-
     logger = FileLogger(tmp_path, options=FAST)
     logger.close(10)
     with pytest.raises(LoggerClosedError):
@@ -256,8 +317,10 @@ def test_an_mlflow_run_keeps_each_snapshot_and_load_policy_reads_it_back(
 
 @pytest.mark.parametrize("transport", ["http", "embedded"])
 def test_registered_model_name_makes_each_snapshot_a_model_version_with_its_step(
-    mlflow_server: MlflowServer, tmp_path: Path, transport: str
+    mlflow_server: MlflowServer, tmp_path: Path, transport: str,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # a new sqlite store's artifact root is ./mlruns
     uri = mlflow_server.url if transport == "http" else f"sqlite:///{tmp_path / 'm.db'}"
     model = f"policy-{transport}-{time.monotonic_ns()}"
     policy = torch.nn.Linear(2, 1)
@@ -338,10 +401,22 @@ def test_supersede_drops_nothing_while_there_is_room(tmp_path: Path) -> None:
         "step_0", "step_1", "step_2"]
 
 
-def test_a_capture_that_fails_holds_no_memory(tmp_path: Path) -> None:
+def test_a_capture_that_fails_holds_no_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steplog import checkpoints
+
+    copy = checkpoints._Copier.copy
+
+    def out_of_memory_at_the_second_tensor(self: Any, t: Any) -> Any:
+        if self.used:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return copy(self, t)
+
+    monkeypatch.setattr(checkpoints._Copier, "copy", out_of_memory_at_the_second_tensor)
     logger = FileLogger(tmp_path, options=FAST)
-    with pytest.raises(NotImplementedError):
-        logger.save_policy({"w": torch.ones(10), "m": torch.empty(10, device="meta")})
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        logger.save_policy({"w": torch.ones(10), "m": torch.ones(10)})
     assert logger._checkpoints.pending_bytes == 0
     assert logger.close(30)
 

@@ -246,3 +246,63 @@ def test_show_of_a_run_directory_left_with_kept_uploads_only_lists_them(
     assert main(["show", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "upload note.txt -> slow" in out and f"steplog sync {run_dir}" in out
+
+
+class SlowToWrite:
+    """An agent whose snapshot takes ``write_s`` to write, or until ``release`` is set."""
+
+    release = threading.Event()
+
+    def __init__(self, write_s: float) -> None:
+        self.write_s = write_s
+
+    def __deepcopy__(self, memo: object) -> SlowToWrite:
+        return SlowToWrite(self.write_s)
+
+    def __reduce__(self) -> tuple[type, tuple[float]]:
+        SlowToWrite.release.wait(self.write_s)
+        return (SlowToWrite, (self.write_s,))
+
+
+def test_a_close_past_its_deadline_does_not_wait_out_a_snapshot_a_lane_is_writing(
+    tmp_path, monkeypatch
+) -> None:
+    import steplog.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
+    SlowToWrite.release.clear()
+    logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
+                                                          runs_dir=str(tmp_path / "runs")))
+    try:
+        logger.save_agent({"obj": SlowToWrite(30.0)}, name="agent.pkl")
+        time.sleep(0.3)  # the uploads lane is writing its snapshot
+        start = time.monotonic()
+        result = logger.close(0.5)
+        assert time.monotonic() - start < 4.0
+        assert result.timed_out and not result
+    finally:
+        SlowToWrite.release.set()
+
+
+def test_snapshots_the_close_has_no_time_left_to_write_are_counted_failed_and_not_kept(
+    tmp_path, monkeypatch
+) -> None:
+    import steplog.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 0.5)
+    SlowToWrite.release.clear()
+    logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
+                                                          runs_dir=str(tmp_path / "runs")))
+    try:
+        logger.save_agent({"obj": SlowToWrite(30.0)}, name="busy.pkl")
+        logger.save_agent({"obj": SlowToWrite(1.0)}, name="kept.pkl")
+        logger.save_agent({"obj": SlowToWrite(1.0)}, name="late.pkl")
+        time.sleep(0.3)
+        result = logger.close(0.3)
+        reasons = {loss.record: loss.reason for loss in result.losses}
+        assert "kept in" in reasons["artifact 'kept.pkl'"]
+        assert reasons["artifact 'late.pkl'"].endswith(
+            "(not kept: the close had no time left to write its snapshot)")
+        assert kept_names(tmp_path / "runs") == ["kept.pkl"]
+    finally:
+        SlowToWrite.release.set()

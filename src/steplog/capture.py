@@ -236,8 +236,9 @@ def _int_to_float(value: int) -> float:
 
 
 def capture_step(step: object) -> int:
-    """Return ``step`` as an int, or raise ``TypeError`` (floats and bools are refused) or
-    ``ValueError`` (outside the signed 64-bit range every backend stores)."""
+    """Return ``step`` as an int, or raise ``TypeError`` (floats, bools and tensors on a device
+    other than the CPU are refused) or ``ValueError`` (outside the signed 64-bit range every
+    backend stores)."""
     if type(step) is int:
         value = step
     elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
@@ -246,7 +247,11 @@ def capture_step(step: object) -> int:
         if np is not None and isinstance(step, np.integer):
             value = int(step)
         elif (torch is not None and isinstance(step, torch.Tensor) and step.numel() == 1
-                and not step.is_floating_point() and not step.is_complex()):
+                and not step.is_floating_point() and not step.is_complex()
+                and step.dtype is not torch.bool):
+            if step.device.type != "cpu":
+                raise TypeError(f"iteration is a tensor on {step.device}: reading it would make "
+                                "this call wait for the device; pass int(step) or a CPU tensor")
             value = int(step.item())
         else:
             raise TypeError(f"iteration must be an int or None, got {type(step).__name__}: "
@@ -273,7 +278,10 @@ def capture_param(value: object) -> Any:
     """Return a deep, JSON-compatible snapshot of a parameter value.
 
     Strings, numbers, bools, None, lists, tuples and dicts are kept (copied); NumPy and torch
-    values become lists or numbers; any other object is recorded as ``str(value)``.
+    values become lists or numbers; what msgspec converts itself becomes what it makes of it
+    (bytes: base64 text, an enum: its value, a dataclass: a dict of its fields, a datetime:
+    ISO 8601 text); any other object is recorded as ``str(value)``. ``TypeError`` for a dict
+    key that is neither text nor a number.
     """
     return msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True)
 

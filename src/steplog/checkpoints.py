@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from steplog.capture import capture_object, capture_param
-from steplog.errors import PermanentError
+from steplog.errors import LoggerClosedError, PermanentError
 
 __all__ = [
     "CheckpointMemory",
@@ -189,11 +189,13 @@ class CheckpointMemory:
         self.superseded = 0
         self._pending: dict[str, list[Snapshot]] = {}
         self._free: dict[str, list[Any]] = {}
+        self._stopped = False
         self._room = threading.Condition()
 
     def admit(self, snapshot: Snapshot, deadline: float) -> bool:
         """Count ``snapshot`` as pending once there is room (superseding earlier ones of its
-        name under ``"supersede"``); False when ``deadline`` (monotonic) passed first. A
+        name under ``"supersede"``); False when ``deadline`` (monotonic) passed first;
+        :class:`~steplog.errors.LoggerClosedError` when the logger starts closing meanwhile. A
         snapshot larger than the bound is admitted when nothing else is pending."""
         if self.policy == "supersede":
             with self._room:
@@ -205,6 +207,8 @@ class CheckpointMemory:
                         self.superseded += 1
         with self._room:
             while self.pending_bytes and self.pending_bytes + snapshot.nbytes > self.bound_bytes:
+                if self._stopped:
+                    raise LoggerClosedError("this logger is closing; the snapshot was not taken")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -229,9 +233,18 @@ class CheckpointMemory:
             if snapshot in pending:
                 pending.remove(snapshot)
                 self.pending_bytes -= snapshot.nbytes
-            if buffers:
+            if buffers and not self._stopped:
                 self._free[snapshot.name] = buffers
             self._room.notify_all()
+
+    def stop(self, timeout_s: float) -> None:
+        """The logger closes: no snapshot is taken any more, so the buffers kept for reuse are
+        freed now, those of snapshots written later are not kept, and a save waiting for room
+        raises :class:`~steplog.errors.LoggerClosedError`."""
+        with self._room:
+            self._stopped = True
+            self._free.clear()
+            self._room.notify_all()  # a save waiting for room gives up
 
 
 def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: int | None,
@@ -242,10 +255,17 @@ def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: i
     torch = sys.modules.get("torch")
     if torch is None:
         return None
+    sizes: list[int] = []
+
+    def size(t: Any) -> None:
+        problem = _no_data(torch, t)
+        if problem is not None:
+            raise TypeError(f"snapshot {name!r} cannot be taken: it holds {problem}")
+        sizes.append(t.numel() * t.element_size())
+
     try:
         weights = _weights_of(torch, obj)
-        sizes: list[int] = []
-        _map_tree(torch, weights, lambda t: sizes.append(t.numel() * t.element_size()))
+        _map_tree(torch, weights, size)
     except _NotWeights:
         return None
     meta = _meta(obj, name, step, metadata, tensors=len(sizes), bytes=sum(sizes),
@@ -332,6 +352,17 @@ def _map_tree(torch: Any, node: Any, leaf: Any) -> Any:
     raise _NotWeights  # subclasses of plain types (numpy scalars, enums) need unpickling
 
 
+def _no_data(torch: Any, t: Any) -> str | None:
+    """Why tensor ``t`` has no values to save, or ``None``."""
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+        return ("an uninitialized parameter or buffer (a lazy module before its first "
+                "forward pass)")
+    if t.device.type == "meta":
+        return ("a tensor on the meta device, which has a shape but no values (a module built "
+                "under torch.device('meta') and not materialized)")
+    return None
+
+
 class _Copier:
     """Copies tensors into host buffers, reusing ``free`` ones of the same shape, dtype and
     pinning in traversal order; ``devices`` are the CUDA devices copied from."""
@@ -345,7 +376,7 @@ class _Copier:
 
     def copy(self, t: Any) -> Any:
         src = t.detach()
-        if src.is_sparse or src.is_quantized or src.device.type == "meta":
+        if src.is_sparse or src.is_quantized:
             out = src.to("cpu", copy=True)
         else:
             cuda = src.device.type == "cuda"

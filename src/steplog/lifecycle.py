@@ -71,7 +71,8 @@ class State(enum.Enum):
 
 
 class Helper(Protocol):
-    """A thread that feeds the logger (the system-metrics sampler): stopped first at close."""
+    """What feeds the logger or holds memory for it (the system-metrics sampler, the
+    checkpoint buffers kept for reuse): stopped first at close."""
 
     def stop(self, timeout_s: float) -> None: ...
 

@@ -111,6 +111,7 @@ class Logger:
         # lifecycle (the one "accepting" check) and wakes the drain thread.
         self._cap = 0
         self._life = Lifecycle(self._sinks, self.options, weakref.WeakMethod(self._close_gate))
+        self._life.helpers.append(self._checkpoints)  # its reuse buffers go at close
         pipeline = self._life.pipeline
         self._q: collections.deque[Any] = pipeline.queue if pipeline else collections.deque()
         self._life.connect_gate()  # the worker started meanwhile: it decides, under its lock
@@ -239,6 +240,17 @@ class Logger:
             self._late(item)
         life.raise_alarm()
 
+    def _log_sample(self, values: Mapping[str, float]) -> None:
+        """Queue a system sample (the sampler thread's door): as :meth:`log_metrics` at an
+        automatic step, except that an alarm meant for the training loop stays for its next
+        call instead of ending the sampler."""
+        if not self._names.issuperset(values):
+            self._check_names(values)
+        item = MetricsItem(dict(values), None)
+        pipeline = self._life.admit()
+        if pipeline is not None and pipeline.put(item) and not self._cap:
+            self._late(item)
+
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
         """Queue run parameters; each value is snapshotted now (deep copy, JSON-compatible)."""
@@ -259,7 +271,10 @@ class Logger:
         for k, v in items.items():
             if k not in self._names:
                 self._new_name(k)
-            record = build(k, v, ts)
+            try:
+                record = build(k, v, ts)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{what} {k!r}: {exc}") from exc
             problem = utf8_problem(record.value)
             if problem is not None:
                 raise ValueError(f"{what} {k!r}: the value {problem}")

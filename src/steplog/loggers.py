@@ -106,7 +106,7 @@ class MLFlowLogger(Logger):
         # Check the optional dependency before any thread starts.
         sampler = None
         if log_system_metrics and self._rank_plan.samples_system:  # one sampler per node
-            sampler = SystemSampler(self.log_metrics, system_metrics_interval_s)
+            sampler = SystemSampler(self._log_sample, system_metrics_interval_s)
         super().__init__(logging_freq, sinks=[self.sink], options=options)
         if sampler is not None:
             self._life.helpers.append(sampler)

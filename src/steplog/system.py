@@ -3,6 +3,7 @@ into the logger's own pipeline, under MLflow's ``system/...`` metric names."""
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,14 +26,20 @@ def _load_psutil() -> Any:
 
 
 class _Gpus:
-    """NVML handles, or none when pynvml or the driver is missing (reported once)."""
+    """NVML handles, or none when pynvml or the driver is missing (reported once, when an
+    NVIDIA driver is loaded). A query a device does not support (utilization on a MIG
+    instance, say) or that fails is skipped, reported once per device and query."""
 
     def __init__(self) -> None:
         self._nvml: Any = None
         self.handles: list[Any] = []
+        self._failed: set[tuple[int, str]] = set()
         try:
             import pynvml
         except ImportError:
+            if os.path.exists("/proc/driver/nvidia/version"):
+                warnings.warn("GPU metrics disabled: pynvml is not installed "
+                              "(pip install nvidia-ml-py)", stacklevel=3)
             return
         try:
             pynvml.nvmlInit()
@@ -48,12 +55,25 @@ class _Gpus:
         if nvml is None:
             return out
         for i, h in enumerate(self.handles):
-            util = nvml.nvmlDeviceGetUtilizationRates(h)
-            mem = nvml.nvmlDeviceGetMemoryInfo(h)
-            out[f"system/gpu_{i}_utilization_percentage"] = float(util.gpu)
-            out[f"system/gpu_{i}_memory_usage_megabytes"] = mem.used / 1e6
-            out[f"system/gpu_{i}_memory_usage_percentage"] = 100.0 * mem.used / max(1, mem.total)
+            util = self._query(i, "utilization", nvml.nvmlDeviceGetUtilizationRates, h)
+            if util is not None:
+                out[f"system/gpu_{i}_utilization_percentage"] = float(util.gpu)
+            mem = self._query(i, "memory", nvml.nvmlDeviceGetMemoryInfo, h)
+            if mem is not None:
+                out[f"system/gpu_{i}_memory_usage_megabytes"] = mem.used / 1e6
+                out[f"system/gpu_{i}_memory_usage_percentage"] = (
+                    100.0 * mem.used / max(1, mem.total))
         return out
+
+    def _query(self, device: int, what: str, query: Callable[[Any], Any], handle: Any) -> Any:
+        try:
+            return query(handle)
+        except Exception as exc:
+            if (device, what) not in self._failed:
+                self._failed.add((device, what))
+                warnings.warn(f"GPU {device} {what} is not sampled: NVML refused it ({exc!r})",
+                              stacklevel=4)
+            return None
 
     def close(self) -> None:
         if self._nvml is not None:

@@ -294,9 +294,10 @@ class Pipeline(Drain):
         if not ended:  # what the uploads lanes still hold would be lost at exit: kept on disk
             # Past the deadline every hand-over to a lane returns at once, and the drain
             # thread keeps each upload it cannot hand over: local work only, given a bound.
+            until = time.monotonic() + _KEEP_AFTER_DEADLINE_S
             self._drainer.join(_KEEP_AFTER_DEADLINE_S)
             for r in self.runners:
-                r.keep_unfinished()
+                r.keep_unfinished(until)
         return drained and ended
 
     def remove_staging(self) -> None:
@@ -413,8 +414,10 @@ class Pipeline(Drain):
 
 
 _KEEP_AFTER_DEADLINE_S = 5.0
-"""Longest a close whose deadline passed waits for the drain thread to hand over (or keep) what
-it holds."""
+"""How long after its deadline a close goes on keeping uploads for ``steplog sync``: waiting
+for the drain thread to hand over (or keep) what it holds, and writing the snapshots of the
+uploads not stored (one whose write started by then is finished; a snapshot a lane is writing
+is not waited for)."""
 
 
 def _remaining(deadline: float | None) -> float | None:

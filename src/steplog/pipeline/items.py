@@ -34,6 +34,7 @@ __all__ = [
     "MetricsItem",
     "Spilled",
     "Upload",
+    "UploadBusyError",
     "UploadRequest",
     "describe",
     "record_count",
@@ -90,6 +91,10 @@ class Barrier:
                 self.event.set()
 
 
+class UploadBusyError(Exception):
+    """An upload's snapshot was still being written when a bounded wait for it ended."""
+
+
 class Upload:
     """One artifact travelling to every sink; a snapshot is serialised once, on first need.
 
@@ -117,36 +122,51 @@ class Upload:
     def timestamp(self) -> int:
         return self._artifact.timestamp
 
-    def materialize(self) -> Artifact:
-        with self._lock:
-            if self._failure is not None:
-                raise PermanentError(self._failure)
-            snapshot = self._snapshot
-            if snapshot is not None:
-                snapshot.start()  # raises SupersededError when a later snapshot replaced it
-                path = None
-                try:
-                    if self._artifact.checkpoint:
-                        path = tempfile.mkdtemp(dir=self._staging)
-                        write_policy(snapshot, Path(path))
-                    else:
-                        fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
-                        os.close(fd)
-                        snapshot.write(Path(path))
-                except BaseException as exc:
-                    snapshot.drop()  # its memory is freed; every sink reports the failure
-                    self._failure = (f"snapshot {self._artifact.name!r} could not be written: "
-                                     f"{exc}")
-                    if path is not None:  # what was written of it goes too
-                        discard(path)
-                    raise
-                self._snapshot = None
-                self._artifact = msgspec.structs.replace(
-                    self._artifact, source=path, cleanup=True
-                )
-            if self._artifact.move and not self._sink_moves:
-                return msgspec.structs.replace(self._artifact, move=False)
-            return self._artifact
+    @property
+    def unwritten(self) -> bool:
+        """Its snapshot was not written yet (no sink has started storing it)."""
+        return self._snapshot is not None
+
+    def materialize(self, timeout_s: float | None = None) -> Artifact:
+        """The artifact to store, its snapshot written first if no sink wrote it yet. With
+        ``timeout_s``: :class:`UploadBusyError` when another thread is still writing the
+        snapshot after that long."""
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            raise UploadBusyError(f"{self!r} was still being written")
+        try:
+            return self._materialize()
+        finally:
+            self._lock.release()
+
+    def _materialize(self) -> Artifact:
+        if self._failure is not None:
+            raise PermanentError(self._failure)
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.start()  # raises SupersededError when a later snapshot replaced it
+            path = None
+            try:
+                if self._artifact.checkpoint:
+                    path = tempfile.mkdtemp(dir=self._staging)
+                    write_policy(snapshot, Path(path))
+                else:
+                    fd, path = tempfile.mkstemp(dir=self._staging, suffix=".pt")
+                    os.close(fd)
+                    snapshot.write(Path(path))
+            except BaseException as exc:
+                snapshot.drop()  # its memory is freed; every sink reports the failure
+                self._failure = (f"snapshot {self._artifact.name!r} could not be written: "
+                                 f"{exc}")
+                if path is not None:  # what was written of it goes too
+                    discard(path)
+                raise
+            self._snapshot = None
+            self._artifact = msgspec.structs.replace(
+                self._artifact, source=path, cleanup=True
+            )
+        if self._artifact.move and not self._sink_moves:
+            return msgspec.structs.replace(self._artifact, move=False)
+        return self._artifact
 
     def finished(self, stored: bool) -> None:
         with self._lock:

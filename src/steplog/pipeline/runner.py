@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from steplog.errors import SteplogWarning
 from steplog.paths import sync_command
-from steplog.pipeline.items import Upload, describe, record_count
+from steplog.pipeline.items import Upload, UploadBusyError, describe, record_count
 from steplog.pipeline.lane import Lane
 from steplog.records import Batch
 from steplog.results import Loss, LossKind, SinkStats
@@ -180,42 +181,50 @@ class SinkRunner:
                     self.stats.delivered += 1
         return lost
 
-    def keep_unfinished(self) -> None:
+    def keep_unfinished(self, until: float) -> None:
         """For a close whose deadline passed: keep every upload not stored yet for a later
         sync (those waiting in the lane are taken from it and counted failed; the one in
         flight is kept too, and goes on: should it arrive, a sync stores it again under the
-        same name)."""
+        same name). Snapshots are written for this only until ``until`` (``time.monotonic()``);
+        a snapshot the lane is still writing then is not waited for (should its upload fail,
+        the lane keeps it)."""
         reason = "the close deadline passed first"
         waiting, n = self.uploads.take_waiting()
-        self.keep_unsent(waiting, reason)
+        self.keep_unsent(waiting, reason, until)
         for part in waiting:
             part.finished(stored=False)
         self.uploads.acknowledge_lost(n)
         with self.keep_lock:
             for job in self.uploads.in_hand():
-                self._keep_once(job, reason)
+                self._keep_once(job, reason, until)
 
-    def keep_unsent(self, jobs: list[Upload], reason: str) -> None:
+    def keep_unsent(self, jobs: list[Upload], reason: str, until: float | None = None) -> None:
         """Uploads not sent (the run could not be opened for now, the close deadline passed):
         each is kept for a later sync, which opens (or creates) the run, and counted failed
-        with ``reason``."""
+        with ``reason``. With ``until``, no snapshot is written for this after that time."""
         for job in jobs:
             with self.keep_lock:
-                why = self._keep_once(job, reason)
+                why = self._keep_once(job, reason, until)
             self.count_loss("failed", [job], why)
 
     def forget_kept(self, jobs: list[Upload]) -> None:
         """``jobs`` are done with (called with ``keep_lock`` held)."""
         self._kept.difference_update(jobs)
 
-    def _keep_once(self, job: Upload, reason: str) -> str:
+    def _keep_once(self, job: Upload, reason: str, until: float | None = None) -> str:
         """Keep the payload of ``job``, which this sink could not store, unless it was kept
         already (see :mod:`steplog.kept`); the reason with where it is and the command that
-        uploads it. Called with ``keep_lock`` held."""
+        uploads it. With ``until`` (``time.monotonic()``), a snapshot not written yet is
+        written only if it can be started by then. Called with ``keep_lock`` held."""
         if job in self._kept:
             return f"{reason}; it was kept when the close deadline passed"
+        left = None if until is None else until - time.monotonic()
+        if left is not None and left <= 0 and job.unwritten:
+            return f"{reason} (not kept: the close had no time left to write its snapshot)"
         try:
-            artifact = job.materialize()
+            artifact = job.materialize(left)
+        except UploadBusyError:
+            return f"{reason} (not kept: its snapshot was still being written)"
         except BaseException as exc:
             return f"{reason} (and it could not be kept for a later upload: {exc!r})"
         try:
