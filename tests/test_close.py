@@ -141,6 +141,27 @@ def test_an_upload_in_flight_when_the_close_deadline_passes_is_kept_for_sync(tmp
         release.set()
 
 
+def test_a_timed_out_close_names_where_the_upload_in_flight_is_kept(tmp_path) -> None:
+    from steplog.kept import find_kept
+
+    release = threading.Event()
+    sink = SlowSink(upload_release=release)
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.005,
+                                                  runs_dir=str(tmp_path)))
+    try:
+        logger.log_text("a note", "note")
+        time.sleep(0.2)
+        result = logger.close(0.5)
+        (kept,) = find_kept(tmp_path)
+        (on_the_way,) = [loss for loss in result.losses
+                         if loss.record == "records still on the way"]
+        assert on_the_way.reason.endswith(
+            f"; the upload in flight is kept in {kept.folder}, upload it later with: "
+            f"steplog sync {kept.folder}")
+    finally:
+        release.set()
+
+
 def test_an_upload_taken_while_the_run_still_opens_is_kept_when_the_deadline_passes(
     tmp_path,
 ) -> None:

@@ -349,6 +349,9 @@ class Pipeline(Drain):
             pending = r.metrics.pending + r.uploads.pending + held
             if pending:
                 why = r.last_error or "still being delivered when the close deadline passed"
+                for folder in r.kept_in_flight:
+                    why += (f"; the upload in flight is kept in {folder}, upload it later "
+                            f"with: {sync_command(folder)}")
                 out.append(Loss(r.label, "failed", pending, "records still on the way", why))
         return out
 

@@ -70,8 +70,10 @@ class SinkRunner:
         self.keep_lock = threading.Lock()
         """Held while an upload the lane took is kept, and while the lane releases it (its
         staged snapshot is removed then): one of the two keeps it, whole."""
-        self._kept: set[Upload] = set()
-        """Uploads kept already (see keep_unfinished)."""
+        self._kept: dict[Upload, str] = {}
+        """Uploads kept already (see keep_unfinished), and the folder each is kept in."""
+        self.kept_in_flight: list[str] = []
+        """The folders of the uploads that were in flight when a close's deadline passed."""
         self._metrics_failed = 0
         """Metric records this sink gave up on after their retries (journal cursors)."""
         self.uploads = Lane(self, "uploads", self._upload, 1, 0.0, cap)
@@ -197,6 +199,8 @@ class SinkRunner:
         with self.keep_lock:
             for job in self.uploads.in_hand():
                 self._keep_once(job, reason, until)
+                if job in self._kept:
+                    self.kept_in_flight.append(self._kept[job])
 
     def keep_unsent(self, jobs: list[Upload], reason: str, until: float | None = None) -> None:
         """Uploads not sent (the run could not be opened for now, the close deadline passed):
@@ -209,7 +213,8 @@ class SinkRunner:
 
     def forget_kept(self, jobs: list[Upload]) -> None:
         """``jobs`` are done with (called with ``keep_lock`` held)."""
-        self._kept.difference_update(jobs)
+        for job in jobs:
+            self._kept.pop(job, None)
 
     def _keep_once(self, job: Upload, reason: str, until: float | None = None) -> str:
         """Keep the payload of ``job``, which this sink could not store, unless it was kept
@@ -231,7 +236,7 @@ class SinkRunner:
             folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
         except Exception as exc:
             return f"{reason} (it could not be kept for a later upload: {exc!r})"
-        self._kept.add(job)
+        self._kept[job] = str(folder)
         return f"{reason}; kept in {folder}, upload it later with: {sync_command(folder)}"
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str,
