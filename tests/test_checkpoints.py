@@ -238,6 +238,40 @@ def test_at_the_memory_bound_save_policy_waits_then_raises_a_clear_timeout(
         "step_0", "step_1", "step_2"]
 
 
+def test_saves_from_two_threads_at_the_memory_bound_each_wait_at_most_block_timeout_s(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
+    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000, block_timeout_s=2.0)
+    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
+    logger.save_policy(weights)
+    deadline = time.monotonic() + 10
+    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.save_policy(weights)  # pending behind the first upload, held at the gate
+    ended: list[tuple[float, type]] = []
+
+    def save(name: str) -> None:
+        try:
+            logger.save_policy(weights, name=name)
+        except BaseException as exc:
+            ended.append((time.monotonic() - start, type(exc)))
+
+    start = time.monotonic()
+    savers = [threading.Thread(target=save, args=(n,)) for n in ("a", "b")]
+    try:
+        for t in savers:
+            t.start()
+        for t in savers:
+            t.join(10)
+    finally:
+        gate.set()
+    assert [kind for _, kind in ended] == [TimeoutError, TimeoutError]
+    assert max(elapsed for elapsed, _ in ended) < 3.0  # not 2 x block_timeout_s
+    assert logger.close(30)
+
+
 def test_a_save_waiting_at_the_memory_bound_raises_logger_closed_once_a_close_starts(
     tmp_path: Path,
 ) -> None:

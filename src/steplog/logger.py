@@ -381,7 +381,16 @@ class Logger:
         self._check_upload_name(dest)
         if step is not None:
             step = capture_step(step)
-        with self._saves_lock:  # one automatic step per save, in call order
+        # One deadline for the whole call: a save that waits for another one's room (under
+        # the lock) does not get a second block_timeout_s of its own.
+        deadline = time.monotonic() + self.options.block_timeout_s
+        if not self._saves_lock.acquire(timeout=self.options.block_timeout_s):
+            raise TimeoutError(
+                f"snapshot {dest!r} was not saved: another save_policy call of this logger "
+                f"still waited for room after block_timeout_s="
+                f"{self.options.block_timeout_s:g} s (Options.checkpoint_memory_bytes = "
+                f"{self.options.checkpoint_memory_bytes:,})")
+        try:  # one automatic step per save, in call order
             auto = self._saves.get(dest, 0)
             if step is None:
                 step = auto
@@ -389,13 +398,15 @@ class Logger:
                 return
             snapshot = capture_checkpoint(
                 policy, dest, self._checkpoints, step=step, metadata=metadata,
-                deadline=time.monotonic() + self.options.block_timeout_s,
+                deadline=deadline,
             )
             self._saves[dest] = auto + 1
             self._upload(Artifact(name=dest, timestamp=now_ms(), kind="policy", step=step,
                                   checkpoint=True,
                                   metadata=capture_param(dict(metadata)) if metadata else None),
                          snapshot=snapshot, checked=True)
+        finally:
+            self._saves_lock.release()
 
     def save_agent(self, agent: object, name: str = "agent.pth") -> None:
         """Snapshot ``agent`` now and queue it as the file ``name``: weights (a module, an
