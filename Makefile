@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $(STAMP)
 
 # Newest releases of every dependency, then the whole suite; only if it passes are they pinned.
-# If it fails, the next install goes back to the pinned versions.
+# Until then the stamp is gone, so that an install after a failure (or an interruption) goes
+# back to the pinned versions.
 constraints: | $(BIN)/python
+	rm -f $(STAMP)
 	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager "$(TORCH_PIN)" -e '.[$(EXTRAS)]'
-	$(BIN)/python -m pytest || { rm -f $(STAMP); exit 1; }
-	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
-	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	$(BIN)/python -m pytest
+	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt.freeze
+	test -s constraints.txt.freeze
+	{ sed -n '1,2p' constraints.txt; sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' \
+	  constraints.txt.freeze; } > constraints.txt.new
+	rm constraints.txt.freeze
 	mv constraints.txt.new constraints.txt
 	touch $(STAMP)
 

@@ -156,7 +156,7 @@ def test_a_timed_out_close_names_where_the_upload_in_flight_is_kept(tmp_path) ->
         (on_the_way,) = [loss for loss in result.losses
                          if loss.record == "records still on the way"]
         assert on_the_way.reason.endswith(
-            f"; the upload in flight is kept in {kept.folder}, upload it later with: "
+            f"; artifact 'note.txt' in flight is kept in {kept.folder}, upload it later with: "
             f"steplog sync {kept.folder}")
     finally:
         release.set()
@@ -323,7 +323,88 @@ def test_snapshots_the_close_has_no_time_left_to_write_are_counted_failed_and_no
         reasons = {loss.record: loss.reason for loss in result.losses}
         assert "kept in" in reasons["artifact 'kept.pkl'"]
         assert reasons["artifact 'late.pkl'"].endswith(
-            "(not kept: the close had no time left to write its snapshot)")
+            "(not kept: the close had no time left to keep it)")
         assert kept_names(tmp_path / "runs") == ["kept.pkl"]
     finally:
         SlowToWrite.release.set()
+
+
+def test_a_timed_out_close_says_the_upload_in_flight_is_not_kept_while_its_snapshot_is_written(
+    tmp_path, monkeypatch
+) -> None:
+    import steplog.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 0.5)
+    SlowToWrite.release.clear()
+    logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
+                                                          runs_dir=str(tmp_path / "runs")))
+    try:
+        logger.save_agent({"obj": SlowToWrite(30.0)}, name="busy.pkl")
+        time.sleep(0.3)
+        result = logger.close(0.3)
+        (on_the_way,) = result.losses
+        assert on_the_way.record == "records still on the way"
+        assert on_the_way.reason.endswith(
+            "; artifact 'busy.pkl' in flight is not kept: its snapshot was still being written")
+    finally:
+        SlowToWrite.release.set()
+
+
+def test_a_close_past_its_deadline_does_not_wait_out_the_drain_threads_snapshot_writes(
+    tmp_path, monkeypatch
+) -> None:
+    import steplog.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
+    SlowToWrite.release.clear()
+    release = threading.Event()
+    logger = Logger(sinks=[SlowSink(upload_release=release)],
+                    options=Options(drain_interval_s=0.005, lane_capacity=1,
+                                    runs_dir=str(tmp_path)))
+    try:
+        logger.log_text("in flight", "a")
+        time.sleep(0.2)
+        logger.log_text("waiting", "b")  # the lane is full
+        logger.save_agent({"obj": SlowToWrite(6.0)}, name="c.pkl")  # held by the drain thread
+        logger.save_agent({"obj": SlowToWrite(6.0)}, name="d.pkl")
+        time.sleep(0.2)
+        start = time.monotonic()
+        result = logger.close(0.5)
+        assert time.monotonic() - start < 3.0  # 0.5 s, then 1 s of keeping
+        assert result.timed_out
+    finally:
+        release.set()
+        SlowToWrite.release.set()
+
+
+def test_copies_into_the_run_directory_start_only_within_the_closes_keeping_time(
+    tmp_path, monkeypatch
+) -> None:
+    import steplog.pipeline as pipeline
+    from steplog.kept import Keeper
+
+    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
+    keep = Keeper.keep
+
+    def slow_disk(self: Keeper, *args: object, **kw: object) -> object:
+        time.sleep(0.7)  # a large payload copied across file systems
+        return keep(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Keeper, "keep", slow_disk)
+    release = threading.Event()
+    logger = Logger(sinks=[SlowSink(upload_release=release)],
+                    options=Options(drain_interval_s=0.005, runs_dir=str(tmp_path)))
+    try:
+        logger.log_text("x", "in-flight")
+        time.sleep(0.2)
+        for i in range(6):
+            logger.log_text("x" * 10, f"w{i}")
+        time.sleep(0.2)
+        start = time.monotonic()
+        result = logger.close(0.3)
+        assert time.monotonic() - start < 2.5  # 0.3 s, 1 s of keeping, one copy begun in it
+        reasons = [loss.reason for loss in result.losses if loss.record.startswith("artifact")]
+        assert len(reasons) == 6
+        assert reasons[-1].endswith("(not kept: the close had no time left to keep it)")
+    finally:
+        release.set()

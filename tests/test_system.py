@@ -64,6 +64,23 @@ def test_a_gpu_query_nvml_refuses_is_skipped_once_warned_and_the_rest_is_still_s
         "GPU 0 utilization is not sampled: NVML refused it (NVMLError('Not Supported'))"]
 
 
+def test_with_warnings_turned_into_errors_a_refused_gpu_query_still_ends_no_sampling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", nvml_of_a_mig_instance())
+    samples: list[dict[str, float]] = []
+    sampler = SystemSampler(lambda values: samples.append(dict(values)), interval_s=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.start()
+        deadline = time.monotonic() + 10
+        while len(samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sampler.stop(5)
+    assert len(samples) >= 3
+    assert all("system/gpu_0_memory_usage_megabytes" in s for s in samples)
+
+
 def test_the_sampler_leaves_a_journal_alarm_to_the_training_loop_and_goes_on(
     tmp_path: Path,
 ) -> None:

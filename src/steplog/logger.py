@@ -274,7 +274,8 @@ class Logger:
             try:
                 record = build(k, v, ts)
             except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{what} {k!r}: {exc}") from exc
+                kind = ValueError if isinstance(exc, ValueError) else TypeError
+                raise kind(f"{what} {k!r}: {exc}") from exc
             problem = utf8_problem(record.value)
             if problem is not None:
                 raise ValueError(f"{what} {k!r}: the value {problem}")

@@ -3,6 +3,7 @@ into the logger's own pipeline, under MLflow's ``system/...`` metric names."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -13,6 +14,13 @@ from steplog.errors import LoggerClosedError
 from steplog.retry import check_seconds
 
 __all__ = ["SystemSampler", "sample_system"]
+
+
+def _warn(message: str) -> None:
+    """Warn from the sampler thread; with warnings turned into errors, the warning must not end
+    the sampling (what it says is that something is not sampled)."""
+    with contextlib.suppress(Exception):
+        warnings.warn(message, stacklevel=3)
 
 
 def _load_psutil() -> Any:
@@ -38,8 +46,7 @@ class _Gpus:
             import pynvml
         except ImportError:
             if os.path.exists("/proc/driver/nvidia/version"):
-                warnings.warn("GPU metrics disabled: pynvml is not installed "
-                              "(pip install nvidia-ml-py)", stacklevel=3)
+                _warn("GPU metrics disabled: pynvml is not installed (pip install nvidia-ml-py)")
             return
         try:
             pynvml.nvmlInit()
@@ -47,7 +54,7 @@ class _Gpus:
                             for i in range(pynvml.nvmlDeviceGetCount())]
             self._nvml = pynvml
         except Exception as exc:  # no driver, no device: CPU metrics only
-            warnings.warn(f"GPU metrics disabled: NVML is not usable ({exc})", stacklevel=3)
+            _warn(f"GPU metrics disabled: NVML is not usable ({exc})")
 
     def sample(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -71,8 +78,7 @@ class _Gpus:
         except Exception as exc:
             if (device, what) not in self._failed:
                 self._failed.add((device, what))
-                warnings.warn(f"GPU {device} {what} is not sampled: NVML refused it ({exc!r})",
-                              stacklevel=4)
+                _warn(f"GPU {device} {what} is not sampled: NVML refused it ({exc!r})")
             return None
 
     def close(self) -> None:
@@ -113,18 +119,19 @@ class SystemSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        self._gpus = _Gpus()
         try:
+            self._gpus = _Gpus()
             while not self._stop.wait(self.interval_s):
                 try:
                     self._log(sample_system(self._psutil, self._gpus))
                 except LoggerClosedError:  # the logger is closing: sampling ends with it
                     return
                 except Exception as exc:  # a sensor error ends sampling
-                    warnings.warn(f"system metrics stopped: {exc!r}", stacklevel=2)
+                    _warn(f"system metrics stopped: {exc!r}")
                     return
         finally:
-            self._gpus.close()
+            if self._gpus is not None:
+                self._gpus.close()
 
     def stop(self, timeout_s: float) -> None:
         """Stop sampling; returns once the thread ended or ``timeout_s`` passed."""

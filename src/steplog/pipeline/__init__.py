@@ -176,6 +176,14 @@ class Pipeline(Drain):
             for lane in r.lanes:
                 lane.start()
 
+    def keep_until(self) -> float | None:
+        """Once the owner's deadline passed: the time (``time.monotonic()``) until which
+        uploads not stored are still kept on disk for a later sync; ``None`` before."""
+        d = self.deadline()
+        if d is None or time.monotonic() < d:
+            return None
+        return d + _KEEP_AFTER_DEADLINE_S
+
     def deadline_passed(self) -> bool:
         d = self.deadline()
         return d is not None and time.monotonic() >= d
@@ -294,10 +302,10 @@ class Pipeline(Drain):
         if not ended:  # what the uploads lanes still hold would be lost at exit: kept on disk
             # Past the deadline every hand-over to a lane returns at once, and the drain
             # thread keeps each upload it cannot hand over: local work only, given a bound.
-            until = time.monotonic() + _KEEP_AFTER_DEADLINE_S
-            self._drainer.join(_KEEP_AFTER_DEADLINE_S)
+            until = self.keep_until()
+            self._drainer.join(_KEEP_AFTER_DEADLINE_S if until is None else _remaining(until))
             for r in self.runners:
-                r.keep_unfinished(until)
+                r.keep_unfinished()
         return drained and ended
 
     def remove_staging(self) -> None:
@@ -348,10 +356,8 @@ class Pipeline(Drain):
         for r in self.runners:
             pending = r.metrics.pending + r.uploads.pending + held
             if pending:
-                why = r.last_error or "still being delivered when the close deadline passed"
-                for folder in r.kept_in_flight:
-                    why += (f"; the upload in flight is kept in {folder}, upload it later "
-                            f"with: {sync_command(folder)}")
+                why = "; ".join([r.last_error or "still being delivered when the close "
+                                 "deadline passed", *r.in_flight_notes])
                 out.append(Loss(r.label, "failed", pending, "records still on the way", why))
         return out
 
@@ -418,9 +424,9 @@ class Pipeline(Drain):
 
 _KEEP_AFTER_DEADLINE_S = 5.0
 """How long after its deadline a close goes on keeping uploads for ``steplog sync``: waiting
-for the drain thread to hand over (or keep) what it holds, and writing the snapshots of the
-uploads not stored (one whose write started by then is finished; a snapshot a lane is writing
-is not waited for)."""
+for the drain thread to hand over (or keep) what it holds, writing the snapshots of the uploads
+not stored and putting them in the run directory. What starts in that time is finished; a
+snapshot another thread is writing is waited for only within it."""
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -122,11 +122,6 @@ class Upload:
     def timestamp(self) -> int:
         return self._artifact.timestamp
 
-    @property
-    def unwritten(self) -> bool:
-        """Its snapshot was not written yet (no sink has started storing it)."""
-        return self._snapshot is not None
-
     def materialize(self, timeout_s: float | None = None) -> Artifact:
         """The artifact to store, its snapshot written first if no sink wrote it yet. With
         ``timeout_s``: :class:`UploadBusyError` when another thread is still writing the

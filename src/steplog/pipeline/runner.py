@@ -29,7 +29,13 @@ from steplog.sinks.base import RunStatus, Sink
 if TYPE_CHECKING:
     from steplog.pipeline import Pipeline
 
-__all__ = ["SinkRunner"]
+__all__ = ["NO_TIME_LEFT", "NotKeptError", "SinkRunner"]
+
+NO_TIME_LEFT = "the close had no time left to keep it"
+
+
+class NotKeptError(Exception):
+    """Why an upload a sink could not store was not kept for a later sync."""
 
 
 class SinkRunner:
@@ -72,8 +78,8 @@ class SinkRunner:
         staged snapshot is removed then): one of the two keeps it, whole."""
         self._kept: dict[Upload, str] = {}
         """Uploads kept already (see keep_unfinished), and the folder each is kept in."""
-        self.kept_in_flight: list[str] = []
-        """The folders of the uploads that were in flight when a close's deadline passed."""
+        self.in_flight_notes: list[str] = []
+        """Where each upload in flight when a close's deadline passed is kept, or why not."""
         self._metrics_failed = 0
         """Metric records this sink gave up on after their retries (journal cursors)."""
         self.uploads = Lane(self, "uploads", self._upload, 1, 0.0, cap)
@@ -183,61 +189,97 @@ class SinkRunner:
                     self.stats.delivered += 1
         return lost
 
-    def keep_unfinished(self, until: float) -> None:
+    def keep_unfinished(self) -> None:
         """For a close whose deadline passed: keep every upload not stored yet for a later
-        sync (those waiting in the lane are taken from it and counted failed; the one in
-        flight is kept too, and goes on: should it arrive, a sync stores it again under the
-        same name). Snapshots are written for this only until ``until`` (``time.monotonic()``);
-        a snapshot the lane is still writing then is not waited for (should its upload fail,
-        the lane keeps it)."""
+        sync, within :meth:`Pipeline.keep_until`. Those waiting in the lane are taken from it
+        and counted failed; the one in flight goes on (should it arrive, a sync stores it again
+        under the same name), and whether it was kept is noted in :attr:`in_flight_notes`."""
         reason = "the close deadline passed first"
         waiting, n = self.uploads.take_waiting()
-        self.keep_unsent(waiting, reason, until)
+        self.keep_unsent(waiting, reason)
         for part in waiting:
             part.finished(stored=False)
         self.uploads.acknowledge_lost(n)
-        with self.keep_lock:
-            for job in self.uploads.in_hand():
-                self._keep_once(job, reason, until)
+        in_hand = self.uploads.in_hand()
+        if not in_hand:
+            return
+        if not self._lock_keeping():
+            self.in_flight_notes.extend(f"{job!r} in flight is not kept: {NO_TIME_LEFT}"
+                                        for job in in_hand)
+            return
+        try:
+            for job in in_hand:
                 if job in self._kept:
-                    self.kept_in_flight.append(self._kept[job])
+                    folder = self._kept[job]
+                else:
+                    try:
+                        folder = self._keep(job, reason)
+                    except NotKeptError as exc:
+                        self.in_flight_notes.append(f"{job!r} in flight is not kept: {exc}")
+                        continue
+                self.in_flight_notes.append(f"{job!r} in flight is kept in {folder}, upload "
+                                            f"it later with: {sync_command(folder)}")
+        finally:
+            self.keep_lock.release()
 
-    def keep_unsent(self, jobs: list[Upload], reason: str, until: float | None = None) -> None:
+    def keep_unsent(self, jobs: list[Upload], reason: str) -> None:
         """Uploads not sent (the run could not be opened for now, the close deadline passed):
         each is kept for a later sync, which opens (or creates) the run, and counted failed
-        with ``reason``. With ``until``, no snapshot is written for this after that time."""
+        with ``reason`` and where it is kept (or why not)."""
         for job in jobs:
-            with self.keep_lock:
-                why = self._keep_once(job, reason, until)
+            if self._lock_keeping():
+                try:
+                    why = self._keep_once(job, reason)
+                finally:
+                    self.keep_lock.release()
+            else:
+                why = f"{reason} (not kept: {NO_TIME_LEFT})"
             self.count_loss("failed", [job], why)
+
+    def _lock_keeping(self) -> bool:
+        """Take ``keep_lock``, waiting no later than :meth:`Pipeline.keep_until`."""
+        until = self.pipeline.keep_until()
+        if until is None:
+            return self.keep_lock.acquire()
+        return self.keep_lock.acquire(timeout=max(0.0, until - time.monotonic()))
 
     def forget_kept(self, jobs: list[Upload]) -> None:
         """``jobs`` are done with (called with ``keep_lock`` held)."""
         for job in jobs:
             self._kept.pop(job, None)
 
-    def _keep_once(self, job: Upload, reason: str, until: float | None = None) -> str:
+    def _keep_once(self, job: Upload, reason: str) -> str:
         """Keep the payload of ``job``, which this sink could not store, unless it was kept
-        already (see :mod:`steplog.kept`); the reason with where it is and the command that
-        uploads it. With ``until`` (``time.monotonic()``), a snapshot not written yet is
-        written only if it can be started by then. Called with ``keep_lock`` held."""
+        already (see :mod:`steplog.kept`); ``reason`` with where it is and the command that
+        uploads it, or why it is not kept. Called with ``keep_lock`` held."""
         if job in self._kept:
             return f"{reason}; it was kept when the close deadline passed"
+        try:
+            folder = self._keep(job, reason)
+        except NotKeptError as exc:
+            return f"{reason} (not kept: {exc})"
+        return f"{reason}; kept in {folder}, upload it later with: {sync_command(folder)}"
+
+    def _keep(self, job: Upload, reason: str) -> str:
+        """Keep ``job``'s payload for a later sync; its folder. After a close's deadline this
+        starts only before :meth:`Pipeline.keep_until`, and waits for a snapshot another
+        thread is writing no longer than that. :class:`NotKeptError` says why it was not."""
+        until = self.pipeline.keep_until()
         left = None if until is None else until - time.monotonic()
-        if left is not None and left <= 0 and job.unwritten:
-            return f"{reason} (not kept: the close had no time left to write its snapshot)"
+        if left is not None and left <= 0:
+            raise NotKeptError(NO_TIME_LEFT)
         try:
             artifact = job.materialize(left)
         except UploadBusyError:
-            return f"{reason} (not kept: its snapshot was still being written)"
+            raise NotKeptError("its snapshot was still being written") from None
         except BaseException as exc:
-            return f"{reason} (and it could not be kept for a later upload: {exc!r})"
+            raise NotKeptError(f"it could not be written: {exc!r}") from None
         try:
-            folder = self.pipeline.keeper.keep(self.sink, artifact, reason)
+            folder = str(self.pipeline.keeper.keep(self.sink, artifact, reason))
         except Exception as exc:
-            return f"{reason} (it could not be kept for a later upload: {exc!r})"
-        self._kept[job] = str(folder)
-        return f"{reason}; kept in {folder}, upload it later with: {sync_command(folder)}"
+            raise NotKeptError(f"it could not be stored on disk: {exc!r}") from None
+        self._kept[job] = folder
+        return folder
 
     def count_loss(self, kind: LossKind, records: Sequence[Any], reason: str,
                    n: int | None = None, what: str | None = None) -> None:
