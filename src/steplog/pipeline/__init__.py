@@ -125,8 +125,8 @@ class Pipeline(Drain):
         self._losses: collections.deque[Loss] = collections.deque(maxlen=_MAX_LOSSES_KEPT)
         self._loss_lock = threading.Lock()
         self._runners_left = len(self.runners)
-        self._keeping = False
-        """A close is under way that may still keep uploads (see shut_down)."""
+        self._staging_users = 0
+        """Closes and keeps in progress that may still read the staging folder."""
         self._staging = tempfile.mkdtemp(prefix="steplog-")
         self._sink_moves = len(sinks) == 1 and sinks[0].moves_sources
         """An upload given with ``move`` goes to the one sink as it is (see Upload)."""
@@ -272,11 +272,11 @@ class Pipeline(Drain):
         """Deliver what was accepted, then end every sink's run with ``status``, within the
         owner's deadline. True when every run ended in time; otherwise the lanes go on in the
         background and each sink's run is ended after its last call returns."""
-        self._staging_needed(True)
+        self.staging_needed(True)
         try:
             return self._shut_down(status)
         finally:
-            self._staging_needed(False)
+            self.staging_needed(False)
 
     def _shut_down(self, status: RunStatus) -> bool:
         self._wake.set()
@@ -312,12 +312,13 @@ class Pipeline(Drain):
         """Remove the folder where snapshots are written before their upload."""
         shutil.rmtree(self._staging, ignore_errors=True)
 
-    def _staging_needed(self, needed: bool) -> None:
-        """While a close may keep uploads, their snapshots' folder stays; once it may not,
-        the folder goes if every sink ended meanwhile."""
+    def staging_needed(self, needed: bool) -> None:
+        """While a close may keep uploads, or an upload is being kept, their snapshots'
+        folder stays (calls in pairs: True, then False); once the last user is done, the folder
+        goes if every sink ended meanwhile."""
         with self._loss_lock:
-            self._keeping = needed
-            gone = not needed and self._runners_left == 0
+            self._staging_users += 1 if needed else -1
+            gone = self._staging_users == 0 and self._runners_left == 0
         if gone:
             self.remove_staging()
 
@@ -325,9 +326,9 @@ class Pipeline(Drain):
         with self._loss_lock:
             self._runners_left -= 1
             last = self._runners_left == 0
-            keeping = self._keeping
+            in_use = self._staging_users > 0
         if last:
-            if not keeping:
+            if not in_use:
                 self.remove_staging()
             if self.run_journal is not None:
                 try:
@@ -353,11 +354,12 @@ class Pipeline(Drain):
         """One entry per sink that still has records on the way (for a timed-out close)."""
         out = []
         held = self._held()
+        held_uploads = self._held_uploads()
         for r in self.runners:
             pending = r.metrics.pending + r.uploads.pending + held
             if pending:
                 why = "; ".join([r.last_error or "still being delivered when the close "
-                                 "deadline passed", *r.in_flight_notes])
+                                 "deadline passed", *list(r.in_flight_notes), *held_uploads])
                 out.append(Loss(r.label, "failed", pending, "records still on the way", why))
         return out
 
@@ -375,6 +377,19 @@ class Pipeline(Drain):
         with self._take_lock, self._drain_lock:  # no chunk between the queue and the thread
             drained, holding, queued = self._drained, self._holding, list(self.queue)
         return drained + sum(map(record_count, holding)) + sum(map(record_count, queued))
+
+    def _held_uploads(self) -> list[str]:
+        """A note on the uploads the drain thread holds and has not handed to every lane."""
+        with self._drain_lock:
+            holding = list(self._holding)
+        handed = list(getattr(self, "_uploads_handed", ()))
+        names = [describe(i) for i in holding
+                 if type(i) is UploadRequest and not any(u is i for u in handed)]
+        if not names:
+            return []
+        return [f"{', '.join(names)} still with the drain thread, each kept for steplog sync "
+                "as it reaches it while the close's time allows (steplog show lists what was "
+                "kept)"]
 
     def _held(self) -> int:
         """Records of the chunk the drain thread holds that no lane has yet."""

@@ -200,15 +200,17 @@ class SinkRunner:
         for part in waiting:
             part.finished(stored=False)
         self.uploads.acknowledge_lost(n)
-        in_hand = self.uploads.in_hand()
-        if not in_hand:
+        if not self.uploads.in_hand():
             return
         if not self._lock_keeping():
-            self.in_flight_notes.extend(f"{job!r} in flight is not kept: {NO_TIME_LEFT}"
-                                        for job in in_hand)
+            self.in_flight_notes.extend(
+                f"{job!r} in flight is not kept by the close: it had no time left (another "
+                "thread was keeping uploads of this sink)" for job in self.uploads.in_hand())
             return
         try:
-            for job in in_hand:
+            # Read under the lock: the lane releases what it holds (and forgets it was kept)
+            # only with the lock held, so each job seen here is not released yet.
+            for job in self.uploads.in_hand():
                 if job in self._kept:
                     folder = self._kept[job]
                 else:
@@ -264,20 +266,28 @@ class SinkRunner:
         """Keep ``job``'s payload for a later sync; its folder. After a close's deadline this
         starts only before :meth:`Pipeline.keep_until`, and waits for a snapshot another
         thread is writing no longer than that. :class:`NotKeptError` says why it was not."""
-        until = self.pipeline.keep_until()
+        pipeline = self.pipeline
+        until = pipeline.keep_until()
         left = None if until is None else until - time.monotonic()
         if left is not None and left <= 0:
             raise NotKeptError(NO_TIME_LEFT)
+        pipeline.staging_needed(True)
         try:
-            artifact = job.materialize(left)
-        except UploadBusyError:
-            raise NotKeptError("its snapshot was still being written") from None
-        except BaseException as exc:
-            raise NotKeptError(f"it could not be written: {exc!r}") from None
-        try:
-            folder = str(self.pipeline.keeper.keep(self.sink, artifact, reason))
-        except Exception as exc:
-            raise NotKeptError(f"it could not be stored on disk: {exc!r}") from None
+            try:
+                artifact = job.materialize(left)
+            except UploadBusyError:
+                raise NotKeptError("its snapshot was still being written") from None
+            except Exception as exc:
+                raise NotKeptError(f"it could not be written: {exc!r}") from None
+            until = pipeline.keep_until()  # the write may have taken the rest of the time
+            if until is not None and time.monotonic() >= until:
+                raise NotKeptError(NO_TIME_LEFT)
+            try:
+                folder = str(pipeline.keeper.keep(self.sink, artifact, reason))
+            except Exception as exc:
+                raise NotKeptError(f"it could not be stored on disk: {exc!r}") from None
+        finally:
+            pipeline.staging_needed(False)
         self._kept[job] = folder
         return folder
 
