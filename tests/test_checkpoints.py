@@ -171,6 +171,23 @@ def test_a_lazy_module_before_its_first_forward_is_refused_at_the_call_with_why(
     assert logger.close(30)
 
 
+def test_tied_weights_are_copied_once_and_load_tied_as_torch_save_keeps_them(
+    tmp_path: Path,
+) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 100, bias=False))
+    model[1].weight = model[0].weight  # an output layer tied to the embedding
+    logger = FileLogger(tmp_path, options=FAST)
+    logger.save_policy(model)
+    assert logger.close(30)
+    assert logger._checkpoints.allocated_bytes == 100 * 8 * 4  # one copy, not two
+    meta = json.loads((tmp_path / "policy" / "step_0" / "meta.json").read_text())
+    assert meta["bytes"] == 100 * 8 * 4
+    state = load_policy(tmp_path / "policy" / "step_0")
+    assert torch.equal(state["0.weight"], model[0].weight)
+    assert state["0.weight"].untyped_storage().data_ptr() == \
+        state["1.weight"].untyped_storage().data_ptr()
+
+
 def test_a_changed_shape_allocates_only_the_changed_tensor(tmp_path: Path) -> None:
     logger = FileLogger(tmp_path, options=FAST)
     logger.save_policy({"a": torch.zeros(100), "b": torch.zeros(10)})

@@ -256,11 +256,17 @@ def capture_weights(obj: object, name: str, memory: CheckpointMemory, *, step: i
     if torch is None:
         return None
     sizes: list[int] = []
+    seen: set[tuple[Any, ...]] = set()
 
     def size(t: Any) -> None:
         problem = _no_data(torch, t)
         if problem is not None:
             raise TypeError(f"snapshot {name!r} cannot be taken: it holds {problem}")
+        key = _memory_key(torch, t)
+        if key is not None:
+            if key in seen:  # tied weights: one copy serves every name of them
+                return
+            seen.add(key)
         sizes.append(t.numel() * t.element_size())
 
     try:
@@ -363,6 +369,17 @@ def _no_data(torch: Any, t: Any) -> str | None:
     return None
 
 
+def _memory_key(torch: Any, t: Any) -> tuple[Any, ...] | None:
+    """Equal for two tensors that view the same memory the same way (weights tied under two
+    names), so that the snapshot copies them once and saves them shared, as ``torch.save`` of
+    the live state dict would; ``None`` for layouts where this is not told (sparse,
+    quantized)."""
+    if t.layout is not torch.strided or t.is_quantized:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()), t.dtype)
+
+
 class _Copier:
     """Copies tensors into host buffers, reusing ``free`` ones of the same shape, dtype and
     pinning in traversal order; ``devices`` are the CUDA devices copied from."""
@@ -373,9 +390,15 @@ class _Copier:
         self.memory = memory
         self.used: list[Any] = []
         self.devices: list[Any] = []
+        self._copies: dict[tuple[Any, ...], Any] = {}
 
     def copy(self, t: Any) -> Any:
         src = t.detach()
+        key = _memory_key(self.torch, src)
+        if key is not None:
+            done = self._copies.get(key)
+            if done is not None:
+                return done
         if src.is_sparse or src.is_quantized:
             out = src.to("cpu", copy=True)
         else:
@@ -396,6 +419,8 @@ class _Copier:
                 buf.copy_(src)
             out = buf
         self.used.append(out)
+        if key is not None:
+            self._copies[key] = out
         return out
 
 
