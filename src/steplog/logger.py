@@ -230,15 +230,16 @@ class Logger:
         if pipeline is not None and pipeline.withdraw(item):
             raise LoggerClosedError("this logger is closing; the record was not logged")
 
-    def _put(self, item: object) -> None:
+    def _put(self, item: object, raise_alarm: bool = True) -> None:
         """The slow path: a full queue, a logger that no longer accepts records, an alarm
-        to raise (after the call did its work), or the first record for a resting drain
-        thread (which :meth:`Pipeline.put` wakes)."""
+        to raise (after the call did its work, unless ``raise_alarm`` is false), or the first
+        record for a resting drain thread (which :meth:`Pipeline.put` wakes)."""
         life = self._life
         pipeline = life.admit()
         if pipeline is not None and pipeline.put(item) and not self._cap:
             self._late(item)
-        life.raise_alarm()
+        if raise_alarm:
+            life.raise_alarm()
 
     def _log_sample(self, values: Mapping[str, float]) -> None:
         """Queue a system sample (the sampler thread's door): as :meth:`log_metrics` at an
@@ -246,10 +247,7 @@ class Logger:
         call instead of ending the sampler."""
         if not self._names.issuperset(values):
             self._check_names(values)
-        item = MetricsItem(dict(values), None)
-        pipeline = self._life.admit()
-        if pipeline is not None and pipeline.put(item) and not self._cap:
-            self._late(item)
+        self._put(MetricsItem(dict(values), None), raise_alarm=False)
 
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:

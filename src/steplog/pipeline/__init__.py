@@ -116,6 +116,7 @@ class Pipeline(Drain):
         """Records lost before reaching the lanes (a value that could not be read back, a lane
         closed before they reached it)."""
         self._holding: list[Any] = []
+        self._uploads_handed = []
         """The chunk the drain thread is turning into records (counted as enqueued)."""
         self._handed = 0
         """Records of ``_holding`` the lanes have (or that were counted lost)."""
@@ -176,13 +177,14 @@ class Pipeline(Drain):
             for lane in r.lanes:
                 lane.start()
 
-    def keep_until(self) -> float | None:
-        """Once the owner's deadline passed: the time (``time.monotonic()``) until which
-        uploads not stored are still kept on disk for a later sync; ``None`` before."""
+    def keep_time_left(self) -> float | None:
+        """Once the owner's deadline passed: the seconds (``>= 0``) left in which uploads not
+        stored are still kept on disk for a later sync; ``None`` before."""
         d = self.deadline()
-        if d is None or time.monotonic() < d:
+        now = time.monotonic()
+        if d is None or now < d:
             return None
-        return d + _KEEP_AFTER_DEADLINE_S
+        return max(0.0, d + _KEEP_AFTER_DEADLINE_S - now)
 
     def deadline_passed(self) -> bool:
         d = self.deadline()
@@ -302,8 +304,8 @@ class Pipeline(Drain):
         if not ended:  # what the uploads lanes still hold would be lost at exit: kept on disk
             # Past the deadline every hand-over to a lane returns at once, and the drain
             # thread keeps each upload it cannot hand over: local work only, given a bound.
-            until = self.keep_until()
-            self._drainer.join(_KEEP_AFTER_DEADLINE_S if until is None else _remaining(until))
+            left = self.keep_time_left()
+            self._drainer.join(_KEEP_AFTER_DEADLINE_S if left is None else left)
             for r in self.runners:
                 r.keep_unfinished()
         return drained and ended
@@ -382,7 +384,7 @@ class Pipeline(Drain):
         """A note on the uploads the drain thread holds and has not handed to every lane."""
         with self._drain_lock:
             holding = list(self._holding)
-        handed = list(getattr(self, "_uploads_handed", ()))
+        handed = list(self._uploads_handed)
         names = [describe(i) for i in holding
                  if type(i) is UploadRequest and not any(u is i for u in handed)]
         if not names:

@@ -66,6 +66,7 @@ class Drain:
     _take_lock: threading.Lock
     _drain_lock: threading.Lock
     _holding: list[Any]
+    _uploads_handed: list[UploadRequest]
     _handed: int
     _drained: int
     _lost_early: int
@@ -133,7 +134,7 @@ class Drain:
         that fail, the records not handed over are counted lost with the reason and every flush
         barrier of the chunk still passes (its flush then reports the loss)."""
         self._passed: list[Barrier] = []
-        self._uploads_handed: list[UploadRequest] = []
+        self._uploads_handed = []
         count = 0
         try:
             count = self._records(items)

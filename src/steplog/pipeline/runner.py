@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -191,7 +190,7 @@ class SinkRunner:
 
     def keep_unfinished(self) -> None:
         """For a close whose deadline passed: keep every upload not stored yet for a later
-        sync, within :meth:`Pipeline.keep_until`. Those waiting in the lane are taken from it
+        sync, within :meth:`Pipeline.keep_time_left`. Those waiting in the lane are taken from it
         and counted failed; the one in flight goes on (should it arrive, a sync stores it again
         under the same name), and whether it was kept is noted in :attr:`in_flight_notes`."""
         reason = "the close deadline passed first"
@@ -239,11 +238,9 @@ class SinkRunner:
             self.count_loss("failed", [job], why)
 
     def _lock_keeping(self) -> bool:
-        """Take ``keep_lock``, waiting no later than :meth:`Pipeline.keep_until`."""
-        until = self.pipeline.keep_until()
-        if until is None:
-            return self.keep_lock.acquire()
-        return self.keep_lock.acquire(timeout=max(0.0, until - time.monotonic()))
+        """Take ``keep_lock``, waiting no longer than :meth:`Pipeline.keep_time_left`."""
+        left = self.pipeline.keep_time_left()
+        return self.keep_lock.acquire(timeout=-1 if left is None else left)
 
     def forget_kept(self, jobs: list[Upload]) -> None:
         """``jobs`` are done with (called with ``keep_lock`` held)."""
@@ -264,12 +261,11 @@ class SinkRunner:
 
     def _keep(self, job: Upload, reason: str) -> str:
         """Keep ``job``'s payload for a later sync; its folder. After a close's deadline this
-        starts only before :meth:`Pipeline.keep_until`, and waits for a snapshot another
-        thread is writing no longer than that. :class:`NotKeptError` says why it was not."""
+        starts only while :meth:`Pipeline.keep_time_left` leaves time, and waits for a snapshot
+        another thread is writing no longer than that. :class:`NotKeptError` says why it was not."""
         pipeline = self.pipeline
-        until = pipeline.keep_until()
-        left = None if until is None else until - time.monotonic()
-        if left is not None and left <= 0:
+        left = pipeline.keep_time_left()
+        if left == 0:
             raise NotKeptError(NO_TIME_LEFT)
         pipeline.staging_needed(True)
         try:
@@ -279,8 +275,7 @@ class SinkRunner:
                 raise NotKeptError("its snapshot was still being written") from None
             except Exception as exc:
                 raise NotKeptError(f"it could not be written: {exc!r}") from None
-            until = pipeline.keep_until()  # the write may have taken the rest of the time
-            if until is not None and time.monotonic() >= until:
+            if pipeline.keep_time_left() == 0:  # the write may have taken the rest of it
                 raise NotKeptError(NO_TIME_LEFT)
             try:
                 folder = str(pipeline.keeper.keep(self.sink, artifact, reason))
