@@ -231,18 +231,28 @@ class GatedFileSink(FileSink):
         super().upload(artifact)
 
 
+def full_checkpoint_memory(tmp_path: Path, gate: threading.Event, block_timeout_s: float
+                           ) -> tuple[Logger, dict[str, torch.Tensor]]:
+    """A logger with a 5,000-byte checkpoint memory bound, full: one 4,000-byte snapshot of
+    the weights returned is written and its upload waits at ``gate``, a second one is pending
+    behind it."""
+    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
+    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000,
+                   block_timeout_s=block_timeout_s)
+    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
+    logger.save_policy(weights)
+    deadline = time.monotonic() + 10
+    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.save_policy(weights)
+    return logger, weights
+
+
 def test_at_the_memory_bound_save_policy_waits_then_raises_a_clear_timeout(
     tmp_path: Path,
 ) -> None:
     gate = threading.Event()
-    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
-    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000, block_timeout_s=0.5)
-    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
-    logger.save_policy(weights)  # written, then its upload waits at the gate
-    deadline = time.monotonic() + 10
-    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    logger.save_policy(weights)  # pending behind the first upload: 4,000 bytes held
+    logger, weights = full_checkpoint_memory(tmp_path, gate, block_timeout_s=0.5)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="checkpoint_memory_bytes"):
         logger.save_policy(weights)
@@ -259,14 +269,7 @@ def test_saves_from_two_threads_at_the_memory_bound_each_wait_at_most_block_time
     tmp_path: Path,
 ) -> None:
     gate = threading.Event()
-    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
-    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000, block_timeout_s=2.0)
-    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
-    logger.save_policy(weights)
-    deadline = time.monotonic() + 10
-    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    logger.save_policy(weights)  # pending behind the first upload, held at the gate
+    logger, weights = full_checkpoint_memory(tmp_path, gate, block_timeout_s=2.0)
     ended: list[tuple[float, type]] = []
 
     def save(name: str) -> None:
@@ -293,14 +296,7 @@ def test_a_save_waiting_at_the_memory_bound_raises_logger_closed_once_a_close_st
     tmp_path: Path,
 ) -> None:
     gate = threading.Event()
-    weights = {"w": torch.zeros(1000)}  # 4,000 bytes
-    opts = Options(drain_interval_s=0.01, checkpoint_memory_bytes=5000, block_timeout_s=30)
-    logger = Logger(sinks=[GatedFileSink(tmp_path, gate)], options=opts)
-    logger.save_policy(weights)
-    deadline = time.monotonic() + 10
-    while logger._checkpoints.pending_bytes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    logger.save_policy(weights)  # pending behind the first upload, held at the gate
+    logger, weights = full_checkpoint_memory(tmp_path, gate, block_timeout_s=30)
     raised: list[BaseException] = []
 
     def save() -> None:

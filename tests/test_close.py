@@ -271,6 +271,13 @@ def test_show_of_a_run_directory_left_with_kept_uploads_only_lists_them(
     assert "upload note.txt -> slow" in out and f"steplog sync {run_dir}" in out
 
 
+def keeping_time(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """A close keeps uploads for ``seconds`` after its deadline (5 s in the library)."""
+    import steplog.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", seconds)
+
+
 class SlowToWrite:
     """An agent whose snapshot takes ``write_s`` to write, or until ``release`` is set."""
 
@@ -290,9 +297,7 @@ class SlowToWrite:
 def test_a_close_past_its_deadline_does_not_wait_out_a_snapshot_a_lane_is_writing(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
+    keeping_time(monkeypatch, 1.0)
     SlowToWrite.release.clear()
     logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
                                                           runs_dir=str(tmp_path / "runs")))
@@ -310,9 +315,7 @@ def test_a_close_past_its_deadline_does_not_wait_out_a_snapshot_a_lane_is_writin
 def test_snapshots_the_close_has_no_time_left_to_write_are_counted_failed_and_not_kept(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 0.5)
+    keeping_time(monkeypatch, 0.5)
     SlowToWrite.release.clear()
     logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
                                                           runs_dir=str(tmp_path / "runs")))
@@ -334,9 +337,7 @@ def test_snapshots_the_close_has_no_time_left_to_write_are_counted_failed_and_no
 def test_a_timed_out_close_says_the_upload_in_flight_is_not_kept_while_its_snapshot_is_written(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 0.5)
+    keeping_time(monkeypatch, 0.5)
     SlowToWrite.release.clear()
     logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
                                                           runs_dir=str(tmp_path / "runs")))
@@ -355,21 +356,10 @@ def test_a_timed_out_close_says_the_upload_in_flight_is_not_kept_while_its_snaps
 def test_a_close_past_its_deadline_does_not_wait_out_the_drain_threads_snapshot_writes(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
-    SlowToWrite.release.clear()
+    keeping_time(monkeypatch, 1.0)
     release = threading.Event()
-    logger = Logger(sinks=[SlowSink(upload_release=release)],
-                    options=Options(drain_interval_s=0.005, lane_capacity=1,
-                                    runs_dir=str(tmp_path)))
+    logger = drain_thread_holding_two_snapshots(tmp_path, 6.0, release)
     try:
-        logger.log_text("in flight", "a")
-        time.sleep(0.2)
-        logger.log_text("waiting", "b")  # the lane is full
-        logger.save_agent({"obj": SlowToWrite(6.0)}, name="c.pkl")  # held by the drain thread
-        logger.save_agent({"obj": SlowToWrite(6.0)}, name="d.pkl")
-        time.sleep(0.2)
         start = time.monotonic()
         result = logger.close(0.5)
         assert time.monotonic() - start < 3.0  # 0.5 s, then 1 s of keeping
@@ -382,10 +372,9 @@ def test_a_close_past_its_deadline_does_not_wait_out_the_drain_threads_snapshot_
 def test_copies_into_the_run_directory_start_only_within_the_closes_keeping_time(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
     from steplog.kept import Keeper
 
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
+    keeping_time(monkeypatch, 1.0)
     keep = Keeper.keep
 
     def slow_disk(self: Keeper, *args: object, **kw: object) -> object:
@@ -415,10 +404,9 @@ def test_copies_into_the_run_directory_start_only_within_the_closes_keeping_time
 def test_a_snapshot_whose_write_outlasts_the_keeping_time_is_not_also_copied_after_it(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
     from steplog.kept import Keeper
 
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 0.5)
+    keeping_time(monkeypatch, 0.5)
     copies: list[str] = []
     keep = Keeper.keep
 
@@ -448,21 +436,10 @@ def test_a_snapshot_whose_write_outlasts_the_keeping_time_is_not_also_copied_aft
 def test_a_timed_out_close_names_the_uploads_the_drain_thread_still_holds(
     tmp_path, monkeypatch
 ) -> None:
-    import steplog.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "_KEEP_AFTER_DEADLINE_S", 1.0)
-    SlowToWrite.release.clear()
+    keeping_time(monkeypatch, 1.0)
     release = threading.Event()
-    logger = Logger(sinks=[SlowSink(upload_release=release)],
-                    options=Options(drain_interval_s=0.005, lane_capacity=1,
-                                    runs_dir=str(tmp_path)))
+    logger = drain_thread_holding_two_snapshots(tmp_path, 3.0, release)
     try:
-        logger.log_text("in flight", "a")
-        time.sleep(0.2)
-        logger.log_text("waiting", "b")  # the lane is full
-        logger.save_agent({"obj": SlowToWrite(3.0)}, name="c.pkl")  # held by the drain thread
-        logger.save_agent({"obj": SlowToWrite(3.0)}, name="d.pkl")
-        time.sleep(0.2)
         result = logger.close(0.5)
         (on_the_way,) = [loss for loss in result.losses
                          if loss.record == "records still on the way"]
@@ -471,3 +448,21 @@ def test_a_timed_out_close_names_the_uploads_the_drain_thread_still_holds(
     finally:
         release.set()
         SlowToWrite.release.set()
+
+
+def drain_thread_holding_two_snapshots(tmp_path, write_s: float,
+                                       release: threading.Event) -> Logger:
+    """A logger whose uploads lane has one upload in flight (until ``release``) and one waiting
+    (the lane is full), and whose drain thread holds two snapshots that take ``write_s`` each
+    to write."""
+    SlowToWrite.release.clear()
+    logger = Logger(sinks=[SlowSink(upload_release=release)],
+                    options=Options(drain_interval_s=0.005, lane_capacity=1,
+                                    runs_dir=str(tmp_path)))
+    logger.log_text("in flight", "a")
+    time.sleep(0.2)
+    logger.log_text("waiting", "b")
+    logger.save_agent({"obj": SlowToWrite(write_s)}, name="c.pkl")
+    logger.save_agent({"obj": SlowToWrite(write_s)}, name="d.pkl")
+    time.sleep(0.2)
+    return logger

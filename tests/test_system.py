@@ -41,6 +41,16 @@ def nvml_of_a_mig_instance() -> types.ModuleType:
     return nvml
 
 
+def sample_three_times(sampler: SystemSampler, samples: list[dict[str, float]]) -> None:
+    """Run ``sampler`` until ``samples`` holds three of its samples (at most 10 s), then stop
+    it."""
+    sampler.start()
+    deadline = time.monotonic() + 10
+    while len(samples) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sampler.stop(5)
+
+
 def test_a_gpu_query_nvml_refuses_is_skipped_once_warned_and_the_rest_is_still_sampled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -49,11 +59,7 @@ def test_a_gpu_query_nvml_refuses_is_skipped_once_warned_and_the_rest_is_still_s
     sampler = SystemSampler(lambda values: samples.append(dict(values)), interval_s=0.05)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sampler.start()
-        deadline = time.monotonic() + 10
-        while len(samples) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        sampler.stop(5)
+        sample_three_times(sampler, samples)
     assert len(samples) >= 3
     assert all(set(s) == {"system/cpu_utilization_percentage",
                           "system/system_memory_usage_megabytes",
@@ -72,11 +78,7 @@ def test_with_warnings_turned_into_errors_a_refused_gpu_query_still_ends_no_samp
     sampler = SystemSampler(lambda values: samples.append(dict(values)), interval_s=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sampler.start()
-        deadline = time.monotonic() + 10
-        while len(samples) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        sampler.stop(5)
+        sample_three_times(sampler, samples)
     assert len(samples) >= 3
     assert all("system/gpu_0_memory_usage_megabytes" in s for s in samples)
 
