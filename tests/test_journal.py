@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -424,14 +425,15 @@ def test_compact_keeps_the_active_segment_so_sequence_numbers_continue(tmp_path)
 # -- disk budget and a full disk ------------------------------------------------------------------
 
 def test_an_append_beyond_the_disk_budget_raises_and_leaves_the_journal_whole(tmp_path) -> None:
-    frame = FRAME_HEADER_BYTES + 100
-    budget = SEGMENT_HEADER_BYTES + 3 * frame + frame // 2
+    frame = FRAME_HEADER_BYTES + 100  # more than a quarter of the budget: a segment each
+    budget = 3 * (SEGMENT_HEADER_BYTES + frame) + frame // 2
     with Journal.open(tmp_path / "j", max_bytes=budget) as j:
         for _ in range(3):
             j.append(b"x" * 100)
         with pytest.raises(JournalFullError, match="max_bytes"):
             j.append(b"y" * 100)
-        assert j.disk_bytes == SEGMENT_HEADER_BYTES + 3 * frame
+        assert j.disk_bytes == 3 * (SEGMENT_HEADER_BYTES + frame)
+        assert j.disk_bytes == sum(f.stat().st_size for f in segments(tmp_path / "j"))
         assert j.append(b"small") == 4  # what fits still goes in
     assert sum(f.stat().st_size for f in segments(tmp_path / "j")) <= budget
     with journal_warnings() as messages:
@@ -450,6 +452,24 @@ def test_appends_resume_once_compact_frees_budget(tmp_path) -> None:
         j.ack("mlflow", 2)
         j.compact()
         assert j.append(b"x" * 100) == 4
+
+
+def test_with_a_budget_acknowledged_frames_free_room_even_below_the_segment_size(
+    tmp_path,
+) -> None:
+    # A segment holds at most a quarter of max_bytes: compact() frees all but the active one.
+    with Journal.open(tmp_path / "j", max_bytes=1000) as j:
+        appended = 0
+        with pytest.raises(JournalFullError):
+            for _ in range(100):
+                j.append(b"x" * 100)
+                appended += 1
+        j.ack("sink", j.last_seq)
+        assert j.compact() > 0
+        assert j.disk_bytes <= 1000 // 4
+        for _ in range(appended - 2):  # the budget is there again, but for the active segment
+            j.append(b"x" * 100)
+    assert all(f.stat().st_size <= 1000 // 4 for f in segments(tmp_path / "j"))
 
 
 def test_a_full_file_system_raises_journal_full_and_leaves_no_partial_frame(small_fs) -> None:
@@ -537,6 +557,78 @@ def test_a_forked_child_cannot_append_to_its_parents_journal(tmp_path) -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert j.append(b"from the parent") == 1
+
+
+def test_a_forked_child_that_lives_on_does_not_keep_the_journal_locked(tmp_path) -> None:
+    # A pool's worker forked while the journal was open outlives the parent's close: the
+    # directory is free for the next open (a sync) at once.
+    j = Journal.open(tmp_path / "j")
+    j.append(b"a")
+    go_on, wait = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: waits until told, then exits
+        os.close(wait)
+        os.read(go_on, 1)
+        os._exit(0)
+    os.close(go_on)
+    try:
+        j.close()
+        assert not JournalView(tmp_path / "j").held
+        with Journal.open(tmp_path / "j") as again:
+            assert again.last_seq == 1
+    finally:
+        os.close(wait)  # the child's read returns
+        os.waitpid(pid, 0)
+
+
+def test_asking_a_view_whether_the_journal_is_held_never_makes_an_open_fail(tmp_path) -> None:
+    Journal.open(tmp_path / "j").close()
+    view = JournalView(tmp_path / "j")
+    stop = threading.Event()
+    answers = {True: 0, False: 0}
+
+    def ask() -> None:
+        while not stop.is_set():
+            answers[view.held] += 1
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        for _ in range(300):
+            Journal.open(tmp_path / "j").close()
+    finally:
+        stop.set()
+        asker.join(30)
+    assert sum(answers.values()) > 300
+
+
+def test_opening_without_create_refuses_a_missing_directory_and_creates_nothing(
+    tmp_path,
+) -> None:
+    with pytest.raises(FileNotFoundError, match="no journal"):
+        Journal.open(tmp_path / "run" / "journal", create=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_sync_when_a_segment_starts_leaves_the_journal_on_its_old_one(
+    tmp_path, monkeypatch
+) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    with Journal.open(tmp_path / "j", segment_bytes=ONE_FRAME_PER_SEGMENT) as j:
+        j.append(b"a")
+
+        def failing(self: Journal) -> None:
+            raise OSError(errno.EIO, "the directory's fsync failed")
+
+        monkeypatch.setattr(Journal, "_sync_directory", failing)
+        with pytest.raises(OSError, match="fsync failed"):
+            j.append(b"b")  # would start the second segment
+        monkeypatch.undo()
+        assert len(segments(tmp_path / "j")) == 1  # no file left of the new segment
+        assert len(os.listdir("/proc/self/fd")) == fds + 2  # its segment and its lock
+        assert j.append(b"c") == 2
+    assert read_all(tmp_path / "j") == [(1, b"a"), (2, b"c")]
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_calls_after_close_raise_and_closing_twice_is_fine(tmp_path) -> None:

@@ -189,6 +189,69 @@ def test_sync_of_the_run_directory_a_logger_delivered_whole_exits_0_saying_so(
     assert "was delivered whole by its logger at" in capsys.readouterr().err
 
 
+def test_a_run_another_sync_delivered_after_this_sync_listed_it_is_reported_delivered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import steplog.replay
+
+    runs = tmp_path / "runs"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logger = MLFlowLogger("sync-twice", tracking_uri=uri,
+                          options=Options(drain_interval_s=0.01, runs_dir=str(runs)))
+    run_dir = Path(logger.run_dir or "")
+    logger.log_scalar("x", 1.0, 0)
+    assert logger.close(120)
+    assert not run_dir.exists()  # delivered whole and removed, after this sync listed it:
+    monkeypatch.setattr(steplog.replay, "find_runs", lambda path: iter([run_dir]))
+    assert main(["sync", str(runs)]) == 0
+    assert f"{run_dir.name}: delivered whole by its logger at" in capsys.readouterr().out
+    assert not run_dir.exists()  # not made again
+
+
+def test_a_run_journal_that_cannot_write_its_manifest_leaves_the_journal_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import steplog.runlog
+    from sinks_for_tests import JournaledListSink
+    from steplog.journal import JournalView
+
+    def full(path: Path, data: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(steplog.runlog, "replace_json", full)
+    with pytest.raises(OSError, match="No space"):
+        RunJournal(tmp_path / "run", [("journaled", JournaledListSink())])
+    assert not JournalView(tmp_path / "run" / "journal").held
+    Journal.open(tmp_path / "run" / "journal").close()
+
+
+def test_a_failed_progress_write_warns_once_and_the_records_are_still_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from steplog import SteplogWarning
+
+    def full(self: Journal, consumer: str, seq: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Journal, "ack", full)
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("sync-ack", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          options=Options(drain_interval_s=0.01, runs_dir=str(runs)))
+    with pytest.warns(SteplogWarning, match="could not record mlflow's progress") as caught:
+        for i in range(100):
+            logger.log_scalar("x", float(i), i)
+        assert logger.flush(120)
+        logger.log_scalar("x", 100.0, 100)
+        assert logger.flush(120)
+    assert sum("progress" in str(w.message) for w in caught) == 1
+    result = logger.close(120)
+    assert result.delivered == 101
+
+
 def test_a_run_a_sync_could_not_end_keeps_its_journal_and_the_next_sync_ends_it(
     mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -484,6 +547,8 @@ def test_journal_options_are_checked() -> None:
         Options(journal_durability="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="journal_max_bytes"):
         Options(journal_max_bytes=0)
+    with pytest.raises(ValueError, match="journal_max_bytes must be None or an int >= 16"):
+        Options(journal_max_bytes=8)  # not even a segment's header
 
 
 def test_the_journal_bookkeeping_forgets_frames_every_sink_went_past(tmp_path: Path) -> None:

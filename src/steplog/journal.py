@@ -21,6 +21,7 @@ but these frames (the caller's payload bytes, unchanged), cursors and the empty 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -28,7 +29,9 @@ import os
 import re
 import struct
 import threading
+import time
 import warnings
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,6 +69,8 @@ SEGMENT_HEADER_BYTES = 16
 FRAME_HEADER_BYTES = 24
 MAX_PAYLOAD_BYTES = 2**32 - 1
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
+MIN_SEGMENT_BYTES = SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES + 1
+MIN_MAX_BYTES = SEGMENT_HEADER_BYTES
 
 _SEGMENT_HEADER = struct.Struct("<8sII")
 _FRAME_HEAD = struct.Struct("<4sIQI")  # the 20 bytes that the header checksum covers
@@ -79,6 +84,9 @@ _READ_BUFFER = 1 << 20
 _SCAN_CHUNK = 1 << 20
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+_LOCK_TRIES = 50
+"""Tries at the directory's lock, 1 ms apart: a :attr:`JournalView.held` that holds it for an
+instant must not make an open fail."""
 
 _Report = Callable[[Path, int, str], None]
 
@@ -91,7 +99,8 @@ class JournalFullError(JournalError):
     """An append did not fit (the ``max_bytes`` budget, or the file system is full).
 
     No byte of the frame stays on disk. Appends succeed again once ``compact()`` (after
-    acknowledgements) or the file system frees room."""
+    acknowledgements) or the file system frees room: with ``max_bytes`` a segment holds at most
+    a quarter of it, so every acknowledged segment but the active one can go."""
 
 
 class JournalLockedError(JournalError):
@@ -242,22 +251,25 @@ class Journal:
     """An append-only journal of encoded batches in one directory, owned by one open instance.
 
     Thread-safe: ``append``, ``ack``, ``compact`` and ``read`` may be called from different
-    threads. Create one with :meth:`open`."""
+    threads. Create one with :meth:`open`. A child made by ``fork()`` does not inherit it: its
+    copies of the files are closed there, so a child that outlives the journal's close (a
+    pool's worker) never keeps the directory locked."""
 
     def __init__(self, directory: str | os.PathLike[str], *,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_bytes: int | None = None,
-                 durability: Durability = "flush") -> None:
+                 durability: Durability = "flush", create: bool = True) -> None:
         if durability not in ("none", "flush", "always"):
             raise ValueError(f"durability must be 'none', 'flush' or 'always', "
                              f"got {durability!r}")
-        if segment_bytes < SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES + 1:
-            raise ValueError(f"segment_bytes must be at least "
-                             f"{SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES + 1}, "
+        if segment_bytes < MIN_SEGMENT_BYTES:
+            raise ValueError(f"segment_bytes must be at least {MIN_SEGMENT_BYTES}, "
                              f"got {segment_bytes}")
-        if max_bytes is not None and max_bytes < SEGMENT_HEADER_BYTES:
-            raise ValueError(f"max_bytes must be None or at least {SEGMENT_HEADER_BYTES}, "
+        if max_bytes is not None and max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"max_bytes must be None or at least {MIN_MAX_BYTES}, "
                              f"got {max_bytes}")
         self.directory = Path(directory).absolute()
+        if max_bytes is not None:  # room for compact() to free within the budget
+            segment_bytes = min(segment_bytes, max(max_bytes // 4, MIN_SEGMENT_BYTES))
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.durability: Durability = durability
@@ -270,7 +282,7 @@ class Journal:
         self._active_size = 0
         self._bytes = 0
         self._next_seq = 1
-        self._lock_fd = self._take_directory()
+        self._lock_fd = self._take_directory(create)
         try:
             self._load()
         except BaseException:
@@ -278,32 +290,53 @@ class Journal:
             if self._fd >= 0:
                 os.close(self._fd)
             raise
+        _open_journals.add(self)
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *,
              segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_bytes: int | None = None,
-             durability: Durability = "flush") -> Journal:
-        """An open journal in ``directory`` (created 0700 if missing), ready to append.
+             durability: Durability = "flush", create: bool = True) -> Journal:
+        """An open journal in ``directory`` (created 0700 if missing, unless ``create`` is
+        false: then a missing directory raises FileNotFoundError), ready to append.
 
         An existing journal continues after its last valid frame: a torn frame at the end of its
         last segment (the writer was killed mid-append) is cut off, with a warning. Raises
-        :class:`JournalLockedError` if another open journal holds the directory."""
+        :class:`JournalLockedError` if another open journal holds the directory.
+        ``max_bytes`` also caps a segment at a quarter of it (see :class:`JournalFullError`)."""
         return cls(directory, segment_bytes=segment_bytes, max_bytes=max_bytes,
-                   durability=durability)
+                   durability=durability, create=create)
 
     # -- opening ------------------------------------------------------------------------------
 
-    def _take_directory(self) -> int:
+    def _take_directory(self, create: bool) -> int:
         if not self.directory.is_dir():
+            if not create:
+                raise FileNotFoundError(f"no journal at {self.directory}")
             self.directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             os.chmod(self.directory, _DIR_MODE)  # mkdir's mode is masked by the umask
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        lock = self.directory / "lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalLockedError(f"the journal {self.directory} is open elsewhere "
-                                     "(another process, or another Journal here)") from None
+            for attempt in range(_LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == _LOCK_TRIES - 1:
+                        raise JournalLockedError(
+                            f"the journal {self.directory} is open elsewhere (another "
+                            "process, or another Journal here)") from None
+                    time.sleep(0.001)
+            if not create:
+                # The directory may have been removed or renamed (a sync that delivered it
+                # whole) between the check above and the lock: the lock must be its own.
+                held = os.fstat(fd)
+                try:
+                    now = os.stat(lock)
+                except FileNotFoundError:
+                    now = None
+                if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                    raise FileNotFoundError(f"no journal at {self.directory}")
         except BaseException:
             os.close(fd)
             raise
@@ -390,7 +423,7 @@ class Journal:
         n = len(payload)
         frame_bytes = FRAME_HEADER_BYTES + n
         with self._lock:
-            self._check_writable()
+            self._check_open()
             if n > MAX_PAYLOAD_BYTES:
                 raise ValueError(f"a frame holds at most {MAX_PAYLOAD_BYTES} bytes, got {n}")
             roll = (self._active_size + frame_bytes > self.segment_bytes
@@ -430,21 +463,24 @@ class Journal:
         path = self._path(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      _FILE_MODE)
+        # Everything that can fail comes before the switch: a failure leaves the journal on
+        # its old segment, as it was, and no new file behind.
         try:
             write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
+            if self.durability != "none":
+                if self._fd >= 0:
+                    os.fsync(self._fd)  # the finished segment is whole on disk before we leave
+                self._sync_directory()
         except BaseException as exc:
             os.close(fd)
-            os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
                 raise JournalFullError(f"journal {self.directory}: the file system is full "
                                        f"({os.strerror(exc.errno)}); no new segment") from exc
             raise
         if self._fd >= 0:
-            if self.durability != "none":
-                os.fsync(self._fd)  # the finished segment is whole on disk before we leave it
             os.close(self._fd)
-        if self.durability != "none":
-            self._sync_directory()
         self._fd = fd
         self._segments.append(first_seq)
         self._active_size = SEGMENT_HEADER_BYTES
@@ -465,7 +501,7 @@ class Journal:
         Durable means on disk for ``"flush"`` and ``"always"``, in the OS for ``"none"``
         (which never fsyncs). Returns 0 when the journal holds no frame."""
         with self._lock:
-            self._check_writable()
+            self._check_open()
             if self.durability != "none":
                 os.fdatasync(self._fd)
             return self._next_seq - 1
@@ -546,7 +582,7 @@ class Journal:
 
         A consumer is also registered by its first ``ack``; registrations survive reopening."""
         with self._lock:
-            self._check_writable()
+            self._check_open()
             _check_consumer(consumer)
             if consumer not in self._cursors:
                 self._write_cursor(consumer, 0)
@@ -559,7 +595,7 @@ class Journal:
         the fsyncs are skipped with durability ``"none"``): a crash leaves the old cursor or the
         new one. A cursor never moves back: acknowledging less than it holds changes nothing."""
         with self._lock:
-            self._check_writable()
+            self._check_open()
             _check_consumer(consumer)
             if not 0 <= seq < self._next_seq:
                 raise ValueError(f"seq must be between 0 and the last appended seq "
@@ -615,7 +651,7 @@ class Journal:
         segment's first seq - 1) is at or below every consumer's cursor. The active (last)
         segment always stays, so sequence numbers continue; with no consumer nothing goes."""
         with self._lock:
-            self._check_writable()
+            self._check_open()
             if not self._cursors:
                 return 0
             floor = min(self._cursors.values())
@@ -672,9 +708,11 @@ class Journal:
                 if self.durability != "none" and self._pid == os.getpid():
                     os.fdatasync(self._fd)
             finally:
+                _open_journals.discard(self)
                 os.close(self._fd)
                 self._fd = -1
                 os.close(self._lock_fd)
+                self._lock_fd = -1
 
     def __enter__(self) -> Journal:
         return self
@@ -693,17 +731,36 @@ class Journal:
         return _segment_path(self.directory, first_seq)
 
     def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise JournalError(f"the journal {self.directory} was opened by process "
+                               f"{self._pid}; a forked child cannot use it")
         if self._fd < 0:
             raise JournalError(f"the journal {self.directory} is closed")
 
-    def _check_writable(self) -> None:
-        self._check_open()
-        if os.getpid() != self._pid:
-            raise JournalError(f"the journal {self.directory} was opened by process "
-                               f"{self._pid}; a forked child cannot write to it")
+    def _after_fork_in_child(self) -> None:
+        """The child's copies of the files are closed (the parent's stay open and locked); the
+        parent's threads do not exist here, so its lock may be held: a new one."""
+        self._lock = threading.Lock()
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._lock_fd = -1
 
     def _sync_directory(self) -> None:
         fsync_path(self.directory)
+
+
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for journal in list(_open_journals):
+        journal._after_fork_in_child()
+    _open_journals.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _parse_cursor(path: Path) -> int | None:
@@ -720,8 +777,9 @@ class JournalView:
     """A read-only look at a journal directory as its files are now: its frames, its cursors,
     and whether an open :class:`Journal` holds it.
 
-    Takes no lock and writes nothing (a torn tail stays for the next :meth:`Journal.open` to
-    cut off), so it can look at the journal of a running logger. Damage is collected in
+    Writes nothing (a torn tail stays for the next :meth:`Journal.open` to cut off) and takes
+    the directory's lock only for an instant, in :attr:`held` (an open that meets it tries
+    again), so it can look at the journal of a running logger. Damage is collected in
     :attr:`problems` instead of warned about."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:

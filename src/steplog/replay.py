@@ -98,7 +98,9 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
 
     results: list[SinkReplay] = []
     written_ms = _last_written_ms(run / "journal")  # before opening it may cut a torn tail
-    with Journal.open(run / "journal") as journal:
+    # Not created when missing: another sync may have delivered and removed the run since it
+    # was listed.
+    with Journal.open(run / "journal", create=False) as journal:
         manifest = json.loads((run / "run.json").read_text())
         status = _status(manifest)
         counts: dict[str, tuple[int, int]] = {}

@@ -27,12 +27,15 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from steplog.errors import SteplogWarning
 from steplog.frames import encode_batch
 from steplog.journal import Durability, Journal
+from steplog.paths import replace_json
 from steplog.records import Batch, Param, Part
 from steplog.sinks.base import Sink
 
@@ -154,14 +157,20 @@ class RunJournal:
         self._progress = {label: _Progress() for label in self._sinks}
         self._moving = len(self._progress)
         """Sinks whose cursor can still move (not stuck)."""
-        for label in self._sinks:
-            self.journal.register(consumer_name(label))
         self._seqs: list[int] = []
         self._ends: list[int] = []
         self._appended = 0
         self._lock = threading.Lock()
         self.error: str | None = None
-        self.write_manifest()
+        """The first failure to record a sink's progress (its records still reach it)."""
+        try:
+            for label in self._sinks:
+                self.journal.register(consumer_name(label))
+            self.write_manifest()
+        except BaseException:
+            with contextlib.suppress(OSError):  # its files are closed even when this fails
+                self.journal.close()  # not left locked for the rest of this process's life
+            raise
 
     def write_manifest(self, status: str | None = None) -> None:
         """``run.json``: each sink's kind and destination, and the status the logger closed
@@ -181,13 +190,7 @@ class RunJournal:
                     for label, sink in self._sinks.items()
                 },
             }
-            tmp = self.run_dir / f".run.json.{threading.get_ident()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.run_dir / "run.json")
+            replace_json(self.run_dir / "run.json", data)
 
     def _destinations(self) -> dict[str, str]:
         """Where each sink writes, for the ledger of delivered runs."""
@@ -290,7 +293,12 @@ class RunJournal:
             self.journal.ack(consumer_name(label), seq)
             self.journal.compact()  # segments every sink acknowledged whole go (64 MiB each)
         except Exception as exc:  # a full disk, say: the records still reach the sink
-            self.error = self.error or f"could not record {label}'s progress: {exc!r}"
+            if self.error is None:
+                self.error = f"could not record {label}'s progress in {self.run_dir}: {exc!r}"
+                with contextlib.suppress(Exception):  # a worker thread must not end here
+                    warnings.warn(f"steplog: {self.error}; records are still delivered, and "
+                                  "the journal keeps them until a later acknowledgement "
+                                  "succeeds", SteplogWarning, stacklevel=2)
 
     def checkpoint(self) -> None:
         """Write every sink's cursor now (after a flush)."""

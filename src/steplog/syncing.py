@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from steplog.replay import SinkReplay
@@ -105,6 +105,17 @@ def _run_holding(path: Path) -> Path | None:
     return None
 
 
+def _delivered_line(entry: dict[str, Any], name: str) -> str:
+    """What a sync says of a run that was delivered whole and removed (its ledger line)."""
+    from steplog.runlog import delivered_by, delivered_to
+
+    by = delivered_by(entry)
+    return (f"run      {entry.get('run', name)}: delivered whole by "
+            f"{'an earlier steplog sync' if by == 'steplog sync' else by} at "
+            f"{entry.get('delivered_at', '?')} ({delivered_to(entry) or 'no sinks'}) and "
+            "removed; nothing left to deliver")
+
+
 def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
     """Deliver what loggers kept on disk under ``path`` (one run directory, or all of them):
     the journaled records a sink did not store, and the uploads that failed after their
@@ -113,7 +124,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
     held a run or a ``to`` MLflow can never use."""
     from steplog.kept import KeptUpload, sync_kept
     from steplog.replay import find_runs, replay_run
-    from steplog.runlog import delivered_by, delivered_entry, delivered_to
+    from steplog.runlog import delivered_entry
     from steplog.sinks.mlflow.common import redact, tracking_uri_problem
 
     if not path.exists():
@@ -124,12 +135,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
         if entry is None:
             print(f"steplog sync: {path} does not exist", file=sys.stderr)
             return 2
-        sinks = delivered_to(entry)
-        by = delivered_by(entry)
-        print(f"run      {entry.get('run', path.name)}: delivered whole by "
-              f"{'an earlier steplog sync' if by == 'steplog sync' else by} at "
-              f"{entry.get('delivered_at', '?')} ({sinks or 'no sinks'}) and removed; "
-              "nothing left to deliver")
+        print(_delivered_line(entry, path.name))
         return 0
     inside = _run_holding(path)
     if inside is not None:
@@ -153,6 +159,11 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
             results = replay_run(run, timeout_s=timeout_s, to=to,
                                  progress=None if line is None else line.update)
         except Exception as exc:
+            # Another sync delivered it whole and removed it since it was listed here.
+            entry = None if (run / "run.json").exists() else delivered_entry(run)
+            if entry is not None and isinstance(exc, OSError):
+                print(_delivered_line(entry, run.name))
+                continue
             failed += 1
             print(f"run      {run}: {exc}")
             continue

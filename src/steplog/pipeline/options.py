@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from steplog.checkpoints import CheckpointPolicy
-from steplog.journal import Durability
+from steplog.journal import MIN_MAX_BYTES, Durability
 from steplog.ranks import RankPolicy, check_policy
 from steplog.retry import RetryPolicy, check_seconds
 
@@ -62,7 +62,8 @@ class Options:
     close) or ``"always"`` (an fsync per drained chunk)."""
     journal_max_bytes: int | None = None
     """Most bytes of journal on disk (``None``: no bound); past it the logger warns and goes
-    on without the journal."""
+    on without the journal. Segments every sink acknowledged are removed as the run goes (a
+    segment holds at most a quarter of this bound), so it bounds what the sinks still lack."""
     runs_dir: str = field(
         default_factory=lambda: os.environ.get("STEPLOG_RUNS_DIR", "steplog-runs"))
     """The run directories: journals of loggers with a remote sink, and uploads that failed
@@ -89,10 +90,10 @@ class Options:
             raise ValueError(f"journal_durability must be 'none', 'flush' or 'always', got "
                              f"{self.journal_durability!r}")
         if self.journal_max_bytes is not None and (
-            type(self.journal_max_bytes) is not int or self.journal_max_bytes < 1
+            type(self.journal_max_bytes) is not int or self.journal_max_bytes < MIN_MAX_BYTES
         ):
-            raise ValueError(f"journal_max_bytes must be None or an int >= 1, got "
-                             f"{self.journal_max_bytes!r}")
+            raise ValueError(f"journal_max_bytes must be None or an int >= {MIN_MAX_BYTES}, "
+                             f"got {self.journal_max_bytes!r}")
         if self.checkpoint_policy not in ("wait", "supersede"):
             raise ValueError(f"checkpoint_policy must be 'wait' or 'supersede', got "
                              f"{self.checkpoint_policy!r}")
