@@ -412,12 +412,26 @@ def test_compact_without_consumers_removes_nothing(tmp_path) -> None:
 
 
 def test_compact_keeps_the_active_segment_so_sequence_numbers_continue(tmp_path) -> None:
+    with Journal.open(tmp_path / "j", segment_bytes=1000) as j:
+        for p in PAYLOADS:
+            j.append(p)
+        j.ack("mlflow", 4)
+        j.compact()
+    assert [f.name for f in segments(tmp_path / "j")] == [f"{1:020d}.seg"]
+    with Journal.open(tmp_path / "j") as j:
+        assert j.append(b"next") == 5
+
+
+def test_an_acknowledged_active_segment_larger_than_a_segment_is_replaced_and_removed(
+    tmp_path,
+) -> None:
     with Journal.open(tmp_path / "j", segment_bytes=ONE_FRAME_PER_SEGMENT) as j:
         for p in PAYLOADS:
             j.append(p)
         j.ack("mlflow", 4)
         j.compact()
-    assert [f.name for f in segments(tmp_path / "j")] == [f"{4:020d}.seg"]
+        assert j.disk_bytes == SEGMENT_HEADER_BYTES
+    assert [f.name for f in segments(tmp_path / "j")] == [f"{5:020d}.seg"]  # empty
     with Journal.open(tmp_path / "j") as j:
         assert j.append(b"next") == 5
 
@@ -470,6 +484,27 @@ def test_with_a_budget_acknowledged_frames_free_room_even_below_the_segment_size
         for _ in range(appended - 2):  # the budget is there again, but for the active segment
             j.append(b"x" * 100)
     assert all(f.stat().st_size <= 1000 // 4 for f in segments(tmp_path / "j"))
+
+
+def test_an_acknowledged_frame_larger_than_a_segment_frees_its_room_too(tmp_path) -> None:
+    with Journal.open(tmp_path / "j", max_bytes=1000) as j:  # segments of 250 bytes
+        j.append(b"x" * 600)
+        j.ack("sink", 1)
+        assert j.compact() > 600
+        assert j.append(b"y" * 400) == 2  # fits: the 600 bytes are gone
+    assert read_all(tmp_path / "j") == [(2, b"y" * 400)]
+
+
+def test_a_journal_reopened_with_a_budget_frees_what_its_larger_segments_held(tmp_path) -> None:
+    with Journal.open(tmp_path / "j") as j:  # 64 MiB segments
+        for _ in range(10):
+            j.append(b"x" * 100)
+        j.ack("sink", 10)
+    with Journal.open(tmp_path / "j", max_bytes=1000) as j:
+        assert j.disk_bytes > 1000
+        j.compact()
+        assert j.disk_bytes == SEGMENT_HEADER_BYTES
+        assert j.append(b"y" * 100) == 11
 
 
 def test_a_full_file_system_raises_journal_full_and_leaves_no_partial_frame(small_fs) -> None:
@@ -579,6 +614,38 @@ def test_a_forked_child_that_lives_on_does_not_keep_the_journal_locked(tmp_path)
     finally:
         os.close(wait)  # the child's read returns
         os.waitpid(pid, 0)
+
+
+def test_a_fork_while_a_journal_is_being_opened_leaves_the_child_without_its_lock(
+    tmp_path, monkeypatch
+) -> None:
+    # As when another thread forks (a DataLoader starting its workers) while the journal reads
+    # its last segment: the child already has the lock's descriptor.
+    Journal.open(tmp_path / "j").close()
+    children: list[tuple[int, int]] = []
+    load = Journal._load
+
+    def load_while_forking(self: Journal) -> None:
+        go_on, wait = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: waits until told, then exits
+            os.close(wait)
+            os.read(go_on, 1)
+            os._exit(0)
+        os.close(go_on)
+        children.append((pid, wait))
+        load(self)
+
+    monkeypatch.setattr(Journal, "_load", load_while_forking)
+    j = Journal.open(tmp_path / "j")
+    monkeypatch.undo()
+    try:
+        j.close()
+        assert not JournalView(tmp_path / "j").held
+    finally:
+        for pid, wait in children:
+            os.close(wait)
+            os.waitpid(pid, 0)
 
 
 def test_asking_a_view_whether_the_journal_is_held_never_makes_an_open_fail(tmp_path) -> None:

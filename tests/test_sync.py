@@ -189,8 +189,10 @@ def test_sync_of_the_run_directory_a_logger_delivered_whole_exits_0_saying_so(
     assert "was delivered whole by its logger at" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("removed", ["whole", "but for run.json"])
 def test_a_run_another_sync_delivered_after_this_sync_listed_it_is_reported_delivered(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    removed: str,
 ) -> None:
     import steplog.replay
 
@@ -201,11 +203,14 @@ def test_a_run_another_sync_delivered_after_this_sync_listed_it_is_reported_deli
     run_dir = Path(logger.run_dir or "")
     logger.log_scalar("x", 1.0, 0)
     assert logger.close(120)
-    assert not run_dir.exists()  # delivered whole and removed, after this sync listed it:
+    assert not run_dir.exists()  # delivered whole and removed, after this sync listed it
+    if removed == "but for run.json":  # the removal is under way: run.json goes last
+        run_dir.mkdir()
+        (run_dir / "run.json").write_text("{}")
     monkeypatch.setattr(steplog.replay, "find_runs", lambda path: iter([run_dir]))
     assert main(["sync", str(runs)]) == 0
     assert f"{run_dir.name}: delivered whole by its logger at" in capsys.readouterr().out
-    assert not run_dir.exists()  # not made again
+    assert not (run_dir / "journal").exists()  # not made again
 
 
 def test_a_run_journal_that_cannot_write_its_manifest_leaves_the_journal_unlocked(

@@ -100,7 +100,8 @@ class JournalFullError(JournalError):
 
     No byte of the frame stays on disk. Appends succeed again once ``compact()`` (after
     acknowledgements) or the file system frees room: with ``max_bytes`` a segment holds at most
-    a quarter of it, so every acknowledged segment but the active one can go."""
+    a quarter of it (a larger frame gets one of its own), and every segment the consumers
+    acknowledged whole can go (see :meth:`Journal.compact`)."""
 
 
 class JournalLockedError(JournalError):
@@ -282,15 +283,13 @@ class Journal:
         self._active_size = 0
         self._bytes = 0
         self._next_seq = 1
-        self._lock_fd = self._take_directory(create)
+        self._lock_fd = -1
         try:
+            self._take_directory(create)
             self._load()
         except BaseException:
-            os.close(self._lock_fd)
-            if self._fd >= 0:
-                os.close(self._fd)
+            self._close_files()
             raise
-        _open_journals.add(self)
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *,
@@ -308,39 +307,37 @@ class Journal:
 
     # -- opening ------------------------------------------------------------------------------
 
-    def _take_directory(self, create: bool) -> int:
+    def _take_directory(self, create: bool) -> None:
         if not self.directory.is_dir():
             if not create:
                 raise FileNotFoundError(f"no journal at {self.directory}")
             self.directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             os.chmod(self.directory, _DIR_MODE)  # mkdir's mode is masked by the umask
         lock = self.directory / "lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
-        try:
-            for attempt in range(_LOCK_TRIES):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if attempt == _LOCK_TRIES - 1:
-                        raise JournalLockedError(
-                            f"the journal {self.directory} is open elsewhere (another "
-                            "process, or another Journal here)") from None
-                    time.sleep(0.001)
-            if not create:
-                # The directory may have been removed or renamed (a sync that delivered it
-                # whole) between the check above and the lock: the lock must be its own.
-                held = os.fstat(fd)
-                try:
-                    now = os.stat(lock)
-                except FileNotFoundError:
-                    now = None
-                if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-                    raise FileNotFoundError(f"no journal at {self.directory}")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        with _fd_lock:  # no fork sees the file open and the journal not yet known
+            fd = self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                         _FILE_MODE)
+            _open_journals.add(self)
+        for attempt in range(_LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == _LOCK_TRIES - 1:
+                    raise JournalLockedError(
+                        f"the journal {self.directory} is open elsewhere (another "
+                        "process, or another Journal here)") from None
+                time.sleep(0.001)
+        if not create:
+            # The directory may have been removed or renamed (a sync that delivered it
+            # whole) between the check above and the lock: the lock must be its own.
+            held = os.fstat(fd)
+            try:
+                now = os.stat(lock)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise FileNotFoundError(f"no journal at {self.directory}")
 
     def _load(self) -> None:
         for entry in os.scandir(self.directory):
@@ -395,19 +392,15 @@ class Journal:
         for p in problems:
             if p[1] < good_end and not fresh:
                 self._report(*p)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            if fresh:  # the writer died while creating it: it holds no frame
-                os.ftruncate(fd, 0)
-                write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
-            elif size > good_end:
-                os.ftruncate(fd, good_end)
-                self._report(path, good_end, f"{size - good_end} bytes after the last whole "
-                                             "frame (a write cut short) were removed")
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+        with _fd_lock:
+            fd = self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if fresh:  # the writer died while creating it: it holds no frame
+            os.ftruncate(fd, 0)
+            write_all(fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, VERSION, 0))
+        elif size > good_end:
+            os.ftruncate(fd, good_end)
+            self._report(path, good_end, f"{size - good_end} bytes after the last whole "
+                                         "frame (a write cut short) were removed")
         self._active_size = os.fstat(fd).st_size
         return max(first, last_seq + 1)
 
@@ -479,9 +472,10 @@ class Journal:
                 raise JournalFullError(f"journal {self.directory}: the file system is full "
                                        f"({os.strerror(exc.errno)}); no new segment") from exc
             raise
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
+        with _fd_lock:
+            old, self._fd = self._fd, fd
+            if old >= 0:
+                os.close(old)
         self._segments.append(first_seq)
         self._active_size = SEGMENT_HEADER_BYTES
         self._bytes += SEGMENT_HEADER_BYTES
@@ -649,7 +643,10 @@ class Journal:
 
         A segment goes only when every seq it can hold (from its first seq to the next
         segment's first seq - 1) is at or below every consumer's cursor. The active (last)
-        segment always stays, so sequence numbers continue; with no consumer nothing goes."""
+        segment stays, so sequence numbers continue, unless it is larger than
+        ``segment_bytes`` (a frame larger than that, or a journal written with larger
+        segments) and acknowledged whole: then a new active segment replaces it. With no
+        consumer nothing goes."""
         with self._lock:
             self._check_open()
             if not self._cursors:
@@ -666,8 +663,21 @@ class Journal:
             if removed:
                 del self._segments[:removed]
                 self._bytes -= freed
-                if self.durability != "none":
-                    self._sync_directory()
+            if self._active_size > self.segment_bytes and floor >= self._next_seq - 1:
+                # An active segment larger than a segment may be (a frame larger than one,
+                # or written with a larger segment_bytes) that every consumer acknowledged:
+                # a new one takes its place, so that it can go as well.
+                old = self._segments[-1]
+                self._new_segment(self._next_seq)
+                path = self._path(old)
+                size = path.stat().st_size
+                path.unlink()
+                self._segments.remove(old)
+                self._bytes -= size
+                freed += size
+                removed += 1
+            if removed and self.durability != "none":
+                self._sync_directory()
             return freed
 
     def describe(self) -> JournalSummary:
@@ -708,11 +718,7 @@ class Journal:
                 if self.durability != "none" and self._pid == os.getpid():
                     os.fdatasync(self._fd)
             finally:
-                _open_journals.discard(self)
-                os.close(self._fd)
-                self._fd = -1
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+                self._close_files()
 
     def __enter__(self) -> Journal:
         return self
@@ -737,6 +743,17 @@ class Journal:
         if self._fd < 0:
             raise JournalError(f"the journal {self.directory} is closed")
 
+    def _close_files(self) -> None:
+        """Close the active segment and the lock (releasing the directory)."""
+        with _fd_lock:
+            _open_journals.discard(self)
+            fds = (self._fd, self._lock_fd)
+            self._fd = self._lock_fd = -1
+            for fd in fds:
+                if fd >= 0:
+                    with contextlib.suppress(OSError):  # the descriptor is freed anyway
+                        os.close(fd)
+
     def _after_fork_in_child(self) -> None:
         """The child's copies of the files are closed (the parent's stay open and locked); the
         parent's threads do not exist here, so its lock may be held: a new one."""
@@ -752,15 +769,28 @@ class Journal:
 
 
 _open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+_fd_lock = threading.Lock()
+"""Held while a journal opens or closes a file and records it; a fork waits for it, so a
+child knows exactly which of its inherited descriptors are a journal's."""
 
 
-def _after_fork() -> None:
+def _before_fork() -> None:
+    _fd_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _fd_lock.release()
+
+
+def _after_fork_in_child() -> None:
     for journal in list(_open_journals):
         journal._after_fork_in_child()
     _open_journals.clear()
+    _fd_lock.release()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 def _parse_cursor(path: Path) -> int | None:

@@ -291,7 +291,7 @@ class RunJournal:
         seq = self._progress[label].seq
         try:
             self.journal.ack(consumer_name(label), seq)
-            self.journal.compact()  # segments every sink acknowledged whole go (64 MiB each)
+            self.journal.compact()  # segments every sink acknowledged whole go
         except Exception as exc:  # a full disk, say: the records still reach the sink
             if self.error is None:
                 self.error = f"could not record {label}'s progress in {self.run_dir}: {exc!r}"

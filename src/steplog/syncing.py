@@ -159,8 +159,9 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
             results = replay_run(run, timeout_s=timeout_s, to=to,
                                  progress=None if line is None else line.update)
         except Exception as exc:
-            # Another sync delivered it whole and removed it since it was listed here.
-            entry = None if (run / "run.json").exists() else delivered_entry(run)
+            # Another sync delivered it whole since it was listed here: its ledger line is
+            # written before the journal is removed, and run.json after it.
+            entry = None if (run / "journal").is_dir() else delivered_entry(run)
             if entry is not None and isinstance(exc, OSError):
                 print(_delivered_line(entry, run.name))
                 continue
