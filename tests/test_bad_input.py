@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,7 @@ def test_an_int_too_large_for_a_float_raises_value_error_at_the_call() -> None:
     ({"c": 1.0, "b": -(10**400)}, ValueError, "'b'"),
     ({"c": 1.0, "s": "1.5"}, TypeError, "'s'"),
     ({"c": 1, "n": None}, TypeError, "'n'"),
+    ({"c": 1.0, "f": Fraction(10**400)}, ValueError, "'f'"),  # a numbers.Real too large
 ])
 def test_a_refused_metrics_dict_raises_at_the_call_naming_the_key_and_logs_nothing_of_it(
     metrics: dict[str, object], error: type[Exception], key: str, tmp_path: Path
@@ -199,3 +201,33 @@ def test_a_text_utf8_cannot_encode_raises_value_error_at_the_call_and_queues_not
         call(logger)
     result = logger.close(10)
     assert result and logger.stats().enqueued == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda lg, f: lg.log_artifact(f, type=SURROGATE),
+    lambda lg, f: lg.log_artifact(f, metadata={"k": SURROGATE}),
+    lambda lg, f: lg.log_artifact(f, aliases=[SURROGATE]),
+    lambda lg, f: lg.log_artifact(f, name=SURROGATE),
+    lambda lg, f: lg.log_artifact(f.with_name(SURROGATE)),  # its own name is not UTF-8
+    lambda lg, f: lg.log_file(f, name=SURROGATE),
+    lambda lg, f: lg.log_text("x", SURROGATE),
+], ids=["type", "metadata", "alias", "name", "file name", "file under a name", "text name"])
+def test_an_upload_text_utf8_cannot_encode_raises_value_error_at_the_call(tmp_path, call) -> None:
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    f.with_name(SURROGATE).write_text("x")
+    logger = FileLogger(tmp_path / "run")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        call(logger, f)
+    result = logger.close(10)
+    assert result and logger.stats().enqueued == 0
+
+
+@pytest.mark.parametrize("name", [None, 3])
+def test_log_file_refuses_a_name_that_is_not_text(tmp_path, name: object) -> None:
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    logger = FileLogger(tmp_path / "run")
+    with pytest.raises(TypeError, match="name must be a str"):
+        logger.log_file(f, name=name)  # type: ignore[arg-type]
+    assert logger.close(10)

@@ -64,7 +64,11 @@ class ScriptedServer:
                         if piece == b"CLOSE":
                             closing = True
                             break
-                        conn.sendall(piece)
+                        try:
+                            conn.sendall(piece)
+                        except OSError:  # the client gave up on the answer
+                            closing = True
+                            break
                         time.sleep(0.01)
                     if closing:
                         break
@@ -122,7 +126,7 @@ def connection(server: ScriptedServer) -> _Connection:
 def test_an_answer_split_anywhere_is_read_whole_and_the_connection_kept(serve) -> None:
     whole = ok(b'{"run": {"info": {"run_id": "abc"}}}')
     server = serve([[whole[:5], whole[5:40], whole[40:-3], whole[-3:]], [ok(b"{}")]])
-    wire = Http1Socket(("127.0.0.1", server.port), f"127.0.0.1:{server.port}", 5.0)
+    wire = Http1Socket(("127.0.0.1", server.port), f"127.0.0.1:{server.port}", 5.0, 60.0)
     try:
         assert wire.exchange("POST", "/x", {}, b"{}") == (
             200, b'{"run": {"info": {"run_id": "abc"}}}', True)
@@ -262,8 +266,10 @@ def test_the_host_header_names_the_host_in_ascii_with_the_urls_port(url: str, ho
     [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", b"CLOSE"],
     [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
     [b"HTTP/1.1 200 OK\r\nContent-Len", b"CLOSE"],
+    [b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}"],
 ], ids=["not HTTP", "non-ASCII digit", "bad length", "huge length", "negative chunk",
-        "bad header", "body cut short", "bad chunk size", "head cut short"])
+        "bad header", "body cut short", "bad chunk size", "head cut short",
+        "four-digit status"])
 def test_a_broken_answer_is_a_retryable_error_and_the_connection_is_dropped(
         serve, answer: list[bytes]) -> None:
     server = serve([answer, [ok(b"fine")]])
@@ -285,9 +291,44 @@ def test_a_server_that_never_answers_is_a_retryable_error_within_the_timeout(ser
 
 def test_a_head_longer_than_64_kib_is_refused(serve) -> None:
     server = serve([[b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"]])
-    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0)
+    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 60.0)
     try:
         with pytest.raises(ResponseError, match="64 KiB"):
             wire.exchange("POST", "/x", {}, b"{}")
     finally:
         wire.close()
+
+
+def test_more_than_ten_interim_answers_are_refused(serve) -> None:
+    server = serve([[b"HTTP/1.1 100 Continue\r\n\r\n"] * 11 + [ok(b"done")]])
+    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 60.0)
+    try:
+        with pytest.raises(ResponseError, match="interim"):
+            wire.exchange("POST", "/x", {}, b"{}")
+    finally:
+        wire.close()
+
+
+def test_trailers_longer_than_64_kib_are_refused(serve) -> None:
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
+    server = serve([[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+                     + trailers + b"\r\n"]])
+    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 60.0)
+    try:
+        with pytest.raises(ResponseError, match="trailers"):
+            wire.exchange("POST", "/x", {}, b"{}")
+    finally:
+        wire.close()
+
+
+def test_an_answer_dripping_in_past_the_exchanges_bound_times_out(serve) -> None:
+    whole = ok(b"x" * 200)
+    server = serve([[whole[i:i + 1] for i in range(len(whole))]])  # a byte every 10 ms
+    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"longer than 0\.5 s"):
+            wire.exchange("POST", "/x", {}, b"{}")
+    finally:
+        wire.close()
+    assert time.monotonic() - start < 1.5

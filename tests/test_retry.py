@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import ssl
 import threading
 import time
 
@@ -155,3 +156,44 @@ def test_no_attempt_starts_after_the_deadline_even_when_the_backoff_ends_at_it()
 def test_non_finite_or_negative_retry_settings_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**{field: value})
+
+
+def _requests_error(url: str) -> BaseException:
+    try:
+        requests.get(url, timeout=1)
+    except requests.RequestException as exc:
+        return exc
+    raise AssertionError(f"{url} was fetched")
+
+
+@pytest.mark.parametrize("url", ["htp://127.0.0.1/x", "http://", "127.0.0.1/x"],
+                         ids=["unknown scheme", "no host", "no scheme"])
+def test_a_url_requests_calls_invalid_is_permanent(url: str) -> None:
+    assert not is_retryable(_requests_error(url))
+
+
+def _wrapped_by_requests(cause: BaseException) -> BaseException:
+    import urllib3
+
+    reason = urllib3.exceptions.SSLError(cause)
+    return requests.exceptions.SSLError(urllib3.exceptions.MaxRetryError(None, "/x", reason))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("exc", [
+    ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
+    ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+    _wrapped_by_requests(ssl.SSLCertVerificationError(
+        1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")),
+], ids=["certificate", "protocol", "certificate through requests"])
+def test_a_tls_setup_the_other_side_refuses_is_permanent(exc: BaseException) -> None:
+    assert not is_retryable(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed (EOF)"),
+    ssl.SSLWantReadError(2, "The operation did not complete (read)"),
+    ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+    _wrapped_by_requests(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
+], ids=["closed", "want read", "eof", "eof through requests"])
+def test_a_tls_connection_that_ended_or_broke_is_retryable(exc: BaseException) -> None:
+    assert is_retryable(exc)

@@ -93,6 +93,22 @@ def existing_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _storable(value: Any, what: str) -> Any:
+    """``value``, or ``ValueError`` naming ``what`` when UTF-8 cannot encode it (see
+    :func:`utf8_problem`): refused at the call, not by the worker after it."""
+    problem = utf8_problem(value)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}")
+    return value
+
+
+def _stored_name(name: str) -> str:
+    """``name`` normalised by :func:`safe_relpath`, UTF-8 encodable."""
+    stored = safe_relpath(name)
+    _storable(stored, f"the stored name {name!r}")
+    return stored
+
+
 def artifact_of(
     path: str | os.PathLike[str],
     name: str | None,
@@ -103,11 +119,13 @@ def artifact_of(
 ) -> Artifact:
     """The record of ``log_artifact``: ``path`` stored as ``name`` (default: its base name).
     ``TypeError`` for a ``type`` that is not a str, ``metadata`` that is not a mapping, or
-    ``aliases`` that are not a list of str."""
+    ``aliases`` that are not a list of str; ``ValueError`` for a name, type, alias or
+    metadata text UTF-8 cannot encode (a file name that is not UTF-8: pass ``name``)."""
     src = existing_path(path)
-    dest = safe_relpath(name if name is not None else src.name)
+    dest = _stored_name(name if name is not None else src.name)
     if not isinstance(kind, str):
         raise TypeError(f"type must be a str, got {type(kind).__name__}")
+    _storable(kind, "type")
     if step is not None:
         step = capture_step(step)
     if metadata is not None and not isinstance(metadata, Mapping):
@@ -119,21 +137,27 @@ def artifact_of(
         if not all(isinstance(a, str) for a in aliases):
             raise TypeError("aliases must be a list of str, got "
                             f"{[type(a).__name__ for a in aliases]}")
+        _storable(aliases, "aliases")
+    captured = None
+    if metadata is not None:
+        captured = _storable(capture_param(dict(metadata)), "metadata")
     return Artifact(
         name=dest,
         timestamp=now_ms(),
         source=str(src),
         kind=kind,
         step=step,
-        metadata=capture_param(dict(metadata)) if metadata is not None else None,
+        metadata=captured,
         aliases=aliases,
     )
 
 
 def file_of(path: str | os.PathLike[str], name: str, move: bool) -> Artifact:
     """The record of ``log_file``: ``path`` stored as ``<name>/<base name of path>``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
     src = existing_path(path)
-    dest = safe_relpath(f"{name}/{src.name}")
+    dest = _stored_name(f"{name}/{src.name}")
     return Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="file", move=bool(move))
 
 
@@ -143,7 +167,7 @@ def directory_of(dir: str | os.PathLike[str], path: str | None) -> Artifact:
     src = existing_path(dir)
     if not src.is_dir():
         raise NotADirectoryError(f"not a directory: {src}")
-    dest = safe_relpath(path if path is not None else src.name)
+    dest = _stored_name(path if path is not None else src.name)
     return Artifact(name=dest, timestamp=now_ms(), source=str(src), kind="directory")
 
 
@@ -170,7 +194,7 @@ def artifact_file_name(name: str, default_ext: str, iteration: int | None) -> st
     ``default_ext`` added when it has no extension, ``_<iteration>`` before the extension.
     With ``default_ext`` ``.png`` (an image or a figure, always PNG) only ``.png`` counts as
     one, and another image format's extension raises ``ValueError``."""
-    path = safe_relpath(name)
+    path = _stored_name(name)
     found = _EXTENSION.search(path.rpartition("/")[2])
     ext = found.group() if found else ""
     if default_ext == ".png" and ext.lower() != ".png":

@@ -12,7 +12,7 @@ import numbers
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, SupportsFloat
 
 import msgspec
 
@@ -197,7 +197,7 @@ def capture_value(value: object) -> float | PendingValue:
     if t is float:
         return value  # type: ignore[return-value]
     if t is int or t is bool:
-        return _int_to_float(value)  # type: ignore[arg-type]
+        return _to_float(value)  # type: ignore[arg-type]
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -215,9 +215,9 @@ def capture_value(value: object) -> float | PendingValue:
                             f"and shape {getattr(value, 'shape', ())}")
         return float(value.item())
     if isinstance(value, numbers.Integral):
-        return _int_to_float(int(value))
+        return _to_float(int(value))
     if isinstance(value, numbers.Real):
-        return float(value)
+        return _to_float(value)  # a Fraction or Decimal may be too large as well
     raise TypeError(f"expected a real number (int, float, numpy or torch scalar), got "
                     f"{t.__name__}: {_short(value)}")
 
@@ -227,7 +227,8 @@ STEP_MAX = 2**63 - 1
 """Steps are signed 64-bit integers, as MLflow and ClearML store them."""
 
 
-def _int_to_float(value: int) -> float:
+def _to_float(value: SupportsFloat) -> float:
+    """``float(value)``, ``ValueError`` for a value too large for one."""
     try:
         return float(value)
     except OverflowError:

@@ -769,7 +769,7 @@ class Journal:
 
 
 _open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
-_fd_lock = threading.Lock()
+_fd_lock = threading.RLock()
 """Held while a journal opens or closes a file and records it; a fork waits for it, so a
 child knows exactly which of its inherited descriptors are a journal's."""
 

@@ -5,11 +5,14 @@ What an error means decides whether it is retried (the table is in ``docs/lifecy
 * **permanent at once**: :class:`~steplog.errors.PermanentError` (HTTP 4xx but 408/429, a bad
   key, an unknown URI scheme), ``OSError`` whose errno says the destination cannot work as it is
   (permission denied, read-only file system, no such file, not a directory, name too long...),
-  a directory copy that met missing, dangling or unreadable entries (``shutil.Error``),
-  and any other exception (a bug or a refusal does not heal by waiting);
+  a directory copy that met missing, dangling or unreadable entries (``shutil.Error``), a TLS
+  setup the other side refuses (a certificate that fails verification, a protocol or cipher
+  mismatch), a URL or header requests/urllib3 call invalid, and any other exception (a bug or a
+  refusal does not heal by waiting);
 * **retryable within the deadline**: :class:`~steplog.errors.RetryableError` (HTTP 408/429/5xx),
-  connection refused/reset/aborted, timeouts, a full disk or quota, an unreachable network, I/O
-  errors, ``OSError`` without an errno, and the connection errors of requests/urllib3.
+  connection refused/reset/aborted, timeouts, a TLS connection that ended or broke, a full disk
+  or quota, an unreachable network, I/O errors, ``OSError`` without an errno, and the connection
+  errors of requests/urllib3.
 """
 
 from __future__ import annotations
@@ -42,11 +45,31 @@ PERMANENT_ERRNOS = frozenset({
 """``OSError`` errnos that mean the destination cannot work as it is: retrying cannot help."""
 
 
+_TLS_TRANSIENT = frozenset({"SSLZeroReturnError", "SSLWantReadError", "SSLWantWriteError",
+                            "SSLEOFError", "SSLSyscallError"})
+"""``ssl`` errors of a connection that ended or broke, not of a TLS setup that cannot work."""
+_BAD_REQUEST = frozenset({"InvalidURL", "InvalidSchema", "MissingSchema", "InvalidHeader",
+                          "InvalidProxyURL", "LocationParseError", "LocationValueError",
+                          "URLSchemeUnknown"})
+"""requests/urllib3 errors of a URL or header that no retry makes valid."""
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True when trying the same call again may succeed (see the module docstring)."""
     if isinstance(exc, PermanentError):
         return False
-    if isinstance(exc, (RetryableError, ConnectionError, TimeoutError, socket.timeout)):
+    if isinstance(exc, RetryableError):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _BAD_REQUEST:
+        return False
+    if "SSLError" in names:  # its errno is OpenSSL's, not the OS's
+        if names & _TLS_TRANSIENT:
+            return True
+        # ssl's own: a certificate, protocol or cipher the other side refuses; requests'/
+        # urllib3's: a connection that broke, unless a certificate check failed in it.
+        return type(exc).__module__ != "ssl" and not _certificate_refused(exc)
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
         return True
     if isinstance(exc, shutil.Error):
         return False  # a tree copy that met missing, dangling or unreadable entries
@@ -54,8 +77,23 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.errno not in PERMANENT_ERRNOS
     # requests/urllib3 wrap socket errors in their own ConnectionError/Timeout classes, which
     # do not all derive from OSError; recognise them by name to avoid importing either.
-    names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"ConnectionError", "Timeout", "ProtocolError", "ChunkedEncodingError"})
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """A certificate check failed somewhere in ``exc``'s chain (requests wraps urllib3's
+    error, which wraps ``ssl``'s)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen or len(seen) > 20:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ == "SSLCertVerificationError" or "CERTIFICATE_VERIFY_FAILED" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *e.args, getattr(e, "reason", None)]
+    return False
 
 
 LONGEST_WAIT_S = min(1e9, threading.TIMEOUT_MAX)

@@ -30,6 +30,7 @@ from steplog.sinks.mlflow.common import (
     Chunk,
     RunRef,
     about_the_request,
+    exchange_limit_s,
     filter_quote,
     missing_run,
     redact_text,
@@ -54,7 +55,7 @@ class HostTransport:
     def __init__(self, tracking_uri: str, timeout_s: float) -> None:
         self.tracking_uri = tracking_uri
         self.host = Host("steplog.sinks.mlflow.client:ClientTransport", [tracking_uri],
-                         call_timeout_s=max(60.0, 2 * timeout_s))
+                         call_timeout_s=exchange_limit_s(timeout_s))
 
     def run_tags(self, user_tags: dict[str, str]) -> dict[str, str]:
         tags: dict[str, str] = self.host.call("api", "run_tags", user_tags)

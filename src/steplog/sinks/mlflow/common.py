@@ -75,6 +75,12 @@ _BUILTIN_SCHEMES = frozenset({
 """Tracking URI schemes MLflow itself knows (database schemes may carry a ``+driver``)."""
 
 
+def exchange_limit_s(request_timeout_s: float) -> float:
+    """The longest one call to the server may take as a whole, answer included:
+    ``max(60 s, 2 x request_timeout_s)`` (``request_timeout_s`` bounds each wait in it)."""
+    return max(60.0, 2 * request_timeout_s)
+
+
 def absolute_uri(uri: str) -> str:
     """``uri`` with a relative local path (``sqlite:///mlflow.db``, a plain path or a relative
     ``file:`` URI: a file store) made absolute against the working directory now; any other

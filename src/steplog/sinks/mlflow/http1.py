@@ -3,12 +3,14 @@ transport needs for MLflow's JSON API calls, at about half the CPU of ``http.cli
 request (which parses every answer's head through the ``email`` package, on the training
 process's GIL). Bodies are bytes. Streamed uploads and TLS stay with ``http.client``.
 
-A request whose target or headers hold a line break or another control character is refused
-before anything is sent (``ValueError``, as ``http.client`` refuses it). An answer is read whole:
-its head (status line and headers, at most 64 KiB; lines may end with CRLF or LF), then its body
-by ``Content-Length``, by chunks (``Transfer-Encoding: chunked``), or up to the end of the
-connection. Interim ``1xx`` answers are skipped. The socket stays open for the next request
-unless the server asked to close it, spoke HTTP/1.0, or ended the body by closing.
+A request whose target holds a space or a control character, or whose headers hold a line
+break or a NUL character, is refused before anything is sent (``ValueError``, as
+``http.client`` refuses it). An answer is read whole: its head (status line and headers, at
+most 64 KiB; lines may end with CRLF or LF), then its body by ``Content-Length``, by chunks
+(``Transfer-Encoding: chunked``, trailers at most 64 KiB), or up to the end of the connection.
+Up to 10 interim ``1xx`` answers are skipped. Each wait is bounded by the socket's timeout and
+the whole exchange by ``total_s``. The socket stays open for the next request unless the
+server asked to close it, spoke HTTP/1.0, or ended the body by closing.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import contextlib
 import re
 import socket
 import string
+import time
 import urllib.parse
 
 __all__ = ["Closed", "Http1Socket", "ResponseError", "host_header"]
 
 _MAX_HEAD = 65536
+_MAX_INTERIM = 10
 _MAX_BODY = 1 << 30
 _READ = 65536
 _READ_MOST = 1 << 20
@@ -60,14 +64,19 @@ def host_header(parts: urllib.parse.SplitResult) -> str:
 class Http1Socket:
     """A TCP connection to ``address`` (host, port), naming ``host`` (see :func:`host_header`)
     in each request, with the bytes read past an answer kept for the next (there should be
-    none). Every wait is bounded by ``timeout_s`` per read or write."""
+    none). Every wait is bounded by ``timeout_s`` per read or write, and each exchange as a
+    whole by ``total_s`` (a server that drips its answer a byte at a time)."""
 
-    def __init__(self, address: tuple[str, int], host: str, timeout_s: float) -> None:
+    def __init__(self, address: tuple[str, int], host: str, timeout_s: float,
+                 total_s: float) -> None:
         self._sock = socket.create_connection(address, timeout=timeout_s)
         with contextlib.suppress(OSError):  # a request is sent in one piece anyway
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._host = host
         self._buf = b""
+        self._timeout = timeout_s
+        self._total = total_s
+        self._until = 0.0
 
     def close(self) -> None:
         self._sock.close()
@@ -92,13 +101,15 @@ class Http1Socket:
             bad = next((k for k, v in headers.items() if _BAD_FIELD.search(f"{k}{v}")), "?")
             raise ValueError(f"the header {bad!r} holds a line break or a NUL character (a "
                              "token or password read from a file with its newline?)")
+        self._until = time.monotonic() + self._total
         self._sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + (body or b""))
-        first = True
-        while True:
-            version, status, fields = self._read_head(first)
-            first = False
-            if status >= 200:
-                break
+        version, status, fields = self._read_head(True)
+        interim = 0
+        while status < 200:
+            interim += 1
+            if interim > _MAX_INTERIM:
+                raise ResponseError(f"more than {_MAX_INTERIM} interim (1xx) answers")
+            version, status, fields = self._read_head(False)
         keep = version == "HTTP/1.1" and "close" not in fields.get("connection", "").lower()
         coding = fields.get("transfer-encoding")
         if method in _BODYLESS_METHODS or status in _BODYLESS_STATUS:
@@ -116,8 +127,19 @@ class Http1Socket:
             keep = False
         return status, data, keep
 
-    def _recv(self) -> bytes:
-        return self._sock.recv(_READ)
+    def _recv(self, n: int = _READ) -> bytes:
+        left = self._until - time.monotonic()
+        if left < self._timeout:  # the exchange's own bound comes first
+            if left <= 0:
+                raise TimeoutError(f"the answer took longer than {self._total:g} s")
+            self._sock.settimeout(left)
+            try:
+                return self._sock.recv(n)
+            except TimeoutError:
+                raise TimeoutError(f"the answer took longer than {self._total:g} s") from None
+            finally:
+                self._sock.settimeout(self._timeout)
+        return self._sock.recv(n)
 
     def _read_head(self, first: bool) -> tuple[str, int, dict[str, str]]:
         """The next answer's version, status and headers (names in lower case; repeated ones
@@ -132,7 +154,7 @@ class Http1Socket:
         version, _, rest = status_line.partition(" ")
         code = rest[:3]
         if (not version.startswith("HTTP/1.") or len(code) != 3 or not code.isascii()
-                or not code.isdigit()):
+                or not code.isdigit() or rest[3:4] not in ("", " ")):
             raise ResponseError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
         fields: dict[str, str] = {}
         name = ""
@@ -159,7 +181,7 @@ class Http1Socket:
         out = bytearray(self._buf)
         self._buf = b""
         while len(out) < n:
-            chunk = self._sock.recv(min(max(_READ, n - len(out)), _READ_MOST))
+            chunk = self._recv(min(max(_READ, n - len(out)), _READ_MOST))
             if not chunk:
                 raise ResponseError(f"the server closed the connection after {len(out)} of "
                                     f"{n} bytes of the body")
@@ -190,8 +212,11 @@ class Http1Socket:
                 raise ResponseError(f"bad chunk size {size_text[:20]!r}")
             size = int(size_text, 16)
             if size == 0:
-                while self._line():  # trailers, up to the empty line
-                    pass
+                trailers = 0
+                while line := self._line():  # trailers, up to the empty line
+                    trailers += len(line) + 2
+                    if trailers > _MAX_HEAD:
+                        raise ResponseError("the answer's trailers are longer than 64 KiB")
                 return bytes(out)
             if len(out) + size > _MAX_BODY:
                 raise ResponseError("a chunked body longer than 1 GiB")
@@ -202,7 +227,7 @@ class Http1Socket:
     def _read_to_end(self) -> bytes:
         out = bytearray(self._buf)
         self._buf = b""
-        while chunk := self._sock.recv(_READ):
+        while chunk := self._recv():
             out += chunk
             if len(out) > _MAX_BODY:
                 raise ResponseError("a body longer than 1 GiB")

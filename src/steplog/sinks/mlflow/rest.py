@@ -51,6 +51,7 @@ from steplog.sinks.mlflow.common import (
     Chunk,
     RunRef,
     about_the_request,
+    exchange_limit_s,
     filter_quote,
     missing_run,
     plugins,
@@ -264,7 +265,8 @@ class _Connection:
                    headers: dict[str, str]) -> tuple[int, bytes, bool]:
         """One exchange through :mod:`.http1` (a bytes body over plain HTTP)."""
         wire = self._wire or Http1Socket(
-            (self._parts.hostname or "", self._port), self._host, self._timeout)
+            (self._parts.hostname or "", self._port), self._host, self._timeout,
+            exchange_limit_s(self._timeout))
         self._wire = wire
         return wire.exchange(method, target, headers, cast("bytes | None", body))
 
