@@ -5,16 +5,18 @@ error."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from steplog.errors import RetryableError
+from steplog.errors import PermanentError, RetryableError
 from steplog.sinks.mlflow.http1 import Http1Socket, ResponseError, host_header
 from steplog.sinks.mlflow.rest import _Connection
 
@@ -332,3 +334,104 @@ def test_an_answer_dripping_in_past_the_exchanges_bound_times_out(serve) -> None
     finally:
         wire.close()
     assert time.monotonic() - start < 1.5
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 that no authority signed, and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+class _OneShotServer:
+    """Accepts one connection on loopback within 10 s and hands it to ``answer``."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(10)
+        self.port = self._listener.getsockname()[1]
+        self._answer = answer
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            with contextlib.suppress(OSError):  # the client gave up
+                self._answer(conn)
+
+    def stop(self) -> None:
+        self._listener.close()
+        self._thread.join(10)
+
+
+def test_a_server_certificate_that_fails_verification_is_a_permanent_error(tmp_path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+
+    def handshake(conn: socket.socket) -> None:
+        server_side.wrap_socket(conn, server_side=True).close()
+
+    server = _OneShotServer(handshake)
+    try:
+        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
+                           ssl.create_default_context())
+        with pytest.raises(PermanentError, match="CERTIFICATE_VERIFY_FAILED"):
+            conn.request("POST", "/x", b"{}", {})
+    finally:
+        server.stop()
+
+
+def test_https_to_a_plain_http_server_is_a_permanent_error() -> None:
+    def plain(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    server = _OneShotServer(plain)
+    try:
+        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
+                           ssl.create_default_context())
+        with pytest.raises(PermanentError, match="WRONG_VERSION_NUMBER"):
+            conn.request("POST", "/x", b"{}", {})
+    finally:
+        server.stop()
+
+
+def test_a_tls_connection_the_server_cuts_mid_handshake_is_retryable(tmp_path) -> None:
+    def cut(conn: socket.socket) -> None:
+        conn.recv(65536)  # the client's hello, then nothing: the connection ends
+
+    server = _OneShotServer(cut)
+    try:
+        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
+                           ssl.create_default_context())
+        with pytest.raises(RetryableError):
+            conn.request("POST", "/x", b"{}", {})
+    finally:
+        server.stop()

@@ -594,18 +594,31 @@ def test_a_forked_child_cannot_append_to_its_parents_journal(tmp_path) -> None:
         assert j.append(b"from the parent") == 1
 
 
+def fork_waiting_child() -> tuple[int, int]:
+    """A forked child that has run its fork hooks and lives until the returned pipe end is
+    closed: (its pid, that pipe end)."""
+    ready_r, ready_w = os.pipe()
+    go_on, wait = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(wait)
+        os.close(ready_r)
+        os.write(ready_w, b"r")  # the hooks ran before fork() returned here
+        os.read(go_on, 1)
+        os._exit(0)
+    os.close(go_on)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    return pid, wait
+
+
 def test_a_forked_child_that_lives_on_does_not_keep_the_journal_locked(tmp_path) -> None:
     # A pool's worker forked while the journal was open outlives the parent's close: the
     # directory is free for the next open (a sync) at once.
     j = Journal.open(tmp_path / "j")
     j.append(b"a")
-    go_on, wait = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: waits until told, then exits
-        os.close(wait)
-        os.read(go_on, 1)
-        os._exit(0)
-    os.close(go_on)
+    pid, wait = fork_waiting_child()
     try:
         j.close()
         assert not JournalView(tmp_path / "j").held
@@ -626,14 +639,7 @@ def test_a_fork_while_a_journal_is_being_opened_leaves_the_child_without_its_loc
     load = Journal._load
 
     def load_while_forking(self: Journal) -> None:
-        go_on, wait = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: waits until told, then exits
-            os.close(wait)
-            os.read(go_on, 1)
-            os._exit(0)
-        os.close(go_on)
-        children.append((pid, wait))
+        children.append(fork_waiting_child())
         load(self)
 
     monkeypatch.setattr(Journal, "_load", load_while_forking)

@@ -6,18 +6,19 @@ What an error means decides whether it is retried (the table is in ``docs/lifecy
   key, an unknown URI scheme), ``OSError`` whose errno says the destination cannot work as it is
   (permission denied, read-only file system, no such file, not a directory, name too long...),
   a directory copy that met missing, dangling or unreadable entries (``shutil.Error``), a TLS
-  setup the other side refuses (a certificate that fails verification, a protocol or cipher
-  mismatch), a URL or header requests/urllib3 call invalid, and any other exception (a bug or a
-  refusal does not heal by waiting);
+  setup the two sides cannot agree on or a URL requests/urllib3 call invalid
+  (:func:`setup_refused`), and any other exception (a bug or a refusal does not heal by
+  waiting);
 * **retryable within the deadline**: :class:`~steplog.errors.RetryableError` (HTTP 408/429/5xx),
-  connection refused/reset/aborted, timeouts, a TLS connection that ended or broke, a full disk
-  or quota, an unreachable network, I/O errors, ``OSError`` without an errno, and the connection
-  errors of requests/urllib3.
+  connection refused/reset/aborted, timeouts, any other TLS error (a connection that ended or
+  broke), a full disk or quota, an unreachable network, I/O errors, ``OSError`` without an
+  errno, and the connection errors of requests/urllib3.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 import socket
 import threading
@@ -31,7 +32,7 @@ import tenacity
 from steplog.errors import PermanentError, RetryableError
 
 __all__ = ["LONGEST_WAIT_S", "PERMANENT_ERRNOS", "RetryPolicy", "call_with_retry", "check_seconds",
-           "is_retryable"]
+           "is_retryable", "setup_refused"]
 
 T = TypeVar("T")
 
@@ -45,13 +46,45 @@ PERMANENT_ERRNOS = frozenset({
 """``OSError`` errnos that mean the destination cannot work as it is: retrying cannot help."""
 
 
-_TLS_TRANSIENT = frozenset({"SSLZeroReturnError", "SSLWantReadError", "SSLWantWriteError",
-                            "SSLEOFError", "SSLSyscallError"})
-"""``ssl`` errors of a connection that ended or broke, not of a TLS setup that cannot work."""
+_TLS_SETUP = frozenset({
+    "CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL",
+    "UNKNOWN_PROTOCOL", "NO_PROTOCOLS_AVAILABLE", "NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE",
+    "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
+    "TLSV1_ALERT_PROTOCOL_VERSION", "TLSV1_ALERT_UNKNOWN_CA", "TLSV1_ALERT_ACCESS_DENIED",
+    "TLSV1_UNRECOGNIZED_NAME", "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+})  # fmt: skip
+"""OpenSSL's reasons for a TLS setup the two sides cannot agree on (a certificate, a protocol,
+a cipher, plain HTTP on the other end): every new connection fails the same way."""
+_TLS_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
 _BAD_REQUEST = frozenset({"InvalidURL", "InvalidSchema", "MissingSchema", "InvalidHeader",
                           "InvalidProxyURL", "LocationParseError", "LocationValueError",
                           "URLSchemeUnknown"})
 """requests/urllib3 errors of a URL or header that no retry makes valid."""
+
+
+def setup_refused(exc: BaseException) -> bool:
+    """``exc`` (or an error it wraps: requests wraps urllib3's, which wraps ``ssl``'s) says
+    the connection cannot work as set up: a TLS certificate, protocol or cipher the other side
+    refuses, or a URL or header requests/urllib3 call invalid. Retrying cannot help."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen or len(seen) > 20:
+            continue
+        seen.add(id(e))
+        names = {cls.__name__ for cls in type(e).__mro__}
+        if names & _BAD_REQUEST or "SSLCertVerificationError" in names:
+            return True
+        if "SSLError" in names:  # its errno is OpenSSL's, not the OS's: read its reason
+            found = _TLS_REASON.search(str(e))
+            reason = getattr(e, "reason", None) or (found.group(1) if found else None)
+            if reason in _TLS_SETUP:
+                return True
+        todo += [e.__cause__, e.__context__, *e.args, getattr(e, "reason", None)]
+    return False
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -60,15 +93,11 @@ def is_retryable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, RetryableError):
         return True
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & _BAD_REQUEST:
+    if setup_refused(exc):
         return False
-    if "SSLError" in names:  # its errno is OpenSSL's, not the OS's
-        if names & _TLS_TRANSIENT:
-            return True
-        # ssl's own: a certificate, protocol or cipher the other side refuses; requests'/
-        # urllib3's: a connection that broke, unless a certificate check failed in it.
-        return type(exc).__module__ != "ssl" and not _certificate_refused(exc)
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "SSLError" in names:  # a TLS connection that ended or broke (not set up wrongly)
+        return True
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
         return True
     if isinstance(exc, shutil.Error):
@@ -78,22 +107,6 @@ def is_retryable(exc: BaseException) -> bool:
     # requests/urllib3 wrap socket errors in their own ConnectionError/Timeout classes, which
     # do not all derive from OSError; recognise them by name to avoid importing either.
     return bool(names & {"ConnectionError", "Timeout", "ProtocolError", "ChunkedEncodingError"})
-
-
-def _certificate_refused(exc: BaseException) -> bool:
-    """A certificate check failed somewhere in ``exc``'s chain (requests wraps urllib3's
-    error, which wraps ``ssl``'s)."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        e = todo.pop()
-        if not isinstance(e, BaseException) or id(e) in seen or len(seen) > 20:
-            continue
-        seen.add(id(e))
-        if type(e).__name__ == "SSLCertVerificationError" or "CERTIFICATE_VERIFY_FAILED" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__, *e.args, getattr(e, "reason", None)]
-    return False
 
 
 LONGEST_WAIT_S = min(1e9, threading.TIMEOUT_MAX)

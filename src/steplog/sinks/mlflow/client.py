@@ -22,6 +22,7 @@ from steplog.frames import decode_batch, encode_batch
 from steplog.host import Host
 from steplog.paths import link_or_copy
 from steplog.records import Artifact, Batch, Scalar
+from steplog.retry import setup_refused
 from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     MAX_METRICS_PER_REQUEST,
@@ -320,7 +321,9 @@ def _mlflow_errors() -> Iterator[None]:
         yield
     except (PermanentError, RetryableError):
         raise
-    except OSError as exc:
+    except OSError as exc:  # requests' errors among them
+        if setup_refused(exc):  # a TLS setup or a URL that cannot work
+            raise PermanentError(redact_text(str(exc)), whole_batch=True) from exc
         raise RetryableError(redact_text(str(exc))) from exc
     except Exception as exc:
         status = getattr(exc, "get_http_status_code", None)

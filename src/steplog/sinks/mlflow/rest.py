@@ -42,7 +42,7 @@ import msgspec
 
 from steplog.errors import PermanentError, RetryableError
 from steplog.records import Artifact, Batch, scalar_objects
-from steplog.retry import is_retryable
+from steplog.retry import is_retryable, setup_refused
 from steplog.sinks.base import RunStatus
 from steplog.sinks.mlflow.common import (
     MAX_REQUEST_BYTES,
@@ -232,8 +232,8 @@ class _Connection:
                 headers: dict[str, str], resend: bool = True) -> tuple[int, bytes]:
         """(status, body) of one request; a connection the server closed while idle is
         reopened once (``resend``: only for requests that are safe to repeat). Raises
-        :class:`RetryableError` for every transport failure, :class:`PermanentError` for a
-        server certificate that fails verification."""
+        :class:`RetryableError` for every transport failure, :class:`PermanentError` for a TLS
+        setup the server refuses (see :func:`~steplog.retry.setup_refused`)."""
         plain = self._context is None and (body is None or isinstance(body, bytes))
         once, drop = ((self._over_wire, self._close_wire) if plain
                       else (self._over_client, self._close_client))
@@ -242,9 +242,12 @@ class _Connection:
                 reused = (self._wire if plain else self._conn) is not None
                 try:
                     status, data, keep = once(method, target, body, headers)
-                except ssl.SSLCertVerificationError as exc:
+                except ssl.SSLError as exc:
                     drop()
-                    raise PermanentError(f"{method} {target}: {exc}") from exc
+                    if setup_refused(exc):  # a certificate, protocol or cipher refused
+                        raise PermanentError(f"{method} {target}: {exc}",
+                                             whole_batch=True) from exc
+                    raise RetryableError(f"{method} {target}: {exc!r}") from exc
                 except (Closed, *_STALE) as exc:
                     drop()
                     if resend and attempt == 0 and reused and _rewind(body):
