@@ -6,6 +6,7 @@ error."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import struct
@@ -433,5 +434,54 @@ def test_a_tls_connection_the_server_cuts_mid_handshake_is_retryable(tmp_path) -
                            ssl.create_default_context())
         with pytest.raises(RetryableError):
             conn.request("POST", "/x", b"{}", {})
+    finally:
+        server.stop()
+
+
+def test_a_tls_stream_damaged_after_the_handshake_is_retryable(tmp_path) -> None:
+    # OpenSSL names this WRONG_VERSION_NUMBER too, as for plain HTTP at the other end; only in
+    # the handshake does it mean a setup that cannot work.
+    cert, key = _self_signed(tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+
+    def plaintext_after_handshake(conn: socket.socket) -> None:
+        tls = server_side.wrap_socket(conn, server_side=True)
+        tls.recv(65536)  # the request
+        os.write(tls.fileno(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        time.sleep(0.5)
+
+    server = _OneShotServer(plaintext_after_handshake)
+    try:
+        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
+                           ssl.create_default_context(cafile=cert))
+        with pytest.raises(RetryableError, match="WRONG_VERSION_NUMBER"):
+            conn.request("POST", "/x", b"{}", {}, resend=False)
+    finally:
+        server.stop()
+
+
+def test_a_certificate_failure_mlflows_client_reports_is_a_permanent_error(
+    tmp_path, monkeypatch
+) -> None:
+    # MLflow's http_request raises its own MlflowException (HTTP 500) with requests' SSLError
+    # only as its context: the sink host's transport still sees the certificate failure.
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    from steplog.sinks.mlflow.client import _mlflow_errors
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cert, key = _self_signed(tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+
+    def handshake(conn: socket.socket) -> None:
+        server_side.wrap_socket(conn, server_side=True).close()
+
+    server = _OneShotServer(handshake)
+    try:
+        with pytest.raises(PermanentError, match="CERTIFICATE_VERIFY_FAILED"), _mlflow_errors():
+            http_request(MlflowHostCreds(f"https://127.0.0.1:{server.port}"),
+                         "/api/2.0/mlflow/experiments/get", "GET", timeout=5)
     finally:
         server.stop()

@@ -181,7 +181,7 @@ def _wrapped_by_requests(cause: BaseException) -> BaseException:
 
 @pytest.mark.parametrize("exc", [
     ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
-    ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+    ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION] tlsv1 alert protocol version"),
     _wrapped_by_requests(ssl.SSLCertVerificationError(
         1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")),
 ], ids=["certificate", "protocol", "certificate through requests"])

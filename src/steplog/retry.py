@@ -46,17 +46,21 @@ PERMANENT_ERRNOS = frozenset({
 """``OSError`` errnos that mean the destination cannot work as it is: retrying cannot help."""
 
 
-_TLS_SETUP = frozenset({
-    "CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL",
-    "UNKNOWN_PROTOCOL", "NO_PROTOCOLS_AVAILABLE", "NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE",
-    "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
-    "TLSV1_ALERT_PROTOCOL_VERSION", "TLSV1_ALERT_UNKNOWN_CA", "TLSV1_ALERT_ACCESS_DENIED",
-    "TLSV1_UNRECOGNIZED_NAME", "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+_TLS_HANDSHAKE = frozenset({
+    "WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL",
+    "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE", "NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE",
+})  # fmt: skip
+"""OpenSSL's reasons for a TLS setup the two sides cannot agree on when met in the handshake
+(plain HTTP at the other end, a protocol or cipher neither takes); met later, on a connection
+already set up, the same reason means a damaged stream."""
+_TLS_REFUSED = frozenset({
+    "CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_PROTOCOL_VERSION", "TLSV1_ALERT_UNKNOWN_CA",
+    "TLSV1_ALERT_ACCESS_DENIED", "TLSV1_UNRECOGNIZED_NAME", "TLSV1_ALERT_INSUFFICIENT_SECURITY",
     "SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLV3_ALERT_BAD_CERTIFICATE",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
 })  # fmt: skip
-"""OpenSSL's reasons for a TLS setup the two sides cannot agree on (a certificate, a protocol,
-a cipher, plain HTTP on the other end): every new connection fails the same way."""
+"""OpenSSL's reasons (a failed check, or the other side's alert) for a certificate, protocol
+or cipher that one side refuses: every new connection fails the same way."""
 _TLS_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
 _BAD_REQUEST = frozenset({"InvalidURL", "InvalidSchema", "MissingSchema", "InvalidHeader",
                           "InvalidProxyURL", "LocationParseError", "LocationValueError",
@@ -81,9 +85,22 @@ def setup_refused(exc: BaseException) -> bool:
         if "SSLError" in names:  # its errno is OpenSSL's, not the OS's: read its reason
             found = _TLS_REASON.search(str(e))
             reason = getattr(e, "reason", None) or (found.group(1) if found else None)
-            if reason in _TLS_SETUP:
+            if not isinstance(reason, str):
+                pass
+            elif reason in _TLS_REFUSED or (reason in _TLS_HANDSHAKE and _in_handshake(e)):
                 return True
         todo += [e.__cause__, e.__context__, *e.args, getattr(e, "reason", None)]
+    return False
+
+
+def _in_handshake(exc: BaseException) -> bool:
+    """``exc`` was raised while a TLS connection was being set up (``do_handshake`` is among
+    the frames it passed through), not on one already set up."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "do_handshake":
+            return True
+        tb = tb.tb_next
     return False
 
 

@@ -326,6 +326,8 @@ def _mlflow_errors() -> Iterator[None]:
             raise PermanentError(redact_text(str(exc)), whole_batch=True) from exc
         raise RetryableError(redact_text(str(exc))) from exc
     except Exception as exc:
+        if setup_refused(exc):  # MLflow wraps requests' error without saying it is the cause
+            raise PermanentError(redact_text(str(exc)), whole_batch=True) from exc
         status = getattr(exc, "get_http_status_code", None)
         if not callable(status):
             raise  # not MLflow's: the pipeline classifies it (requests errors are retryable)
