@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -294,32 +297,36 @@ class SlowToWrite:
         return (SlowToWrite, (self.write_s,))
 
 
-def test_a_close_past_its_deadline_does_not_wait_out_a_snapshot_a_lane_is_writing(
-    tmp_path, monkeypatch
-) -> None:
-    keeping_time(monkeypatch, 1.0)
+@contextlib.contextmanager
+def file_logger_writing_slowly(tmp_path: Path) -> Iterator[FileLogger]:
+    """A file logger whose :class:`SlowToWrite` snapshots are released when the block ends."""
     SlowToWrite.release.clear()
     logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
                                                           runs_dir=str(tmp_path / "runs")))
     try:
+        yield logger
+    finally:
+        SlowToWrite.release.set()
+
+
+def test_a_close_past_its_deadline_does_not_wait_out_a_snapshot_a_lane_is_writing(
+    tmp_path, monkeypatch
+) -> None:
+    keeping_time(monkeypatch, 1.0)
+    with file_logger_writing_slowly(tmp_path) as logger:
         logger.save_agent({"obj": SlowToWrite(30.0)}, name="agent.pkl")
         time.sleep(0.3)  # the uploads lane is writing its snapshot
         start = time.monotonic()
         result = logger.close(0.5)
         assert time.monotonic() - start < 4.0
         assert result.timed_out and not result
-    finally:
-        SlowToWrite.release.set()
 
 
 def test_snapshots_the_close_has_no_time_left_to_write_are_counted_failed_and_not_kept(
     tmp_path, monkeypatch
 ) -> None:
     keeping_time(monkeypatch, 0.5)
-    SlowToWrite.release.clear()
-    logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
-                                                          runs_dir=str(tmp_path / "runs")))
-    try:
+    with file_logger_writing_slowly(tmp_path) as logger:
         logger.save_agent({"obj": SlowToWrite(30.0)}, name="busy.pkl")
         logger.save_agent({"obj": SlowToWrite(0.1)}, name="kept.pkl")  # fits the 0.5 s
         logger.save_agent({"obj": SlowToWrite(1.0)}, name="late.pkl")  # ends after them
@@ -330,18 +337,13 @@ def test_snapshots_the_close_has_no_time_left_to_write_are_counted_failed_and_no
         assert reasons["artifact 'late.pkl'"].endswith(
             "(not kept: the close had no time left to keep it)")
         assert kept_names(tmp_path / "runs") == ["kept.pkl"]
-    finally:
-        SlowToWrite.release.set()
 
 
 def test_a_timed_out_close_says_the_upload_in_flight_is_not_kept_while_its_snapshot_is_written(
     tmp_path, monkeypatch
 ) -> None:
     keeping_time(monkeypatch, 0.5)
-    SlowToWrite.release.clear()
-    logger = FileLogger(tmp_path / "run", options=Options(drain_interval_s=0.005,
-                                                          runs_dir=str(tmp_path / "runs")))
-    try:
+    with file_logger_writing_slowly(tmp_path) as logger:
         logger.save_agent({"obj": SlowToWrite(30.0)}, name="busy.pkl")
         time.sleep(0.3)
         result = logger.close(0.3)
@@ -349,8 +351,6 @@ def test_a_timed_out_close_says_the_upload_in_flight_is_not_kept_while_its_snaps
         assert on_the_way.record == "records still on the way"
         assert on_the_way.reason.endswith(
             "; artifact 'busy.pkl' in flight is not kept: its snapshot was still being written")
-    finally:
-        SlowToWrite.release.set()
 
 
 def test_a_close_past_its_deadline_does_not_wait_out_the_drain_threads_snapshot_writes(

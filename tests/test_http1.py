@@ -292,53 +292,49 @@ def test_a_server_that_never_answers_is_a_retryable_error_within_the_timeout(ser
     assert time.monotonic() - start < 3
 
 
-def test_a_head_longer_than_64_kib_is_refused(serve) -> None:
-    server = serve([[b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"]])
-    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 60.0)
+@contextlib.contextmanager
+def wire_to(server: ScriptedServer, total_s: float = 60.0) -> Iterator[Http1Socket]:
+    """An HTTP/1.1 connection to ``server`` (5 s per wait), closed when the block ends."""
+    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, total_s)
     try:
-        with pytest.raises(ResponseError, match="64 KiB"):
-            wire.exchange("POST", "/x", {}, b"{}")
+        yield wire
     finally:
         wire.close()
+
+
+def test_a_head_longer_than_64_kib_is_refused(serve) -> None:
+    server = serve([[b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"]])
+    with wire_to(server) as wire, pytest.raises(ResponseError, match="64 KiB"):
+        wire.exchange("POST", "/x", {}, b"{}")
 
 
 def test_more_than_ten_interim_answers_are_refused(serve) -> None:
     server = serve([[b"HTTP/1.1 100 Continue\r\n\r\n"] * 11 + [ok(b"done")]])
-    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 60.0)
-    try:
-        with pytest.raises(ResponseError, match="interim"):
-            wire.exchange("POST", "/x", {}, b"{}")
-    finally:
-        wire.close()
+    with wire_to(server) as wire, pytest.raises(ResponseError, match="interim"):
+        wire.exchange("POST", "/x", {}, b"{}")
 
 
 def test_trailers_longer_than_64_kib_are_refused(serve) -> None:
     trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
     server = serve([[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
                      + trailers + b"\r\n"]])
-    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 60.0)
-    try:
-        with pytest.raises(ResponseError, match="trailers"):
-            wire.exchange("POST", "/x", {}, b"{}")
-    finally:
-        wire.close()
+    with wire_to(server) as wire, pytest.raises(ResponseError, match="trailers"):
+        wire.exchange("POST", "/x", {}, b"{}")
 
 
 def test_an_answer_dripping_in_past_the_exchanges_bound_times_out(serve) -> None:
     whole = ok(b"x" * 200)
     server = serve([[whole[i:i + 1] for i in range(len(whole))]])  # a byte every 10 ms
-    wire = Http1Socket(("127.0.0.1", server.port), "h", 5.0, 0.5)
     start = time.monotonic()
-    try:
-        with pytest.raises(TimeoutError, match=r"longer than 0\.5 s"):
-            wire.exchange("POST", "/x", {}, b"{}")
-    finally:
-        wire.close()
+    with wire_to(server, total_s=0.5) as wire, pytest.raises(TimeoutError,
+                                                             match=r"longer than 0\.5 s"):
+        wire.exchange("POST", "/x", {}, b"{}")
     assert time.monotonic() - start < 1.5
 
 
-def _self_signed(tmp_path) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 that no authority signed, and its key (PEM files)."""
+def tls_server_context(tmp_path) -> tuple[ssl.SSLContext, str]:
+    """A server's TLS context with a certificate for 127.0.0.1 that no authority signed, and
+    that certificate's PEM file."""
     import datetime
     import ipaddress
 
@@ -362,7 +358,9 @@ def _self_signed(tmp_path) -> tuple[str, str]:
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    return str(cert_file), str(key_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, str(cert_file)
 
 
 class _OneShotServer:
@@ -391,18 +389,20 @@ class _OneShotServer:
         self._thread.join(10)
 
 
+def https_to(server: _OneShotServer, context: ssl.SSLContext) -> _Connection:
+    """The REST transport's connection to ``server`` over TLS (5 s per wait)."""
+    return _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0, context)
+
+
 def test_a_server_certificate_that_fails_verification_is_a_permanent_error(tmp_path) -> None:
-    cert, key = _self_signed(tmp_path)
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    server_side, _ = tls_server_context(tmp_path)
 
     def handshake(conn: socket.socket) -> None:
         server_side.wrap_socket(conn, server_side=True).close()
 
     server = _OneShotServer(handshake)
     try:
-        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
-                           ssl.create_default_context())
+        conn = https_to(server, ssl.create_default_context())
         with pytest.raises(PermanentError, match="CERTIFICATE_VERIFY_FAILED"):
             conn.request("POST", "/x", b"{}", {})
     finally:
@@ -416,8 +416,7 @@ def test_https_to_a_plain_http_server_is_a_permanent_error() -> None:
 
     server = _OneShotServer(plain)
     try:
-        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
-                           ssl.create_default_context())
+        conn = https_to(server, ssl.create_default_context())
         with pytest.raises(PermanentError, match="WRONG_VERSION_NUMBER"):
             conn.request("POST", "/x", b"{}", {})
     finally:
@@ -430,8 +429,7 @@ def test_a_tls_connection_the_server_cuts_mid_handshake_is_retryable(tmp_path) -
 
     server = _OneShotServer(cut)
     try:
-        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
-                           ssl.create_default_context())
+        conn = https_to(server, ssl.create_default_context())
         with pytest.raises(RetryableError):
             conn.request("POST", "/x", b"{}", {})
     finally:
@@ -441,9 +439,7 @@ def test_a_tls_connection_the_server_cuts_mid_handshake_is_retryable(tmp_path) -
 def test_a_tls_stream_damaged_after_the_handshake_is_retryable(tmp_path) -> None:
     # OpenSSL names this WRONG_VERSION_NUMBER too, as for plain HTTP at the other end; only in
     # the handshake does it mean a setup that cannot work.
-    cert, key = _self_signed(tmp_path)
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    server_side, cert = tls_server_context(tmp_path)
 
     def plaintext_after_handshake(conn: socket.socket) -> None:
         tls = server_side.wrap_socket(conn, server_side=True)
@@ -453,8 +449,7 @@ def test_a_tls_stream_damaged_after_the_handshake_is_retryable(tmp_path) -> None
 
     server = _OneShotServer(plaintext_after_handshake)
     try:
-        conn = _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0,
-                           ssl.create_default_context(cafile=cert))
+        conn = https_to(server, ssl.create_default_context(cafile=cert))
         with pytest.raises(RetryableError, match="WRONG_VERSION_NUMBER"):
             conn.request("POST", "/x", b"{}", {}, resend=False)
     finally:
@@ -471,9 +466,7 @@ def test_a_certificate_failure_mlflows_client_reports_is_a_permanent_error(
     from steplog.sinks.mlflow.client import _mlflow_errors
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    cert, key = _self_signed(tmp_path)
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    server_side, _ = tls_server_context(tmp_path)
 
     def handshake(conn: socket.socket) -> None:
         server_side.wrap_socket(conn, server_side=True).close()

@@ -170,17 +170,23 @@ def test_a_journal_every_sink_acknowledged_is_removed_at_close(tmp_path: Path) -
     assert [p.name for p in runs.iterdir()] == ["delivered.jsonl"]  # the run's line only
 
 
-def test_sync_of_the_run_directory_a_logger_delivered_whole_exits_0_saying_so(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    runs = tmp_path / "runs"
+def run_its_logger_delivered(tmp_path: Path) -> tuple[Path, str]:
+    """The directory of a run (under ``tmp_path/runs``) whose logger delivered it whole into a
+    sqlite store and removed it, and that store's URI."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     logger = MLFlowLogger("sync-clean", tracking_uri=uri,
-                          options=Options(drain_interval_s=0.01, runs_dir=str(runs)))
+                          options=Options(drain_interval_s=0.01, runs_dir=str(tmp_path / "runs")))
     run_dir = Path(logger.run_dir or "")
     logger.log_scalar("x", 1.0, 0)
     assert logger.close(120)
     assert not run_dir.exists()
+    return run_dir, uri
+
+
+def test_sync_of_the_run_directory_a_logger_delivered_whole_exits_0_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, uri = run_its_logger_delivered(tmp_path)
     assert main(["sync", str(run_dir)]) == 0  # the command printed at the start
     out = capsys.readouterr().out
     assert f"{run_dir.name}: delivered whole by its logger at" in out
@@ -196,19 +202,12 @@ def test_a_run_another_sync_delivered_after_this_sync_listed_it_is_reported_deli
 ) -> None:
     import steplog.replay
 
-    runs = tmp_path / "runs"
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    logger = MLFlowLogger("sync-twice", tracking_uri=uri,
-                          options=Options(drain_interval_s=0.01, runs_dir=str(runs)))
-    run_dir = Path(logger.run_dir or "")
-    logger.log_scalar("x", 1.0, 0)
-    assert logger.close(120)
-    assert not run_dir.exists()  # delivered whole and removed, after this sync listed it
+    run_dir, _ = run_its_logger_delivered(tmp_path)  # after this sync listed it
     if removed == "but for run.json":  # the removal is under way: run.json goes last
         run_dir.mkdir()
         (run_dir / "run.json").write_text("{}")
     monkeypatch.setattr(steplog.replay, "find_runs", lambda path: iter([run_dir]))
-    assert main(["sync", str(runs)]) == 0
+    assert main(["sync", str(run_dir.parent)]) == 0
     assert f"{run_dir.name}: delivered whole by its logger at" in capsys.readouterr().out
     assert not (run_dir / "journal").exists()  # not made again
 

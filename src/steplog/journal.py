@@ -758,11 +758,7 @@ class Journal:
         """The child's copies of the files are closed (the parent's stay open and locked); the
         parent's threads do not exist here, so its lock may be held: a new one."""
         self._lock = threading.Lock()
-        for fd in (self._fd, self._lock_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._lock_fd = -1
+        self._close_files()  # _fd_lock is the forking thread's, which is this one
 
     def _sync_directory(self) -> None:
         fsync_path(self.directory)
@@ -784,8 +780,7 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     for journal in list(_open_journals):
-        journal._after_fork_in_child()
-    _open_journals.clear()
+        journal._after_fork_in_child()  # which leaves the set
     _fd_lock.release()
 
 

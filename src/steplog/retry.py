@@ -85,9 +85,8 @@ def setup_refused(exc: BaseException) -> bool:
         if "SSLError" in names:  # its errno is OpenSSL's, not the OS's: read its reason
             found = _TLS_REASON.search(str(e))
             reason = getattr(e, "reason", None) or (found.group(1) if found else None)
-            if not isinstance(reason, str):
-                pass
-            elif reason in _TLS_REFUSED or (reason in _TLS_HANDSHAKE and _in_handshake(e)):
+            if isinstance(reason, str) and (
+                    reason in _TLS_REFUSED or (reason in _TLS_HANDSHAKE and _in_handshake(e))):
                 return True
         todo += [e.__cause__, e.__context__, *e.args, getattr(e, "reason", None)]
     return False

@@ -321,13 +321,13 @@ def _mlflow_errors() -> Iterator[None]:
         yield
     except (PermanentError, RetryableError):
         raise
-    except OSError as exc:  # requests' errors among them
-        if setup_refused(exc):  # a TLS setup or a URL that cannot work
-            raise PermanentError(redact_text(str(exc)), whole_batch=True) from exc
-        raise RetryableError(redact_text(str(exc))) from exc
     except Exception as exc:
-        if setup_refused(exc):  # MLflow wraps requests' error without saying it is the cause
+        # A TLS setup or a URL that cannot work, also inside the MlflowException MLflow wraps
+        # requests' error in (without saying it is the cause).
+        if setup_refused(exc):
             raise PermanentError(redact_text(str(exc)), whole_batch=True) from exc
+        if isinstance(exc, OSError):  # requests' errors among them
+            raise RetryableError(redact_text(str(exc))) from exc
         status = getattr(exc, "get_http_status_code", None)
         if not callable(status):
             raise  # not MLflow's: the pipeline classifies it (requests errors are retryable)
