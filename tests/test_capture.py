@@ -106,6 +106,42 @@ def test_a_param_that_cannot_be_captured_raises_naming_it_and_queues_nothing() -
     assert logger.close(10) and sink.records == []
 
 
+def test_a_param_int_beyond_64_bits_is_its_text_in_the_journal_and_every_sink(tmp_path) -> None:
+    from sinks_for_tests import JournaledListSink
+    from steplog import Options
+    from steplog.frames import decode_batch, encode_batch
+    from steplog.records import Batch, Param
+
+    params = {"rng": {"entropy": 2**127, "spawn_key": [-(2**70), 7]}, "config": {"lr": 0.1}}
+    expected = {"rng": {"entropy": str(2**127), "spawn_key": [str(-(2**70)), 7]},
+                "config": {"lr": 0.1}}
+    sink = JournaledListSink()
+    logger = Logger(sinks=[sink], options=Options(runs_dir=str(tmp_path)))
+    logger.log_parameters(params)
+    assert logger.close(10)
+    assert {r.name: r.value for r in sink.records} == expected
+    journaled = Batch([Param(k, capture_param(v), 0) for k, v in params.items()])
+    assert {r.name: r.value for r in decode_batch(encode_batch(journaled))} == expected
+
+
+def test_params_within_64_bits_stay_numbers() -> None:
+    assert capture_param([-(2**63), 2**64 - 1, True]) == [-(2**63), 2**64 - 1, True]
+
+
+def test_log_metrics_snapshots_a_mapping_whose_copy_shares_its_maps(tmp_path) -> None:
+    from collections import ChainMap
+
+    base = {"loss": 1.0}
+    logger = FileLogger(tmp_path)
+    logger.log_metrics(ChainMap({"acc": 0.5}, base), 0)
+    base["loss"] = 999.0
+    assert logger.close(10)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert {r["name"]: r["value"] for r in rows} == {"acc": 0.5, "loss": 1.0}
+
+
 def test_capture_param_turns_arrays_and_tensors_into_lists() -> None:
     assert capture_param({"a": np.arange(3), "b": torch.tensor([1, 2])}) == {
         "a": [0, 1, 2],

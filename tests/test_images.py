@@ -34,9 +34,21 @@ def test_axes_are_read_as_dataformats_names_them() -> None:
     assert (decode(encode_png(grey.T, "WH")) == grey).all()
 
 
-def test_floats_are_read_as_zero_to_one_and_clipped_with_nan_as_zero() -> None:
-    image = torch.tensor([[0.0, 0.5, 1.0, 2.0, -1.0, float("nan")]])
-    assert decode(encode_png(image, "HW")).tolist() == [[0, 127, 255, 255, 0, 0]]
+def test_floats_are_read_as_zero_to_one_rounded_and_clipped_with_nan_as_zero() -> None:
+    image = torch.tensor([[0.0, 0.5, 0.7 / 255, 1.0, 2.0, -1.0, float("nan")]])
+    assert decode(encode_png(image, "HW")).tolist() == [[0, 128, 1, 255, 255, 0, 0]]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_level_survives_a_trip_through_floats(dtype: type) -> None:
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert (decode(encode_png((levels / 255).astype(dtype), "HW")) == levels).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tensors_are_images(dtype: torch.dtype) -> None:
+    image = torch.tensor([[0.0, 0.5, 1.0]], dtype=dtype)
+    assert decode(encode_png(image, "HW")).tolist() == [[0, 128, 255]]
 
 
 def test_bad_images_raise_at_the_call() -> None:

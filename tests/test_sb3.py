@@ -232,6 +232,22 @@ def test_a_value_of_an_unknown_type_raises_at_the_dump_and_logs_nothing_of_it(
     assert not (run / "scalars.jsonl").exists() or scalars(run) == {}
 
 
+@pytest.mark.parametrize("key, value, error", [
+    ("hparams", HParam({"schedule": {(0, 10): 0.1}}, {"train/loss": 0}), TypeError),  # a tuple key
+    ("config/env", "Cart\udc80Pole", ValueError),  # text UTF-8 cannot encode
+], ids=["hparam-that-cannot-be-captured", "tag-that-cannot-be-encoded"])
+def test_a_param_or_tag_that_cannot_be_stored_raises_at_the_dump_and_logs_nothing_of_it(
+    tmp_path: Path, key: str, value: Any, error: type[Exception],
+) -> None:
+    logger, sb3, run = file_run(tmp_path)
+    sb3.record("rollout/rew", 1.5)
+    sb3.record(key, value)
+    with pytest.raises(error):
+        sb3.dump(step=1)
+    assert logger.close(30)
+    assert not (run / "scalars.jsonl").exists() or scalars(run) == {}
+
+
 def test_a_key_the_sink_refuses_raises_at_the_dump_and_logs_nothing_of_it(
     mlflow_server: MlflowServer,
 ) -> None:

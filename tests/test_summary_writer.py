@@ -265,6 +265,18 @@ def test_add_hparams_stores_parameters_and_the_metrics_as_scalars(writer: Any,
     assert scalars(run) == {"hparam/return": [(9, 200.0)]}
 
 
+def test_add_hparams_with_a_bad_parameter_or_metric_queues_nothing(writer: Any,
+                                                                   tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="schedule"):
+        writer.add_hparams({"schedule": {(0, 10): 0.1}}, {"hparam/return": 200.0})
+    with pytest.raises(TypeError, match="hparam/return"):
+        writer.add_hparams({"lr": 0.1}, {"hparam/return": "high"})
+    assert writer.close(30)
+    run = tmp_path / "run"
+    assert not (run / "parameters.json").exists()
+    assert scalars(run) == {}
+
+
 def test_add_figure_renders_now_and_closes_the_figure_unless_told_not_to(
     writer: Any, tmp_path: Path
 ) -> None:

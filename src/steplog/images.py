@@ -2,8 +2,10 @@
 
 An image is a 2-D (``HW``) or 3-D (``HWC``, ``CHW``, ...) array with 1, 3 or 4 channels (grey,
 RGB, RGBA). As in TensorBoard's ``add_image``, ``uint8`` values are taken as they are and any
-other dtype is taken to be in ``[0, 1]``: it is scaled by 255 and clipped. The PNG is written with
-the standard library (``zlib``); numpy is needed, and is imported only when an image is logged.
+other dtype is taken to be in ``[0, 1]``: it is scaled by 255, clipped and rounded to the
+nearest level (TensorBoard truncates; the two differ by at most one level). The PNG is written
+with the standard library (``zlib``); numpy is needed, and is imported only when an image is
+logged.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def _hwc_uint8(image: Any, dataformats: str) -> Any:
         raise TypeError("logging an image needs numpy") from None
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32,
+                                                             torch.float64):
+            image = image.float()  # bfloat16, float8: dtypes numpy lacks
+        image = image.numpy()
     try:
         array = np.asarray(image)
     except Exception as exc:
@@ -79,5 +85,6 @@ def _hwc_uint8(image: Any, dataformats: str) -> Any:
         raise ValueError(f"an image must not be empty, got shape {array.shape} read as HWC")
     if array.dtype != np.uint8:
         scaled = np.nan_to_num(array.astype(np.float32) * 255.0, nan=0.0)
-        array = np.clip(scaled, 0, 255).astype(np.uint8)
+        # Rounded, not truncated: a float16 k/255 lies just below k/255 and would lose a level.
+        array = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
     return np.ascontiguousarray(array)

@@ -181,14 +181,17 @@ class Logger:
         """Queue one point per key, all at ``iteration`` (or each at its own automatic step).
         Raises ``TypeError`` for a value that is not numeric, ``ValueError`` for an int too
         large for a float, naming the key; then nothing of the call is queued."""
-        try:
-            values = metrics.copy()  # type: ignore[attr-defined]
+        plain = False
+        if isinstance(metrics, dict):  # other mappings (a ChainMap's copy shares its maps)
+            values: dict[str, Any] = (  # take the careful path, which reads every key now
+                metrics.copy() if type(metrics) is dict else dict(metrics))
             # One C-level pass: a sum of plain floats and ints started at 0.0 is a float, and
             # adding an int too large for a float to a float raises; anything else (strings,
             # tensors, numpy scalars, None) and an empty dict take the careful path.
-            plain = type(sum(values.values(), 0.0)) is float and len(values) > 0
-        except Exception:
-            plain = False
+            try:
+                plain = type(sum(values.values(), 0.0)) is float and len(values) > 0
+            except Exception:
+                plain = False
         if not plain:
             values = capture_metrics(metrics)
             if not values:
@@ -252,16 +255,27 @@ class Logger:
     # -- rare records ----------------------------------------------------------------------
     def log_parameters(self, params: Mapping[str, Any]) -> None:
         """Queue run parameters; each value is snapshotted now (deep copy, JSON-compatible)."""
-        self._put_settings(params, "params", lambda k, v, ts: Param(k, capture_param(v), ts))
+        self._queue_settings(self._param_records(params), "params")
 
     def log_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue run tags (values are stored as strings)."""
-        self._put_settings(tags, "tags", lambda k, v, ts: Tag(k, str(v), ts))
+        self._queue_settings(self._tag_records(tags), "tags")
 
-    def _put_settings(
+    def _param_records(self, params: Mapping[str, Any]) -> list[Param | Tag]:
+        """The records of a ``log_parameters`` call, every key and value checked; nothing
+        queued."""
+        return self._setting_records(params, "params",
+                                     lambda k, v, ts: Param(k, capture_param(v), ts))
+
+    def _tag_records(self, tags: Mapping[str, Any]) -> list[Param | Tag]:
+        """The records of a ``log_tags`` call, every key and value checked; nothing queued."""
+        return self._setting_records(tags, "tags", lambda k, v, ts: Tag(k, str(v), ts))
+
+    def _setting_records(
         self, items: Mapping[str, Any], what: str, build: Callable[[str, Any, int], Param | Tag]
-    ) -> None:
-        """Validate every key and build every record first, so a bad one queues nothing."""
+    ) -> list[Param | Tag]:
+        """Validate every key and build every record (``TypeError``/``ValueError`` naming the
+        first bad one)."""
         if not isinstance(items, Mapping):
             raise TypeError(f"{what} must be a mapping, got {type(items).__name__}")
         ts = now_ms()
@@ -278,6 +292,10 @@ class Logger:
             if problem is not None:
                 raise ValueError(f"{what} {k!r}: the value {problem}")
             records.append(record)
+        return records
+
+    def _queue_settings(self, records: list[Param | Tag], what: str) -> None:
+        """Queue checked param or tag records (``what``: how the error messages name them)."""
         pipeline = self._life.admit()
         if pipeline is None:
             return

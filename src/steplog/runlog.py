@@ -36,7 +36,7 @@ from steplog.errors import SteplogWarning
 from steplog.frames import encode_batch
 from steplog.journal import Durability, Journal
 from steplog.paths import replace_json
-from steplog.records import Batch, Param, Part
+from steplog.records import Batch, Part
 from steplog.sinks.base import Sink
 
 __all__ = ["DELIVERED_LEDGER", "END_FAILED", "RunJournal", "consumer_name", "delivered_by",
@@ -231,13 +231,7 @@ class RunJournal:
 
     def append(self, parts: list[Part], count: int) -> int:
         """Journal one chunk of ``count`` metric records (before the lanes get it); its seq."""
-        try:
-            payload = encode_batch(Batch(parts))
-        except (OverflowError, TypeError, ValueError):
-            # A param value msgpack cannot hold (an int beyond 64 bits): MLflow stores str().
-            payload = encode_batch(Batch(
-                [Param(p.name, str(p.value), p.timestamp) if type(p) is Param else p
-                 for p in parts]))
+        payload = encode_batch(Batch(parts))  # capture_param keeps every int within 64 bits
         seq = self.journal.append(payload)
         with self._lock:
             self._appended += count

@@ -116,15 +116,14 @@ class SteplogOutputFormat(KVWriter):
         # Every key checked, and every figure and image rendered, before anything is queued:
         # a bad one logs nothing of the dump.
         logger._check_names(itertools.chain(metrics, tags, params))
+        settings = logger._param_records(params) + logger._tag_records(tags)
         artifacts = [a for key, value in uploads if (a := self._artifact(key, value, step))]
         for artifact in artifacts:
             logger._check_upload_name(artifact.name)
         if metrics:  # first: its values are checked at the call, and refused as a whole
             logger.log_metrics(metrics, step)
-        if params:
-            logger.log_parameters(params)
-        if tags:
-            logger.log_tags(tags)
+        if settings:
+            logger._queue_settings(settings, "params and tags")
         for artifact in artifacts:
             logger._upload(artifact)
 

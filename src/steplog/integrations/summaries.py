@@ -38,9 +38,10 @@ def summary_statistics(name: str, values: Any) -> dict[str, Any]:
         raise TypeError(f"{name}: expected real numbers, got dtype {array.dtype}")
     if array.size == 0:
         raise ValueError(f"{name}: no values to summarise (empty array)")
-    array = array.astype(np.float64, copy=False)
+    # Reduced in float64 without a float64 copy of the whole array (std needs one temporary).
     return {f"{name}/min": float(array.min()), f"{name}/max": float(array.max()),
-            f"{name}/mean": float(array.mean()), f"{name}/std": float(array.std())}
+            f"{name}/mean": float(array.mean(dtype=np.float64)),
+            f"{name}/std": float(array.std(dtype=np.float64))}
 
 
 def _tensor_statistics(torch: Any, name: str, tensor: Any) -> dict[str, Any]:

@@ -245,16 +245,19 @@ class SummaryWriter:
         ``global_step``, in this writer's run. TensorBoard writes them into a sub-run named
         ``run_name``; here there is one run, so ``run_name`` and the display-only
         ``hparam_domain_discrete`` have no effect. A parameter logged again with another value
-        is refused by MLflow (the close result says so)."""
+        is refused by MLflow (the close result says so). A key or value either mapping
+        cannot store raises ``TypeError``/``ValueError`` and queues nothing of the call."""
         if not isinstance(hparam_dict, Mapping) or not isinstance(metric_dict, Mapping):
             raise TypeError("hparam_dict and metric_dict must be mappings")
         if hparam_domain_discrete is not None and not isinstance(hparam_domain_discrete, Mapping):
             raise TypeError("hparam_domain_discrete must be a mapping of name to values")
         if run_name is not None and not isinstance(run_name, str):
             raise TypeError(f"run_name must be a str, got {type(run_name).__name__}")
-        self.logger.log_parameters(hparam_dict)
+        params = self.logger._param_records(hparam_dict)  # checked before anything is queued
+        step = _step(global_step)
         if metric_dict:
-            self._log_metrics(metric_dict, _step(global_step))
+            self._log_metrics(metric_dict, step)
+        self.logger._queue_settings(params, "params")
 
     def add_figure(
         self,
