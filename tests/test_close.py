@@ -12,6 +12,7 @@ import pytest
 
 from sinks_for_tests import ListSink
 from steplog import FileLogger, Logger, LoggerClosedError, Options
+from waiting import wait_until
 
 FAST = Options(drain_interval_s=0.005)
 
@@ -266,12 +267,31 @@ def test_show_of_a_run_directory_left_with_kept_uploads_only_lists_them(
         logger.log_text("a note", "note")
         time.sleep(0.2)
         assert logger.close(0.5).timed_out
+        (run_dir,) = tmp_path.iterdir()
+        assert main(["show", str(run_dir)]) == 0  # while the upload is still on its way
     finally:
         release.set()
-    (run_dir,) = tmp_path.iterdir()
-    assert main(["show", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "upload note.txt -> slow" in out and f"steplog sync {run_dir}" in out
+
+
+def test_an_upload_kept_by_a_timed_out_close_that_then_arrives_is_no_longer_kept(
+    tmp_path: Path,
+) -> None:
+    from steplog.kept import find_kept
+
+    release = threading.Event()
+    sink = SlowSink(upload_release=release)
+    logger = Logger(sinks=[sink], options=Options(drain_interval_s=0.005, runs_dir=str(tmp_path)))
+    try:
+        logger.log_text("a note", "note")
+        time.sleep(0.2)
+        assert logger.close(0.5).timed_out
+        assert [k.artifact.name for k in find_kept(tmp_path)] == ["note.txt"]
+    finally:
+        release.set()
+    assert wait_until(lambda: not list(find_kept(tmp_path)), 10)
+    assert [a.name for a in sink.uploads] == ["note.txt"]
 
 
 def keeping_time(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:

@@ -168,3 +168,154 @@ def test_a_relative_sqlite_destination_is_kept_as_an_absolute_one(
     assert portable_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert portable_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert portable_uri("https://u:p@host:5000/x?token=s") == "https://host:5000/x"
+
+
+def _kept_by_a_logger_that_cannot_reach_its_server(tmp_path: Path, *sources: Path,
+                                                   name: str | None = None) -> Path:
+    """Log each file to an MLflow server that is not there; the runs directory they are kept
+    in."""
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("kept", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=quick(runs))
+    for source in sources:
+        logger.log_artifact(source, name=name)
+    assert not logger.close(30)
+    return runs
+
+
+def test_a_kept_payload_is_a_copy_of_the_callers_file_not_the_file_itself(tmp_path: Path) -> None:
+    source = tmp_path / "ckpt.bin"
+    source.write_bytes(b"epoch 1")
+    runs = _kept_by_a_logger_that_cannot_reach_its_server(tmp_path, source)
+    with open(source, "r+b") as f:  # rewritten in place, as torch.save(f) does
+        f.write(b"epoch 9")
+    (kept,) = find_kept(runs)
+    assert kept.payload.read_bytes() == b"epoch 1"
+
+
+def test_a_later_upload_of_the_same_name_that_is_stored_drops_the_kept_earlier_one(
+    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(b"OLD" * 40_000)  # does not fit the 64 KiB file system
+    new.write_bytes(b"NEW")
+    logger = FileLogger(small_fs, options=quick(tmp_path / "runs"))
+    logger.log_artifact(old, name="report.bin")
+    assert not logger.flush(30)
+    assert len(list(find_kept(tmp_path / "runs"))) == 1
+    logger.log_artifact(new, name="report.bin")
+    logger.close(30)
+    assert list(find_kept(tmp_path / "runs")) == []
+    assert main(["sync", str(tmp_path / "runs")]) == 0
+    assert (small_fs / "report.bin").read_bytes() == b"NEW"
+
+
+def test_a_sync_leaves_a_runs_uploads_to_another_sync_delivering_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fcntl
+
+    from steplog.kept import SYNC_LOCK
+
+    source = tmp_path / "a.txt"
+    source.write_text("a")
+    runs = _kept_by_a_logger_that_cannot_reach_its_server(tmp_path, source)
+    (kept,) = find_kept(runs)
+    with open(kept.run_dir / "uploads" / SYNC_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a sync in another process holds it
+        assert main(["sync", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert "another steplog sync is delivering" in out and "0 stored, 1 still kept" in out
+    assert kept.payload.exists()
+
+
+def test_keeping_never_changes_the_mode_of_a_shared_runs_directory(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chmod(runs, 0o1777)
+    source = tmp_path / "a.txt"
+    source.write_text("a")
+    _kept_by_a_logger_that_cannot_reach_its_server(tmp_path, source)
+    assert stat.S_IMODE(os.stat(runs).st_mode) == 0o1777
+    (kept,) = find_kept(runs)
+    assert stat.S_IMODE(os.stat(kept.run_dir).st_mode) == 0o700
+
+
+def test_an_upload_that_cannot_be_kept_leaves_nothing_behind(small_fs: Path,
+                                                            tmp_path: Path) -> None:
+    from steplog.kept import Keeper
+    from steplog.records import Artifact
+    from steplog.sinks.file import FileSink
+
+    keeper = Keeper(small_fs / "runs")
+    with pytest.raises(OSError, match="No space left"):
+        keeper.keep(FileSink(tmp_path / "out"), Artifact("big.bin", 0, data=b"x" * 200_000),
+                    "test")
+    assert list((small_fs / "runs").rglob("*.bin")) == []
+    assert list(find_kept(small_fs / "runs")) == []
+
+
+def test_files_of_a_kept_directory_named_like_a_kept_upload_are_part_of_its_payload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "results"
+    (folder / "uploads" / "2024").mkdir(parents=True)
+    (folder / "uploads" / "2024" / "upload.json").write_text("[1, 2]")
+    runs = tmp_path / "runs"
+    logger = MLFlowLogger("kept", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                          options=quick(runs))
+    logger.log_directory(folder)
+    assert not logger.close(30)
+    (kept,) = find_kept(runs)
+    assert (kept.payload / "uploads" / "2024" / "upload.json").read_text() == "[1, 2]"
+    store = f"sqlite:///{tmp_path}/new.db"
+    assert main(["sync", str(runs), "--to", store]) == 0
+    assert "1 stored, 0 still kept" in capsys.readouterr().out
+
+
+def test_a_run_moved_for_its_kept_uploads_only_ends_as_its_logger_closed(
+    small_fs: Path, tmp_path: Path
+) -> None:
+    import mlflow
+
+    source, moved_to = f"sqlite:///{tmp_path}/src.db", f"sqlite:///{tmp_path}/dst.db"
+    mlflow.MlflowClient(tracking_uri=source).create_experiment(
+        "exp", artifact_location=f"file://{small_fs}/art")  # too small for the upload
+    logger = MLFlowLogger("exp", tracking_uri=source, options=quick(tmp_path / "runs"))
+    logger.log_scalar("loss", 1.0, 0)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(200_000))
+    logger.log_artifact(big)
+    result = logger.close(30)
+    assert not result and result.failed == 1 and result.delivered == 1
+    assert main(["sync", str(tmp_path / "runs"), "--to", moved_to]) == 0
+    client = mlflow.MlflowClient(tracking_uri=moved_to)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["big.bin"]
+
+
+def test_kept_uploads_moved_to_a_new_run_that_holds_some_of_them_are_not_moved_again(
+    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow
+
+    from steplog.kept import Keeper
+    from steplog.records import Artifact
+    from steplog.sinks.mlflow import MLflowSink
+
+    a, b, c = (f"sqlite:///{tmp_path}/{n}.db" for n in "abc")
+    sink = MLflowSink("exp", tracking_uri=a)
+    sink.prepare()
+    sink.open()
+    keeper = Keeper(tmp_path / "runs")
+    keeper.keep(sink, Artifact("small.txt", 0, data=b"s" * 100), "server down")
+    keeper.keep(sink, Artifact("big.bin", 0, data=os.urandom(200_000)), "server down")
+    sink.release()
+    mlflow.MlflowClient(tracking_uri=b).create_experiment(
+        "exp", artifact_location=f"file://{small_fs}/art")  # big.bin does not fit there
+    assert main(["sync", str(tmp_path / "runs"), "--to", b]) == 1
+    capsys.readouterr()
+    assert main(["sync", str(tmp_path / "runs"), "--to", c]) == 1
+    assert "already moved to a new run" in capsys.readouterr().out
+    assert [k.artifact.name for k in find_kept(tmp_path / "runs")] == ["big.bin"]

@@ -403,3 +403,98 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path: Path) -> None:
     """], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "pip install 'steplog[plot]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_smoothing_a_window_whose_sum_is_beyond_a_float_gives_its_mean() -> None:
+    assert smooth([1e308, 1e308, 1.0, 1.0, 1.0], 2) == [1e308, 1e308, 5e307, 1.0, 1.0]
+
+
+def write_lines(run: Path, *lines: str) -> Path:
+    run.mkdir()
+    (run / "scalars.jsonl").write_text("".join(line + "\n" for line in lines))
+    return run
+
+
+def test_a_point_whose_value_is_null_is_shown_as_nan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_lines(tmp_path / "run", '{"name": "x", "step": 0, "value": 1.0}',
+                      '{"name": "x", "step": 1, "value": null}')
+    (row,) = [line.split() for line in shown(capsys, str(run)).splitlines()
+              if line.split()[:1] == ["x"]]
+    assert row[:4] == ["x", "2", "1", "nan"]
+
+
+@pytest.mark.parametrize("line", ['{"name": "x", "step": 1.5, "value": 1.0}',
+                                  '{"name": 5, "step": 1, "value": 1.0}',
+                                  '{"name": "x", "step": true, "value": 1.0}',
+                                  '{"name": "x", "step": 1, "value": "1"}'],
+                         ids=["float step", "number name", "bool step", "text value"])
+def test_show_and_plot_of_a_line_with_wrongly_typed_fields_fail_with_status_1_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str
+) -> None:
+    run = write_lines(tmp_path / "run", line)
+    for command in (["show", str(run)], ["plot", str(run), "-o", str(tmp_path / "p.png")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "not a point" in err and str(run / "scalars.jsonl") in err
+
+
+def test_plot_to_a_format_matplotlib_cannot_write_fails_with_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = file_run(tmp_path / "a", steps=3)
+    assert main(["plot", str(run), "-o", str(tmp_path / "p.v1")]) == 1
+    assert "cannot draw" in capsys.readouterr().err
+
+
+def test_plot_shows_names_starting_with_an_underscore_or_holding_dollars_as_they_are(
+    tmp_path: Path
+) -> None:
+    logger = FileLogger(tmp_path / "run")
+    for step in range(3):
+        logger.log_metrics({"_loss": 1.0, "x/$\\badcmd$": 2.0}, step)
+    assert logger.close(30)
+    figure = plot_runs(find_runs(str(tmp_path / "run")), tmp_path / "p.png")
+    shown_labels = sorted(t.get_text() for ax in figure.axes if ax.get_legend()
+                          for t in ax.get_legend().get_texts())
+    assert shown_labels == ["_loss", r"x/\$\badcmd\$"]  # drawn literally (the image was written)
+
+
+def test_plot_of_more_metric_groups_than_one_image_holds_asks_for_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steplog.plot import MAX_PANELS
+
+    logger = FileLogger(tmp_path / "run")
+    logger.log_metrics({f"g{i}/x": 1.0 for i in range(MAX_PANELS + 1)}, 0)
+    assert logger.close(30)
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "p.png")]) == 2
+    assert "--metrics" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "p.png"),
+                 "--metrics", "g1*/x"]) == 0
+
+
+@pytest.mark.parametrize("uri_suffix", ["", "?timeout=20"])
+def test_show_of_a_database_with_an_alembic_table_but_no_mlflow_store_leaves_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], uri_suffix: str
+) -> None:
+    import sqlite3
+
+    store = tmp_path / "app.db"
+    with sqlite3.connect(store) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num TEXT)")
+    before = store.read_bytes()
+    assert main(["show", "exp/run", "--tracking-uri", f"sqlite:///{store}{uri_suffix}"]) == 2
+    assert "holds no MLflow tables" in capsys.readouterr().err
+    assert store.read_bytes() == before and sorted(tmp_path.iterdir()) == [store]
+
+
+def test_show_of_a_run_lists_a_kept_upload_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "runs" / "r1"
+    (run / "uploads" / "1-mlflow").mkdir(parents=True)
+    (run / "uploads" / "1-mlflow" / "upload.json").write_text("not json")
+    out = shown(capsys, str(run))
+    assert "a kept upload that cannot be read" in out and "upload.json" in out

@@ -76,22 +76,28 @@ def _demo(args: argparse.Namespace) -> int:
         seed_pattern_updates=args.seed_pattern_updates, progress=not args.no_progress))
 
 
-def _read_runs(command: str, specs: Sequence[str], tracking_uri: str | None
-               ) -> list[RunData] | int:
+def _read_runs(command: str, specs: Sequence[str], tracking_uri: str | None,
+               again: bool = True) -> list[RunData] | int:
     """The runs ``specs`` name, or the exit status after saying why they cannot be read: 2 for
     a run that is not there, 1 for one that cannot be read (a damaged file, a store that does
-    not answer)."""
-    from steplog.readback import DamagedFileError, find_runs
+    not answer). A run removed while it was read (delivered whole) is looked up once more."""
+    from steplog.readback import DamagedFileError, NoSuchRunError, find_runs
 
     try:
         return [run for spec in specs for run in find_runs(spec, tracking_uri)]
     except DamagedFileError as exc:
         print(f"steplog {command}: cannot read {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as exc:
+    except NoSuchRunError as exc:
         print(f"steplog {command}: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a damaged run.json, journal or scalars.jsonl; a store's error
+    except FileNotFoundError as exc:
+        if again:
+            return _read_runs(command, specs, tracking_uri, again=False)
+        print(f"steplog {command}: {exc.filename or exc} is gone (removed while it was read)",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:  # a damaged run.json or journal; a store's error
         print(f"steplog {command}: cannot read {' '.join(specs)}: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 1
@@ -111,7 +117,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from steplog.plot import plot_runs
+    from steplog.plot import NothingToPlotError, plot_runs
 
     runs = _read_runs("plot", args.runs, args.tracking_uri)
     if isinstance(runs, int):
@@ -122,7 +128,7 @@ def _plot(args: argparse.Namespace) -> int:
         output = output.with_name(output.name + ".png")  # as matplotlib names it
     try:
         plot_runs(runs, output, pattern=args.metrics, smooth_k=args.smooth)
-    except ValueError as exc:
+    except NothingToPlotError as exc:
         print(f"steplog plot: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:
@@ -130,6 +136,10 @@ def _plot(args: argparse.Namespace) -> int:
         return 1
     except OSError as exc:
         print(f"steplog plot: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # e.g. an output name whose format matplotlib does not know
+        print(f"steplog plot: cannot draw {output}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 1
     print(output)
     return 0

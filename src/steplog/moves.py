@@ -150,6 +150,9 @@ def move_run(run: Path, to: str | None, lacking: Collection[str] = ()) -> dict[s
         groups.setdefault(origin, []).append(place)
 
     status = manifest.get("status") if manifest is not None else None
+    if status is None:  # run.json is gone with the journal: the uploads note how it closed
+        status = next((p.entry["end_status"] for p in places
+                       if p.key in uploads and p.entry.get("end_status")), None)
     for members in groups.values():
         moved = next((p.target for p in members if p.moved_from is not None and p.target), None)
         if to is not None and any(p.lacking for p in members):

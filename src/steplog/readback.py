@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,10 @@ class Series:
 
 class DamagedFileError(Exception):
     """A file of a run that is there but cannot be read as what it should hold."""
+
+
+class NoSuchRunError(ValueError):
+    """What was named is not a run that can be read (not there, not a run, not a store)."""
 
 
 def _json(path: Path, data: bytes | None = None) -> Any:
@@ -97,10 +104,10 @@ def find_runs(spec: str, tracking_uri: str | None = None) -> list[RunData]:
         entry = delivered_entry(path)
         if entry is not None:
             sinks = delivered_to(entry)
-            raise ValueError(f"{spec} was delivered whole by {delivered_by(entry)} at "
+            raise NoSuchRunError(f"{spec} was delivered whole by {delivered_by(entry)} at "
                              f"{entry.get('delivered_at', '?')} and removed; its records are "
                              f"in {sinks or 'its sinks'}")
-        raise ValueError(f"{spec} does not exist (for an MLflow run, give --tracking-uri)")
+        raise NoSuchRunError(f"{spec} does not exist (for an MLflow run, give --tracking-uri)")
     return [_mlflow_run(spec, uri)]
 
 
@@ -118,7 +125,7 @@ def _from_path(path: Path) -> list[RunData]:
         runs += [_journal_run(p) for p in journal_runs(path)]
         if runs:
             return runs
-    raise ValueError(f"{path} is not a steplog run: no scalars.jsonl (a file run), no run.json "
+    raise NoSuchRunError(f"{path} is not a steplog run: no scalars.jsonl (a file run), no run.json "
                      "with a journal/ (a journal run directory), and no such run in it")
 
 
@@ -141,7 +148,11 @@ def _kept_lines(path: Path) -> list[str]:
     """One line per upload kept under ``path`` for a later sync."""
     from steplog.kept import find_kept
 
-    return [f"upload {k.artifact.name} -> {k.sink}: {k.reason}" for k in find_kept(path)]
+    damaged: list[str] = []
+    lines = [f"upload {k.artifact.name} -> {k.sink}: {k.reason}" for k in find_kept(
+        path, lambda manifest, why: damaged.append(f"a kept upload that cannot be read: "
+                                                   f"{manifest}: {why}"))]
+    return lines + damaged
 
 
 def _is_file_run(path: Path) -> bool:
@@ -167,14 +178,25 @@ def _file_run(path: Path) -> RunData:
                     break  # a line cut short by a crash
                 row = _json(lines, line)
                 try:
-                    run.add(row["name"], row["step"], row["value"])
+                    name, step, value = row["name"], row["step"], row["value"]
                 except (KeyError, TypeError) as exc:
                     raise DamagedFileError(f"{lines}: a line that is not a point: "
                                            f"{line[:80]!r}") from exc
+                if value is None:  # NaN as pandas and other JSON writers write it
+                    value = math.nan
+                if type(name) is not str or type(step) is not int \
+                        or type(value) not in (int, float):
+                    raise DamagedFileError(f"{lines}: a line that is not a point (a text name, "
+                                           f"an integer step and a number): {line[:80]!r}")
+                run.add(name, step, float(value))
     else:  # the seed FileLogger's format only
-        for name, points in _json_object(path / "scalars.json").items():
-            for step, value in points:
-                run.add(name, step, value)
+        try:
+            for name, points in _json_object(path / "scalars.json").items():
+                for step, value in points:
+                    run.add(name, int(step), float(value))
+        except (TypeError, ValueError) as exc:
+            raise DamagedFileError(f"{path / 'scalars.json'}: not a map of metric name to "
+                                   f"[step, value] points ({exc})") from exc
     return run
 
 
@@ -260,22 +282,30 @@ def _mlflow_run(spec: str, tracking_uri: str) -> RunData:
 
     problem = tracking_uri_problem(tracking_uri)
     if problem is not None:
-        raise ValueError(problem)
+        raise NoSuchRunError(problem)
     store = sqlite_path(tracking_uri)
+    if store is None and tracking_uri.startswith("sqlite:"):  # options such as ?timeout=20
+        from sqlalchemy.engine import make_url
+
+        store = sqlite_path(make_url(tracking_uri).set(query={}).render_as_string(False))
+    if tracking_uri.startswith("file:"):  # MLflow would create an empty store there
+        folder = urllib.request.url2pathname(urllib.parse.urlsplit(tracking_uri).path)
+        if not os.path.isdir(folder):
+            raise NoSuchRunError(f"no MLflow store at {tracking_uri}: {folder} does not exist")
     if store is not None and not os.path.isfile(store):
-        raise ValueError(f"no MLflow store at {tracking_uri}: {store} does not exist")
+        raise NoSuchRunError(f"no MLflow store at {tracking_uri}: {store} does not exist")
     if store is not None and (problem := _not_a_store(store)) is not None:
-        raise ValueError(f"no MLflow store at {tracking_uri}: {store} {problem}")
+        raise NoSuchRunError(f"no MLflow store at {tracking_uri}: {store} {problem}")
     try:
         from mlflow import MlflowClient
     except ImportError:
-        raise ValueError("reading an MLflow run needs mlflow: pip install 'steplog[mlflow]'"
+        raise NoSuchRunError("reading an MLflow run needs mlflow: pip install 'steplog[mlflow]'"
                          ) from None
     with _bounded_requests():
         client = MlflowClient(tracking_uri=tracking_uri)
         info = _mlflow_lookup(client, spec)
         if info is None:
-            raise ValueError(f"no MLflow run {spec!r} at {redact(tracking_uri)} (give a run id "
+            raise NoSuchRunError(f"no MLflow run {spec!r} at {redact(tracking_uri)} (give a run id "
                              "or experiment/run name)")
         name = info.info.run_name or info.info.run_id
         run = RunData(name, f"{redact(tracking_uri)} run {info.info.run_id}", "MLflow run",
@@ -296,13 +326,15 @@ def _not_a_store(path: str) -> str | None:
     except sqlite3.Error as exc:
         return f"cannot be read ({exc})"
     try:
-        conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
-        if "no such table" in str(exc):
-            return "holds no MLflow tables (no alembic_version table)"
         return f"is not an sqlite database ({exc})"
     finally:
         conn.close()
+    missing = sorted({"alembic_version", "experiments", "runs", "metrics"} - tables)
+    if missing:
+        return f"holds no MLflow tables ({', '.join(missing)} missing)"
     return None
 
 
@@ -324,7 +356,7 @@ def _mlflow_lookup(client: Any, spec: str) -> Any:
                 [exp.experiment_id], filter_string=f"attributes.run_name = '{filter_quote(name)}'",
                 order_by=["attributes.start_time DESC"], max_results=1)]
         if len(found) > 1:
-            raise ValueError(f"{spec!r} is ambiguous: " + "; ".join(
+            raise NoSuchRunError(f"{spec!r} is ambiguous: " + "; ".join(
                 f"experiment {e!r} has a run {n!r} (id {r.info.run_id})" for e, n, r in found)
                 + ": give the run id")
         return found[0][2] if found else None

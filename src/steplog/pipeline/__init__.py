@@ -281,6 +281,7 @@ class Pipeline(Drain):
             self.staging_needed(False)
 
     def _shut_down(self, status: RunStatus) -> bool:
+        self.keeper.ended(status)  # uploads kept from now on note it too
         self._wake.set()
         with self._space:
             self._space.notify_all()

@@ -186,6 +186,7 @@ class SinkRunner:
             else:
                 with self._count_lock:
                     self.stats.delivered += 1
+                self.pipeline.keeper.stored(self.sink, artifact)
         return lost
 
     def keep_unfinished(self) -> None:
