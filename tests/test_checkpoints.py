@@ -392,6 +392,32 @@ def test_registered_model_name_makes_each_snapshot_a_model_version_with_its_step
     assert torch.equal(first["weight"], before)
 
 
+@pytest.mark.parametrize("transport", ["http", "embedded"])
+def test_registering_a_snapshot_again_reuses_its_version_whatever_quotes_the_name_holds(
+    mlflow_server: MlflowServer, tmp_path: Path, transport: str,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from steplog.sinks.mlflow.client import ClientTransport
+    from steplog.sinks.mlflow.common import RunRef
+    from steplog.sinks.mlflow.rest import RestTransport
+
+    monkeypatch.chdir(tmp_path)
+    uri = mlflow_server.url if transport == "http" else f"sqlite:///{tmp_path / 'm.db'}"
+    model = f"it's the \"{transport}\" policy {time.monotonic_ns()}"
+    logger = MLFlowLogger("registry", tracking_uri=uri, registered_model_name=model,
+                          options=FAST)
+    logger.save_policy(torch.nn.Linear(2, 1), step=10)
+    assert logger.close(120)
+    run = MlflowClient(uri).get_run(logger.run_id or "")
+    ref = RunRef(run.info.run_id, run.info.experiment_id, run.info.artifact_uri)
+    again = RestTransport(uri, 30.0) if transport == "http" else ClientTransport(uri)
+    assert again.register_version(model, ref, "policy/step_10", {"step": "10"}) == "1"
+    client = MlflowClient(uri)
+    assert [str(v.version) for v in client.search_model_versions(f"run_id='{ref.run_id}'")] == ["1"]
+
+
 def test_scalars_keep_flowing_while_a_200_mb_checkpoint_uploads(
     mlflow_server: MlflowServer,
 ) -> None:

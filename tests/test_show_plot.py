@@ -498,3 +498,18 @@ def test_show_of_a_run_lists_a_kept_upload_it_cannot_read(
     (run / "uploads" / "1-mlflow" / "upload.json").write_text("not json")
     out = shown(capsys, str(run))
     assert "a kept upload that cannot be read" in out and "upload.json" in out
+
+
+def test_show_finds_a_run_by_a_name_holding_quotes_or_backslashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = ["it's", "back\\slash", 'say "hi"', "both ' and \"", "tr\\'ick"]
+    ids = {}
+    for name in names:
+        logger = MLFlowLogger("exp", tracking_uri=uri, run_name=name)
+        logger.log_scalar("x", 1.0, 0)
+        assert logger.close(60)
+        ids[name] = logger.run_id  # type: ignore[attr-defined]
+    for name in names:
+        assert f"run {ids[name]}" in shown(capsys, f"exp/{name}", "--tracking-uri", uri)

@@ -342,7 +342,7 @@ def _mlflow_lookup(client: Any, spec: str) -> Any:
     """The run with id ``spec``, else the latest run named after a ``/`` of ``spec`` in the
     experiment named before it (either name may hold ``/``: every split is tried, and a spec
     that names runs at two splits is refused as ambiguous)."""
-    from steplog.sinks.mlflow.common import filter_quote
+    from steplog.sinks.mlflow.common import filter_literal
 
     if "/" in spec:
         found = []
@@ -352,9 +352,16 @@ def _mlflow_lookup(client: Any, spec: str) -> Any:
             exp = client.get_experiment_by_name(experiment) if experiment and name else None
             if exp is None:
                 continue
-            found += [(experiment, name, run) for run in client.search_runs(
-                [exp.experiment_id], filter_string=f"attributes.run_name = '{filter_quote(name)}'",
-                order_by=["attributes.start_time DESC"], max_results=1)]
+            quoted = filter_literal(name)
+            if quoted is not None:
+                runs = client.search_runs(
+                    [exp.experiment_id], filter_string=f"attributes.run_name = {quoted}",
+                    order_by=["attributes.start_time DESC"], max_results=1)
+            else:  # a name holding both quotes, which no filter can name: the newest 1,000
+                runs = [r for r in client.search_runs(
+                    [exp.experiment_id], order_by=["attributes.start_time DESC"],
+                    max_results=1000) if r.info.run_name == name][:1]
+            found += [(experiment, name, run) for run in runs]
         if len(found) > 1:
             raise NoSuchRunError(f"{spec!r} is ambiguous: " + "; ".join(
                 f"experiment {e!r} has a run {n!r} (id {r.info.run_id})" for e, n, r in found)

@@ -32,7 +32,6 @@ from steplog.sinks.mlflow.common import (
     RunRef,
     about_the_request,
     exchange_limit_s,
-    filter_quote,
     missing_run,
     redact_text,
     resume_problem,
@@ -283,10 +282,9 @@ class ClientTransport:
             except Exception as exc:
                 if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
-            for version in self.client.search_model_versions(
-                f"name='{filter_quote(model)}' and run_id='{run.run_id}'"
-            ):
-                if version.tags.get(VERSION_TOKEN_TAG) == token:
+            # By run only: a filter cannot name a model whose name holds both quotes.
+            for version in self.client.search_model_versions(f"run_id='{run.run_id}'"):
+                if version.name == model and version.tags.get(VERSION_TOKEN_TAG) == token:
                     return str(version.version)
             created = self.client.create_model_version(
                 model, f"{run.artifact_uri.rstrip('/')}/{path}", run_id=run.run_id,

@@ -34,7 +34,7 @@ __all__ = [
     "Transport",
     "about_the_request",
     "absolute_uri",
-    "filter_quote",
+    "filter_literal",
     "key_problem",
     "plugins",
     "redact",
@@ -285,7 +285,10 @@ def token_filter(token: str, running_only: bool = False, since_ms: int | None = 
                  until_ms: int | None = None) -> str:
     """The search filter of the runs tagged with ``token`` (and still RUNNING, and started at
     ``since_ms`` or later, at ``until_ms`` or earlier)."""
-    text = f"tags.`{RUN_TOKEN_TAG}` = '{filter_quote(token)}'"
+    quoted = filter_literal(token)
+    if quoted is None:  # a token is hex text: never so
+        raise ValueError(f"a run token holding both quote characters: {token!r}")
+    text = f"tags.`{RUN_TOKEN_TAG}` = {quoted}"
     if running_only:
         text += " and attributes.status = 'RUNNING'"
     if since_ms is not None:
@@ -300,9 +303,15 @@ def start_order(oldest: bool) -> list[str]:
     return [f"attributes.start_time {'ASC' if oldest else 'DESC'}"]
 
 
-def filter_quote(text: str) -> str:
-    """``text`` escaped for a single-quoted value of an MLflow search filter."""
-    return text.replace("\\", "\\\\").replace("'", "\\'")
+def filter_literal(text: str) -> str | None:
+    """``text`` quoted as a value of an MLflow search filter, which takes what lies between
+    its quotes literally (a backslash escapes nothing): in single quotes, or in double quotes
+    when it holds a single one; ``None`` when it holds both (no filter can name it)."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    return None
 
 
 def redact(uri: str) -> str:

@@ -52,7 +52,6 @@ from steplog.sinks.mlflow.common import (
     RunRef,
     about_the_request,
     exchange_limit_s,
-    filter_quote,
     missing_run,
     plugins,
     redact,
@@ -616,11 +615,12 @@ class RestTransport:
         with contextlib.suppress(_AlreadyExists):  # registered earlier: add a version
             self._call("registered-models/create", self._encoder.encode({"name": model}))
         token = f"{run.run_id}/{path}"
-        found = self._call("model-versions/search",
-                           filter=f"name='{filter_quote(model)}' and run_id='{run.run_id}'")
+        # By run only: a filter cannot name a model whose name holds both quotes.
+        found = self._call("model-versions/search", filter=f"run_id='{run.run_id}'")
         for version in found.get("model_versions", []):
-            if any(t.get("key") == VERSION_TOKEN_TAG and t.get("value") == token
-                   for t in version.get("tags", [])):
+            if version.get("name") == model and any(
+                    t.get("key") == VERSION_TOKEN_TAG and t.get("value") == token
+                    for t in version.get("tags", [])):
                 return str(version["version"])
         body = {
             "name": model,
