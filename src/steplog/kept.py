@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from steplog.moves import MOVED_FROM, follow, is_moved_to, move_run, moved_to, refusal
-from steplog.paths import link_or_copy, replace_json
+from steplog.paths import fsync_path, link_or_copy, replace_json
 from steplog.records import Artifact
 from steplog.sinks.base import Sink
 
@@ -86,6 +86,7 @@ class Keeper:
                     shutil.copytree(src, payload, copy_function=copy)
                 else:
                     copy(src, payload)
+            _fsync_tree(payload)  # on disk before the manifest that names it
             manifest = {
                 "format": FORMAT,
                 "sink": sink.kind,
@@ -101,6 +102,7 @@ class Keeper:
                 if self._status is not None:
                     manifest[END_STATUS] = self._status
                 replace_json(folder / "upload.json", manifest)
+                fsync_path(folder)
                 self._kept[(id(sink), artifact.name)] = folder
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -128,6 +130,18 @@ class Keeper:
                     manifest = json.loads((folder / "upload.json").read_text())
                     manifest[END_STATUS] = status
                     replace_json(folder / "upload.json", manifest)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush the file ``path``, or every file and folder under the folder ``path``, to disk."""
+    if not path.is_dir():
+        fsync_path(path)
+        return
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 END_STATUS = "end_status"
