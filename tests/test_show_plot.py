@@ -513,3 +513,17 @@ def test_show_finds_a_run_by_a_name_holding_quotes_or_backslashes(
         ids[name] = logger.run_id  # type: ignore[attr-defined]
     for name in names:
         assert f"run {ids[name]}" in shown(capsys, f"exp/{name}", "--tracking-uri", uri)
+
+
+def test_show_of_a_directory_lists_a_run_directory_left_with_kept_uploads_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steplog.kept import Keeper
+    from steplog.records import Artifact
+    from steplog.sinks.file import FileSink
+
+    file_run(tmp_path / "a", steps=3)
+    Keeper(tmp_path).keep(FileSink(tmp_path / "out"), Artifact("note.txt", 0, data=b"x"),
+                          "the disk was full")
+    out = shown(capsys, str(tmp_path))
+    assert "file run" in out and "upload note.txt -> file: the disk was full" in out

@@ -230,7 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = command("plot", "learning curves of one or more runs, into a PNG file", _PLOT)
     plot.add_argument("runs", metavar="RUN", nargs="+", help="as for 'steplog show'")
     plot.add_argument("-o", "--output", metavar="FILE.png",
-                      help="the image to write (default: a new file in the temporary "
+                      help="the image to write: a PNG, or the format its suffix names "
+                           "(.svg, .pdf, .jpg) (default: a new .png in the temporary "
                            "directory)")
     plot.add_argument("--metrics", metavar="PATTERN",
                       help="only metrics whose name matches this glob, e.g. 'return/*' "

@@ -123,10 +123,13 @@ def _from_path(path: Path) -> list[RunData]:
         from steplog.replay import find_runs as journal_runs
 
         runs += [_journal_run(p) for p in journal_runs(path)]
+        runs += [_kept_only(p) for p in sorted(path.iterdir()) if p.is_dir()
+                 and not _is_journal_run(p) and not _is_file_run(p) and _holds_kept_uploads(p)]
         if runs:
             return runs
-    raise NoSuchRunError(f"{path} is not a steplog run: no scalars.jsonl (a file run), no run.json "
-                     "with a journal/ (a journal run directory), and no such run in it")
+    raise NoSuchRunError(f"{path} is not a steplog run: no scalars.jsonl (a file run), no "
+                         "run.json with a journal/ (a journal run directory), and no such run "
+                         "in it")
 
 
 def _holds_kept_uploads(path: Path) -> bool:
