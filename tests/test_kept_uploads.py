@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -251,8 +252,7 @@ def test_an_upload_that_cannot_be_kept_leaves_nothing_behind(small_fs: Path,
     with pytest.raises(OSError, match="No space left"):
         keeper.keep(FileSink(tmp_path / "out"), Artifact("big.bin", 0, data=b"x" * 200_000),
                     "test")
-    assert list((small_fs / "runs").rglob("*.bin")) == []
-    assert list(find_kept(small_fs / "runs")) == []
+    assert list((small_fs / "runs").iterdir()) == []
 
 
 def test_files_of_a_kept_directory_named_like_a_kept_upload_are_part_of_its_payload(
@@ -319,3 +319,63 @@ def test_kept_uploads_moved_to_a_new_run_that_holds_some_of_them_are_not_moved_a
     assert main(["sync", str(tmp_path / "runs"), "--to", c]) == 1
     assert "already moved to a new run" in capsys.readouterr().out
     assert [k.artifact.name for k in find_kept(tmp_path / "runs")] == ["big.bin"]
+
+
+def test_only_a_later_file_of_the_same_name_drops_a_kept_upload(tmp_path: Path) -> None:
+    from steplog.kept import Keeper
+    from steplog.records import Artifact
+    from steplog.sinks.file import FileSink
+
+    sink = FileSink(tmp_path / "out")
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    keeper = Keeper(tmp_path / "runs")
+    keeper.keep(sink, Artifact("report.txt", 0, data=b"v2"), "full", order=2)
+    keeper.keep(sink, Artifact("policy", 0, data=b"w", checkpoint=True), "full", order=3)
+    keeper.keep(sink, Artifact("results", 0, source=str(folder)), "full", order=4)
+    keeper.stored(sink, Artifact("report.txt", 0, data=b"v1"), order=1)  # logged before v2
+    keeper.stored(sink, Artifact("policy", 0, data=b"w", checkpoint=True), order=5)
+    keeper.stored(sink, Artifact("results", 0, source=str(folder)), order=6)
+    keeper.stored(FileSink(tmp_path / "other"), Artifact("report.txt", 0, data=b"v3"), order=7)
+    assert sorted(k.artifact.name for k in find_kept(tmp_path / "runs")) == [
+        "policy", "report.txt", "results"]
+    keeper.stored(sink, Artifact("report.txt", 0, data=b"v3"), order=8)
+    assert sorted(k.artifact.name for k in find_kept(tmp_path / "runs")) == ["policy", "results"]
+
+
+def test_a_move_whose_upload_failed_does_not_bind_it_to_that_new_run(
+    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow
+
+    from steplog.kept import Keeper
+    from steplog.records import Artifact
+    from steplog.sinks.mlflow import MLflowSink
+
+    a, b, c = (f"sqlite:///{tmp_path}/{n}.db" for n in "abc")
+    sink = MLflowSink("exp", tracking_uri=a)
+    sink.prepare()
+    sink.open()
+    Keeper(tmp_path / "runs").keep(sink, Artifact("big.bin", 0, data=os.urandom(200_000)),
+                                   "server down")
+    sink.release()
+    mlflow.MlflowClient(tracking_uri=b).create_experiment(
+        "exp", artifact_location=f"file://{small_fs}/art")  # big.bin does not fit there
+    assert main(["sync", str(tmp_path / "runs"), "--to", b]) == 1
+    assert main(["sync", str(tmp_path / "runs"), "--to", c]) == 0
+    client = mlflow.MlflowClient(tracking_uri=c)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert [x.path for x in client.list_artifacts(run.info.run_id)] == ["big.bin"]
+
+
+def test_the_sync_command_a_close_printed_for_an_upload_stored_since_finds_nothing_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "a.txt"
+    source.write_text("a")
+    runs = _kept_by_a_logger_that_cannot_reach_its_server(tmp_path, source)
+    (kept,) = find_kept(runs)
+    shutil.rmtree(kept.folder)  # as its logger does when the upload arrives after all
+    assert main(["sync", str(kept.folder)]) == 0
+    assert "nothing left to deliver" in capsys.readouterr().out
+    assert main(["sync", str(kept.run_dir / "uploads" / "nope" / "x")]) == 2

@@ -265,6 +265,12 @@ def test_add_hparams_stores_parameters_and_the_metrics_as_scalars(writer: Any,
     assert scalars(run) == {"hparam/return": [(9, 200.0)]}
 
 
+def test_add_hparams_without_metrics_ignores_the_step(writer: Any, tmp_path: Path) -> None:
+    writer.add_hparams({"lr": 0.1}, {}, global_step="final")
+    assert writer.close(30)
+    assert json.loads((tmp_path / "run" / "parameters.json").read_text()) == {"lr": 0.1}
+
+
 def test_add_hparams_with_a_bad_parameter_or_metric_queues_nothing(writer: Any,
                                                                    tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="schedule"):

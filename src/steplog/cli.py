@@ -94,8 +94,8 @@ def _read_runs(command: str, specs: Sequence[str], tracking_uri: str | None,
     except FileNotFoundError as exc:
         if again:
             return _read_runs(command, specs, tracking_uri, again=False)
-        print(f"steplog {command}: {exc.filename or exc} is gone (removed while it was read)",
-              file=sys.stderr)
+        print(f"steplog {command}: cannot read {exc.filename or exc}: no such file (removed "
+              "while it was read, or a link to nothing)", file=sys.stderr)
         return 2
     except Exception as exc:  # a damaged run.json or journal; a store's error
         print(f"steplog {command}: cannot read {' '.join(specs)}: {type(exc).__name__}: {exc}",

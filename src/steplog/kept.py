@@ -52,8 +52,10 @@ class Keeper:
         self.run = f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
         self._count = itertools.count(1)
         self._lock = threading.Lock()
-        self._kept: dict[tuple[int, str], Path] = {}
-        """The folder of each upload kept, by (sink, name)."""
+        self._kept: dict[tuple[int, str], list[tuple[int, Path]]] = {}
+        """The uploads kept that a later one of the same name replaces (a file that is not a
+        checkpoint), by (sink, name): (the upload's place in logging order, its folder)."""
+        self._folders: list[Path] = []
         self._status: str | None = None
 
     @property
@@ -61,8 +63,9 @@ class Keeper:
         """This logger's run directory (created when something is first kept or journaled)."""
         return self.runs_dir / self.run
 
-    def keep(self, sink: Sink, artifact: Artifact, reason: str) -> Path:
+    def keep(self, sink: Sink, artifact: Artifact, reason: str, order: int = 0) -> Path:
         """Keep ``artifact``'s payload and what it takes to upload it again; the kept folder.
+        ``order``: the upload's place in logging order (see :meth:`stored`).
         A payload that is the caller's own file is copied (a later change to that file does not
         reach it); a snapshot steplog staged or a file logged with ``move=True`` is linked
         where the file system allows. Nothing is left behind when keeping fails."""
@@ -103,20 +106,29 @@ class Keeper:
                     manifest[END_STATUS] = self._status
                 replace_json(folder / "upload.json", manifest)
                 fsync_path(folder)
-                self._kept[(id(sink), artifact.name)] = folder
+                self._folders.append(folder)
+                if _replaces(artifact):
+                    self._kept.setdefault((id(sink), artifact.name), []).append((order, folder))
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
+            for empty in (uploads, self.run_dir):  # what only this keep created
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
             raise
         return folder
 
-    def stored(self, sink: Sink, artifact: Artifact) -> None:
-        """``artifact`` was stored by ``sink``: an earlier upload of the same name to it, kept
-        for a sync, would only replace it there, so it is dropped."""
-        if not self._kept:
+    def stored(self, sink: Sink, artifact: Artifact, order: int = 0) -> None:
+        """``artifact`` (a file, logged ``order``-th) was stored by ``sink``: the kept uploads
+        of the same name to it logged no later (this one itself, kept by a close while it was
+        on its way) are dropped, as a sync would only put them back over it. Checkpoints and
+        directories are never dropped: they are stored beside each other, or merged."""
+        if not self._kept or not _replaces(artifact):
             return
         with self._lock:
-            folder = self._kept.pop((id(sink), artifact.name), None)
-        if folder is not None:
+            kept = self._kept.get((id(sink), artifact.name), [])
+            gone = [folder for logged, folder in kept if logged <= order]
+            kept[:] = [(logged, folder) for logged, folder in kept if logged > order]
+        for folder in gone:
             with contextlib.suppress(OSError):
                 _remove_kept(folder)
 
@@ -125,7 +137,7 @@ class Keeper:
         moves them to a new run (``steplog sync --to``) ends that run with it."""
         with self._lock:
             self._status = status
-            for folder in self._kept.values():
+            for folder in self._folders:
                 with contextlib.suppress(OSError, ValueError):
                     manifest = json.loads((folder / "upload.json").read_text())
                     manifest[END_STATUS] = status
@@ -146,6 +158,15 @@ def _fsync_tree(path: Path) -> None:
 
 END_STATUS = "end_status"
 """Key of an ``upload.json`` holding the status its logger closed with."""
+
+
+def _replaces(artifact: Artifact) -> bool:
+    """Whether storing ``artifact`` replaces what an upload of the same name stored: a file
+    that is not a checkpoint (checkpoints are stored by step; MLflow merges directories)."""
+    if artifact.checkpoint:
+        return False
+    return artifact.data is not None or (artifact.source is not None
+                                         and not os.path.isdir(artifact.source))
 
 
 def _remove_kept(folder: Path) -> None:
@@ -257,6 +278,8 @@ def _sync_lock(run_dir: Path) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError:  # a file system without locks (some NFS mounts): unguarded, as before
+            pass
         yield True
     finally:
         os.close(fd)
@@ -330,10 +353,10 @@ def _store(kept: KeptUpload, to: str | None, moving: str | None) -> str | None:
         sink = reattach(kept.sink, follow(entry, to))
         try:
             sink.open()
-            if kept.moved_from is not None:
-                _note_new_run(kept, sink.target() or {})
             artifact = msgspec.structs.replace(kept.artifact, source=str(kept.payload))
             sink.upload(artifact)
+            if kept.moved_from is not None:
+                _note_new_run(kept, sink.target() or {})
             status = kept.target.get("end_status")
             if kept.moved_from is not None and status in ("FINISHED", "FAILED", "KILLED"):
                 sink.close(status)  # a new run ends as the logger did, uploads or not

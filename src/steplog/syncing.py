@@ -132,6 +132,11 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
         entry = delivered_entry(path) or (
             delivered_entry(path.parent) if path.name in ("journal", "run.json") else None) or (
             delivered_entry(path.parent.parent) if path.parent.name == "journal" else None)
+        if entry is None and path.parent.name == "uploads" and path.parent.is_dir():
+            # A kept upload's folder, printed by a close: stored since (by a sync, or by its
+            # logger when the upload in flight arrived after all).
+            print(f"nothing left to deliver: {path} was stored and removed")
+            return 0
         if entry is None:
             print(f"steplog sync: {path} does not exist", file=sys.stderr)
             return 2

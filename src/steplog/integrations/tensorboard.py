@@ -254,9 +254,8 @@ class SummaryWriter:
         if run_name is not None and not isinstance(run_name, str):
             raise TypeError(f"run_name must be a str, got {type(run_name).__name__}")
         params = self.logger._param_records(hparam_dict)  # checked before anything is queued
-        step = _step(global_step)
         if metric_dict:
-            self._log_metrics(metric_dict, step)
+            self._log_metrics(metric_dict, _step(global_step))
         self.logger._queue_settings(params, "params")
 
     def add_figure(

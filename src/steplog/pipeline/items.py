@@ -15,6 +15,7 @@ every item and part in records, the unit of every counter.
 from __future__ import annotations
 
 import array
+import itertools
 import os
 import tempfile
 import threading
@@ -104,10 +105,14 @@ class Upload:
     """
 
     __slots__ = ("_artifact", "_failure", "_lock", "_remaining", "_sink_moves", "_snapshot",
-                 "_staging", "_stored")
+                 "_staging", "_stored", "order")
+
+    _made = itertools.count(1)
 
     def __init__(self, artifact: Artifact, snapshot: Snapshot | None, sinks: int,
                  staging: str, sink_moves: bool = False) -> None:
+        self.order = next(Upload._made)
+        """Its place in logging order (the drain thread makes uploads in that order)."""
         self._artifact = artifact
         self._snapshot = snapshot
         self._sink_moves = sink_moves and sinks == 1

@@ -186,7 +186,7 @@ class SinkRunner:
             else:
                 with self._count_lock:
                     self.stats.delivered += 1
-                self.pipeline.keeper.stored(self.sink, artifact)
+                self.pipeline.keeper.stored(self.sink, artifact, job.order)
         return lost
 
     def keep_unfinished(self) -> None:
@@ -279,7 +279,7 @@ class SinkRunner:
             if pipeline.keep_time_left() == 0:  # the write may have taken the rest of it
                 raise NotKeptError(NO_TIME_LEFT)
             try:
-                folder = str(pipeline.keeper.keep(self.sink, artifact, reason))
+                folder = str(pipeline.keeper.keep(self.sink, artifact, reason, job.order))
             except Exception as exc:
                 raise NotKeptError(f"it could not be stored on disk: {exc!r}") from None
         finally:
