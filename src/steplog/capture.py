@@ -24,6 +24,7 @@ __all__ = [
     "capture_param",
     "capture_step",
     "capture_value",
+    "within_64_bits",
 ]
 
 
@@ -281,27 +282,26 @@ def capture_param(value: object) -> Any:
     Strings, numbers, bools, None, lists, tuples and dicts are kept (copied); NumPy and torch
     values become lists or numbers; what msgspec converts itself becomes what it makes of it
     (bytes: base64 text, an enum: its value, a dataclass: a dict of its fields, a datetime:
-    ISO 8601 text); any other object is recorded as ``str(value)``, and an int beyond 64 bits
-    (which no backend stores as a number) as its decimal text. ``TypeError`` for a dict key
-    that is neither text nor a number.
+    ISO 8601 text); any other object is recorded as ``str(value)``. ``TypeError`` for a dict
+    key that is neither text nor a number.
     """
-    return _within_64_bits(msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True))
+    return msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True)
 
 
 _PARAM_INT_MIN, _PARAM_INT_MAX = -(2**63), 2**64 - 1
 """The ints a journal frame (msgpack) holds as numbers."""
 
 
-def _within_64_bits(value: Any) -> Any:
-    """``value`` (built of dicts, lists and scalars) with each int beyond 64 bits as its
-    decimal text."""
+def within_64_bits(value: Any) -> Any:
+    """A captured param ``value`` (built of dicts, lists and scalars) with each int beyond 64
+    bits, which msgpack cannot hold, as its decimal text."""
     kind = type(value)
     if kind is int:
         return value if _PARAM_INT_MIN <= value <= _PARAM_INT_MAX else str(value)
     if kind is list:
-        return [_within_64_bits(v) for v in value]
+        return [within_64_bits(v) for v in value]
     if kind is dict:
-        return {k: _within_64_bits(v) for k, v in value.items()}
+        return {k: within_64_bits(v) for k, v in value.items()}
     return value
 
 
