@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from steplog import FileLogger, Logger
+from steplog import FileLogger, Logger, Options
 from steplog.capture import capture_param, capture_step, capture_value
 
 
@@ -133,14 +133,30 @@ def test_a_param_int_beyond_64_bits_is_journaled_as_its_text_and_the_rest_as_it_
                          "config": {"lr": 0.1}}
 
 
-def test_a_param_int_beyond_64_bits_reaches_a_live_sink_as_it_is() -> None:
+def test_a_param_int_beyond_64_bits_reaches_a_live_sink_as_the_journal_holds_it() -> None:
     from sinks_for_tests import ListSink
 
     sink = ListSink()
     logger = Logger(sinks=[sink])
-    logger.log_parameters({"seed": 2**70})
+    logger.log_parameters({"rng": {"entropy": 2**70}})
     assert logger.close(10)
-    assert [(r.name, r.value) for r in sink.records] == [("seed", 2**70)]
+    assert [(r.name, r.value) for r in sink.records] == [("rng", {"entropy": str(2**70)})]
+
+
+def test_upload_metadata_with_an_int_beyond_64_bits_is_stored_as_its_text(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from steplog import MLFlowLogger
+
+    source = tmp_path / "a.txt"
+    source.write_text("a")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logger = MLFlowLogger("meta", tracking_uri=uri, options=Options(
+        runs_dir=str(tmp_path / "runs")))
+    logger.log_artifact(source, metadata={"seed": 2**70})
+    assert logger.close(60)
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(logger.run_id or "")] == ["a.txt"]
 
 
 def test_within_64_bits_keeps_what_msgpack_holds() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -341,6 +340,8 @@ def test_only_a_later_file_of_the_same_name_drops_a_kept_upload(tmp_path: Path) 
         "policy", "report.txt", "results"]
     keeper.stored(sink, Artifact("report.txt", 0, data=b"v3"), order=8)
     assert sorted(k.artifact.name for k in find_kept(tmp_path / "runs")) == ["policy", "results"]
+    keeper.stored(sink, Artifact("results", 0, data=b"a file now"), order=9)
+    assert sorted(k.artifact.name for k in find_kept(tmp_path / "runs")) == ["policy"]
 
 
 def test_a_move_whose_upload_failed_does_not_bind_it_to_that_new_run(
@@ -368,14 +369,21 @@ def test_a_move_whose_upload_failed_does_not_bind_it_to_that_new_run(
     assert [x.path for x in client.list_artifacts(run.info.run_id)] == ["big.bin"]
 
 
-def test_the_sync_command_a_close_printed_for_an_upload_stored_since_finds_nothing_left(
+def test_the_sync_command_printed_for_a_kept_upload_stored_since_finds_nothing_left(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = tmp_path / "a.txt"
-    source.write_text("a")
-    runs = _kept_by_a_logger_that_cannot_reach_its_server(tmp_path, source)
-    (kept,) = find_kept(runs)
-    shutil.rmtree(kept.folder)  # as its logger does when the upload arrives after all
-    assert main(["sync", str(kept.folder)]) == 0
+    from steplog.kept import Keeper
+    from steplog.records import Artifact
+    from steplog.sinks.file import FileSink
+
+    folder = Keeper(tmp_path / "runs").keep(FileSink(tmp_path / "out"),
+                                            Artifact("a.txt", 0, data=b"a"), "the disk was full")
+    (tmp_path / "out").mkdir()  # the file run it was going to
+    assert main(["sync", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "out" / "a.txt").read_bytes() == b"a"
+    capsys.readouterr()
+    assert main(["sync", str(folder)]) == 0
     assert "nothing left to deliver" in capsys.readouterr().out
-    assert main(["sync", str(kept.run_dir / "uploads" / "nope" / "x")]) == 2
+    mistyped = folder.with_name(folder.name.replace("1-", "2-"))
+    assert main(["sync", str(mistyped)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -282,10 +282,12 @@ def capture_param(value: object) -> Any:
     Strings, numbers, bools, None, lists, tuples and dicts are kept (copied); NumPy and torch
     values become lists or numbers; what msgspec converts itself becomes what it makes of it
     (bytes: base64 text, an enum: its value, a dataclass: a dict of its fields, a datetime:
-    ISO 8601 text); any other object is recorded as ``str(value)``. ``TypeError`` for a dict
+    ISO 8601 text); any other object is recorded as ``str(value)``, and an int beyond 64 bits
+    as its decimal text (msgpack, which carries records to sink hosts and the journal, holds
+    no such int, and a replayed param must read as the live one did). ``TypeError`` for a dict
     key that is neither text nor a number.
     """
-    return msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True)
+    return within_64_bits(msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True))
 
 
 _PARAM_INT_MIN, _PARAM_INT_MAX = -(2**63), 2**64 - 1
@@ -293,8 +295,8 @@ _PARAM_INT_MIN, _PARAM_INT_MAX = -(2**63), 2**64 - 1
 
 
 def within_64_bits(value: Any) -> Any:
-    """A captured param ``value`` (built of dicts, lists and scalars) with each int beyond 64
-    bits, which msgpack cannot hold, as its decimal text."""
+    """``value`` (built of dicts, lists and scalars) with each int beyond 64 bits, which
+    msgpack cannot hold, as its decimal text."""
     kind = type(value)
     if kind is int:
         return value if _PARAM_INT_MIN <= value <= _PARAM_INT_MAX else str(value)

@@ -9,9 +9,10 @@ with credentials), the artifact's name, kind, step, metadata and aliases, and wh
 the new run that ``steplog sync --to`` moved its run to (:mod:`steplog.moves`), stores the
 payload, and removes the kept folder once it is stored (its ``upload.json`` first, so a sync
 cut short never meets a kept folder with part of its payload). One sync at a time delivers a
-run's kept uploads (a lock file in its ``uploads/``). A kept upload is dropped when a later
-upload of the same name to the same sink of the same logger is stored: the later one replaced
-it there.
+run's kept uploads (a lock file in its ``uploads/``). A kept upload that is not a checkpoint
+is dropped when a file logged later under the same name is stored by the same sink of the
+same logger: the later one replaced it there. ``uploads/.removed`` lists the kept folders
+removed, so that a ``steplog sync`` of one of them finds nothing left.
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ class Keeper:
         A payload that is the caller's own file is copied (a later change to that file does not
         reach it); a snapshot steplog staged or a file logged with ``move=True`` is linked
         where the file system allows. Nothing is left behind when keeping fails."""
-        self.runs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         uploads = self.run_dir / "uploads"
-        for own in (self.run_dir, uploads):  # this logger's: owner-only
-            own.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(own, 0o700)
-        folder = uploads / f"{next(self._count)}-{sink.kind}"
-        folder.mkdir(mode=0o700)
+        with self._lock:  # another sink's keep never meets folders a failed keep removes
+            self.runs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for own in (self.run_dir, uploads):  # this logger's: owner-only
+                own.mkdir(mode=0o700, exist_ok=True)
+                os.chmod(own, 0o700)
+            folder = uploads / f"{next(self._count)}-{sink.kind}"
+            folder.mkdir(mode=0o700)
         try:
             os.chmod(folder, 0o700)
             payload = folder / "payload" / Path(artifact.name).name
@@ -107,30 +109,33 @@ class Keeper:
                 replace_json(folder / "upload.json", manifest)
                 fsync_path(folder)
                 self._folders.append(folder)
-                if _replaces(artifact):
+                if not artifact.checkpoint:
                     self._kept.setdefault((id(sink), artifact.name), []).append((order, folder))
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-            for empty in (uploads, self.run_dir):  # what only this keep created
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
+            with self._lock:
+                for empty in (uploads, self.run_dir):  # what only this keep created
+                    with contextlib.suppress(OSError):
+                        empty.rmdir()
             raise
         return folder
 
     def stored(self, sink: Sink, artifact: Artifact, order: int = 0) -> None:
-        """``artifact`` (a file, logged ``order``-th) was stored by ``sink``: the kept uploads
-        of the same name to it logged no later (this one itself, kept by a close while it was
-        on its way) are dropped, as a sync would only put them back over it. Checkpoints and
-        directories are never dropped: they are stored beside each other, or merged."""
+        """``artifact`` (logged ``order``-th) was stored by ``sink``: when it is a file that is
+        not a checkpoint, the kept uploads of the same name to it that are not checkpoints and
+        were logged no later (this one itself, kept by a close while it was on its way) are
+        dropped, as a sync would only put them back over it. A directory replaces nothing
+        (MLflow merges directories); checkpoints are stored by step."""
         if not self._kept or not _replaces(artifact):
             return
         with self._lock:
             kept = self._kept.get((id(sink), artifact.name), [])
             gone = [folder for logged, folder in kept if logged <= order]
             kept[:] = [(logged, folder) for logged, folder in kept if logged > order]
-        for folder in gone:
-            with contextlib.suppress(OSError):
-                _remove_kept(folder)
+            for folder in gone:
+                self._folders.remove(folder)
+                with contextlib.suppress(OSError):
+                    _remove_kept(folder)
 
     def ended(self, status: str) -> None:
         """The logger closed with ``status``: every kept upload notes it, so that a sync that
@@ -162,16 +167,31 @@ END_STATUS = "end_status"
 
 def _replaces(artifact: Artifact) -> bool:
     """Whether storing ``artifact`` replaces what an upload of the same name stored: a file
-    that is not a checkpoint (checkpoints are stored by step; MLflow merges directories)."""
+    that is not a checkpoint."""
     if artifact.checkpoint:
         return False
     return artifact.data is not None or (artifact.source is not None
                                          and not os.path.isdir(artifact.source))
 
 
+REMOVED = ".removed"
+"""The file in a run's ``uploads/`` naming, a line each, the kept folders removed."""
+
+
+def was_removed(folder: Path) -> bool:
+    """Whether the kept folder ``folder`` was stored (or dropped) and removed."""
+    try:
+        return folder.name in (folder.parent / REMOVED).read_text().split("\n")
+    except OSError:
+        return False
+
+
 def _remove_kept(folder: Path) -> None:
     """Remove a kept folder, its ``upload.json`` first: a removal cut short leaves no kept
-    upload with part of its payload (``OSError`` when the manifest cannot be removed)."""
+    upload with part of its payload (``OSError`` when the manifest cannot be removed). Its name
+    is noted in :data:`REMOVED` first."""
+    with open(folder.parent / REMOVED, "a") as ledger:
+        ledger.write(folder.name + "\n")
     with contextlib.suppress(FileNotFoundError):
         (folder / "upload.json").unlink()
     shutil.rmtree(folder, ignore_errors=True)

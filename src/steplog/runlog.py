@@ -32,12 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steplog.capture import within_64_bits
 from steplog.errors import SteplogWarning
 from steplog.frames import encode_batch
 from steplog.journal import Durability, Journal
 from steplog.paths import replace_json
-from steplog.records import Batch, Param, Part
+from steplog.records import Batch, Part
 from steplog.sinks.base import Sink
 
 __all__ = ["DELIVERED_LEDGER", "END_FAILED", "RunJournal", "consumer_name", "delivered_by",
@@ -232,14 +231,7 @@ class RunJournal:
 
     def append(self, parts: list[Part], count: int) -> int:
         """Journal one chunk of ``count`` metric records (before the lanes get it); its seq."""
-        try:
-            payload = encode_batch(Batch(parts))
-        except OverflowError:
-            # A param holding an int beyond 64 bits (which msgpack cannot hold): that int is
-            # journaled as its decimal text, the rest of the value as it is.
-            payload = encode_batch(Batch(
-                [Param(p.name, within_64_bits(p.value), p.timestamp) if type(p) is Param
-                 else p for p in parts]))
+        payload = encode_batch(Batch(parts))  # capture_param keeps every int within 64 bits
         seq = self.journal.append(payload)
         with self._lock:
             self._appended += count

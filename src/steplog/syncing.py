@@ -122,7 +122,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
     retries. Returns the exit status: 0 when nothing is left (also for a run an earlier sync
     delivered whole and removed), 1 when something is still kept, 2 for a path that never
     held a run or a ``to`` MLflow can never use."""
-    from steplog.kept import KeptUpload, sync_kept
+    from steplog.kept import KeptUpload, sync_kept, was_removed
     from steplog.replay import find_runs, replay_run
     from steplog.runlog import delivered_entry
     from steplog.sinks.mlflow.common import redact, tracking_uri_problem
@@ -132,7 +132,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
         entry = delivered_entry(path) or (
             delivered_entry(path.parent) if path.name in ("journal", "run.json") else None) or (
             delivered_entry(path.parent.parent) if path.parent.name == "journal" else None)
-        if entry is None and path.parent.name == "uploads" and path.parent.is_dir():
+        if entry is None and path.parent.name == "uploads" and was_removed(path):
             # A kept upload's folder, printed by a close: stored since (by a sync, or by its
             # logger when the upload in flight arrived after all).
             print(f"nothing left to deliver: {path} was stored and removed")
