@@ -159,11 +159,9 @@ def test_upload_metadata_with_an_int_beyond_64_bits_is_stored_as_its_text(tmp_pa
     assert [a.path for a in client.list_artifacts(logger.run_id or "")] == ["a.txt"]
 
 
-def test_within_64_bits_keeps_what_msgpack_holds() -> None:
-    from steplog.capture import within_64_bits
-
-    assert within_64_bits([-(2**63), 2**64 - 1, True, 2**64]) == [-(2**63), 2**64 - 1, True,
-                                                                   str(2**64)]
+def test_params_keep_the_ints_msgpack_holds_as_numbers() -> None:
+    assert capture_param([-(2**63), 2**64 - 1, True, 2**64]) == [-(2**63), 2**64 - 1, True,
+                                                                  str(2**64)]
 
 
 def test_log_metrics_snapshots_a_mapping_whose_copy_shares_its_maps(tmp_path) -> None:

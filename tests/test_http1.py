@@ -394,19 +394,25 @@ def https_to(server: _OneShotServer, context: ssl.SSLContext) -> _Connection:
     return _Connection(urllib.parse.urlsplit(f"https://127.0.0.1:{server.port}"), 5.0, context)
 
 
+def request_over_tls(handle: Callable[[socket.socket], None], context: ssl.SSLContext,
+                     resend: bool = True) -> None:
+    """One REST transport request over TLS (5 s per wait) to a server that serves its
+    connection with ``handle``; raises what the request raises."""
+    server = _OneShotServer(handle)
+    try:
+        https_to(server, context).request("POST", "/x", b"{}", {}, resend=resend)
+    finally:
+        server.stop()
+
+
 def test_a_server_certificate_that_fails_verification_is_a_permanent_error(tmp_path) -> None:
     server_side, _ = tls_server_context(tmp_path)
 
     def handshake(conn: socket.socket) -> None:
         server_side.wrap_socket(conn, server_side=True).close()
 
-    server = _OneShotServer(handshake)
-    try:
-        conn = https_to(server, ssl.create_default_context())
-        with pytest.raises(PermanentError, match="CERTIFICATE_VERIFY_FAILED"):
-            conn.request("POST", "/x", b"{}", {})
-    finally:
-        server.stop()
+    with pytest.raises(PermanentError, match="CERTIFICATE_VERIFY_FAILED"):
+        request_over_tls(handshake, ssl.create_default_context())
 
 
 def test_https_to_a_plain_http_server_is_a_permanent_error() -> None:
@@ -414,26 +420,16 @@ def test_https_to_a_plain_http_server_is_a_permanent_error() -> None:
         conn.recv(65536)
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
-    server = _OneShotServer(plain)
-    try:
-        conn = https_to(server, ssl.create_default_context())
-        with pytest.raises(PermanentError, match="WRONG_VERSION_NUMBER"):
-            conn.request("POST", "/x", b"{}", {})
-    finally:
-        server.stop()
+    with pytest.raises(PermanentError, match="WRONG_VERSION_NUMBER"):
+        request_over_tls(plain, ssl.create_default_context())
 
 
 def test_a_tls_connection_the_server_cuts_mid_handshake_is_retryable(tmp_path) -> None:
     def cut(conn: socket.socket) -> None:
         conn.recv(65536)  # the client's hello, then nothing: the connection ends
 
-    server = _OneShotServer(cut)
-    try:
-        conn = https_to(server, ssl.create_default_context())
-        with pytest.raises(RetryableError):
-            conn.request("POST", "/x", b"{}", {})
-    finally:
-        server.stop()
+    with pytest.raises(RetryableError):
+        request_over_tls(cut, ssl.create_default_context())
 
 
 def test_a_tls_stream_damaged_after_the_handshake_is_retryable(tmp_path) -> None:
@@ -447,13 +443,9 @@ def test_a_tls_stream_damaged_after_the_handshake_is_retryable(tmp_path) -> None
         os.write(tls.fileno(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         time.sleep(0.5)
 
-    server = _OneShotServer(plaintext_after_handshake)
-    try:
-        conn = https_to(server, ssl.create_default_context(cafile=cert))
-        with pytest.raises(RetryableError, match="WRONG_VERSION_NUMBER"):
-            conn.request("POST", "/x", b"{}", {}, resend=False)
-    finally:
-        server.stop()
+    with pytest.raises(RetryableError, match="WRONG_VERSION_NUMBER"):
+        request_over_tls(plaintext_after_handshake, ssl.create_default_context(cafile=cert),
+                         resend=False)
 
 
 def test_a_certificate_failure_mlflows_client_reports_is_a_permanent_error(

@@ -294,9 +294,10 @@ def test_a_run_moved_for_its_kept_uploads_only_ends_as_its_logger_closed(
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["big.bin"]
 
 
-def test_kept_uploads_moved_to_a_new_run_that_holds_some_of_them_are_not_moved_again(
-    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def kept_for_a_run_at_a(tmp_path: Path, small_fs: Path, *payloads: tuple[str, bytes]
+                        ) -> tuple[str, str]:
+    """Keep ``payloads`` (name, bytes) for an MLflow run at the store ``a.db``; the stores
+    ``b.db``, whose artifacts go to the 64 KiB ``small_fs``, and ``c.db``."""
     import mlflow
 
     from steplog.kept import Keeper
@@ -308,11 +309,19 @@ def test_kept_uploads_moved_to_a_new_run_that_holds_some_of_them_are_not_moved_a
     sink.prepare()
     sink.open()
     keeper = Keeper(tmp_path / "runs")
-    keeper.keep(sink, Artifact("small.txt", 0, data=b"s" * 100), "server down")
-    keeper.keep(sink, Artifact("big.bin", 0, data=os.urandom(200_000)), "server down")
+    for name, data in payloads:
+        keeper.keep(sink, Artifact(name, 0, data=data), "server down")
     sink.release()
     mlflow.MlflowClient(tracking_uri=b).create_experiment(
-        "exp", artifact_location=f"file://{small_fs}/art")  # big.bin does not fit there
+        "exp", artifact_location=f"file://{small_fs}/art")
+    return b, c
+
+
+def test_kept_uploads_moved_to_a_new_run_that_holds_some_of_them_are_not_moved_again(
+    small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b, c = kept_for_a_run_at_a(tmp_path, small_fs, ("small.txt", b"s" * 100),
+                               ("big.bin", os.urandom(200_000)))  # big.bin does not fit at b
     assert main(["sync", str(tmp_path / "runs"), "--to", b]) == 1
     capsys.readouterr()
     assert main(["sync", str(tmp_path / "runs"), "--to", c]) == 1
@@ -349,20 +358,8 @@ def test_a_move_whose_upload_failed_does_not_bind_it_to_that_new_run(
 ) -> None:
     import mlflow
 
-    from steplog.kept import Keeper
-    from steplog.records import Artifact
-    from steplog.sinks.mlflow import MLflowSink
-
-    a, b, c = (f"sqlite:///{tmp_path}/{n}.db" for n in "abc")
-    sink = MLflowSink("exp", tracking_uri=a)
-    sink.prepare()
-    sink.open()
-    Keeper(tmp_path / "runs").keep(sink, Artifact("big.bin", 0, data=os.urandom(200_000)),
-                                   "server down")
-    sink.release()
-    mlflow.MlflowClient(tracking_uri=b).create_experiment(
-        "exp", artifact_location=f"file://{small_fs}/art")  # big.bin does not fit there
-    assert main(["sync", str(tmp_path / "runs"), "--to", b]) == 1
+    b, c = kept_for_a_run_at_a(tmp_path, small_fs, ("big.bin", os.urandom(200_000)))
+    assert main(["sync", str(tmp_path / "runs"), "--to", b]) == 1  # it does not fit at b
     assert main(["sync", str(tmp_path / "runs"), "--to", c]) == 0
     client = mlflow.MlflowClient(tracking_uri=c)
     (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])

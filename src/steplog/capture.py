@@ -24,7 +24,6 @@ __all__ = [
     "capture_param",
     "capture_step",
     "capture_value",
-    "within_64_bits",
 ]
 
 
@@ -287,23 +286,23 @@ def capture_param(value: object) -> Any:
     no such int, and a replayed param must read as the live one did). ``TypeError`` for a dict
     key that is neither text nor a number.
     """
-    return within_64_bits(msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True))
+    return _within_64_bits(msgspec.to_builtins(value, enc_hook=_param_hook, str_keys=True))
 
 
 _PARAM_INT_MIN, _PARAM_INT_MAX = -(2**63), 2**64 - 1
 """The ints a journal frame (msgpack) holds as numbers."""
 
 
-def within_64_bits(value: Any) -> Any:
+def _within_64_bits(value: Any) -> Any:
     """``value`` (built of dicts, lists and scalars) with each int beyond 64 bits, which
     msgpack cannot hold, as its decimal text."""
     kind = type(value)
     if kind is int:
         return value if _PARAM_INT_MIN <= value <= _PARAM_INT_MAX else str(value)
     if kind is list:
-        return [within_64_bits(v) for v in value]
+        return [_within_64_bits(v) for v in value]
     if kind is dict:
-        return {k: within_64_bits(v) for k, v in value.items()}
+        return {k: _within_64_bits(v) for k, v in value.items()}
     return value
 
 

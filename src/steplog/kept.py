@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from steplog.moves import MOVED_FROM, follow, is_moved_to, move_run, moved_to, refusal
+from steplog.moves import END_STATUS, MOVED_FROM, follow, is_moved_to, move_run, moved_to, refusal
 from steplog.paths import fsync_path, link_or_copy, replace_json
 from steplog.records import Artifact
 from steplog.sinks.base import Sink
@@ -54,8 +54,9 @@ class Keeper:
         self._count = itertools.count(1)
         self._lock = threading.Lock()
         self._kept: dict[tuple[int, str], list[tuple[int, Path]]] = {}
-        """The uploads kept that a later one of the same name replaces (a file that is not a
-        checkpoint), by (sink, name): (the upload's place in logging order, its folder)."""
+        """The uploads kept that a file logged later under the same name replaces (those that
+        are not checkpoints), by (sink, name): (the upload's place in logging order, its
+        folder)."""
         self._folders: list[Path] = []
         self._status: str | None = None
 
@@ -161,10 +162,6 @@ def _fsync_tree(path: Path) -> None:
         fsync_path(folder)
 
 
-END_STATUS = "end_status"
-"""Key of an ``upload.json`` holding the status its logger closed with."""
-
-
 def _replaces(artifact: Artifact) -> bool:
     """Whether storing ``artifact`` replaces what an upload of the same name stored: a file
     that is not a checkpoint."""
@@ -207,8 +204,6 @@ class KeptUpload(msgspec.Struct):
     reason: str
     moved_from: dict[str, Any] | None = None
     """The target it had before ``steplog sync --to`` moved it to a new run."""
-    end_status: str | None = None
-    """The status its logger closed with (``None`` when it did not close)."""
 
     @property
     def run_dir(self) -> Path:
@@ -260,8 +255,7 @@ def _read_kept(manifest: Path,
         if target is not None and not isinstance(target, dict):
             raise ValueError(f"its target is not an object: {target!r}")
         return KeptUpload(manifest.parent, str(data["sink"]), target, artifact,
-                          str(data.get("reason", "")), data.get(MOVED_FROM),
-                          data.get(END_STATUS))
+                          str(data.get("reason", "")), data.get(MOVED_FROM))
     except (OSError, ValueError, KeyError, TypeError, msgspec.ValidationError) as exc:
         if on_error is not None:
             on_error(manifest, str(exc))
@@ -377,7 +371,7 @@ def _store(kept: KeptUpload, to: str | None, moving: str | None) -> str | None:
             sink.upload(artifact)
             if kept.moved_from is not None:
                 _note_new_run(kept, sink.target() or {})
-            status = kept.target.get("end_status")
+            status = kept.target.get(END_STATUS)
             if kept.moved_from is not None and status in ("FINISHED", "FAILED", "KILLED"):
                 sink.close(status)  # a new run ends as the logger did, uploads or not
         finally:

@@ -27,11 +27,15 @@ from typing import Any
 
 from steplog.paths import replace_json, sync_command
 
-__all__ = ["MOVED_FROM", "follow", "is_moved_to", "move_run", "moved_to", "refusal"]
+__all__ = ["END_STATUS", "MOVED_FROM", "follow", "is_moved_to", "move_run", "moved_to", "refusal"]
 
 MOVED_FROM = "moved_from"
 """Key of a sink entry (``run.json``) or kept upload (``upload.json``) holding the target it had
 before ``steplog sync --to`` moved it."""
+
+END_STATUS = "end_status"
+"""Key of a moved target, and of a kept upload's ``upload.json``, holding the status its logger
+closed with (a new run is ended with it)."""
 
 
 @dataclass
@@ -151,8 +155,8 @@ def move_run(run: Path, to: str | None, lacking: Collection[str] = ()) -> dict[s
 
     status = manifest.get("status") if manifest is not None else None
     if status is None:  # run.json is gone with the journal: the uploads note how it closed
-        status = next((p.entry["end_status"] for p in places
-                       if p.key in uploads and p.entry.get("end_status")), None)
+        status = next((p.entry[END_STATUS] for p in places
+                       if p.key in uploads and p.entry.get(END_STATUS)), None)
     for members in groups.values():
         moved = next((p.target for p in members if p.moved_from is not None and p.target), None)
         if to is not None and any(p.lacking for p in members):
@@ -163,7 +167,7 @@ def move_run(run: Path, to: str | None, lacking: Collection[str] = ()) -> dict[s
 
                 moved = redirect(first.kind, first.target or {}, to)
                 if status in ("FINISHED", "FAILED", "KILLED"):
-                    moved["end_status"] = status
+                    moved[END_STATUS] = status
             elif moved.get("tracking_uri") != _portable(to):
                 if moved.get("run_id") is None and not _created_anything(members):
                     # The earlier move never created its run (that server never answered, or
@@ -173,7 +177,7 @@ def move_run(run: Path, to: str | None, lacking: Collection[str] = ()) -> dict[s
                     original = next(p.moved_from for p in members if p.moved_from is not None)
                     moved = redirect(members[0].kind, original or {}, to)
                     if status in ("FINISHED", "FAILED", "KILLED"):
-                        moved["end_status"] = status
+                        moved[END_STATUS] = status
                     for p in members:
                         if p.moved_from is not None:
                             p.entry["target"] = dict(moved)
