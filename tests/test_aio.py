@@ -213,6 +213,42 @@ def test_async_with_closes_the_logger_and_records_a_failure(backend: str) -> Non
     assert failing_sink.closed_with == "FAILED" and len(failing_sink.records) == 1
 
 
+def test_async_with_cancelled_by_an_expired_cancel_scope_still_closes_and_ends_killed(
+    backend: str,
+) -> None:
+    sink = ListSink()
+    after: list[State] = []
+
+    async def main() -> None:
+        with anyio.move_on_after(0.2):
+            async with Logger(sinks=[sink], options=FAST) as logger:
+                logger.log_scalar("x", 1.0, 0)
+                await anyio.sleep(30)
+        after.append(logger.state)
+
+    anyio.run(main, backend=backend)
+    assert after == [State.CLOSED]  # the exit waited for the close, as a `with` block does
+    assert sink.closed_with == "KILLED" and len(sink.records) == 1
+
+
+def test_async_with_left_by_a_task_groups_sys_exit_0_ends_the_run_finished(backend: str) -> None:
+    sink = ListSink()
+
+    async def stop() -> None:
+        raise SystemExit(0)
+
+    async def main() -> None:
+        async with Logger(sinks=[sink], options=FAST) as logger:
+            logger.log_scalar("x", 1.0, 0)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop)
+
+    with pytest.raises(BaseException) as raised:  # SystemExit, or a group holding it
+        anyio.run(main, backend=backend)
+    assert "SystemExit" in repr(raised.value)
+    assert sink.closed_with == "FINISHED" and len(sink.records) == 1
+
+
 def test_a_rank_that_does_not_log_answers_the_async_calls_at_once(
     backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -4,10 +4,14 @@ at low rates."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -200,3 +204,99 @@ def test_a_writer_process_refuses_a_path_that_names_another_file_now(tmp_path: P
 def test_an_unknown_offload_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="offload"):
         FileLogger(tmp_path, offload="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_close_waits_at_most_a_second_for_a_stopped_idle_writer(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST, offload="always")
+    pid = wait_hosted(sink_of(logger))
+    for i in range(100):
+        logger.log_scalar("x", float(i), i)
+    assert logger.flush(30)
+    os.kill(pid, signal.SIGSTOP)  # idle and stopped: it holds nothing that was not written
+    try:
+        start = time.monotonic()
+        result = logger.close(30)
+        took = time.monotonic() - start
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert result and took < 5, (result, took)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "FINISHED"
+    assert (tmp_path / "scalars.json").exists()
+    assert wait_until(lambda: not alive(pid), 10)
+
+
+def test_params_alone_never_wait_for_the_writer_process(tmp_path: Path) -> None:
+    logger = FileLogger(tmp_path, options=FAST, offload="always")
+    pid = wait_hosted(sink_of(logger))
+    os.kill(pid, signal.SIGSTOP)  # a writer that would not answer
+    try:
+        logger.log_parameters({"lr": 0.1})
+        logger.log_tags({"stage": "fit"})
+        assert logger.flush(5)
+        assert json.loads((tmp_path / "parameters.json").read_text()) == {"lr": 0.1}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        assert logger.close(30)
+
+
+def test_the_writer_process_starts_for_a_script_in_a_folder_whose_name_is_not_utf8(
+    tmp_path: Path,
+) -> None:
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")  # Latin-1, not UTF-8
+    os.mkdir(folder)
+    script = os.path.join(folder, b"train.py")
+    with open(script, "w") as f:
+        f.write(SCRIPT)
+    proc = subprocess.run([sys.executable, script, str(tmp_path / "run")], capture_output=True,
+                          timeout=120, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().split() == ["hosted", "True", "closed", "True"]
+    assert lines(tmp_path / "run") == [("x", 1.0, 0)]
+
+
+SCRIPT = """
+import sys, time
+from steplog import FileLogger, Options
+lg = FileLogger(sys.argv[1], options=Options(drain_interval_s=0.01), offload="always")
+sink = lg._sinks[0]
+end = time.monotonic() + 60
+while (sink._starting or not sink._hosted) and time.monotonic() < end:
+    time.sleep(0.01)
+lg.log_scalar("x", 1.0, 0)
+print("hosted", sink._hosted, "closed", bool(lg.close(30)))
+"""
+
+
+def test_the_writer_process_starts_when_steplog_is_found_only_through_the_scripts_sys_path(
+    tmp_path: Path,
+) -> None:
+    base = getattr(sys, "_base_executable", None)
+    if sys.prefix == sys.base_prefix or base is None:
+        pytest.skip("needs a virtual environment, whose base interpreter lacks steplog")
+    # The modules `import steplog` loads from this environment, linked into a folder that
+    # only the script puts on sys.path (a vendored copy, a notebook's path).
+    found = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys, sysconfig
+        before = set(sys.modules)
+        import steplog
+        roots = {name.partition(".")[0] for name in set(sys.modules) - before}
+        for name in sorted(roots):
+            where = getattr(sys.modules.get(name), "__file__", None)
+            if where:
+                print(name, where)
+    """)], capture_output=True, text=True, timeout=60, check=True).stdout
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    stdlib = os.path.dirname(os.__file__)
+    for line in found.splitlines():
+        where = line.split(" ", 1)[1]
+        if where.startswith(stdlib + os.sep) and "site-packages" not in where:
+            continue
+        source = Path(where).parent if Path(where).name == "__init__.py" else Path(where)
+        (vendor / source.name).symlink_to(source)
+    code = f"import sys; sys.path[:0] = [{str(vendor)!r}]\n" + SCRIPT
+    proc = subprocess.run([base, "-c", code, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120, start_new_session=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["hosted", "True", "closed", "True"], proc.stderr

@@ -373,6 +373,116 @@ def test_exiting_with_undelivered_records_prints_one_line_saying_how_many_and_wh
     assert url in lines[0] and "Connection refused" in lines[0]
 
 
+def test_sigterm_after_the_exit_close_ends_the_process_at_once_as_without_steplog(
+    tmp_path,
+) -> None:
+    ready, cleanup = tmp_path / "ready", tmp_path / "cleanup"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import atexit, pathlib, time, steplog
+        def hanging_cleanup():  # another library's exit hook, run after steplog's exit close
+            pathlib.Path({str(cleanup)!r}).touch()
+            time.sleep(60)
+        atexit.register(hanging_cleanup)
+        lg = steplog.FileLogger({str(tmp_path / "run")!r})
+        lg.log_scalar("x", 1.0, 0)
+        pathlib.Path({str(ready)!r}).touch()
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready)
+        wait_for(cleanup)
+        child.send_signal(signal.SIGTERM)
+        child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGTERM
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "FINISHED"
+
+
+def test_ctrl_c_during_the_exit_close_reports_every_logger_not_closed(tmp_path) -> None:
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, sys, threading
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from sinks_for_tests import ListSink
+        import steplog
+        gate = threading.Event()  # never set: both backends hang
+        first = steplog.Logger(sinks=[ListSink(release=gate)],
+                               options=steplog.Options(exit_timeout_s=30))
+        second = steplog.Logger(sinks=[ListSink(release=gate)],
+                                options=steplog.Options(exit_timeout_s=30))
+        for i in range(3):
+            first.log_scalar("a", 1.0, i)
+        for i in range(5):
+            second.log_scalar("b", 1.0, i)
+        pathlib.Path({str(ready)!r}).touch()
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready)
+        time.sleep(1.0)  # the exit close now waits for the first logger
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    lines = [line for line in err.splitlines() if line.startswith("steplog: at exit")]
+    assert len(lines) == 2, err
+    assert "(interrupted), 3 of 3 records were not delivered" in lines[0]
+    assert "(interrupted), 5 of 5 records were not delivered" in lines[1]
+
+
+def test_a_child_forked_while_the_parent_closes_gets_sigterm_as_its_own(tmp_path) -> None:
+    got = tmp_path / "got-sigterm"
+    proc = run_child(f"""
+        import os, pathlib, sys, threading, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from sinks_for_tests import ListSink
+        import steplog
+        gate = threading.Event()
+        lg = steplog.Logger(sinks=[ListSink(release=gate)])
+        lg.log_scalar("x", 1.0, 0)
+        def fork_soon():
+            time.sleep(0.5)  # the main thread is inside close() now
+            pid = os.fork()
+            if pid == 0:
+                child = steplog.FileLogger({str(tmp_path / "child-run")!r})
+                child.log_scalar("y", 1.0, 0)
+                try:
+                    os.kill(os.getpid(), 15)
+                    time.sleep(10)
+                except SystemExit as exc:  # the handler of the child's own logger
+                    child.close(10, status="KILLED")
+                    pathlib.Path({str(got)!r}).write_text(str(exc.code))
+                os._exit(0)
+            os.waitpid(pid, 0)
+            gate.set()
+        thread = threading.Thread(target=fork_soon)
+        thread.start()
+        lg.close(timeout=40)
+        thread.join()
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert got.read_text() == "143"  # at once, not left pending for the parent's close
+    assert json.loads((tmp_path / "child-run" / "run.json").read_text())["status"] == "KILLED"
+
+
+def test_leaving_a_with_block_whose_close_timed_out_warns_what_did_not_arrive(
+    tmp_path,
+) -> None:
+    proc = run_child(f"""
+        import sys, threading
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from sinks_for_tests import ListSink
+        import steplog
+        gate = threading.Event()  # never set: the backend hangs
+        with steplog.Logger(sinks=[ListSink(release=gate)],
+                            options=steplog.Options(timeout_s=0.5)) as lg:
+            lg.log_scalar("x", 1.0, 0)
+        print("closed:", bool(lg.close(0)))
+    """)
+    assert "closed: False" in proc.stdout, proc.stderr
+    assert ("SteplogWarning: steplog: leaving a with block (timed out), 1 of 1 records were "
+            "not delivered") in proc.stderr
+
+
 def test_a_short_script_that_exits_without_close_delivers_to_mlflow(mlflow_server) -> None:
     import uuid
 

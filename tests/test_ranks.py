@@ -199,8 +199,15 @@ def test_the_job_identity_is_the_same_on_every_rank_and_differs_between_launches
     same = {job_identity({**base, "RANK": str(r), "LOCAL_RANK": str(r % 4)}) for r in range(8)}
     assert len(same) == 1
     assert job_identity({**base, "TORCHELASTIC_RUN_ID": "abd"}) not in same
-    assert job_identity({**base, "TORCHELASTIC_RESTART_COUNT": "1"}) not in same
     assert job_identity({**base, "MASTER_PORT": "29501"}) not in same
+
+
+def test_the_job_identity_ignores_torchelastic_restart_counts_which_differ_between_nodes() -> None:
+    base = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2",
+            "TORCHELASTIC_RUN_ID": "abc"}
+    # After one node's worker failed: its agent counts a restart, the other's does not.
+    assert (job_identity({**base, "RANK": "0", "TORCHELASTIC_RESTART_COUNT": "0"})
+            == job_identity({**base, "RANK": "1", "TORCHELASTIC_RESTART_COUNT": "1"}))
 
 
 # -- what each rank gets ------------------------------------------------------------------------
@@ -254,6 +261,56 @@ def test_every_public_method_of_an_inert_logger_answers_as_the_real_one_would(
     with pytest.raises(TypeError):
         MLFlowLogger()  # type: ignore[call-arg]  # a wrong call fails as on rank 0
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_inert_logger_keeps_a_subclasss_own_default_logging_freq(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    class EveryTenth(FileLogger):
+        def __init__(self, output_dir: Path, logging_freq: int = 10) -> None:
+            super().__init__(output_dir, logging_freq=logging_freq)
+
+    as_rank(clean_env)
+    lg = EveryTenth(tmp_path / "out")
+    assert lg.state is State.INERT
+    # As on rank 0, so collectives run under should_log stay in step across ranks.
+    assert [i for i in range(21) if lg.should_log(i)] == [9, 19]
+
+
+def test_a_rank_policy_that_a_subclass_passes_on_itself_reaches_every_rank(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    class Positional(FileLogger):  # takes the options under another name
+        def __init__(self, output_dir: Path, opts: Options) -> None:
+            super().__init__(output_dir, options=opts)
+
+    as_rank(clean_env)  # rank 1 of 4
+    lg = Positional(tmp_path / "out", Options(ranks="all"))
+    assert lg.state is State.OPEN and lg.close(10)
+    assert (tmp_path / "out" / "rank1" / "run.json").exists()
+
+
+def test_a_rank_policy_chosen_inside_a_subclasss_constructor_is_refused_on_rank_0(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    class BuildsItsOwn(FileLogger):  # the policy is unknown when the logger is made
+        def __init__(self, output_dir: Path) -> None:
+            super().__init__(output_dir, options=Options(ranks="all"))
+
+    as_rank(clean_env, RANK="0", LOCAL_RANK="0")
+    with pytest.raises(ValueError, match=r"pass options=Options\(ranks='all'\) to the "
+                                         "constructor, or set STEPLOG_RANKS=all"):
+        BuildsItsOwn(tmp_path / "out")
+
+
+def test_a_world_size_that_is_not_a_number_is_refused_also_without_rank(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("LOCAL_RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "four")  # a launcher's typo: not "one process"
+    with pytest.raises(ValueError, match=r"\$WORLD_SIZE must be an integer, got 'four'"):
+        Logger()
+    assert not plan(None, {"SLURM_PROCID": "1", "SLURM_NTASKS": "01"}).distributed
 
 
 def test_under_own_and_all_files_go_to_a_folder_per_rank(
@@ -366,6 +423,30 @@ def test_a_rank_whose_logger_starts_before_rank_0s_joins_the_shared_run_once_it_
     assert run.data.tags["steplog.rank1.status"] == "FINISHED"
 
 
+def test_under_all_a_second_stage_with_the_same_names_gets_a_shared_run_of_its_own(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    clean_env.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs: dict[str, set[str | None]] = {"fit": set(), "test": set()}
+    for stage in ("fit", "test"):  # each rank makes its loggers in the same order
+        for rank in (0, 1):
+            as_rank(clean_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+            lg = MLFlowLogger("stages", tracking_uri=uri, run_name="same",
+                              options=Options(ranks="all"))
+            lg.log_scalar(stage, 1.0, 0)
+            assert lg.close(120)
+            runs[stage].add(lg.run_id)
+    assert len(runs["fit"]) == 1 and len(runs["test"]) == 1 and runs["fit"] != runs["test"]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for stage, (run_id,) in runs.items():
+        assert sorted(client.get_run(run_id).data.metrics) == [f"rank0/{stage}",
+                                                                f"rank1/{stage}"]
+
+
 def test_a_rank_slower_than_rank_0s_whole_run_still_joins_it_after_rank_0_ended_it(
     clean_env: pytest.MonkeyPatch, mlflow_server: MlflowServer,
 ) -> None:
@@ -406,15 +487,13 @@ def test_a_shared_run_an_earlier_launch_left_running_or_ended_is_not_joined(
     # An earlier launch with the same identity crashed a day ago: its run is still RUNNING.
     from mlflow import MlflowClient
 
-    from steplog.sinks.mlflow import MLflowSink
     from steplog.sinks.mlflow.common import RUN_TOKEN_TAG
+    from steplog.sinks.mlflow.sink import shared_run_token
 
     experiment = f"ranks-stale-{time.time_ns()}"
     as_rank(clean_env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
-    probe = MLflowSink(experiment, tracking_uri=mlflow_server.url, run_name="r")
-    probe.join_ranks("all", 1, 2, str(plan("all").group))
     client = MlflowClient(mlflow_server.url)
-    token = {RUN_TOKEN_TAG: probe.target()["run_token"]}
+    token = {RUN_TOKEN_TAG: shared_run_token(str(plan("all").group), experiment, "r")}
     exp_id = client.create_experiment(experiment)
     stale = client.create_run(exp_id, run_name="r", start_time=int((time.time() - 86400) * 1000),
                               tags=token).info.run_id

@@ -3,6 +3,7 @@ or to a server that is down, and a sync run twice stores nothing twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -26,6 +27,7 @@ from steplog.journal import Journal
 from steplog.records import Scalars
 from steplog.runlog import RunJournal
 from steplog.sinks.mlflow import MLflowSink
+from waiting import wait_until
 
 QUICK = RetryPolicy(initial_s=0.05, max_s=0.2, jitter_s=0.0, window_s=1.0)
 
@@ -681,3 +683,195 @@ def test_the_run_directory_is_printed_once_when_the_logger_starts(
     assert err.count("steplog: journal in ") == 1
     assert f"steplog: journal in {logger.run_dir} " in err
     logger.close(0.5)
+
+
+def test_a_logger_killed_while_it_ends_its_run_after_a_flush_leaves_the_end_to_sync(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fault_proxy import FaultProxy
+
+    runs, flushed = tmp_path / "runs", tmp_path / "flushed"
+    experiment = f"sync-killed-closing-{time.monotonic_ns()}"
+    with FaultProxy(mlflow_server.port, lifetime_s=120) as proxy:
+        proxy.set("delay", delay_s=60, only=b"/runs/update")  # ending the run hangs
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import pathlib, steplog
+            lg = steplog.MLFlowLogger({experiment!r}, tracking_uri={proxy.url!r},
+                                      options=steplog.Options(runs_dir={str(runs)!r}))
+            for i in range(100):
+                lg.log_scalar("x", float(i), i)
+            assert lg.flush(60)  # every cursor at the end
+            pathlib.Path({str(flushed)!r}).touch()
+            lg.close(60)  # ends the run: hangs, and the process is killed meanwhile
+        """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not flushed.exists():
+                assert time.monotonic() < deadline and child.poll() is None, child.stderr
+                time.sleep(0.02)
+            time.sleep(2.0)  # the close is ending the run now
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate(timeout=30)
+        (run_id,) = run_ids(runs)
+        assert mlflow_server.run(run_id)["info"]["status"] == "RUNNING"
+        proxy.set("pass")
+        assert main(["sync", str(runs)]) == 0
+        assert "nothing to send; its run was ended" in capsys.readouterr().out
+    assert mlflow_server.run(run_id)["info"]["status"] == "FINISHED"
+    assert len(history(mlflow_server, run_id, "x")) == 100
+
+
+def test_a_damaged_frame_is_reported_lost_and_the_sync_exits_1(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    journal_for(mlflow_server, run_dir, 300)  # frames 1-3, steps 0-299
+    (segment,) = (run_dir / "journal").glob("*.seg")
+    with Journal.open(run_dir / "journal") as journal:
+        frames = [(seq, len(payload)) for seq, payload in journal.read()]
+    data = bytearray(segment.read_bytes())
+    middle = data.find(msgspec_step(150))  # a byte of frame 2's payload
+    assert middle > 0 and len(frames) == 3
+    data[middle] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    assert main(["sync", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "200 records sent" in out and "LOST" in out and "frame 2 fails its checksum" in out
+    assert main(["sync", str(run_dir)]) == 0  # nothing is left that a sync could deliver
+    assert "delivered, except what the journal had lost" in capsys.readouterr().out
+
+
+def msgspec_step(step: int) -> bytes:
+    """How the journal encodes the row of "x" at ``step`` (value == step)."""
+    import msgspec
+
+    return msgspec.msgpack.encode(["x", float(step), step])
+
+
+def test_frames_missing_at_the_end_of_the_journal_are_reported_lost_once(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    journal_for(mlflow_server, run_dir, 200)  # frames 1-2
+    # A segment the journal rolled to, whose data never reached the disk (a power cut).
+    (run_dir / "journal" / f"{3:020d}.seg").write_bytes(b"\0" * 4096)
+    assert main(["sync", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "200 records sent" in out, out
+    assert "LOST" in out and "frames 3-3 are no longer in the journal" in out
+    assert main(["sync", str(run_dir)]) == 0
+    assert "delivered, except what the journal had lost" in capsys.readouterr().out
+    assert not (run_dir / "journal").exists()
+
+
+def test_sync_says_why_the_backend_refused_records(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steplog.records import Param
+
+    run_dir = tmp_path / "run"
+    experiment = f"sync-refused-{time.monotonic_ns()}"
+    journal = RunJournal(run_dir, [("mlflow", MLflowSink(experiment,
+                                                        tracking_uri=mlflow_server.url))])
+    journal.append([Param("lr", "1", 1_000)], 1)
+    journal.append([Param("lr", "2", 1_001), Scalars([("x", 1.0, 0)], 1_001, True)], 2)
+    journal.write_manifest("FINISHED")
+    assert journal.finish()
+    assert main(["sync", str(run_dir)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("run ")]
+    assert "3 records sent" in line and "1 refused by the backend (" in line, line
+    assert "lr" in line.split("refused by the backend (", 1)[1]
+
+
+def test_sync_to_a_uri_that_cannot_be_parsed_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "runs").mkdir()
+    assert main(["sync", str(tmp_path / "runs"), "--to", "http://user:secret@[bad"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be parsed" in err and "secret" not in err
+
+
+def test_a_runs_directory_on_a_full_disk_warns_and_the_logger_still_delivers(
+    mlflow_server: MlflowServer, small_fs: Path
+) -> None:
+    from steplog import SteplogWarning
+
+    filler = small_fs / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+        for _ in range(64):
+            f.write(b"\0" * 4096)
+    with pytest.warns(SteplogWarning, match="cannot journal in .*(full|No space left)"):
+        logger = MLFlowLogger(f"sync-full-{time.monotonic_ns()}",
+                              tracking_uri=mlflow_server.url,
+                              options=Options(runs_dir=str(small_fs / "runs")))
+    assert logger.run_dir is None
+    logger.log_scalar("x", 1.0, 0)
+    assert logger.close(60)
+    assert len(history(mlflow_server, logger.run_id or "", "x")) == 1
+
+
+def test_a_journal_no_sink_replays_is_compacted_as_it_goes(tmp_path: Path) -> None:
+    from steplog import FileLogger
+
+    logger = FileLogger(tmp_path / "out", options=Options(
+        journal=True, journal_max_bytes=256 * 1024, runs_dir=str(tmp_path / "runs"),
+        drain_interval_s=0.005))
+    for i in range(200_000):  # about ten times the budget
+        logger.log_scalar("x", float(i), i)
+        if i % 5_000 == 0:
+            assert logger.flush(30)
+    result = logger.close(30)
+    assert result and result.delivered == 200_000  # the journal never stopped the loop
+    assert not any((tmp_path / "runs").rglob("*.seg"))
+
+
+def test_an_idle_logger_writes_the_cursors_its_once_a_second_limit_held_back(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    logger = MLFlowLogger(f"sync-idle-{time.monotonic_ns()}", tracking_uri=mlflow_server.url,
+                          options=Options(runs_dir=str(tmp_path / "runs")))
+    try:
+        for burst in range(3):  # bursts closer together than the once-a-second limit
+            for i in range(100):
+                logger.log_scalar("x", float(i), burst * 100 + i)
+            assert wait_until(lambda b=burst: logger.stats().delivered == 100 * (b + 1),
+                              timeout_s=30)
+        journal = Path(logger.run_dir or "") / "journal"
+        assert wait_until(lambda: cursor_of(journal) == last_seq_of(journal), timeout_s=15)
+    finally:
+        assert logger.close(30)
+
+
+def cursor_of(journal: Path) -> int:
+    return int((journal / "cursor.mlflow").read_text())
+
+
+def last_seq_of(journal: Path) -> int:
+    """The newest frame's seq, read without opening the journal its logger holds."""
+    from steplog.journal import JournalView
+
+    return max(seq for seq, _ in JournalView(journal).read())
+
+
+def test_the_exit_line_says_which_records_a_stopped_journal_does_not_keep(
+    tmp_path: Path,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import warnings, steplog
+        warnings.simplefilter("ignore")
+        lg = steplog.MLFlowLogger("exp", tracking_uri={url!r}, options=steplog.Options(
+            exit_timeout_s=1.0, journal_max_bytes=64 * 1024, runs_dir={str(tmp_path)!r}))
+        for i in range(20_000):
+            try:
+                lg.log_scalar("loss", float(i), i)
+            except steplog.JournalStoppedError:
+                pass
+    """)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("steplog: at exit")]
+    assert "20000 of 20000 records were not delivered" in line
+    assert "stopped" in line and "so it keeps only those logged before" in line
+    assert "the journal keeps them" not in line

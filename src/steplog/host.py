@@ -64,7 +64,8 @@ class _Config(msgspec.Struct):
     target: str
     args: list[Any]
     channels: list[str]
-    path: list[str]
+    path: list[bytes]
+    """The parent's ``sys.path``, as the file system's bytes (a name need not be UTF-8)."""
     parent: int
     heartbeat_s: float
 
@@ -331,11 +332,17 @@ class Host:
     def _start(self, parents: dict[str, socket.socket], children: list[socket.socket]
                ) -> _Process:
         fds = [s.fileno() for s in children]
+        path = [os.fsencode(p) for p in sys.path]
+        # The parent's import path, before `-m steplog.host` imports anything: steplog may be
+        # importable only through a sys.path entry the training script added itself.
+        env = dict(os.environb)
+        env[b"PYTHONPATH"] = os.pathsep.encode().join(p for p in path if p)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "steplog.host", *map(str, fds)],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # its own process group: Ctrl-C is for training
             )
         except OSError as exc:
@@ -347,7 +354,7 @@ class Host:
                 s.close()
         self.starts += 1
         current = _Process(proc, {name: _Wire(sock) for name, sock in parents.items()})
-        config = _Config(self.target, self.args, list(self.channels), list(sys.path),
+        config = _Config(self.target, self.args, list(self.channels), path,
                          os.getpid(), min(_HEARTBEAT_S, self.call_timeout_s / 3))
         first = current.wires[self.channels[0]]
         try:
@@ -358,8 +365,15 @@ class Host:
                 wire.set_timeout(self.call_timeout_s)
         except (OSError, EOFError) as exc:
             current.kill()
+            code = proc.poll()
+            if code is not None:  # it ended at once (its stderr says why)
+                raise RetryableError(f"the sink host exited with status {code} as it started "
+                                     "(its error is on stderr)") from exc
             raise RetryableError(f"the sink host did not start within "
                                  f"{self.start_timeout_s:g} s ({exc!r})") from exc
+        except BaseException:  # a start that cannot be sent, say: never left running
+            current.kill()
+            raise
         if reply.status != _OK:
             current.kill()
             if reply.status == _RETRYABLE:
@@ -469,7 +483,8 @@ def main(argv: Sequence[str]) -> int:
         config = msgspec.msgpack.decode(first.recv(), type=_Config)
     except (OSError, EOFError):
         return 0
-    sys.path[:0] = [p for p in config.path if p not in sys.path]
+    wanted = [os.fsdecode(p) for p in config.path]
+    sys.path[:0] = [p for p in wanted if p not in sys.path]
     try:
         obj = _load(config.target)(*config.args)
     except BaseException as exc:

@@ -510,13 +510,16 @@ class Journal:
         problem and reading goes on with the next valid frame; it never raises for damage."""
         return (frame[:2] for frame in self.read_from(after))
 
-    def read_from(self, after: int = 0, position: tuple[int, int] | None = None
+    def read_from(self, after: int = 0, position: tuple[int, int] | None = None,
+                  problems: list[str] | None = None
                   ) -> Iterator[tuple[int, bytes, tuple[int, int]]]:
         """As :meth:`read`, with each frame's position (its segment, the byte after it).
 
         ``position``: the one yielded with frame ``after`` by an earlier pass; this pass then
         starts right after that frame instead of at the start of its segment (a reader that
-        follows the journal as it grows reads each byte once)."""
+        follows the journal as it grows reads each byte once). ``problems``: each piece of
+        damage met is appended there (a description naming the file and byte) instead of
+        being warned about."""
         with self._lock:
             self._check_open()
             segments = list(self._segments)
@@ -530,9 +533,10 @@ class Journal:
             for i in range(len(segments) - 1):
                 if segments[i + 1] - 1 <= after:  # every seq this segment may hold is <= after
                     start = i + 1
-        return self._frames(segments[start:], active_end, after, offset)
+        return self._frames(segments[start:], active_end, after, offset, problems)
 
-    def _frames(self, segments: list[int], active_end: int, after: int, offset: int = 0
+    def _frames(self, segments: list[int], active_end: int, after: int, offset: int = 0,
+                problems: list[str] | None = None
                 ) -> Iterator[tuple[int, bytes, tuple[int, int]]]:
         last = len(segments) - 1
         previous = 0  # the last seq yielded
@@ -541,7 +545,13 @@ class Journal:
         def report(path: Path, offset: int, what: str) -> None:
             nonlocal damaged
             damaged = True
-            self._report(path, offset, what)
+            tell(path, offset, what)
+
+        def tell(path: Path, offset: int, what: str) -> None:
+            if problems is None:
+                self._report(path, offset, what)
+            else:
+                problems.append(f"{path}, byte {offset}: {what}")
 
         for i, first in enumerate(segments):
             path = self._path(first)
@@ -552,9 +562,9 @@ class Journal:
                         and previous + 1 >= self._segments[0]):
                     # Frames went missing without a trace, and not by a compact() that ran
                     # since this read began: a segment was emptied or removed.
-                    self._report(path, end - len(payload) - FRAME_HEADER_BYTES,
-                                 f"frames {previous + 1}-{seq - 1} are missing (a segment was "
-                                 "truncated or removed)")
+                    tell(path, end - len(payload) - FRAME_HEADER_BYTES,
+                         f"frames {previous + 1}-{seq - 1} are missing (a segment was "
+                         "truncated or removed)")
                 after = previous = seq
                 damaged = False
                 yield seq, payload, (first, end)
@@ -632,13 +642,15 @@ class Journal:
         with self._lock:
             return sorted(self._cursors)
 
-    def pending(self, consumer: str) -> Iterator[tuple[int, bytes]]:
-        """Every valid frame ``consumer`` has not acknowledged, as :meth:`read` gives them."""
-        return self.read(after=self.cursor(consumer))
+    def pending(self, consumer: str, problems: list[str] | None = None
+                ) -> Iterator[tuple[int, bytes]]:
+        """Every valid frame ``consumer`` has not acknowledged, as :meth:`read` gives them
+        (``problems``: as :meth:`read_from` takes it)."""
+        return (frame[:2] for frame in self.read_from(self.cursor(consumer), None, problems))
 
     # -- housekeeping -------------------------------------------------------------------------
 
-    def compact(self) -> int:
+    def compact(self, through: int | None = None) -> int:
         """Remove the segments every registered consumer acknowledged whole; return bytes freed.
 
         A segment goes only when every seq it can hold (from its first seq to the next
@@ -646,12 +658,16 @@ class Journal:
         segment stays, so sequence numbers continue, unless it is larger than
         ``segment_bytes`` (a frame larger than that, or a journal written with larger
         segments) and acknowledged whole: then a new active segment replaces it. With no
-        consumer nothing goes."""
+        consumer nothing goes, unless ``through`` gives the seq up to which frames are no
+        longer needed."""
         with self._lock:
             self._check_open()
-            if not self._cursors:
+            if self._cursors:
+                floor = min(self._cursors.values())
+            elif through is not None:
+                floor = min(through, self._next_seq - 1)
+            else:
                 return 0
-            floor = min(self._cursors.values())
             freed = removed = 0
             for first, following in itertools.pairwise(self._segments):
                 if following - 1 > floor:

@@ -52,7 +52,7 @@ from steplog.results import CloseResult, FlushResult, Stats
 from steplog.retry import check_seconds
 from steplog.sinks.base import RunStatus, Sink
 
-__all__ = ["Lifecycle", "State", "terminated"]
+__all__ = ["Lifecycle", "State", "terminated", "unclean_report"]
 
 _FLUSH_POLL_S = 0.1
 
@@ -415,33 +415,48 @@ def _unregister(life: Lifecycle) -> None:
 
 
 def _close_all() -> None:
-    """The exit close: every open logger, within the largest exit deadline."""
+    """The exit close: every open logger, within the largest exit deadline (a SIGTERM that
+    comes meanwhile is ignored). Afterwards SIGTERM has its default action again, so a later
+    exit hook that hangs can still be stopped."""
     global _exiting
     _exiting = True
+    try:
+        _close_open_loggers()
+    finally:
+        _default_sigterm()
+
+
+def _close_open_loggers() -> None:
     with _lock:
         pending = list(_open)
     if not pending:
         return
     deadline = time.monotonic() + max(life.options.exit_timeout_s for life in pending)
-    for life in pending:
+    for i, life in enumerate(pending):
         left = max(0.0, min(life.options.exit_timeout_s, deadline - time.monotonic()))
         try:
             result = life.close(timeout=left, status=_exit_status)
         except KeyboardInterrupt:
-            _report_at_exit(life, None, "interrupted")
+            for other in pending[i:]:  # none of them is closed now: each says what it keeps
+                if other.state is not State.CLOSED:
+                    print(unclean_report(other, None, "at exit", "interrupted"),
+                          file=sys.stderr)
             return
         except Exception as exc:  # at exit, report and go on to the next logger
             print(f"steplog: closing a logger at exit failed: {exc!r}", file=sys.stderr)
             continue
         if not result:
-            _report_at_exit(life, result, "timed out" if result.timed_out else "")
+            print(unclean_report(life, result, "at exit",
+                                 "timed out" if result.timed_out else ""), file=sys.stderr)
         if result.timed_out and life.pipeline is not None:
             # The lanes die with the process: what they had staged is kept or lost by now.
             life.pipeline.remove_staging()
 
 
-def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> None:
-    """One line on stderr: how many records did not arrive, where they were going, and why."""
+def unclean_report(life: Lifecycle, result: CloseResult | None, when: str, how: str) -> str:
+    """One line for a close that did not end cleanly: how many records did not arrive, where
+    they were going, why, and the ``steplog sync`` command that delivers them later.
+    ``when``: "at exit", say; ``how``: "timed out", "interrupted" or empty."""
     stats = life.stats()
     undelivered = result.undelivered if result is not None else stats.undelivered
     reasons = life.pipeline.reasons() if life.pipeline is not None else []
@@ -450,7 +465,12 @@ def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> No
     sync = result.sync if result is not None else None
     if sync is None and life.pipeline is not None:
         sync = life.pipeline.sync_command()
-    if sync is not None and undelivered:
+    pipeline = life.pipeline
+    stopped = pipeline.journal_error if pipeline is not None and pipeline.journal_stopped else None
+    if sync is not None and undelivered and stopped is not None:
+        reason += (f"; {stopped}, so it keeps only those logged before: deliver those later "
+                   f"with: {sync}")
+    elif sync is not None and undelivered:
         reason += f"; the journal keeps them: deliver them later with: {sync}"
     elif sync is not None:
         reason += f"; end the run later with: {sync}"
@@ -459,11 +479,15 @@ def _report_at_exit(life: Lifecycle, result: CloseResult | None, how: str) -> No
                 f"to {life.describe()}")
     else:
         what = f"every record arrived, but a run did not end cleanly ({life.describe()})"
-    print(f"steplog: at exit{how}, {what}{reason}", file=sys.stderr)
+    return f"steplog: {when}{how}, {what}{reason}"
 
 
 def _after_fork() -> None:
-    global _lock, _sigterm_installed
+    global _lock, _sigterm_installed, _shielded, _sigterm_pending, _exiting, _sigterm_seen
+    global _exit_status
+    # The parent's close, exit close or SIGTERM in progress is not the child's.
+    _shielded, _sigterm_pending, _exiting, _sigterm_seen = 0, False, False, False
+    _exit_status = "FINISHED"
     if _sigterm_installed:
         # First: the child has no logger to flush, so SIGTERM ends it at once, as it would
         # without steplog (a process pool terminates its workers so). A logger the child

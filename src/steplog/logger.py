@@ -7,12 +7,15 @@ when the queue is full). Delivery happens on the logger's worker threads.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import dataclasses
 import os
+import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -32,9 +35,9 @@ from steplog.arguments import (
 )
 from steplog.capture import capture_param, capture_step, capture_value
 from steplog.checkpoints import CheckpointMemory, Snapshot, capture_checkpoint
-from steplog.errors import LoggerClosedError
+from steplog.errors import LoggerClosedError, SteplogWarning
 from steplog.images import encode_png
-from steplog.lifecycle import Lifecycle, State, terminated
+from steplog.lifecycle import Lifecycle, State, terminated, unclean_report
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
 from steplog.ranks import RankPlan, inert_class
@@ -68,7 +71,11 @@ class Logger:
     def __new__(cls, *args: Any, **kwargs: Any) -> Logger:
         # The rank policy (steplog.ranks): a rank that does not log gets an inert logger,
         # built without running any of this class's constructors.
-        rank_plan = plan_ranks(getattr(kwargs.get("options"), "ranks", None))
+        options = kwargs.get("options")
+        if not isinstance(options, Options):  # a subclass may take them under another name
+            options = next((a for a in (*args, *kwargs.values()) if isinstance(a, Options)),
+                           None)
+        rank_plan = plan_ranks(getattr(options, "ranks", None))
         if not rank_plan.logs:
             inert: Logger = object.__new__(inert_class(cls, rank_plan))
             return inert
@@ -92,6 +99,15 @@ class Logger:
         self._successor: Logger | None = None
         """The logger :meth:`continued` gave this one's run to."""
         ranks = self._rank_plan
+        wanted = self.options.ranks
+        if ranks.distributed and wanted is not None and wanted != ranks.policy:
+            # The policy was chosen in __new__, from the call's options= (a subclass that
+            # builds its own Options passes them on too late for that).
+            raise ValueError(
+                f"steplog: Options(ranks={wanted!r}) reached {type(self).__name__}.__init__ but "
+                f"not the constructor call, which chose ranks={ranks.policy!r} for every rank; "
+                f"pass options=Options(ranks={wanted!r}) to the constructor, or set "
+                f"STEPLOG_RANKS={wanted}")
         if ranks.splits:  # each rank journals in its own directory
             self.options = dataclasses.replace(
                 self.options, runs_dir=ranks.runs_dir(self.options.runs_dir))
@@ -369,7 +385,8 @@ class Logger:
     ) -> None:
         """Encode an image array (numpy or torch; ``uint8``, or floats in ``[0, 1]``) to PNG
         now and queue it as ``name`` (``.png`` added if missing; ``_<iteration>`` before it).
-        ``dataformats`` names its axes (``"HWC"``, ``"CHW"``, ``"HW"``, ...)."""
+        ``dataformats`` names its axes (``"HWC"``, ``"CHW"``, ``"HW"``, ...; ``"NCHW"``: a
+        batch, drawn as one grid of up to eight images a row)."""
         self._upload(data_of(encode_png(image, dataformats), name, ".png", iteration, "image"))
 
     def save_policy(
@@ -557,7 +574,13 @@ class Logger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose(status=exit_status(exc_type, exc))
+        # Shielded: a block cancelled by an expired cancel scope (or a task group) still waits
+        # for the close, within its deadline, as a `with` block does.
+        import anyio
+
+        with anyio.CancelScope(shield=True):
+            result = await self.aclose(status=exit_status(exc_type, exc))
+        self._report_unclean(result, "leaving an async with block")
 
     @property
     def run_dir(self) -> str | None:
@@ -589,20 +612,62 @@ class Logger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close(status=exit_status(exc_type, exc))
+        self._report_unclean(self.close(status=exit_status(exc_type, exc)),
+                             "leaving a with block")
+
+    def _report_unclean(self, result: CloseResult, when: str) -> None:
+        """A falsy close result that no caller sees (a ``with`` block's) becomes one warning
+        saying what did not arrive and how to deliver it later."""
+        if not result:
+            warnings.warn(unclean_report(self._life, result, when,
+                                         "timed out" if result.timed_out else ""),
+                          SteplogWarning, stacklevel=3)
 
 
 def exit_status(exc_type: type[BaseException] | None, exc: BaseException | None) -> RunStatus:
-    """The status of a run left by ``exc``: ``KILLED`` for Ctrl-C or once a SIGTERM came
-    (steplog's handler raises ``SystemExit``; under asyncio the task sees a cancellation),
-    ``FINISHED`` for ``sys.exit()`` with status 0, else ``FAILED``."""
+    """The status of a run left by ``exc``: ``KILLED`` for Ctrl-C, once a SIGTERM came
+    (steplog's handler raises ``SystemExit``) or for a cancellation (asyncio's or trio's: an
+    expired cancel scope, or a Ctrl-C under asyncio, which cancels the main task);
+    ``FINISHED`` for ``sys.exit()`` with status 0; else ``FAILED``. An exception group (a task
+    group's) is judged by its leaves: ``KILLED`` when one of them is, ``FINISHED`` when every
+    leaf is, else ``FAILED``."""
     if exc_type is None:
         return "FINISHED"
-    if issubclass(exc_type, KeyboardInterrupt) or terminated():
+    if terminated():
+        return "KILLED"
+    if exc is None:
+        return _leaf_status(exc_type, None)
+    statuses = {_leaf_status(type(leaf), leaf) for leaf in _leaves(exc)}
+    return ("KILLED" if "KILLED" in statuses else "FAILED" if "FAILED" in statuses
+            else "FINISHED")
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    # The built-in class (Python 3.11+), or the backport anyio and trio use before it.
+    group = getattr(builtins, "BaseExceptionGroup", None) or getattr(
+        sys.modules.get("exceptiongroup"), "BaseExceptionGroup", None)
+    if group is not None and isinstance(exc, group):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _leaf_status(exc_type: type[BaseException], exc: BaseException | None) -> RunStatus:
+    if issubclass(exc_type, KeyboardInterrupt) or _is_cancellation(exc_type):
         return "KILLED"
     if issubclass(exc_type, SystemExit) and getattr(exc, "code", None) in (None, 0):
         return "FINISHED"
     return "FAILED"
+
+
+def _is_cancellation(exc_type: type[BaseException]) -> bool:
+    """Whether ``exc_type`` is asyncio's or trio's cancellation (neither is imported here)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and issubclass(exc_type, asyncio.CancelledError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and issubclass(exc_type, trio.Cancelled)
 
 
 Logger.register("blank")(Logger)

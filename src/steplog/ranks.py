@@ -62,9 +62,10 @@ ENV = "STEPLOG_RANKS"
 GROUP_ENV = "STEPLOG_GROUP"
 """An explicit job identity shared by the ranks (overrides the launcher's variables)."""
 
-_IDENTITY_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
-                  "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
-"""What tells one launch of a job from another, as every rank of it sees it."""
+_IDENTITY_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_ADDR",
+                  "MASTER_PORT")
+"""What tells one launch of a job from another, as every rank of it sees it (not
+``TORCHELASTIC_RESTART_COUNT``: each node's agent counts its own restarts)."""
 _SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 """The rank variables ``srun`` sets, read when ``RANK`` is not set."""
 LAUNCH_SKEW_S = 300.0
@@ -94,7 +95,7 @@ def _int_env(environ: Mapping[str, str], name: str, lowest: int) -> int | None:
 
 def job_identity(environ: Mapping[str, str]) -> str | None:
     """A 16-hex-digit id that every rank of one launch computes alike: from ``$STEPLOG_GROUP``
-    when set, else from the launcher's variables (torchrun's run id and restart count, SLURM's
+    when set, else from the launcher's variables (torchrun's run id, SLURM's
     job and step, ``MASTER_ADDR``/``MASTER_PORT``) and ``WORLD_SIZE``. ``None`` when none of
     them is set."""
     explicit = environ.get(GROUP_ENV, "").strip()
@@ -237,11 +238,11 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
         policy = check_policy(text, f"${ENV}") if text else "zero"
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
     rank = _int_env(env, "RANK", 0)
-    if (rank is None and env.get("SLURM_PROCID", "").strip() and env.get("SLURM_NTASKS")
-            and env["SLURM_NTASKS"].strip() != "1"):  # one task: one process, of its own
+    if (rank is None and env.get("SLURM_PROCID", "").strip()
+            and (_int_env(env, "SLURM_NTASKS", 1) or 1) > 1):  # one task: a process of its own
         names = _SLURM_VARS  # started by srun alone, without torchrun
         rank = _int_env(env, names[0], 0)
-    if rank is None and env.get("LOCAL_RANK", "").strip() and _several(env.get("WORLD_SIZE")):
+    if rank is None and env.get("LOCAL_RANK", "").strip() and _several(env):
         # Lightning's own launcher (also inside a one-task srun, whose variables its
         # processes inherit) sets no RANK
         names = ("LOCAL_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -269,12 +270,11 @@ def plan(option: str | None, environ: Mapping[str, str] | None = None) -> RankPl
                     world_size, group, _process_start_ms() if policy == "all" else None)
 
 
-def _several(world_size: str | None) -> bool:
-    """Whether ``world_size`` is an integer above 1 (a job of several ranks)."""
-    try:
-        return int(world_size or "") > 1
-    except ValueError:
-        return False
+def _several(env: Mapping[str, str]) -> bool:
+    """Whether ``$WORLD_SIZE`` says a job of several ranks (``ValueError`` naming it when it
+    is set but not a positive integer)."""
+    world_size = _int_env(env, "WORLD_SIZE", 1)
+    return world_size is not None and world_size > 1
 
 
 def _launched_rank(env: Mapping[str, str], policy: str) -> int:
@@ -324,6 +324,7 @@ class InertLogger:
         # A wrong call raises TypeError, as the real constructor would.
         real: Any = type(self).__mro__[2]  # the logger class this one stands in for
         bound = inspect.signature(real.__init__).bind(self, *args, **kwargs)
+        bound.apply_defaults()  # a subclass's own default logging_freq, say
         for name in _KEPT_ARGUMENTS:
             if name in bound.arguments:
                 setattr(self, name, bound.arguments[name])

@@ -75,6 +75,12 @@ class SinkReplay(msgspec.Struct):
     (:attr:`error` says it too); the journal is kept, and a later sync ends the run."""
     ended: bool = False
     """The run, which its logger or an earlier sync could not end, was ended by this sync."""
+    lost: list[str] = msgspec.field(default_factory=list)
+    """Damage met in the journal after the sink's cursor (a frame that fails its checksum,
+    frames missing at its end): their records cannot be delivered, and are not counted in
+    :attr:`records`."""
+    refusals: list[str] = msgspec.field(default_factory=list)
+    """Why the backend refused records (the first few distinct reasons)."""
 
 
 def find_runs(path: str | Path) -> Iterator[Path]:
@@ -127,6 +133,8 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
             results.append(out)
             out.pending, out.total = counts[consumer]
             if not out.pending and consumer not in marked:
+                # Nothing readable is left; frames numbered past the cursor are gone.
+                _pass_lost_tail(journal, out, journal.cursor(consumer))
                 continue
             if consumer in refused:
                 out.error = refused[consumer]
@@ -164,7 +172,8 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
                                for c in journal.consumers):
             note_delivered(run, {r.consumer: r.destination or destination(info)
                                  for r, info in zip(results, manifest.get("sinks", {}).values(),
-                                                    strict=True)})
+                                                    strict=True)},
+                           lost=[f"{r.consumer}: {lost}" for r in results for lost in r.lost])
             remove_delivered(run)  # while held: no other sync opens it meanwhile
     return results
 
@@ -203,7 +212,7 @@ def _count(journal: Journal, consumer: str) -> tuple[int, int, bytes | None]:
     decoded counts no record."""
     frames = records = 0
     payload = None
-    for _, payload in journal.pending(consumer):
+    for _, payload in journal.pending(consumer, []):  # damage is reported when writing
         frames += 1
         with contextlib.suppress(msgspec.DecodeError):
             records += count_records(payload)
@@ -260,7 +269,7 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
         taken = 0  # records decoded so far
         ends: collections.deque[tuple[int, int]] = collections.deque()
         """(records decoded up to a frame's end, its seq), for frames not written whole."""
-        frames = journal.pending(consumer)
+        frames = journal.pending(consumer, out.lost)
         exhausted = False
         undecodable: str | None = None
         while True:
@@ -287,7 +296,7 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
                 ends.append((taken, seq))
             chunk = buf[pos:pos + size]
             if chunk:
-                out.rejected += _write(sink, chunk, policy, timeout_s)
+                out.rejected += _write(sink, chunk, policy, timeout_s, out.refusals)
                 pos += len(chunk)
                 out.records += len(chunk)
             while ends and ends[0][0] <= out.records:
@@ -304,6 +313,7 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
                 break
         if undecodable is not None:
             raise ValueError(undecodable)
+        done = max(done, _pass_lost_tail(journal, out, done))
         if status is not None:
             # The logger closed with this status; its run (or one this sync created) is
             # ended so.
@@ -322,6 +332,21 @@ def _replay_sink(journal: Journal, sink: Sink, out: SinkReplay, timeout_s: float
                 journal.ack(consumer, done)
 
 
+def _pass_lost_tail(journal: Journal, out: SinkReplay, done: int) -> int:
+    """After every readable frame up to ``done`` was written: frames the journal numbered
+    past ``done`` are gone (damage, or a crash before they reached the disk). They are noted
+    in ``out.lost`` and passed over (the cursor moves to the last seq, which is returned): no
+    later sync could deliver them either."""
+    last = journal.last_seq
+    if done >= last:
+        return done
+    out.lost.append(f"frames {done + 1}-{last} are no longer in the journal (damaged, or lost "
+                    "in a crash before they reached the disk)")
+    with contextlib.suppress(Exception):  # kept: the next sync says it again
+        journal.ack(out.consumer, last)
+    return last
+
+
 def _within(seconds: float) -> Callable[[], float]:
     """A retry deadline ``seconds`` from now."""
     return functools.partial(_at, time.monotonic() + seconds)
@@ -335,9 +360,15 @@ def _quiet(exc: BaseException) -> None:
     """Retries during a sync are silent; the outcome is reported per sink."""
 
 
-def _write(sink: Sink, batch: Batch, policy: RetryPolicy, timeout_s: float) -> int:
-    """Store ``batch``, isolating refused records; how many were refused. Raises when a
-    retryable failure outlasts ``timeout_s`` (nothing after it is written)."""
+_MOST_REASONS = 3
+"""Distinct refusal reasons a sync keeps per sink."""
+
+
+def _write(sink: Sink, batch: Batch, policy: RetryPolicy, timeout_s: float,
+           reasons: list[str]) -> int:
+    """Store ``batch``, isolating refused records; how many were refused (the first few
+    distinct reasons are added to ``reasons``). Raises when a retryable failure outlasts
+    ``timeout_s`` (nothing after it is written)."""
     try:
         call_with_retry(lambda: sink.write(batch), policy, _within(timeout_s), _quiet)
     except Exception as exc:
@@ -345,7 +376,10 @@ def _write(sink: Sink, batch: Batch, policy: RetryPolicy, timeout_s: float) -> i
             raise  # not about these records (down, no permission, no run): keep them
         if len(batch) > 1:
             mid = len(batch) // 2
-            return (_write(sink, batch[:mid], policy, timeout_s)
-                    + _write(sink, batch[mid:], policy, timeout_s))
+            return (_write(sink, batch[:mid], policy, timeout_s, reasons)
+                    + _write(sink, batch[mid:], policy, timeout_s, reasons))
+        reason = str(exc) or repr(exc)
+        if reason not in reasons and len(reasons) < _MOST_REASONS:
+            reasons.append(reason)
         return len(batch)
     return 0

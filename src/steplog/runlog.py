@@ -61,12 +61,17 @@ sink's records went), so that a later sync of the same path can say nothing is l
 that the path does not exist."""
 
 
-def note_delivered(run_dir: Path, destinations: dict[str, str], by: str = "sync") -> None:
+def note_delivered(run_dir: Path, destinations: dict[str, str], by: str = "sync",
+                   lost: Sequence[str] = ()) -> None:
     """Append ``run_dir``'s line to the ledger in its parent; ``by``: ``"sync"`` or
-    ``"logger"`` (best effort: a ledger that cannot be written only makes a later sync of the
-    removed path report it as missing)."""
-    line = json.dumps({"run": run_dir.name, "delivered_at": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by, "sinks": destinations}) + "\n"
+    ``"logger"``; ``lost``: damage in the journal whose records could not be delivered (best
+    effort: a ledger that cannot be written only makes a later sync of the removed path
+    report it as missing)."""
+    entry: dict[str, Any] = {"run": run_dir.name, "delivered_at": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by, "sinks": destinations}
+    if lost:
+        entry["lost"] = list(lost)
+    line = json.dumps(entry) + "\n"
     with contextlib.suppress(OSError):
         fd = os.open(run_dir.parent / DELIVERED_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                      0o600)
@@ -129,13 +134,14 @@ def remove_delivered(run_dir: Path) -> None:
 
 
 class _Progress:
-    __slots__ = ("acked_at", "processed", "seq", "stuck")
+    __slots__ = ("acked_at", "acked_seq", "processed", "seq", "stuck")
 
     def __init__(self) -> None:
         self.processed = 0
         self.seq = 0
         self.stuck = False
         self.acked_at = 0.0
+        self.acked_seq = 0
 
 
 class RunJournal:
@@ -203,6 +209,17 @@ class RunJournal:
             out[consumer_name(label)] = destination({"kind": sink.kind, "target": target})
         return out
 
+    def closing(self, status: str) -> None:
+        """The logger closes with ``status``: ``run.json`` says so, and marks every sink's run
+        as not ended yet, so that a ``steplog sync`` after the process was killed meanwhile
+        still ends them (though every frame arrived); :meth:`finish` takes back the marks of
+        the runs that were ended."""
+        with self._manifest_lock:
+            self._status = status
+            for label in self._sinks:
+                self._end_failed.setdefault(label, "the logger stopped before it ended the run")
+        self.write_manifest()
+
     def mark_unended(self, unended: dict[str, str]) -> None:
         """A close's deadline passed before these sinks' runs were ended (label -> why):
         ``run.json`` says so now, so that a ``steplog sync`` after the process is gone ends
@@ -233,6 +250,8 @@ class RunJournal:
         """Journal one chunk of ``count`` metric records (before the lanes get it); its seq."""
         payload = encode_batch(Batch(parts))  # capture_param keeps every int within 64 bits
         seq = self.journal.append(payload)
+        if not self._sinks:  # journaled for no sink (journal=True): no frame is ever needed
+            self.journal.compact(through=seq)
         with self._lock:
             self._appended += count
             if self._moving:  # a stuck sink's cursor never moves again: nothing to look up
@@ -282,9 +301,11 @@ class RunJournal:
             del self._ends[:k]
 
     def _ack(self, label: str) -> None:
-        seq = self._progress[label].seq
+        progress = self._progress[label]
+        seq = progress.seq
         try:
             self.journal.ack(consumer_name(label), seq)
+            progress.acked_seq = max(progress.acked_seq, seq)
             self.journal.compact()  # segments every sink acknowledged whole go
         except Exception as exc:  # a full disk, say: the records still reach the sink
             if self.error is None:
@@ -298,6 +319,22 @@ class RunJournal:
         """Write every sink's cursor now (after a flush)."""
         for label in self._sinks:
             self._ack(label)
+
+    def settle(self) -> None:
+        """Write the cursors that the once-a-second limit held back, each at most once a
+        second still (the drain thread calls this when no record came for a while, and again
+        every few seconds while none comes), so that a crash of an idle logger resends
+        nothing it stored."""
+        now = time.monotonic()
+        with self._lock:
+            behind = [label for label, p in self._progress.items()
+                      if not p.stuck and p.seq > p.acked_seq
+                      and now - p.acked_at >= _ACK_INTERVAL_S]
+            for label in behind:
+                self._progress[label].acked_at = now
+        if behind and not self.journal.closed:
+            for label in behind:
+                self._ack(label)
 
     # -- the end -----------------------------------------------------------------------------
 

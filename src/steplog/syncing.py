@@ -71,11 +71,13 @@ def _summary(r: SinkReplay) -> str:
     what = f"run      {r.run.name} -> {r.consumer}: "
     if r.ended and not r.total:
         return what + f"nothing to send; its run was ended{_destination(r)}"
-    if not r.total and not r.pending and r.error is None:
+    if not r.total and not r.pending and r.error is None and not r.lost:
         return what + "nothing to send"
     rate = r.records / r.seconds if r.seconds > 0 else 0.0
     what += (f"{r.records} records sent in {r.seconds:.1f} s ({rate:,.0f} records/s), "
              f"{r.rejected} refused by the backend")
+    if r.refusals:
+        what += f" ({'; '.join(r.refusals)})"
     if r.destination is not None:
         what += f", into {r.destination}"
     if r.moved_from is not None:
@@ -84,6 +86,9 @@ def _summary(r: SinkReplay) -> str:
         what += f"; {r.pending} frames still kept: {r.error}"
     elif r.error is not None:
         what += f"; {r.error}"
+    if r.lost:
+        what += (f"; LOST, the journal could not give back {len(r.lost)} piece(s), whose "
+                 f"records cannot be delivered: {'; '.join(r.lost)}")
     return what
 
 
@@ -110,7 +115,11 @@ def _delivered_line(entry: dict[str, Any], name: str) -> str:
     from steplog.runlog import delivered_by, delivered_to
 
     by = delivered_by(entry)
-    return (f"run      {entry.get('run', name)}: delivered whole by "
+    lost = entry.get("lost")
+    whole = ("delivered, except what the journal had lost "
+             f"({'; '.join(map(str, lost))}), by" if isinstance(lost, list) and lost
+             else "delivered whole by")
+    return (f"run      {entry.get('run', name)}: {whole} "
             f"{'an earlier steplog sync' if by == 'steplog sync' else by} at "
             f"{entry.get('delivered_at', '?')} ({delivered_to(entry) or 'no sinks'}) and "
             "removed; nothing left to deliver")
@@ -177,7 +186,7 @@ def sync_path(path: Path, *, timeout_s: float, to: str | None) -> int:
             if line is not None:
                 line.clear()
         for r in results:
-            if r.error is not None or r.pending:
+            if r.error is not None or r.pending or r.lost:
                 failed += 1
             print(_summary(r))
 

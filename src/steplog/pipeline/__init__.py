@@ -63,6 +63,7 @@ from typing import Any
 import msgspec
 
 from steplog.errors import LoggerClosedError, SteplogWarning
+from steplog.journal import JournalError
 from steplog.kept import Keeper
 from steplog.paths import sync_command
 from steplog.pipeline.drain import Drain
@@ -149,18 +150,21 @@ class Pipeline(Drain):
                     self.keeper.run_dir,
                     [(r.label, r.sink) for r in self.runners if r.sink.replayable()],
                     durability=options.journal_durability, max_bytes=options.journal_max_bytes)
-            except OSError as exc:
+            except (OSError, JournalError) as exc:  # unwritable, or a full disk
                 with contextlib.suppress(Exception):
                     warnings.warn(f"steplog: cannot journal in {self.keeper.run_dir} ({exc}); "
                                   "records are delivered, but not kept on disk for steplog "
                                   "sync", SteplogWarning, stacklevel=4)
             else:
-                # Printed once, at the start: after a kill -9 nothing else says where it is.
+                # Printed once, at the start: after a kill -9 nothing else says where it is
+                # (not for a journal no sink replays from: journal=True for a file sink).
                 run_dir = self.keeper.run_dir
-                with contextlib.suppress(Exception):
-                    print(f"steplog: journal in {shlex.quote(str(run_dir))} (after a crash, "
-                          f"{sync_command(run_dir)} delivers what did not arrive)",
-                          file=sys.stderr)
+                command = sync_command(run_dir)
+                if any(r.sink.replayable() for r in self.runners):
+                    with contextlib.suppress(Exception):
+                        print(f"steplog: journal in {shlex.quote(str(run_dir))} (after a "
+                              f"crash, {command} delivers what did not arrive)",
+                              file=sys.stderr)
         policy = options.full_policy
         if policy is None:
             policy = "spill" if self.run_journal is not None else "block"
@@ -293,7 +297,7 @@ class Pipeline(Drain):
             self._process(self.take_all())
         if self.run_journal is not None:  # a sync of what is left ends the runs so
             with contextlib.suppress(Exception):
-                self.run_journal.write_manifest(status)
+                self.run_journal.closing(status)
         for r in self.runners:
             r.finish(status)
         ended = all(r.ended.wait(_remaining(self.deadline())) for r in self.runners)

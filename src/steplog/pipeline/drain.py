@@ -117,6 +117,9 @@ class Drain:
         cleared so that the loop gathers for one interval as usual and a scalar is still
         stamped within one interval of its call; a flush waits for no interval."""
         q = self.queue
+        if self.run_journal is not None:  # cursors held back by their once-a-second limit
+            with contextlib.suppress(Exception):
+                self.run_journal.settle()
         if not self.owner.rest():
             return
         # Checked again after the gate shut: a call that found it open may have appended

@@ -82,6 +82,13 @@ _HOST_STARTS = 3
 _OFFLOAD_AFTER_S = 0.5
 """How long batches of ``OFFLOAD_ROWS`` must keep coming before ``"auto"`` starts the writer."""
 
+_WRITER_EXIT_S = 1.0
+"""How long a close waits for the writer process to exit before killing it (nothing is in
+flight then: an idle writer exits at once)."""
+
+_WRITER_START_WAIT_S = 2.0
+"""How long a close waits for a writer start in progress, which then closes the process."""
+
 
 class _WriterNotGone(Exception):
     """A killed writer process may still append: the file must stay as it is."""
@@ -156,12 +163,12 @@ class ScalarAppender:
     It opens the file by path and refuses to start when that path no longer names the file the
     sink has open (``device``, ``inode``): a run moved aside, say."""
 
-    def __init__(self, path: str, device: int, inode: int) -> None:
+    def __init__(self, path: str | bytes, device: int, inode: int) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         st = os.fstat(self._fd)
         if (st.st_dev, st.st_ino) != (device, inode):
             os.close(self._fd)
-            raise PermanentError(f"{path} is no longer the file the sink writes")
+            raise PermanentError(f"{os.fsdecode(path)} is no longer the file the sink writes")
 
     def size(self) -> int:
         """The file's size in bytes (a call that also says the process is ready)."""
@@ -217,6 +224,7 @@ class FileSink(Sink):
         """Whether batches go to the writer process (it answered, and has not died since)."""
         self._host_lock = threading.Lock()
         self._starting = False
+        self._start_thread: threading.Thread | None = None
         self._closing = False
         self._large_since: float | None = None
         """When the current run of batches of ``OFFLOAD_ROWS`` scalars or more began."""
@@ -356,6 +364,8 @@ class FileSink(Sink):
         host = self.host
         assert host is not None
         scalars = [p for p in parts if type(p) is Scalars or type(p) is Scalar]
+        if not scalars:  # params or tags only: the sink writes them itself
+            return True
         try:
             host.call("api", "append", encode_batch(Batch(scalars)), spawn=False)
         except (RetryableError, PermanentError) as exc:
@@ -384,13 +394,16 @@ class FileSink(Sink):
                 from steplog.host import Host
 
                 st = os.fstat(self._scalars.fileno())
-                self.host = Host("steplog.sinks.file:ScalarAppender",
-                                 [str(self.output_dir / "scalars.jsonl"), st.st_dev, st.st_ino],
+                self.host = Host("steplog.sinks.file:ScalarAppender",  # the path as bytes:
+                                 [os.fsencode(self.output_dir / "scalars.jsonl"),  # maybe not UTF-8
+                                  st.st_dev, st.st_ino],
                                  channels=("api",), start_timeout_s=60.0, call_timeout_s=60.0)
             self._starts += 1  # attempts, so that a failing fork is not tried for ever
             self._starting = True
-        threading.Thread(target=self._await_host, args=(self.host,), daemon=True,
-                         name="steplog-file-writer-start").start()
+            self._start_thread = threading.Thread(
+                target=self._await_host, args=(self.host,), daemon=True,
+                name="steplog-file-writer-start")
+        self._start_thread.start()
 
     def _await_host(self, host: Host) -> None:
         """Start thread: spawn the writer process (the only place one is spawned)."""
@@ -405,7 +418,7 @@ class FileSink(Sink):
             if error is None and not closing:
                 self._hosted = True
         if closing:  # close() left the process to this thread
-            host.close()
+            host.close(_WRITER_EXIT_S)
         elif error is not None:
             with contextlib.suppress(Exception):  # warnings turned into errors (-W error)
                 warnings.warn(f"steplog: the file sink's writer process for {self.output_dir} "
@@ -416,9 +429,13 @@ class FileSink(Sink):
         with self._host_lock:
             self._closing = True
             self._hosted = False
-            host, starting = self.host, self._starting
-        if host is not None and not starting:  # a start in progress closes it when it ends
-            host.close()
+            host, starting, thread = self.host, self._starting, self._start_thread
+        if host is not None and not starting:
+            # Nothing is in flight at close (this sink's own lane calls it): a writer that
+            # does not exit at once (stopped, say) holds nothing to lose and is killed.
+            host.close(_WRITER_EXIT_S)
+        elif thread is not None:  # a start in progress closes the process when it ends
+            thread.join(_WRITER_START_WAIT_S)
 
     def release(self) -> None:
         self._stop_host()

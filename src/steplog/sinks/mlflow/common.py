@@ -114,7 +114,10 @@ def tracking_uri_problem(uri: str) -> str | None:
     if re.fullmatch(r"[\w.-]+:\d+", uri):  # host:port, as in "localhost:5000"
         return (f"tracking URI {uri!r} has no scheme MLflow knows; did you mean "
                 f"http://{uri}?")
-    parts = urllib.parse.urlsplit(uri)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError as exc:  # "http://[bad": an unclosed IPv6 bracket
+        return f"tracking URI {redact_text(uri)!r} cannot be parsed ({exc})"
     scheme = parts.scheme.lower()
     if len(scheme) == 1:
         scheme = ""  # a Windows drive letter: a local path
@@ -316,7 +319,10 @@ def filter_literal(text: str) -> str | None:
 
 def redact(uri: str) -> str:
     """``uri`` without a password or user in its network location."""
-    parts = urllib.parse.urlsplit(uri)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:  # not even a URL to split: user information is taken out as text
+        return redact_text(uri)
     if "@" not in parts.netloc:
         return uri
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()

@@ -19,8 +19,10 @@ stores +/-infinity as +/-``sys.float_info.max``.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import threading
 import time
 import urllib.parse
 import uuid
@@ -74,6 +76,20 @@ IN_FLIGHT_ENV = "STEPLOG_MLFLOW_MAX_IN_FLIGHT"
 """Environment variable giving ``max_in_flight`` when the sink is built without it (also read by
 ``steplog sync``)."""
 _MOST_IN_FLIGHT = 64
+_SHARED_RUNS: collections.Counter[tuple[int, str, str, str]] = collections.Counter()
+"""Loggers made so far per rank, job, experiment and run name under ``ranks="all"``: a
+second stage with the same names (``trainer.test`` after ``fit``) gets a run of its own, the
+same on every rank, instead of joining the first stage's run."""
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_run_token(group: str, experiment: str, run_name: str | None, nth: int = 0) -> str:
+    """The token (``steplog.run_token``) of the run the ranks of job ``group`` share under
+    ``ranks="all"``, for each rank's ``nth`` logger (from 0) with these names."""
+    shared = "\0".join((group, experiment, run_name or ""))
+    if nth:
+        shared += f"\0{nth}"
+    return hashlib.sha256(shared.encode()).hexdigest()[:32]
 
 
 class MLflowSink(Sink):
@@ -197,8 +213,11 @@ class MLflowSink(Sink):
             self._user_tags["steplog.rank"] = str(rank)
             self.run_name = f"{self.run_name}-rank{rank}" if self.run_name else f"rank{rank}"
         else:
-            shared = "\0".join((group, self.experiment_name, self.run_name or ""))
-            self._token = hashlib.sha256(shared.encode()).hexdigest()[:32]
+            key = (rank, group, self.experiment_name, self.run_name or "")
+            with _SHARED_LOCK:  # the n-th such logger of every rank shares one run
+                nth = _SHARED_RUNS[key]
+                _SHARED_RUNS[key] += 1
+            self._token = shared_run_token(group, self.experiment_name, self.run_name, nth)
         self._use_ranks()
 
     def _use_ranks(self) -> None:
