@@ -34,6 +34,18 @@ def test_axes_are_read_as_dataformats_names_them() -> None:
     assert (decode(encode_png(grey.T, "WH")) == grey).all()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dataformats", ["NCHW", "NHWC"])
+def test_a_batch_is_drawn_as_the_grid_tensorboard_draws(channels: int, dataformats: str) -> None:
+    from torch.utils.tensorboard._utils import convert_to_HWC
+
+    nchw = np.random.default_rng(2).integers(0, 256, (10, channels, 5, 6), dtype=np.uint8)
+    batch = nchw if dataformats == "NCHW" else nchw.transpose(0, 2, 3, 1)
+    assert (decode(encode_png(batch, dataformats)) == convert_to_HWC(batch, dataformats)).all()
+    with pytest.raises(ValueError, match="batch must not be empty"):
+        encode_png(batch[:0], dataformats)
+
+
 def test_floats_are_read_as_zero_to_one_rounded_and_clipped_with_nan_as_zero() -> None:
     image = torch.tensor([[0.0, 0.5, 0.7 / 255, 1.0, 2.0, -1.0, float("nan")]])
     assert decode(encode_png(image, "HW")).tolist() == [[0, 128, 1, 255, 255, 0, 0]]

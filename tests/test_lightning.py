@@ -475,3 +475,78 @@ def test_importing_steplog_does_not_import_lightning() -> None:
     code = ("import sys, steplog\n"
             "assert 'lightning' not in sys.modules and 'anyio' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_fit_stopped_by_lightnings_own_sigterm_handling_ends_the_run_killed(
+    tmp_path: Path,
+) -> None:
+    # A job wrapper installed its SIGTERM handler first: Lightning raises SIGTERMException.
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                           save_dir=tmp_path)
+    try:
+        raise SIGTERMException
+    except SIGTERMException:
+        logger.finalize("failed")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "KILLED"
+
+
+def test_a_value_error_that_is_not_about_a_name_renames_nothing(tmp_path: Path) -> None:
+    logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                           save_dir=tmp_path)
+    with pytest.raises(ValueError, match="too large for a float"):
+        logger.log_metrics({"acc@1": 0.5, "count": 10**400}, 0)
+    logger.log_metrics({"acc@1": 0.75}, 1)  # a file run stores this name as it is
+    logger.finalize("success")
+    lines = (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["name"], json.loads(x)["step"]) for x in lines] == [("acc@1", 1)]
+
+
+def test_a_steplog_logger_holding_a_logger_cannot_go_to_spawned_processes(
+    tmp_path: Path,
+) -> None:
+    import pickle
+
+    given = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                          save_dir=tmp_path)
+    with pytest.raises(TypeError, match="ddp_spawn"):
+        pickle.dumps(given)
+    given.finalize("success")
+    lazy = pickle.loads(pickle.dumps(SteplogLogger(save_dir=tmp_path / "lazy")))
+    assert lazy.save_dir == str(tmp_path / "lazy")
+
+
+def test_a_checkpoint_rewritten_in_place_after_the_call_is_stored_as_it_was_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsspec writes a checkpoint into the temporary directory and moves it into place: across
+    # file systems the move rewrites the existing file, the same inode.
+    import os
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a temporary directory on another file system than the test's")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    try:
+        ckpt = RecordingCheckpoint(dirpath=tmp_path / "ckpts", filename="model",
+                                   every_n_train_steps=1)
+        logger = SteplogLogger(Logger.create("file", output_dir=tmp_path / "run"),
+                               save_dir=tmp_path)
+        trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[ckpt],
+                             limit_val_batches=0, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", devices=1,
+                             default_root_dir=tmp_path)
+        trainer.fit(TinyModel(), loaders()[0])
+        stored = tmp_path / "run" / "checkpoints" / "model.ckpt"
+        saved = stored.read_bytes()
+        assert saved == ckpt.saved["model.ckpt"]  # the last save's bytes
+        trainer.save_checkpoint(tmp_path / "ckpts" / "model.ckpt", weights_only=True)
+        assert (tmp_path / "ckpts" / "model.ckpt").read_bytes() != saved
+        assert stored.read_bytes() == saved  # the closed run's checkpoint did not change
+    finally:
+        import shutil
+
+        shutil.rmtree(other, ignore_errors=True)

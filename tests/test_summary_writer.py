@@ -48,9 +48,9 @@ TORCH_IMPORT = "from torch.utils.tensorboard import SummaryWriter"
 STEPLOG_IMPORT = "from steplog import SummaryWriter"
 
 SUPPORTED = ["__init__", "add_scalar", "add_scalars", "add_text", "add_hparams", "add_figure",
-             "add_image", "add_histogram", "flush", "close", "get_logdir", "__enter__",
-             "__exit__"]
-UNSUPPORTED = ["add_images", "add_image_with_boxes", "add_video", "add_audio", "add_graph",
+             "add_image", "add_images", "add_histogram", "flush", "close", "get_logdir",
+             "__enter__", "__exit__"]
+UNSUPPORTED = ["add_image_with_boxes", "add_video", "add_audio", "add_graph",
                "add_onnx_graph", "add_embedding", "add_pr_curve", "add_pr_curve_raw",
                "add_mesh", "add_tensor", "add_histogram_raw", "add_custom_scalars",
                "add_custom_scalars_marginchart", "add_custom_scalars_multilinechart"]
@@ -255,14 +255,25 @@ def test_figures_and_images_logged_twice_at_one_step_are_both_kept(writer: Any,
 def test_add_hparams_stores_parameters_and_the_metrics_as_scalars(writer: Any,
                                                                   tmp_path: Path) -> None:
     writer.add_hparams({"lr": 0.1, "layers": 2, "opt": "adam", "decay": torch.tensor(0.5)},
-                       {"hparam/return": 200.0}, run_name="ignored", global_step=9)
+                       {"hparam/return": 200.0}, run_name="sweep-3", global_step=9)
     with pytest.raises(TypeError, match="must be mappings"):
         writer.add_hparams([("lr", 0.1)], {})
     assert writer.close(30)
     run = tmp_path / "run"
     assert json.loads((run / "parameters.json").read_text()) == {
         "lr": 0.1, "layers": 2, "opt": "adam", "decay": 0.5}
-    assert scalars(run) == {"hparam/return": [(9, 200.0)]}
+    assert scalars(run) == {"sweep-3/hparam/return": [(9, 200.0)]}
+
+
+def test_add_hparams_metrics_never_join_the_runs_own_series_of_the_same_key(
+    writer: Any, tmp_path: Path
+) -> None:
+    for step in (0, 100, 200):
+        writer.add_scalar("loss", 1.0 / (step + 1), step)
+    writer.add_hparams({"lr": 0.1}, {"loss": 0.004})  # TensorBoard: a sub-run of its own
+    assert writer.close(30)
+    assert scalars(tmp_path / "run") == {"loss": [(0, 1.0), (100, 1 / 101), (200, 1 / 201)],
+                                         "hparams/loss": [(0, 0.004)]}
 
 
 def test_add_hparams_without_metrics_ignores_the_step(writer: Any, tmp_path: Path) -> None:
@@ -399,7 +410,7 @@ def test_with_an_mlflow_logger_values_reach_the_server_and_the_logger_stays_open
     assert sorted((p["step"], p["value"]) for p in points) == [(s, float(s)) for s in range(100)]
     data = mlflow_server.run(run_id)["data"]
     assert {p["key"]: p["value"] for p in data["params"]} == {"lr": "0.01"}
-    assert {m["key"] for m in data["metrics"]} == {"charts/return", "final", "after"}
+    assert {m["key"] for m in data["metrics"]} == {"charts/return", "hparams/final", "after"}
     assert [a["path"] for a in mlflow_server.artifacts(run_id)] == ["notes_1.md"]
 
 

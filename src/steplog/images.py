@@ -46,13 +46,40 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+_GRID_COLUMNS = 8
+"""Images per row of a batch's grid (as TensorBoard draws one)."""
+
+
+def _grid(batch: Any) -> Any:
+    """A ``(N, C, H, W)`` batch as one ``(C, rows * H, columns * W)`` image: the images in
+    rows of up to :data:`_GRID_COLUMNS`, the rest of the last row black; one channel becomes
+    three, as TensorBoard draws a batch."""
+    import numpy as np
+
+    n, channels, height, width = batch.shape
+    if n == 0:
+        raise ValueError(f"an image batch must not be empty, got shape {batch.shape} "
+                         "read as NCHW")
+    if channels == 1:
+        batch = np.repeat(batch, 3, axis=1)
+        channels = 3
+    columns = min(n, _GRID_COLUMNS)
+    rows = -(-n // columns)
+    canvas = np.zeros((channels, rows * height, columns * width), dtype=batch.dtype)
+    for i in range(n):
+        row, column = divmod(i, columns)
+        canvas[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = batch[i]
+    return canvas
+
+
 def _hwc_uint8(image: Any, dataformats: str) -> Any:
     """``image`` as a ``(height, width, channels)`` uint8 array."""
     if not isinstance(dataformats, str):
         raise TypeError(f"dataformats must be a str, got {type(dataformats).__name__}")
     fmt = dataformats.upper()
-    if sorted(fmt) not in (["H", "W"], ["C", "H", "W"]):
-        raise ValueError(f"dataformats must be HW, WH or a permutation of CHW, got {dataformats!r}")
+    if sorted(fmt) not in (["H", "W"], ["C", "H", "W"], ["C", "H", "N", "W"]):
+        raise ValueError(f"dataformats must be HW, WH, a permutation of CHW, or of NCHW (a "
+                         f"batch, drawn as a grid), got {dataformats!r}")
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy comes with every array library
@@ -74,6 +101,9 @@ def _hwc_uint8(image: Any, dataformats: str) -> Any:
     if array.ndim != len(fmt):
         raise ValueError(f"an image of dataformats {dataformats!r} has {len(fmt)} dimensions, "
                          f"got shape {array.shape}")
+    if len(fmt) == 4:
+        array = _grid(array.transpose([fmt.index(axis) for axis in "NCHW"]))
+        fmt = "CHW"
     if len(fmt) == 2:
         array = array[..., None]
         fmt += "C"

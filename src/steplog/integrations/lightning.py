@@ -6,11 +6,13 @@ the upload lane while training goes on, and the run ends with the trainer's stat
 Lightning's own loggers, only global rank 0 logs (``rank_zero_only``).
 
 Checkpoints: at ``after_save_checkpoint`` each new or rewritten checkpoint file is hard-linked
-(copied where the file system has no hard links) into a hidden folder beside it, and that link
-is queued; Lightning may delete or replace its file right after the call (top-k, ``last.ckpt``)
-and the upload still sends the bytes of the call. Lightning writes each checkpoint as a new
-file renamed into place, so the link keeps them. The link is removed once every sink stored it.
-The run stores it as ``checkpoints/<file name>``.
+into a hidden folder beside it, and that link is queued; Lightning may delete or replace its
+file right after the call (top-k, ``last.ckpt``) and the upload still sends the bytes of the
+call. Lightning (through fsspec) writes a checkpoint into the system's temporary directory and
+moves it into place: within one file system a rename, which leaves the link alone; across file
+systems the move rewrites the existing file in place, so there (and where linking fails) the
+checkpoint is copied at the call instead. The link is removed once every sink stored it. The
+run stores it as ``checkpoints/<file name>``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,18 @@ STATUSES: dict[str, RunStatus] = {
 _SEVERITY: tuple[RunStatus, ...] = ("FINISHED", "FAILED", "KILLED")
 """Run statuses from least to most severe: a run that several stages log into ends with the
 most severe status any of them ended it with."""
+
+def _stopped_exceptions() -> tuple[type[BaseException], ...]:
+    """Ctrl-C, and the exception Lightning raises for a SIGTERM it handles itself (when
+    another handler than the default was installed, as job wrappers do)."""
+    try:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    except ImportError:  # a Lightning without it
+        return (KeyboardInterrupt,)
+    return (KeyboardInterrupt, SIGTERMException)
+
+
+_STOPPED = _stopped_exceptions()
 
 _NOT_A_KEY = re.compile(r"[^a-zA-Z0-9_/. -]+")
 """What Lightning's MLflow logger removes from a metric name (MLflow refuses it)."""
@@ -121,6 +135,7 @@ class SteplogLogger(LightningLogger):
         """Checkpoint file -> its modification time and the global step when it was saved."""
         self._warned_remote = False
         self._staging: dict[str, str] = {}
+        self._same_device: dict[str, bool] = {}
         self._links = itertools.count()
         self._checkpoint_callback: ModelCheckpoint | None = None
         self.result: CloseResult | None = None
@@ -128,6 +143,17 @@ class SteplogLogger(LightningLogger):
         first falsy one when an earlier stage's records did not all arrive."""
         self._closed_status: RunStatus | None = None
         """The most severe status a stage's ``finalize`` ended the run with so far."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Trainer(strategy="ddp_spawn") pickles its loggers into every process it starts.
+        if self._logger is not None:
+            raise TypeError(
+                "steplog: a SteplogLogger that holds a steplog logger cannot be copied into "
+                "other processes (Trainer(strategy='ddp_spawn') pickles its loggers): a logger's "
+                "queue, threads and run belong to the process that built it; use "
+                "strategy='ddp' (processes started by Lightning's launcher or torchrun), or "
+                "SteplogLogger(logger=None), which builds its file logger where it logs")
+        return self.__dict__.copy()
 
     # -- Lightning's layout ----------------------------------------------------------------
     @property
@@ -225,10 +251,20 @@ class SteplogLogger(LightningLogger):
         return renamed, clashes
 
     def _rename(self, metrics: Mapping[str, Any]) -> bool:
+        """Give a name the logger refuses the name Lightning's MLflow logger gives it; whether
+        one was renamed (a ValueError for another reason, say a value too large, is not about
+        the names)."""
         renamed = False
+        logger = self._logger
         for k in metrics:
             if k in self._renamed:
                 continue
+            if logger is not None:
+                try:
+                    logger._check_names([k])
+                    continue  # stored as it is
+                except (TypeError, ValueError):
+                    pass
             new = _NOT_A_KEY.sub("", k)
             if new != k and new:
                 warnings.warn(f"steplog: the metric name {k!r} is logged as {new!r} (only "
@@ -301,18 +337,36 @@ class SteplogLogger(LightningLogger):
             self._uploaded[path] = mtime
 
     def _stage(self, path: str) -> str:
-        """A hard link to ``path`` (a copy where linking fails) in a hidden folder beside it."""
+        """A hard link to ``path`` in a hidden folder beside it, or a copy where a later save
+        could change the linked file (see the module) or linking fails."""
         folder = os.path.dirname(os.path.abspath(path))
         staging = self._staging.get(folder)
         if staging is None:
             staging = self._staging[folder] = tempfile.mkdtemp(prefix=".steplog-uploads-",
                                                                dir=folder)
         dest = os.path.join(staging, f"{next(self._links)}-{os.path.basename(path)}")
-        try:
-            os.link(path, dest)
-        except OSError:  # another file system, or no hard links there
-            shutil.copy2(path, dest)
+        if self._renamed_into(folder):
+            try:
+                os.link(path, dest)
+                return dest
+            except OSError:  # no hard links on this file system
+                pass
+        shutil.copy2(path, dest)
         return dest
+
+    def _renamed_into(self, folder: str) -> bool:
+        """Whether a checkpoint saved into ``folder`` arrives by a rename, which leaves a link
+        to the earlier file alone: Lightning (through fsspec) writes it into the system's
+        temporary directory and moves it, a rename only within one file system; across file
+        systems the move copies into the existing file, in place."""
+        same = self._same_device.get(folder)
+        if same is None:
+            try:
+                same = os.stat(tempfile.gettempdir()).st_dev == os.stat(folder).st_dev
+            except OSError:
+                same = False
+            self._same_device[folder] = same
+        return same
 
     # -- the end ---------------------------------------------------------------------------
     @override
@@ -345,8 +399,7 @@ class SteplogLogger(LightningLogger):
                     del self._staging[folder]
             return
         end = STATUSES[status]
-        if status == "failed" and (isinstance(sys.exc_info()[1], KeyboardInterrupt)
-                                   or terminated()):
+        if status == "failed" and (isinstance(sys.exc_info()[1], _STOPPED) or terminated()):
             end = "KILLED"  # Lightning reports a Ctrl-C or a SIGTERM as "failed"
         if self._closed_status is not None:  # a later stage of the same run: the worst wins
             end = max(end, self._closed_status, key=_SEVERITY.index)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 
 from steplog.arguments import artifact_file_name
 from steplog.capture import capture_step
+from steplog.errors import SteplogWarning
 from steplog.integrations.summaries import summary_statistics
 from steplog.logger import exit_status
 from steplog.loggers import FileLogger, Logger
@@ -241,12 +243,14 @@ class SummaryWriter:
         run_name: str | None = None,
         global_step: int | None = None,
     ) -> None:
-        """Queue ``hparam_dict`` as run parameters and ``metric_dict`` as scalars at
-        ``global_step``, in this writer's run. TensorBoard writes them into a sub-run named
-        ``run_name``; here there is one run, so ``run_name`` and the display-only
-        ``hparam_domain_discrete`` have no effect. A parameter logged again with another value
-        is refused by MLflow (the close result says so). A key or value either mapping
-        cannot store raises ``TypeError``/``ValueError`` and queues nothing of the call."""
+        """Queue ``hparam_dict`` as run parameters and ``metric_dict`` as scalars
+        ``<run_name>/<key>`` (``run_name=None``: ``hparams``) at ``global_step``, in this
+        writer's run. TensorBoard writes the metrics into a sub-run named ``run_name``, apart
+        from the run's own series; here there is one run, so they are named apart instead
+        (``hparam_domain_discrete``, for TensorBoard's display only, has no effect). A
+        parameter logged again with another value is refused by MLflow (the close result says
+        so). A key or value either mapping cannot store raises ``TypeError``/``ValueError`` and
+        queues nothing of the call."""
         if not isinstance(hparam_dict, Mapping) or not isinstance(metric_dict, Mapping):
             raise TypeError("hparam_dict and metric_dict must be mappings")
         if hparam_domain_discrete is not None and not isinstance(hparam_domain_discrete, Mapping):
@@ -255,7 +259,9 @@ class SummaryWriter:
             raise TypeError(f"run_name must be a str, got {type(run_name).__name__}")
         params = self.logger._param_records(hparam_dict)  # checked before anything is queued
         if metric_dict:
-            self._log_metrics(metric_dict, _step(global_step))
+            prefix = run_name or "hparams"
+            self._log_metrics({f"{prefix}/{k}" if isinstance(k, str) else k: v
+                               for k, v in metric_dict.items()}, _step(global_step))
         self.logger._queue_settings(params, "params")
 
     def add_figure(
@@ -296,12 +302,25 @@ class SummaryWriter:
         dataformats: str = "CHW",
     ) -> None:
         """Encode an image (uint8, or floats in ``[0, 1]``) to PNG now and queue it as
-        ``<tag>_<global_step>.png``; no image replaces an earlier one (as :meth:`add_figure`)."""
+        ``<tag>_<global_step>.png``; no image replaces an earlier one (as :meth:`add_figure`).
+        A batch (``dataformats`` a permutation of ``"NCHW"``) is drawn as one grid, eight
+        images a row, as TensorBoard draws it."""
         if walltime is not None:
             _no_walltime()
         step = _step(global_step)
         _queue_named(self.logger, tag, ".png", step, lambda name: self.logger.log_image(
             img_tensor, name, step, dataformats=dataformats))
+
+    def add_images(
+        self,
+        tag: str,
+        img_tensor: Any,
+        global_step: int | None = None,
+        walltime: float | None = None,
+        dataformats: str = "NCHW",
+    ) -> None:
+        """A batch of images as one PNG grid, as :meth:`add_image` draws it."""
+        self.add_image(tag, img_tensor, global_step, walltime, dataformats)
 
     def add_histogram(
         self,
@@ -320,7 +339,6 @@ class SummaryWriter:
             _no_walltime()
         self._log_metrics(summary_statistics(tag, values), _step(global_step))
 
-    add_images = _unsupported("add_images", "log each image with add_image")
     add_image_with_boxes = _unsupported(
         "add_image_with_boxes", "draw the boxes on the image and use add_image")
     add_video = _unsupported("add_video", "save the video to a file and log it with "
@@ -371,4 +389,9 @@ class SummaryWriter:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        self.close(status=exit_status(exc_type, exc_val))
+        result = self.close(status=exit_status(exc_type, exc_val))
+        if isinstance(result, CloseResult):
+            self.logger._report_unclean(result, "leaving a SummaryWriter's with block")
+        elif not result:
+            warnings.warn(f"steplog: leaving a SummaryWriter's with block, not every record "
+                          f"arrived: {result!r}", SteplogWarning, stacklevel=2)
