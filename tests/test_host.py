@@ -184,6 +184,32 @@ def test_a_host_that_cannot_build_its_object_fails_permanently() -> None:
     host.close()
 
 
+def test_a_host_slower_to_start_than_its_deadline_says_so() -> None:
+    host = Host("time:sleep", [30], start_timeout_s=1.0)  # builds its "object" for 30 s
+    try:
+        with pytest.raises(RetryableError, match=r"did not start within 1 s"):
+            host.call("api", "anything")
+    finally:
+        host.close()
+
+
+def test_a_host_does_not_run_a_sitecustomize_of_the_scripts_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "ran"
+    folder = tmp_path / "script-folder"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(folder))  # as `python script.py` puts the script's folder
+    host = Host("collections:Counter")
+    try:
+        host.call("api", "update", {"a": 1})
+        assert host.call("api", "total") == 1
+    finally:
+        host.close()
+    assert not marker.exists()  # it never ran in the training process either
+
+
 def test_a_short_script_on_the_embedded_default_delivers_at_exit_without_close(
     tmp_path,
 ) -> None:

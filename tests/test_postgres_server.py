@@ -188,8 +188,11 @@ def test_a_refused_point_in_one_stream_is_isolated_and_every_other_point_stored_
         # MLflow refuses a negative timestamp: one point of one key, in one of the 4 streams.
         batch = Batch([Scalars(rows[:600], ts), Scalars([("train/k5", 0.0, 10_000)], -1),
                        Scalars(rows[600:], ts + 1)])
-        refused = _write(sink, batch, Policy(initial_s=0.05, max_s=0.2), 60)
+        reasons: list[str] = []
+        refused = _write(sink, batch, Policy(initial_s=0.05, max_s=0.2), 60, reasons)
     finally:
         sink.close("FINISHED")
     assert refused == 1
+    (reason,) = reasons  # the refused point's own reason, as MLflow gave it
+    assert "timestamp" in reason.lower(), reason
     check_stored(postgres_server, sink.run_id, expected(120))

@@ -277,6 +277,18 @@ def test_an_inert_logger_keeps_a_subclasss_own_default_logging_freq(
     assert [i for i in range(21) if lg.should_log(i)] == [9, 19]
 
 
+def test_an_inert_logger_of_a_subclass_whose_output_dir_defaults_to_none_is_built(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    class Defaulted(FileLogger):
+        def __init__(self, output_dir: Path | None = None) -> None:
+            super().__init__(output_dir or tmp_path / "out")
+
+    as_rank(clean_env)
+    lg = Defaulted()
+    assert lg.state is State.INERT and lg.close()
+
+
 def test_a_rank_policy_that_a_subclass_passes_on_itself_reaches_every_rank(
     clean_env: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:

@@ -875,3 +875,42 @@ def test_the_exit_line_says_which_records_a_stopped_journal_does_not_keep(
     assert "20000 of 20000 records were not delivered" in line
     assert "stopped" in line and "so it keeps only those logged before" in line
     assert "the journal keeps them" not in line
+
+
+def test_a_segment_of_a_newer_format_stays_kept_and_is_not_called_lost(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import struct
+
+    run_dir = tmp_path / "run"
+    journal_for(mlflow_server, run_dir, 300)
+    (segment,) = (run_dir / "journal").glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    struct.pack_into("<I", data, 8, 2)  # a format version this steplog cannot read
+    segment.write_bytes(bytes(data))
+    assert main(["sync", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "format version 2" in out and "stay kept" in out and "LOST" not in out
+    assert (run_dir / "journal").is_dir() and (run_dir / "run.json").is_file()
+
+
+def test_a_timed_out_close_marks_only_the_runs_it_did_not_end(tmp_path: Path) -> None:
+    from sinks_for_tests import JournaledListSink
+    from steplog import Logger
+
+    class SlowEnd(JournaledListSink):
+        def close(self, status: str) -> None:
+            time.sleep(3.0)
+            super().close(status)
+
+    fast, slow = JournaledListSink(), SlowEnd()
+    logger = Logger(sinks=[fast, slow], options=Options(runs_dir=str(tmp_path)))
+    logger.log_scalar("x", 1.0, 0)
+    assert logger.flush(30)
+    result = logger.close(1.0)
+    assert result.timed_out and fast.closed_with == "FINISHED"
+    (manifest,) = tmp_path.rglob("run.json")
+    marks = {c: info.get("end_failed") for c, info in
+             json.loads(manifest.read_text())["sinks"].items()}
+    (unended,) = [why for why in marks.values() if why is not None]  # the slow sink's only
+    assert len(marks) == 2 and "close deadline passed" in unended, marks

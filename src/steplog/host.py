@@ -333,10 +333,8 @@ class Host:
                ) -> _Process:
         fds = [s.fileno() for s in children]
         path = [os.fsencode(p) for p in sys.path]
-        # The parent's import path, before `-m steplog.host` imports anything: steplog may be
-        # importable only through a sys.path entry the training script added itself.
         env = dict(os.environb)
-        env[b"PYTHONPATH"] = os.pathsep.encode().join(p for p in path if p)
+        env[b"PYTHONPATH"] = _import_path(env.get(b"PYTHONPATH"))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "steplog.host", *map(str, fds)],
@@ -364,8 +362,8 @@ class Host:
             for wire in current.wires.values():
                 wire.set_timeout(self.call_timeout_s)
         except (OSError, EOFError) as exc:
+            code = proc.poll()  # read before the kill below ends it
             current.kill()
-            code = proc.poll()
             if code is not None:  # it ended at once (its stderr says why)
                 raise RetryableError(f"the sink host exited with status {code} as it started "
                                      "(its error is on stderr)") from exc
@@ -380,6 +378,31 @@ class Host:
                 raise RetryableError(f"the sink host could not start: {reply.value}")
             raise PermanentError(f"the sink host could not start: {reply.value}")
         return current
+
+
+_NEEDED_FIRST = ("steplog", "msgspec", "tenacity", "typing_extensions")
+"""What ``python -m steplog.host`` imports before it reads the parent's ``sys.path``."""
+
+
+def _import_path(existing: bytes | None) -> bytes:
+    """``PYTHONPATH`` for a host: the folders this process imported :data:`_NEEDED_FIRST` from
+    (a script may have put them on ``sys.path`` itself: vendored, a notebook), then
+    ``existing``. Only those folders: the whole ``sys.path`` could pass the kernel's limit
+    for one variable, and would run a ``sitecustomize`` of the script's folder there."""
+    folders: list[bytes] = []
+    for name in _NEEDED_FIRST:
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if not where:
+            continue
+        folder = os.path.dirname(where)
+        if os.path.basename(where).startswith("__init__."):  # a package: the folder above it
+            folder = os.path.dirname(folder)
+        encoded = os.fsencode(folder)
+        if encoded not in folders:
+            folders.append(encoded)
+    if existing:
+        folders.append(existing)
+    return os.pathsep.encode().join(folders)
 
 
 # -- host side ----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from steplog.errors import SteplogWarning
 from steplog.paths import fsync_path, write_all
 
 __all__ = [
+    "NEWER_FORMAT",
     "ConsumerSummary",
     "Durability",
     "Journal",
@@ -131,6 +132,11 @@ class JournalSummary(msgspec.Struct, frozen=True):
     consumers: dict[str, ConsumerSummary]
 
 
+NEWER_FORMAT = "which this steplog cannot read"
+"""How the report of a segment in another format version reads (not damage: a steplog that
+reads that version delivers it)."""
+
+
 def _segment_path(directory: Path, first_seq: int) -> Path:
     return directory / f"{first_seq:020d}.seg"
 
@@ -195,8 +201,7 @@ def _segment_frames(path: Path, *, limit: int | None, after: int, report: _Repor
         else:
             version = _SEGMENT_HEADER.unpack(head)[1]
             if version != VERSION:
-                report(path, 0, f"format version {version}, which this steplog cannot read: "
-                                "segment skipped")
+                report(path, 0, f"format version {version}, {NEWER_FORMAT}: segment skipped")
                 return
         if start > pos:
             pos = start

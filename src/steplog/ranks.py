@@ -324,15 +324,19 @@ class InertLogger:
         # A wrong call raises TypeError, as the real constructor would.
         real: Any = type(self).__mro__[2]  # the logger class this one stands in for
         bound = inspect.signature(real.__init__).bind(self, *args, **kwargs)
-        bound.apply_defaults()  # a subclass's own default logging_freq, say
+        given = dict(bound.arguments)
+        bound.apply_defaults()
+        if "logging_freq" in bound.arguments:  # a subclass's own default too, as on rank 0
+            given["logging_freq"] = bound.arguments["logging_freq"]
         for name in _KEPT_ARGUMENTS:
-            if name in bound.arguments:
-                setattr(self, name, bound.arguments[name])
-        if "output_dir" in bound.arguments:
-            self.output_dir = os.fspath(bound.arguments["output_dir"])
+            if name in given:
+                setattr(self, name, given[name])
+        if given.get("output_dir") is not None:
+            self.output_dir = os.fspath(given["output_dir"])
         from steplog.pipeline.options import Options
 
-        self.options = bound.arguments.get("options") or Options()  # as the real logger's
+        options = next((a for a in (*args, *kwargs.values()) if isinstance(a, Options)), None)
+        self.options = options or Options()  # as the real logger's (see Logger.__new__)
         self.exit_timeout_s = self.options.exit_timeout_s
 
     def log_scalar(self, name: str, value: Any, iteration: int | None = None) -> None:

@@ -32,7 +32,7 @@ from typing import Any, cast
 import msgspec
 
 from steplog.frames import count_records, decode_batch
-from steplog.journal import Journal
+from steplog.journal import NEWER_FORMAT, Journal
 from steplog.moves import MOVED_FROM, follow, move_run
 from steplog.paths import replace_json
 from steplog.records import Batch
@@ -134,7 +134,11 @@ def replay_run(run: Path, *, timeout_s: float = 60.0,
             out.pending, out.total = counts[consumer]
             if not out.pending and consumer not in marked:
                 # Nothing readable is left; frames numbered past the cursor are gone.
-                _pass_lost_tail(journal, out, journal.cursor(consumer))
+                try:
+                    list(journal.pending(consumer, out.lost))  # what the reader meets
+                    _pass_lost_tail(journal, out, journal.cursor(consumer))
+                except ValueError as exc:  # a newer format: kept
+                    out.error = str(exc)
                 continue
             if consumer in refused:
                 out.error = refused[consumer]
@@ -340,6 +344,12 @@ def _pass_lost_tail(journal: Journal, out: SinkReplay, done: int) -> int:
     last = journal.last_seq
     if done >= last:
         return done
+    newer = [p for p in out.lost if NEWER_FORMAT in p]
+    if newer:
+        # Not damage: a steplog that reads that format delivers them. Kept, with the rest.
+        out.lost = [p for p in out.lost if NEWER_FORMAT not in p]
+        raise ValueError(f"{newer[0]}; it and the frames after it stay kept for a steplog "
+                         "that can read them")
     out.lost.append(f"frames {done + 1}-{last} are no longer in the journal (damaged, or lost "
                     "in a crash before they reached the disk)")
     with contextlib.suppress(Exception):  # kept: the next sync says it again

@@ -220,14 +220,21 @@ class RunJournal:
                 self._end_failed.setdefault(label, "the logger stopped before it ended the run")
         self.write_manifest()
 
-    def mark_unended(self, unended: dict[str, str]) -> None:
-        """A close's deadline passed before these sinks' runs were ended (label -> why):
-        ``run.json`` says so now, so that a ``steplog sync`` after the process is gone ends
-        them; :meth:`finish` takes the marks back for the runs ended after all."""
+    def mark_unended(self, unended: dict[str, str | None]) -> None:
+        """A close's deadline passed: ``unended`` gives each sink's run, by label, why it was
+        not ended (``None``: it was ended, its mark goes). ``run.json`` says so now, so that a
+        ``steplog sync`` after the process is gone ends those runs and no other;
+        :meth:`finish` takes the marks back for the runs ended after all."""
         with self._manifest_lock:
             if self._finished or self._status is None:
                 return
-            self._end_failed.update({k: v for k, v in unended.items() if k in self._sinks})
+            for label, why in unended.items():
+                if label not in self._sinks:
+                    continue
+                if why is None:
+                    self._end_failed.pop(label, None)
+                else:
+                    self._end_failed[label] = why
         self.write_manifest()
 
     def hand_over(self) -> None:

@@ -69,7 +69,7 @@ def _destination(r: SinkReplay) -> str:
 def _summary(r: SinkReplay) -> str:
     """One line saying what the sync did for one sink of one run."""
     what = f"run      {r.run.name} -> {r.consumer}: "
-    if r.ended and not r.total:
+    if r.ended and not r.total and not r.lost:
         return what + f"nothing to send; its run was ended{_destination(r)}"
     if not r.total and not r.pending and r.error is None and not r.lost:
         return what + "nothing to send"

@@ -135,7 +135,7 @@ class SteplogLogger(LightningLogger):
         """Checkpoint file -> its modification time and the global step when it was saved."""
         self._warned_remote = False
         self._staging: dict[str, str] = {}
-        self._same_device: dict[str, bool] = {}
+        self._renames: dict[str, bool] = {}
         self._links = itertools.count()
         self._checkpoint_callback: ModelCheckpoint | None = None
         self.result: CloseResult | None = None
@@ -357,16 +357,28 @@ class SteplogLogger(LightningLogger):
     def _renamed_into(self, folder: str) -> bool:
         """Whether a checkpoint saved into ``folder`` arrives by a rename, which leaves a link
         to the earlier file alone: Lightning (through fsspec) writes it into the system's
-        temporary directory and moves it, a rename only within one file system; across file
-        systems the move copies into the existing file, in place."""
-        same = self._same_device.get(folder)
-        if same is None:
+        temporary directory and moves it, a rename only where the kernel allows one (one file
+        system, and one mount of it); otherwise the move copies into the existing file, in
+        place. Tried once per folder with a real rename of an empty file."""
+        renamed = self._renames.get(folder)
+        if renamed is None:
+            renamed = False
             try:
-                same = os.stat(tempfile.gettempdir()).st_dev == os.stat(folder).st_dev
+                fd, probe = tempfile.mkstemp(prefix=".steplog-rename-probe-")
+                os.close(fd)
             except OSError:
-                same = False
-            self._same_device[folder] = same
-        return same
+                probe = None
+            if probe is not None:
+                target = os.path.join(folder, os.path.basename(probe))
+                try:
+                    os.rename(probe, target)
+                    renamed = True
+                    os.unlink(target)
+                except OSError:  # EXDEV: another file system or mount
+                    with contextlib.suppress(OSError):
+                        os.unlink(probe)
+            self._renames[folder] = renamed
+        return renamed
 
     # -- the end ---------------------------------------------------------------------------
     @override

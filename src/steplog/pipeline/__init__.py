@@ -304,8 +304,9 @@ class Pipeline(Drain):
         if not ended and self.run_journal is not None:
             with contextlib.suppress(Exception):  # a sync once the process is gone ends them
                 self.run_journal.mark_unended({
-                    r.label: "the close deadline passed before its run was opened and ended"
-                    for r in self.runners if not r.ended.is_set()})
+                    r.label: ("the close deadline passed before its run was opened and ended"
+                              if not r.ended.is_set() else r.run_error)
+                    for r in self.runners})
         if not ended:  # what the uploads lanes still hold would be lost at exit: kept on disk
             # Past the deadline every hand-over to a lane returns at once, and the drain
             # thread keeps each upload it cannot hand over: local work only, given a bound.
