@@ -9,10 +9,10 @@ Checkpoints: at ``after_save_checkpoint`` each new or rewritten checkpoint file 
 into a hidden folder beside it, and that link is queued; Lightning may delete or replace its
 file right after the call (top-k, ``last.ckpt``) and the upload still sends the bytes of the
 call. Lightning (through fsspec) writes a checkpoint into the system's temporary directory and
-moves it into place: within one file system a rename, which leaves the link alone; across file
-systems the move rewrites the existing file in place, so there (and where linking fails) the
-checkpoint is copied at the call instead. The link is removed once every sink stored it. The
-run stores it as ``checkpoints/<file name>``.
+moves it into place: a rename where the kernel allows one, which leaves the link alone;
+otherwise (another file system or mount) the move rewrites the existing file in place, so there
+(and where linking fails) the checkpoint is copied at the call instead. The link is removed
+once every sink stored it. The run stores it as ``checkpoints/<file name>``.
 """
 
 from __future__ import annotations
