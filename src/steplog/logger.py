@@ -40,6 +40,7 @@ from steplog.images import encode_png
 from steplog.lifecycle import Lifecycle, State, terminated, unclean_report
 from steplog.paths import safe_relpath
 from steplog.pipeline import MetricsItem, Options, UploadRequest
+from steplog.pipeline.options import options_given
 from steplog.ranks import RankPlan, inert_class
 from steplog.ranks import plan as plan_ranks
 from steplog.records import Artifact, Param, Tag, now_ms
@@ -71,11 +72,7 @@ class Logger:
     def __new__(cls, *args: Any, **kwargs: Any) -> Logger:
         # The rank policy (steplog.ranks): a rank that does not log gets an inert logger,
         # built without running any of this class's constructors.
-        options = kwargs.get("options")
-        if not isinstance(options, Options):  # a subclass may take them under another name
-            options = next((a for a in (*args, *kwargs.values()) if isinstance(a, Options)),
-                           None)
-        rank_plan = plan_ranks(getattr(options, "ranks", None))
+        rank_plan = plan_ranks(getattr(options_given(args, kwargs), "ranks", None))
         if not rank_plan.logs:
             inert: Logger = object.__new__(inert_class(cls, rank_plan))
             return inert

@@ -333,10 +333,9 @@ class InertLogger:
                 setattr(self, name, given[name])
         if given.get("output_dir") is not None:
             self.output_dir = os.fspath(given["output_dir"])
-        from steplog.pipeline.options import Options
+        from steplog.pipeline.options import Options, options_given
 
-        options = next((a for a in (*args, *kwargs.values()) if isinstance(a, Options)), None)
-        self.options = options or Options()  # as the real logger's (see Logger.__new__)
+        self.options = options_given(args, kwargs) or Options()  # as the real logger's
         self.exit_timeout_s = self.options.exit_timeout_s
 
     def log_scalar(self, name: str, value: Any, iteration: int | None = None) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from steplog.checkpoints import CheckpointPolicy
 from steplog.journal import MIN_MAX_BYTES, Durability
 from steplog.ranks import RankPolicy, check_policy
 from steplog.retry import RetryPolicy, check_seconds
 
-__all__ = ["FullPolicy", "Options", "Owner"]
+__all__ = ["FullPolicy", "Options", "Owner", "options_given"]
 
 FullPolicy = Literal["block", "drop", "spill"]
 """What happens when records arrive faster than a sink takes them. ``block``: when the queue is
@@ -134,3 +134,11 @@ class Owner(Protocol):
     def end_rest(self) -> None:
         """Undo :meth:`rest`, if it is in force, and wake the drain thread."""
 
+
+def options_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Options | None:
+    """The :class:`Options` a logger constructor call passes: its ``options=``, else the
+    first one among its other arguments (a subclass may take them under another name)."""
+    options = kwargs.get("options")
+    if isinstance(options, Options):
+        return options
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Options)), None)
